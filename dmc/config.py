@@ -1,0 +1,53 @@
+"""DMC settings stored inside a converted model's config (``config.dmc``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+ATTN_IMPLEMENTATIONS = ("auto", "flex", "dense")
+
+
+@dataclass
+class DMCConfig:
+    """Settings of Dynamic Memory Compression (spec §1-§4).
+
+    Attributes:
+        window: W, the most tokens one slot may average (12 in the paper); None = unbounded.
+        init_offset: c, subtracted from k[D-1] for the decision logit and added to q[D-1]
+            for the importance (5.0: merges start rare, σ(-5) ≈ 0.0067).
+        temperature: τ of the Gumbel-sigmoid relaxation used in training.
+        target_cr: the compression ratio the retrofit aims at (None before retrofitting).
+        attn_implementation: training/eval attention: "flex" (FlexAttention score_mod, O(L)
+            memory per head), "dense" (materialised (L, L) bias, the reference) or "auto"
+            (flex on CUDA, dense on CPU where FlexAttention has no backward).
+    """
+
+    window: int | None = 12
+    init_offset: float = 5.0
+    temperature: float = 0.1
+    target_cr: float | None = None
+    attn_implementation: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"DMC window must be a positive integer or None, got {self.window!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"DMC temperature must be > 0, got {self.temperature}")
+        if self.target_cr is not None and self.target_cr < 1:
+            raise ValueError(f"target compression ratio must be >= 1 (1 = no compression), got {self.target_cr}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, "
+                             f"got {self.attn_implementation!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "DMCConfig":
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown DMC settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)

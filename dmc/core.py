@@ -1,0 +1,293 @@
+"""The DMC mechanism as pure tensor functions (spec §1-§4).
+
+Everything that decides, pools, masks or scores DMC lives here and nowhere else: the HF model,
+the trainer, the cache, the engine's PyTorch twins and the tests all call these functions.
+
+Shapes use B = batch, H = KV heads, G = query heads per KV head, L = tokens, D = head dim.
+Decisions, importances and masks are per KV head: ``[B, H, L]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IMPORTANCE_FLOOR = 2.0**-7  # spec §1: ω = sigmoid(.) + 2^-7 keeps every group's weight positive
+
+
+# --------------------------------------------------------------------------- §1 channels
+def split_decision_channel(
+    q: torch.Tensor, k: torch.Tensor, init_offset: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Read the decision logit and importance from channel D-1, then zero that channel.
+
+    Args:
+        q: queries before RoPE, ``[B, H*G, L, D]``.
+        k: keys before RoPE, ``[B, H, L, D]``.
+        init_offset: the offset c (5.0 in the paper).
+
+    Returns:
+        ``(q, k, logits, importance)``: q and k with channel D-1 set to 0, decision logits
+        ``a = k[D-1] - c`` and importances ``ω = sigmoid(mean_g q[D-1] + c) + 2^-7``, both
+        ``[B, H, L]`` in fp32.
+    """
+    b, hq, length, _ = q.shape
+    h = k.shape[1]
+    logits = k[..., -1].float() - init_offset
+    q_last = q[..., -1].float().view(b, h, hq // h, length).mean(dim=2)
+    importance = torch.sigmoid(q_last + init_offset) + IMPORTANCE_FLOOR
+    return zero_last_channel(q), zero_last_channel(k), logits, importance
+
+
+def zero_last_channel(x: torch.Tensor) -> torch.Tensor:
+    """Return x with channel D-1 set to 0 (out of place, autograd-safe)."""
+    keep = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+    keep[-1] = 0
+    return x * keep
+
+
+def scale_last_channel(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Multiply channel D-1 by ``scale`` (the zero-out stage's μ(s), spec §5.1)."""
+    if scale == 1.0:
+        return x
+    factor = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+    factor[-1] = scale
+    return x * factor
+
+
+# --------------------------------------------------------------------------- §2/§4 decisions
+def forced_appends(length: int, starts: torch.Tensor | None, device=None) -> torch.Tensor:
+    """Bool ``[B or 1, 1, L]``: where α is forced to 0.
+
+    ``starts`` ([B, L] bool) marks sequence and document starts; without it, position 0 of
+    the tensor is the sequence start. (A chunk decoded on top of a cache passes ``starts``:
+    its position 0 usually continues the sequence.)
+    """
+    if starts is not None:
+        return starts[:, None, :].to(device)
+    forced = torch.zeros(1, 1, length, dtype=torch.bool, device=device)
+    forced[..., 0] = True
+    return forced
+
+
+def force_append(alpha: torch.Tensor, starts: torch.Tensor | None) -> torch.Tensor:
+    """Set α = 0 where a sequence or document starts (see :func:`forced_appends`)."""
+    return alpha.masked_fill(forced_appends(alpha.shape[-1], starts, alpha.device), 0.0)
+
+
+def hard_decisions(logits: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """α_t = 1[a_t > 0], forced to 0 at starts (spec §2). fp32 0/1, ``[B, H, L]``."""
+    return force_append((logits > 0).float(), starts)
+
+
+def logistic_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """G1 - G2 for G1, G2 ~ Gumbel(0, 1), i.e. standard logistic noise, in fp32."""
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+    u = u.clamp(1e-6, 1 - 1e-6)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def relaxed_logits(logits: torch.Tensor, temperature: float, noise: torch.Tensor | None) -> torch.Tensor:
+    """x = (a + G1 - G2) / τ, so that α̃ = sigmoid(x) (spec §4)."""
+    if noise is not None:
+        logits = logits + noise
+    return logits / temperature
+
+
+def straight_through(alpha_soft: torch.Tensor) -> torch.Tensor:
+    """α̂ = 1[α̃ > 0.5] - sg(α̃) + α̃: hard in value, soft in gradient (spec §4)."""
+    hard = (alpha_soft > 0.5).to(alpha_soft.dtype)
+    return hard - alpha_soft.detach() + alpha_soft
+
+
+# --------------------------------------------------------------------------- §2/§3 pooling
+def weighted_terms(importance: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Stack the weighted terms [ω k, ω v, ω] in fp32: ``[B, H, L, 2D + 1]``."""
+    w = importance.unsqueeze(-1)
+    return torch.cat([w * k.float(), w * v.float(), w], dim=-1)
+
+
+def _shift(x: torch.Tensor, steps: int, dim: int) -> torch.Tensor:
+    """x shifted ``steps`` positions later along ``dim``, zero-filled: out[t] = x[t - steps]."""
+    if steps == 0:
+        return x
+    n = x.shape[dim]
+    steps = min(steps, n)
+    pad_shape = list(x.shape)
+    pad_shape[dim] = steps
+    head = x.narrow(dim, 0, n - steps)
+    return torch.cat([x.new_zeros(pad_shape), head], dim=dim)
+
+
+def window_pool(alpha: torch.Tensor, terms: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Closed-form windowed pooling (spec §3): S_t = Σ_j c_{j→t} terms_j.
+
+    ``c_{j→t} = Π_{m=j+1..t} α_m`` restricted to ``j ≥ t - W + 1`` (all j ≤ t when window is
+    None). Works for soft and hard α.
+
+    Args:
+        alpha: decisions ``[..., L]`` in [0, 1].
+        terms: weighted terms ``[..., L, C]`` (see :func:`weighted_terms`).
+        window: W, or None for unbounded groups.
+
+    Returns:
+        Unnormalised sums ``[..., L, C]``.
+    """
+    length = alpha.shape[-1]
+    # Taps even when W >= L: prefill and step-by-step decoding then add the same terms in
+    # the same order, so their slots agree bit for bit.
+    if window is None:
+        return _prefix_scan(alpha, terms)
+    window = min(window, length)
+    # W taps: S_t = Σ_{d<W} (Π_{m=t-d+1..t} α_m) terms_{t-d}.
+    out = terms
+    carry = torch.ones_like(alpha)
+    for d in range(1, window):
+        carry = carry * _shift(alpha, d - 1, dim=-1)
+        out = out + carry.unsqueeze(-1) * _shift(terms, d, dim=-2)
+    return out
+
+
+def _prefix_scan(alpha: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+    """Unbounded pooling S_t = α_t S_{t-1} + terms_t as a log-depth associative scan."""
+    a, s = alpha, terms
+    step = 1
+    while step < alpha.shape[-1]:
+        s = s + a.unsqueeze(-1) * _shift(s, step, dim=-2)
+        a = a * _shift(a, step, dim=-1)
+        step *= 2
+    return s
+
+
+def window_pool_recursive(alpha: torch.Tensor, terms: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Step-by-step twin of :func:`window_pool` (spec §2, §7.2).
+
+    Keeps a ring of the last W entries ``c_{j→t} terms_j`` of the open group: each step scales
+    the ring by α_t, drops the oldest entry once W are held, and pushes terms_t.
+    """
+    ring: list[torch.Tensor] = []
+    outs = []
+    for t in range(alpha.shape[-1]):
+        a_t = alpha[..., t].unsqueeze(-1)
+        ring = [entry * a_t for entry in ring]
+        if window is not None and len(ring) == window:
+            ring.pop(0)
+        ring.append(terms[..., t, :])
+        outs.append(torch.stack(ring).sum(0))
+    return torch.stack(outs, dim=-2)
+
+
+def next_window_state(alpha: torch.Tensor, terms: torch.Tensor, window: int | None,
+                      prefix: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """Window state after a chunk (what decoding carries from one step to the next).
+
+    Windowed: the last W-1 terms of (prefix, chunk), each scaled by ``c_{j→T}`` (1 if token j
+    is in the group open at the chunk's last token T, else 0 for hard α), ``[..., W-1, C]``.
+    Unbounded: the group's sums at T, ``[..., 1, C]``. ``prefix`` is the state before the
+    chunk (α = 1 inside it), ``sums`` the chunk's pooled sums.
+    """
+    if window is None:
+        return sums[..., -1:, :]
+    width = window - 1
+    if width == 0:
+        return terms[..., :0, :]
+    alpha_all = torch.cat([alpha.new_ones(*alpha.shape[:-1], prefix.shape[-2]), alpha], dim=-1)
+    tail_alpha = alpha_all[..., -width:]
+    tail_terms = torch.cat([prefix, terms], dim=-2)[..., -width:, :]
+    link = torch.cat([tail_alpha[..., 1:], tail_alpha.new_ones(*tail_alpha.shape[:-1], 1)], dim=-1)
+    membership = link.flip(-1).cumprod(-1).flip(-1)  # Π_{m=j+1..T} α_m
+    return tail_terms * membership.unsqueeze(-1)
+
+
+def normalise(sums: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split pooled sums [K, V, Z] into the running means (K/Z, V/Z).
+
+    Z > 0 for every real token (ω ≥ 2^-7); padding tokens carry Z = 0 and come out as 0.
+    """
+    k_sum, v_sum, z = sums[..., :head_dim], sums[..., head_dim:2 * head_dim], sums[..., -1:]
+    z = z.clamp_min(1e-30)
+    return k_sum / z, v_sum / z
+
+
+# --------------------------------------------------------------------------- §3/§4 attention
+def key_bias_from_hard(alpha: torch.Tensor) -> torch.Tensor:
+    """Per-key bias for hard α (spec §3): 0 if key j ends a slot (α_{j+1} = 0), else -inf.
+
+    The last key's bias is 0 (it is the open slot). Applied to j < i only; j == i is always
+    visible. ``[B, H, L]`` fp32.
+    """
+    nxt = torch.cat([alpha[..., 1:], torch.zeros_like(alpha[..., :1])], dim=-1)
+    return torch.where(nxt > 0.5, float("-inf"), 0.0).to(torch.float32)
+
+
+def key_bias_from_relaxed(relaxed: torch.Tensor, starts_forced: torch.Tensor) -> torch.Tensor:
+    """Per-key training bias b_j = log(1 - α̃_{j+1}) = logsigmoid(-x_{j+1}) (spec §4).
+
+    Args:
+        relaxed: x = (a + noise) / τ, ``[B, H, L]`` (α̃ = sigmoid(x)).
+        starts_forced: bool ``[B, H, L]``, True where α̃ is forced to 0 (its bias term is 0).
+    """
+    log_keep = F.logsigmoid(-relaxed).masked_fill(starts_forced, 0.0)
+    return torch.cat([log_keep[..., 1:], torch.zeros_like(log_keep[..., :1])], dim=-1)
+
+
+def dense_bias(key_bias: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Materialise the (B, H, L, L) attention bias: key_bias[j] for j < i, 0 for j == i,
+    -inf for j > i or across documents. The O(L²) reference form."""
+    length = key_bias.shape[-1]
+    i = torch.arange(length, device=key_bias.device)
+    below = (i[None, :] < i[:, None])  # [Lq, Lk], j < i
+    diag = i[None, :] == i[:, None]
+    bias = torch.where(below, key_bias[..., None, :], 0.0)
+    allowed = below | diag
+    if doc_ids is not None:
+        same_doc = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
+        allowed = allowed & same_doc
+    return bias.masked_fill(~allowed, float("-inf"))
+
+
+# --------------------------------------------------------------------------- §4/§5 loss, schedules
+def compression_loss(alpha_hat: torch.Tensor, target_cr: float | torch.Tensor,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
+    """One-sided compression loss (spec §4).
+
+    Args:
+        alpha_hat: straight-through decisions ``[B, layers, H, L]``.
+        target_cr: CR(s) of the schedule.
+        valid: optional ``[B, L]`` bool of real (non-padding) tokens.
+
+    Returns:
+        Scalar: mean over the batch of ``max(0, (1 - 1/CR) - mean_{layers,heads,t} α̂)``.
+    """
+    if valid is None:
+        mean_alpha = alpha_hat.mean(dim=(1, 2, 3))
+    else:
+        w = valid[:, None, None, :].to(alpha_hat.dtype)
+        mean_alpha = (alpha_hat * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * alpha_hat.shape[1]
+                                                            * alpha_hat.shape[2]).clamp_min(1)
+    target_rate = 1.0 - 1.0 / torch.as_tensor(target_cr, dtype=alpha_hat.dtype, device=alpha_hat.device)
+    return F.relu(target_rate - mean_alpha).mean()
+
+
+def cr_schedule(step: int, target_cr: float, ramp_steps: int) -> float:
+    """CR(s) = 1 + (CR* - 1) · min(1, s / S): a linear ramp of CR (spec §5.2)."""
+    if target_cr < 1:
+        raise ValueError(f"target CR must be >= 1, got {target_cr}")
+    progress = 1.0 if ramp_steps <= 0 else min(1.0, step / ramp_steps)
+    return 1.0 + (target_cr - 1.0) * progress
+
+
+def zero_out_scale(step: int, steps: int) -> float:
+    """μ(s) = max(0, 1 - s / (0.8 S)): the zero-out stage's multiplier (spec §5.1)."""
+    if steps <= 0:
+        return 0.0
+    return max(0.0, 1.0 - step / (0.8 * steps))
+
+
+def cr_from_alpha(mean_alpha: float | torch.Tensor) -> float | torch.Tensor:
+    """Compression ratio 1 / (1 - mean α) (tokens per kept slot)."""
+    if isinstance(mean_alpha, torch.Tensor):
+        return 1.0 / (1.0 - mean_alpha).clamp_min(1e-12)
+    return 1.0 / max(1e-12, 1.0 - mean_alpha)
+

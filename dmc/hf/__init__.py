@@ -1,0 +1,9 @@
+"""Hugging Face integration: DMC configs, models, cache and conversion."""
+
+from .attention import DMCAttention
+from .cache import DMCCache, DMCCacheLayer
+from .convert import UnsupportedModelError, convert, supported_architectures, zero_decision_channels
+from .modeling import FAMILIES, DMCCausalLMOutput, DMCForCausalLMMixin
+
+__all__ = ["DMCAttention", "DMCCache", "DMCCacheLayer", "DMCCausalLMOutput", "DMCForCausalLMMixin", "FAMILIES",
+           "UnsupportedModelError", "convert", "supported_architectures", "zero_decision_channels"]

@@ -1,0 +1,235 @@
+"""DMC self-attention for Hugging Face decoder layers, in three modes.
+
+- training (``module.training``): Gumbel-sigmoid decisions, soft windowed pooling, the
+  ``log(1 - α̃_{j+1})`` key bias (spec §4);
+- full-sequence eval (no cache): hard decisions and the §3 mask, the oracle;
+- incremental (a :class:`~dmc.hf.cache.DMCCache`): chunks of any length extend the cache
+  exactly as token-by-token decoding would (spec §2, §7.4).
+
+The module adopts the projections (and Qwen3's q/k norms) of the layer it replaces, so
+parameter names and values are those of the original model: DMC adds no parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .. import core
+from ..config import DMCConfig
+
+
+@dataclass
+class DMCBatch:
+    """Per-forward information shared by every DMC attention layer.
+
+    Attributes:
+        valid: ``[B, n]`` bool, False for padding tokens, or None (all real).
+        starts: ``[B, n]`` bool, True where α is forced to 0 (sequence/document starts).
+        document_ids: ``[B, n]`` document index of each token in a packed row, or None.
+        vanilla: plain attention (α forced to append, channel D-1 kept and scaled).
+        channel_scale: multiplier of q[D-1] and k[D-1] in vanilla mode (zero-out stage).
+        generator: RNG for the Gumbel noise in training (None = global RNG).
+        decisions: filled by each layer: its α (training: straight-through α̂), ``[B, H, n]``.
+    """
+
+    valid: torch.Tensor | None = None
+    starts: torch.Tensor | None = None
+    document_ids: torch.Tensor | None = None
+    vanilla: bool = False
+    channel_scale: float = 1.0
+    generator: torch.Generator | None = None
+    decisions: list[torch.Tensor] = field(default_factory=list)
+
+
+class DMCAttention(nn.Module):
+    """Drop-in replacement for ``LlamaAttention``/``MistralAttention``/``Qwen2Attention``/
+    ``Qwen3Attention`` that computes DMC (see module docstring)."""
+
+    def __init__(self, base: nn.Module, config) -> None:
+        super().__init__()
+        self.layer_idx = base.layer_idx
+        self.head_dim = base.head_dim
+        self.scaling = base.scaling
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        self.q_norm = getattr(base, "q_norm", None)  # Qwen3: per-head RMSNorm before RoPE
+        self.k_norm = getattr(base, "k_norm", None)
+        self.dmc = DMCConfig.from_dict(config.dmc)
+
+    def _heads(self, proj: nn.Linear, norm: nn.Module | None, hidden: torch.Tensor) -> torch.Tensor:
+        b, n, _ = hidden.shape
+        x = proj(hidden).view(b, n, -1, self.head_dim)
+        if norm is not None:
+            x = norm(x)
+        return x.transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        dmc_batch: DMCBatch | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        batch = dmc_batch if dmc_batch is not None else DMCBatch()
+        b, n, _ = hidden_states.shape
+        q = self._heads(self.q_proj, self.q_norm, hidden_states)
+        k = self._heads(self.k_proj, self.k_norm, hidden_states)
+        v = self._heads(self.v_proj, None, hidden_states)
+        cos, sin = position_embeddings
+        training = self.training and past_key_values is None
+
+        if batch.vanilla:
+            q = core.scale_last_channel(q, batch.channel_scale)
+            k = core.scale_last_channel(k, batch.channel_scale)
+            alpha = torch.zeros(b, self.num_kv_heads, n, device=q.device)
+            importance = torch.ones_like(alpha)
+            relaxed = None
+        else:
+            q, k, logits, importance = core.split_decision_channel(q, k, self.dmc.init_offset)
+            if training:
+                noise = core.logistic_noise(logits.shape, batch.generator, device=logits.device)
+                relaxed = core.relaxed_logits(logits, self.dmc.temperature, noise)
+                alpha = core.force_append(torch.sigmoid(relaxed), batch.starts)
+            else:
+                relaxed = None
+                alpha = core.hard_decisions(logits, batch.starts)
+        if batch.valid is not None:
+            importance = importance * batch.valid[:, None, :]
+            alpha = alpha.masked_fill(~batch.valid[:, None, :], 1.0)  # padding is transparent
+        terms = core.weighted_terms(importance, k, v)
+        batch.decisions.append(core.straight_through(alpha) if training and not batch.vanilla else alpha)
+
+        if past_key_values is not None:
+            out = self._attend_cached(q, alpha, terms, cos, sin, past_key_values.layers[self.layer_idx], batch)
+        else:
+            out = self._attend_full(q, k, v, alpha, relaxed, terms, cos, sin, batch)
+        out = out.transpose(1, 2).reshape(b, n, -1)
+        return self.o_proj(out), None
+
+    def _pooled_keys_values(self, q, alpha, terms, cos, sin, dtype, prefix=None):
+        """Windowed running means of the open groups, then RoPE at each token's position."""
+        sums = pool_with_prefix(alpha, terms, self.dmc.window, prefix)
+        k_bar, v_bar = core.normalise(sums, self.head_dim)
+        q, k_bar = apply_rotary_pos_emb(q, k_bar.to(dtype), cos, sin)
+        return core.zero_last_channel(q), core.zero_last_channel(k_bar), v_bar.to(dtype), sums
+
+    def _attend_full(self, q, k, v, alpha, relaxed, terms, cos, sin, batch: DMCBatch) -> torch.Tensor:
+        if batch.vanilla:
+            q, k_bar = apply_rotary_pos_emb(q, k, cos, sin)
+            v_bar = v
+            key_bias = torch.zeros_like(alpha)
+        else:
+            q, k_bar, v_bar, _ = self._pooled_keys_values(q, alpha, terms, cos, sin, q.dtype)
+            if relaxed is not None:
+                forced = core.forced_appends(alpha.shape[-1], batch.starts, alpha.device).expand_as(alpha)
+                key_bias = core.key_bias_from_relaxed(relaxed, forced)
+            else:
+                key_bias = core.key_bias_from_hard(alpha)
+        if batch.valid is not None:
+            key_bias = key_bias.masked_fill(~batch.valid[:, None, :], float("-inf"))
+        impl = self.dmc.attn_implementation
+        if impl == "auto":
+            impl = "flex" if q.is_cuda else "dense"
+        attend = flex_attend if impl == "flex" else dense_attend
+        return attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling)
+
+    def _attend_cached(self, q, alpha, terms, cos, sin, layer_cache, batch: DMCBatch) -> torch.Tensor:
+        prefix = layer_cache.window_prefix(terms)
+        if batch.vanilla:
+            # No pooling: α = 0 everywhere, the slot is the token's own key and value.
+            k, v = terms[..., :self.head_dim], terms[..., self.head_dim:2 * self.head_dim]
+            q, k_bar = apply_rotary_pos_emb(q, k.to(q.dtype), cos, sin)
+            v_bar = v.to(q.dtype)
+            sums = pool_with_prefix(alpha, terms, self.dmc.window, prefix)
+        else:
+            q, k_bar, v_bar, sums = self._pooled_keys_values(q, alpha, terms, cos, sin, q.dtype, prefix)
+        valid = batch.valid if batch.valid is not None else torch.ones_like(alpha[:, 0], dtype=torch.bool)
+        old_k, old_v, old_visible = layer_cache.visible_slots(alpha, valid, k_bar)
+        new_bias = core.key_bias_from_hard(alpha).masked_fill(~valid[:, None, :], float("-inf"))
+        out = cached_attend(q, old_k, old_v, old_visible, k_bar, v_bar, new_bias, self.scaling)
+        layer_cache.commit(alpha, valid, k_bar, v_bar, prefix, terms, sums)
+        return out
+
+
+def pool_with_prefix(alpha: torch.Tensor, terms: torch.Tensor, window: int | None,
+                     prefix: torch.Tensor | None) -> torch.Tensor:
+    """Pool a chunk given the cached window state ``prefix`` ([B, H, P, C], α = 1 inside it:
+    the open group's last terms, already scaled to the group). Returns the chunk's sums."""
+    if prefix is None or prefix.shape[-2] == 0:
+        return core.window_pool(alpha, terms, window)
+    p = prefix.shape[-2]
+    alpha_all = torch.cat([alpha.new_ones(*alpha.shape[:-1], p), alpha], dim=-1)
+    return core.window_pool(alpha_all, torch.cat([prefix, terms], dim=-2), window)[..., p:, :]
+
+
+# ----------------------------------------------------------------------------- attention kernels
+def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def dense_attend(q, k, v, key_bias, document_ids, scale) -> torch.Tensor:
+    """Reference attention with a materialised (B, H, L, L) DMC bias (eager softmax in fp32)."""
+    groups = q.shape[1] // k.shape[1]
+    bias = _expand_kv(core.dense_bias(key_bias, document_ids), groups)
+    scores = torch.matmul(q.float(), _expand_kv(k, groups).float().transpose(-1, -2)) * scale + bias
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, _expand_kv(v, groups).float()).to(q.dtype)
+
+
+_compiled_flex = None
+
+
+def flex_attend(q, k, v, key_bias, document_ids, scale) -> torch.Tensor:
+    """FlexAttention with the DMC bias as a ``score_mod`` reading a per-(b, kv head, key) vector:
+    O(L) extra memory and gradients reaching α through ``key_bias``."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    groups = q.shape[1] // k.shape[1]
+    length = q.shape[-2]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + torch.where(kv_idx < q_idx, key_bias[b, h // groups, kv_idx], 0.0)
+
+    if document_ids is None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx
+        mask_batch = None
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+        mask_batch = q.shape[0]
+    block_mask = create_block_mask(mask_mod, mask_batch, None, length, length, device=q.device)
+    fn = flex_attention
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        fn = _compiled_flex
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=groups > 1)
+
+
+def cached_attend(q, old_k, old_v, old_visible, new_k, new_v, new_bias, scale) -> torch.Tensor:
+    """Attention of a chunk's queries over the cached slots and the chunk's own states.
+
+    Args:
+        q: ``[B, H*G, n, D]`` rotated queries.
+        old_k, old_v: cached slots ``[B, H, S, D]``; ``old_visible`` ``[B, H, S]`` bool.
+        new_k, new_v: the chunk's pooled, rotated states ``[B, H, n, D]``.
+        new_bias: ``[B, H, n]`` 0/-inf visibility of chunk key j to later chunk queries (§3).
+    """
+    n = q.shape[-2]
+    groups = q.shape[1] // new_k.shape[1]
+    i = torch.arange(n, device=q.device)
+    within = torch.where(i[None, :] < i[:, None], new_bias[..., None, :] == 0, i[None, :] == i[:, None])
+    mask = torch.cat([old_visible[..., None, :].expand(*old_visible.shape[:2], n, -1), within], dim=-1)
+    keys = _expand_kv(torch.cat([old_k, new_k], dim=-2), groups)
+    values = _expand_kv(torch.cat([old_v, new_v], dim=-2), groups)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=_expand_kv(mask, groups), scale=scale)

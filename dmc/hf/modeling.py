@@ -1,0 +1,335 @@
+"""DMC models on Hugging Face architectures: Llama, Mistral, Qwen2 and Qwen3.
+
+Each family gets a config (``model_type = "dmc_<family>"``, DMC settings in ``config.dmc``), a
+base model and a causal LM, registered with ``AutoConfig``/``AutoModel``/
+``AutoModelForCausalLM`` on ``import dmc``. The classes subclass the family's own, so weights,
+names, the MLP, norms and RoPE are the family's; only attention and the decoder loop differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers.models.mistral import MistralConfig, MistralForCausalLM, MistralModel
+from transformers.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
+from transformers.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+from transformers.utils import logging
+
+from .. import core
+from ..config import DMCConfig
+from ..stats import CompressionStats
+from .attention import DMCAttention, DMCBatch
+from .cache import DMCCache
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class DMCModelOutput(BaseModelOutputWithPast):
+    """Adds ``decisions`` ``[B, layers, H, n]`` (α per token; training: straight-through α̂) and
+    ``valid`` ``[B, n]`` (False for padding)."""
+
+    decisions: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+
+@dataclass
+class DMCCausalLMOutput(CausalLMOutputWithPast):
+    """``loss`` = ``lm_loss`` + ``compression_loss`` in training; ``compression`` holds the
+    realized tokens/slots per (layer, sequence, head) of this forward."""
+
+    lm_loss: torch.Tensor | None = None
+    compression_loss: torch.Tensor | None = None
+    target_cr: float | None = None
+    decisions: torch.Tensor | None = None
+    compression: CompressionStats | None = None
+
+
+def _document_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    change = document_ids[:, 1:] != document_ids[:, :-1]
+    return torch.cat([torch.ones_like(change[:, :1]), change], dim=1)
+
+
+class DMCModelMixin:
+    """Decoder loop of a DMC base model (embeddings → DMC decoder layers → norm)."""
+
+    def _install_dmc_attention(self) -> None:
+        for layer in self.layers:
+            layer.self_attn = DMCAttention(layer.self_attn, self.config)
+        self.dmc_vanilla = False
+        self.dmc_channel_scale = 1.0
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: DMCCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        document_ids: torch.LongTensor | None = None,
+        dmc_generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> DMCModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        b, n, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.training:
+            use_cache, past_key_values = False, None  # training runs full sequences
+        if use_cache or past_key_values is not None:
+            past_key_values = self._check_cache(past_key_values)
+
+        valid = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError("DMC models take a 2D padding mask [batch, tokens]; their attention "
+                                 "mask is computed from the decisions")
+            chunk_mask = attention_mask[:, -n:].to(device=device, dtype=torch.bool)
+            if not bool(chunk_mask.all()):
+                valid = chunk_mask
+        seen = (past_key_values.real_tokens_seen(b, device) if past_key_values is not None
+                else torch.zeros(b, dtype=torch.long, device=device))
+        valid_or_all = valid if valid is not None else torch.ones(b, n, dtype=torch.bool, device=device)
+        real_before = seen[:, None] + valid_or_all.long().cumsum(-1) - valid_or_all.long()
+        if valid is not None and bool((~valid & (real_before > 0)).any()):
+            raise ValueError("padding is only supported before a sequence's first token (left padding)")
+        starts = valid_or_all & (real_before == 0)  # a sequence's first real token always appends
+        if document_ids is not None:
+            starts = starts | _document_starts(document_ids)
+        if position_ids is None:
+            position_ids = real_before.clamp_min(0)
+
+        batch = DMCBatch(valid=valid, starts=starts, document_ids=document_ids, vanilla=self.dmc_vanilla,
+                         channel_scale=self.dmc_channel_scale, generator=dmc_generator)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=None,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                dmc_batch=batch,
+            )
+        if past_key_values is not None:
+            past_key_values.advance(valid_or_all)
+        return DMCModelOutput(
+            last_hidden_state=self.norm(hidden_states),
+            past_key_values=past_key_values,
+            decisions=torch.stack(batch.decisions, dim=1),
+            valid=valid,
+        )
+
+    def _check_cache(self, cache) -> DMCCache:
+        if cache is None:
+            return DMCCache(self.config)
+        if isinstance(cache, DMCCache):
+            return cache
+        if hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0:
+            return DMCCache(self.config)  # an empty stock cache (e.g. made by a caller): swap it
+        raise TypeError(f"DMC models need a dmc.DMCCache, got a filled {type(cache).__name__}; pass "
+                        "past_key_values=None (one is created) or dmc.DMCCache(model.config)")
+
+
+class DMCForCausalLMMixin:
+    """Causal LM head over a DMC base model; adds the compression loss in training."""
+
+    _dmc_base_model_class: type = None
+
+    def __init__(self, config) -> None:
+        # Skip the family's __init__ (it would build a non-DMC base model first).
+        super(self._family_causal_lm_class, self).__init__(config)
+        self.model = self._dmc_base_model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model creates its own DMCCache
+
+    @property
+    def dmc_config(self) -> DMCConfig:
+        return DMCConfig.from_dict(self.config.dmc)
+
+    def set_dmc_mode(self, vanilla: bool = False, channel_scale: float = 1.0) -> None:
+        """``vanilla=True``: plain attention (every token appends, channel D-1 kept and multiplied
+        by ``channel_scale``), used by the zero-out stage and as the like-for-like baseline."""
+        self.model.dmc_vanilla = vanilla
+        self.model.dmc_channel_scale = channel_scale
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: DMCCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        document_ids: torch.LongTensor | None = None,
+        dmc_target_cr: float | None = None,
+        dmc_generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> DMCCausalLMOutput:
+        """As the family's forward, plus:
+
+        Args:
+            document_ids: ``[B, L]`` document of each token of a packed row: no merge and no
+                attention across documents.
+            dmc_target_cr: CR(s) for the compression loss (default: ``config.dmc.target_cr``).
+            dmc_generator: RNG of the training-mode Gumbel noise.
+        """
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            document_ids=document_ids, dmc_generator=dmc_generator,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        target_cr = dmc_target_cr if dmc_target_cr is not None else self.dmc_config.target_cr
+        lm_loss = cr_loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if target_cr is not None and not self.model.dmc_vanilla:
+            cr_loss = core.compression_loss(outputs.decisions, target_cr, outputs.valid)
+        loss = lm_loss
+        if lm_loss is not None and cr_loss is not None and self.training:
+            loss = lm_loss + cr_loss
+        return DMCCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            lm_loss=lm_loss,
+            compression_loss=cr_loss,
+            target_cr=target_cr,
+            decisions=outputs.decisions,
+            compression=CompressionStats.from_decisions(outputs.decisions, outputs.valid),
+        )
+
+
+# ------------------------------------------------------------------------------- the families
+@strict(accept_kwargs=True)
+class DMCLlamaConfig(LlamaConfig):
+    model_type = "dmc_llama"
+    dmc: dict | None = None
+
+
+@strict(accept_kwargs=True)
+class DMCMistralConfig(MistralConfig):
+    model_type = "dmc_mistral"
+    dmc: dict | None = None
+
+
+@strict(accept_kwargs=True)
+class DMCQwen2Config(Qwen2Config):
+    model_type = "dmc_qwen2"
+    dmc: dict | None = None
+
+
+@strict(accept_kwargs=True)
+class DMCQwen3Config(Qwen3Config):
+    model_type = "dmc_qwen3"
+    dmc: dict | None = None
+
+
+class DMCLlamaModel(DMCModelMixin, LlamaModel):
+    config_class = DMCLlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_dmc_attention()
+
+
+class DMCMistralModel(DMCModelMixin, MistralModel):
+    config_class = DMCMistralConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_dmc_attention()
+
+
+class DMCQwen2Model(DMCModelMixin, Qwen2Model):
+    config_class = DMCQwen2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_dmc_attention()
+
+
+class DMCQwen3Model(DMCModelMixin, Qwen3Model):
+    config_class = DMCQwen3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_dmc_attention()
+
+
+class DMCLlamaForCausalLM(DMCForCausalLMMixin, LlamaForCausalLM):
+    config_class = DMCLlamaConfig
+    _family_causal_lm_class = LlamaForCausalLM
+    _dmc_base_model_class = DMCLlamaModel
+
+
+class DMCMistralForCausalLM(DMCForCausalLMMixin, MistralForCausalLM):
+    config_class = DMCMistralConfig
+    _family_causal_lm_class = MistralForCausalLM
+    _dmc_base_model_class = DMCMistralModel
+
+
+class DMCQwen2ForCausalLM(DMCForCausalLMMixin, Qwen2ForCausalLM):
+    config_class = DMCQwen2Config
+    _family_causal_lm_class = Qwen2ForCausalLM
+    _dmc_base_model_class = DMCQwen2Model
+
+
+class DMCQwen3ForCausalLM(DMCForCausalLMMixin, Qwen3ForCausalLM):
+    config_class = DMCQwen3Config
+    _family_causal_lm_class = Qwen3ForCausalLM
+    _dmc_base_model_class = DMCQwen3Model
+
+
+@dataclass(frozen=True)
+class Family:
+    """A supported architecture: its stock classes and their DMC counterparts."""
+
+    model_type: str
+    config_class: type
+    causal_lm_class: type
+    dmc_config_class: type
+    dmc_model_class: type
+    dmc_causal_lm_class: type
+
+
+FAMILIES = (
+    Family("llama", LlamaConfig, LlamaForCausalLM, DMCLlamaConfig, DMCLlamaModel, DMCLlamaForCausalLM),
+    Family("mistral", MistralConfig, MistralForCausalLM, DMCMistralConfig, DMCMistralModel, DMCMistralForCausalLM),
+    Family("qwen2", Qwen2Config, Qwen2ForCausalLM, DMCQwen2Config, DMCQwen2Model, DMCQwen2ForCausalLM),
+    Family("qwen3", Qwen3Config, Qwen3ForCausalLM, DMCQwen3Config, DMCQwen3Model, DMCQwen3ForCausalLM),
+)
+
+
+def _register() -> None:
+    for family in FAMILIES:
+        AutoConfig.register(family.dmc_config_class.model_type, family.dmc_config_class, exist_ok=True)
+        AutoModel.register(family.dmc_config_class, family.dmc_model_class, exist_ok=True)
+        AutoModelForCausalLM.register(family.dmc_config_class, family.dmc_causal_lm_class, exist_ok=True)
+
+
+_register()
