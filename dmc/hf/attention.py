@@ -62,9 +62,13 @@ class DMCAttention(nn.Module):
         self.k_norm = getattr(base, "k_norm", None)
         self.dmc = DMCConfig.from_dict(config.dmc)
 
-    def _heads(self, proj: nn.Linear, norm: nn.Module | None, hidden: torch.Tensor) -> torch.Tensor:
+    def _heads(self, proj: nn.Linear, norm: nn.Module | None, hidden: torch.Tensor,
+               channel_scale: float = 1.0) -> torch.Tensor:
         b, n, _ = hidden.shape
         x = proj(hidden).view(b, n, -1, self.head_dim)
+        # μ scales what the q/k_proj rows of channel D-1 produce, before Qwen3's norms, so that
+        # μ = 0 is exactly the state after zero_decision_channels.
+        x = core.scale_last_channel(x, channel_scale)
         if norm is not None:
             x = norm(x)
         return x.transpose(1, 2)
@@ -80,15 +84,14 @@ class DMCAttention(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         batch = dmc_batch if dmc_batch is not None else DMCBatch()
         b, n, _ = hidden_states.shape
-        q = self._heads(self.q_proj, self.q_norm, hidden_states)
-        k = self._heads(self.k_proj, self.k_norm, hidden_states)
+        scale = batch.channel_scale if batch.vanilla else 1.0
+        q = self._heads(self.q_proj, self.q_norm, hidden_states, scale)
+        k = self._heads(self.k_proj, self.k_norm, hidden_states, scale)
         v = self._heads(self.v_proj, None, hidden_states)
         cos, sin = position_embeddings
         training = self.training and past_key_values is None
 
         if batch.vanilla:
-            q = core.scale_last_channel(q, batch.channel_scale)
-            k = core.scale_last_channel(k, batch.channel_scale)
             alpha = torch.zeros(b, self.num_kv_heads, n, device=q.device)
             importance = torch.ones_like(alpha)
             relaxed = None
