@@ -48,6 +48,22 @@ def test_training_noise_is_seeded_and_target_override():
     assert model(ids, labels=ids).compression_loss is None  # no target configured
 
 
+def test_activation_checkpointing_keeps_noise_and_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = dmc_model("qwen2", window=4, target_cr=4.0).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        calls = []
+        model.model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
+        ids = _ids()
+        model(ids, labels=ids, dmc_generator=torch.Generator().manual_seed(1)).loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_relaxed_decisions_at_low_temperature_match_eval_mode():
     """With τ → 0 and no noise the relaxed model is the hard one: training maths = eval maths."""
     model = dmc_model("qwen2", window=4, temperature=1e-4)

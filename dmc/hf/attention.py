@@ -33,7 +33,8 @@ class DMCBatch:
         document_ids: ``[B, n]`` document index of each token in a packed row, or None.
         vanilla: plain attention (α forced to append, channel D-1 kept and scaled).
         channel_scale: multiplier of q[D-1] and k[D-1] in vanilla mode (zero-out stage).
-        generator: RNG for the Gumbel noise in training (None = global RNG).
+        noise: training-mode logistic noise ``[layers, B, H, n]``, drawn once per forward so that
+            activation checkpointing recomputes a layer with the same noise.
         decisions: filled by each layer: its α (training: straight-through α̂), ``[B, H, n]``.
     """
 
@@ -42,7 +43,7 @@ class DMCBatch:
     document_ids: torch.Tensor | None = None
     vanilla: bool = False
     channel_scale: float = 1.0
-    generator: torch.Generator | None = None
+    noise: torch.Tensor | None = None
     decisions: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -98,7 +99,7 @@ class DMCAttention(nn.Module):
         else:
             q, k, logits, importance = core.split_decision_channel(q, k, self.dmc.init_offset)
             if training:
-                noise = core.logistic_noise(logits.shape, batch.generator, device=logits.device)
+                noise = None if batch.noise is None else batch.noise[self.layer_idx]
                 relaxed = core.relaxed_logits(logits, self.dmc.temperature, noise)
                 alpha = core.force_append(torch.sigmoid(relaxed), batch.starts)
             else:

@@ -110,8 +110,12 @@ class DMCModelMixin:
         if position_ids is None:
             position_ids = real_before.clamp_min(0)
 
+        noise = None
+        if self.training and not self.dmc_vanilla:
+            shape = (self.config.num_hidden_layers, b, self.config.num_key_value_heads, n)
+            noise = core.logistic_noise(shape, dmc_generator, device=device)
         batch = DMCBatch(valid=valid, starts=starts, document_ids=document_ids, vanilla=self.dmc_vanilla,
-                         channel_scale=self.dmc_channel_scale, generator=dmc_generator)
+                         channel_scale=self.dmc_channel_scale, noise=noise)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers[: self.config.num_hidden_layers]:
