@@ -92,19 +92,33 @@ def convert(model: nn.Module, config: DMCConfig | None = None) -> nn.Module:
     return new
 
 
+def _zero_last_rows(tensor: torch.Tensor, head_dim: int) -> None:
+    """Zero channel D-1 of every head in a q/k projection weight [H*D, in] or bias [H*D]."""
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()
+    if isinstance(tensor, DTensor):  # FSDP2-sharded: edit the full tensor, re-shard it
+        full = tensor.full_tensor()
+        _zero_last_rows(full, head_dim)
+        tensor.copy_(distribute_tensor(full, tensor.device_mesh, tensor.placements))
+        return
+    tensor.view(-1, head_dim, *tensor.shape[1:])[:, -1] = 0
+
+
 @torch.no_grad()
 def zero_decision_channels(model: nn.Module) -> nn.Module:
     """Set to exactly 0 the rows of q_proj and k_proj (and biases) producing channel D-1 of every
-    head: the end of the zero-out stage (spec §5.1). Works in place on a stock or a DMC model."""
+    head: the end of the zero-out stage (spec §5.1). Works in place on a stock or a DMC model,
+    FSDP2-sharded or not."""
     found = 0
     for module in model.modules():
         if not (hasattr(module, "q_proj") and hasattr(module, "k_proj") and hasattr(module, "head_dim")):
             continue
         for proj in (module.q_proj, module.k_proj):
-            rows = proj.weight.view(-1, module.head_dim, proj.weight.shape[-1])
-            rows[:, -1, :] = 0
+            _zero_last_rows(proj.weight, module.head_dim)
             if proj.bias is not None:
-                proj.bias.view(-1, module.head_dim)[:, -1] = 0
+                _zero_last_rows(proj.bias, module.head_dim)
         found += 1
     if not found:
         raise UnsupportedModelError(f"no attention layers with q_proj/k_proj found in {type(model).__name__}")

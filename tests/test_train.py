@@ -1,0 +1,280 @@
+"""The retrofit trainer: schedules, data packing, end to end, kill-and-resume, FSDP2, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import dmc
+from dmc.cli.main import main as cli
+from dmc.tiny import pretrain, write_tiny_model_dir
+from dmc.train import ConfigError, Retrofitter, TrainConfig
+from dmc.train.data import PackedData, Shard, discover_files, read_documents
+from dmc.train.trainer import StagePosition, learning_rate, locate
+
+STDLIB = pathlib.Path(sysconfig.get_paths()["stdlib"])
+CORPUS = [str(STDLIB / "json"), str(STDLIB / "email")]  # real text every machine has
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tokens"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, token_cache):
+    """A 2-layer Llama with its own BPE tokenizer, pretrained for 300 steps on stdlib source, so
+    that its LM loss resists merging as a real model's does."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    texts = [p.read_text() for d in CORPUS for p in sorted(pathlib.Path(d).glob("*.py"))]
+    write_tiny_model_dir(path, texts, vocab_size=384)
+    losses = pretrain(path, CORPUS, steps=300, token_cache=token_cache)
+    assert losses[-1] < losses[0] - 1.5  # it learned something
+    return path
+
+
+def _config(model, out, token_cache, **kw) -> TrainConfig:
+    values = dict(model=str(model), data=CORPUS, out=str(out), target_cr=2.0, seq_len=128, micro_batch_size=4,
+                  lr=3e-3, zero_out_steps=10, retrofit_steps=100, finetune_steps=60, eval_every=20,
+                  token_cache=token_cache, progress=False, tensorboard=False)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+# ------------------------------------------------------------------------------ schedules
+def test_stage_plan_and_learning_rate():
+    cfg = TrainConfig(target_cr=4.0, zero_out_steps=10, steps_per_cr=100, finetune_steps=50, lr=1.0, min_lr=0.1,
+                      warmup_steps=5)
+    assert cfg.stage_steps() == [("zero-out", 10), ("retrofit", 300), ("finetune", 50)]
+    assert locate(cfg.stage_steps(), 0) == StagePosition("zero-out", 0, 10)
+    assert locate(cfg.stage_steps(), 10) == StagePosition("retrofit", 0, 300)
+    assert locate(cfg.stage_steps(), 359) == StagePosition("finetune", 49, 50)
+    assert learning_rate(cfg, StagePosition("retrofit", 0, 300)) == pytest.approx(0.2)  # warmup
+    assert learning_rate(cfg, StagePosition("retrofit", 200, 300)) == 1.0  # constant
+    assert learning_rate(cfg, StagePosition("finetune", 5, 50)) == pytest.approx(1.0)  # cosine start
+    assert learning_rate(cfg, StagePosition("finetune", 49, 50)) == pytest.approx(0.1)  # cosine end
+
+
+# ------------------------------------------------------------------------------ data
+def _synthetic_data(lengths, seq_len=16, val_fraction=0.0, seed=0):
+    docs = [np.arange(1, n + 1, dtype=np.uint32) + 1000 * i for i, n in enumerate(lengths)]
+    shard = Shard(tokens=np.concatenate(docs), offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    return PackedData([shard], seq_len, val_fraction, seed), docs
+
+
+def test_packing_never_crosses_documents():
+    data, docs = _synthetic_data([5, 23, 2, 40, 7, 11, 3, 30], seq_len=16)
+    batch = data.train_rows(list(range(2 * data.rows_per_epoch)))  # two epochs
+    for ids, labels, doc_ids, pos in zip(batch.input_ids, batch.labels, batch.document_ids, batch.position_ids):
+        for seg in doc_ids.unique():
+            where = (doc_ids == seg).nonzero().flatten()
+            assert torch.equal(where, torch.arange(where[0], where[-1] + 1))  # contiguous
+            tokens = ids[where]
+            source = int(tokens[0]) // 1000
+            assert torch.all(tokens // 1000 == source)  # one source document
+            assert torch.all(tokens[1:] - tokens[:-1] == 1)  # an unbroken slice of it
+            assert torch.equal(pos[where], torch.arange(len(where)))  # positions restart
+            assert labels[where[0]] == -100 and torch.equal(labels[where[1:]], tokens[1:])
+    epoch0 = batch.input_ids[:data.rows_per_epoch]
+    epoch1 = batch.input_ids[data.rows_per_epoch:]
+    assert not torch.equal(epoch0, epoch1)  # reshuffled per epoch
+    again, _ = _synthetic_data([5, 23, 2, 40, 7, 11, 3, 30], seq_len=16)
+    assert torch.equal(again.train_rows([0, 5, 9]).input_ids, data.train_rows([0, 5, 9]).input_ids)  # seeded
+
+
+def test_held_out_split_is_disjoint_and_whole_documents():
+    data, _ = _synthetic_data([30] * 40, seq_len=16, val_fraction=0.1)
+    assert len(data.val_docs) == 4 and not set(data.val_docs) & set(data.train_docs)
+    val_tokens = torch.cat([b.input_ids.flatten() for b in data.val_batches(2, 100)])
+    assert set((val_tokens // 1000).tolist()) <= set(data.val_docs.tolist())
+    train_tokens = data.train_rows(list(range(data.rows_per_epoch))).input_ids
+    assert not set((train_tokens // 1000).flatten().tolist()) & set(data.val_docs.tolist())
+
+
+def test_jsonl_parquet_and_text_sources(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "first doc"}\n\n{"text": "second doc"}\n')
+    (tmp_path / "b.txt").write_text("a whole file is one document")
+    pytest.importorskip("pyarrow")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"body": ["p1", "p2", None]}), tmp_path / "c.parquet")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "x.txt").write_text("skipped")
+    files = discover_files([str(tmp_path)])
+    assert [f.name for f in files] == ["a.jsonl", "b.txt", "c.parquet"]
+    assert list(read_documents(files[0], "text")) == ["first doc", "second doc"]
+    assert list(read_documents(files[2], "body")) == ["p1", "p2"]
+    with pytest.raises(ConfigError, match="no field 'body'"):
+        list(read_documents(files[0], "body"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        discover_files([str(tmp_path / "missing")])
+
+
+def test_corpus_is_tokenized_once(tiny_model, tmp_path, monkeypatch):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    first = PackedData.from_sources(CORPUS, tokenizer, 64, 0.01, 0, cache_dir=str(tmp_path), progress=False)
+    calls = []
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda *a, **k: calls.append(1))
+    second = PackedData.from_sources(CORPUS, tokenizer, 64, 0.01, 0, cache_dir=str(tmp_path), progress=False)
+    assert not calls and isinstance(second.shards[0].tokens, np.memmap)
+    assert torch.equal(first.train_rows([3, 4]).input_ids, second.train_rows([3, 4]).input_ids)
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_retrofit_reaches_target_cr(tiny_model, tmp_path, token_cache):
+    out = tmp_path / "dmc2x"
+    cfg = _config(tiny_model, out, token_cache, tensorboard=True)
+    assert Retrofitter(cfg).run() == out
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 171))
+    assert {r["stage"] for r in records} == {"zero-out", "retrofit", "finetune"}
+    for key in ("lm_loss", "cr_loss", "target_cr", "achieved_cr", "per_layer_cr", "lr", "tokens_per_s"):
+        assert key in records[-1]
+    assert records[-1]["val_cr"] == pytest.approx(2.0, rel=0.10)  # held-out, hard decisions
+    assert any((out / "run" / "tensorboard").iterdir())
+    # the written model is a DMC model that compresses held-out text at the target
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.dmc_config.target_cr == 2.0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = (STDLIB / "json" / "decoder.py").read_text()[:3000]
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :512]
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    assert dmc.CompressionStats.from_cache(cache).overall_cr == pytest.approx(2.0, rel=0.15)
+
+
+def test_zero_out_stage_alone_zeroes_the_decision_rows(tiny_model, tmp_path, token_cache):
+    out = tmp_path / "zeroed"
+    Retrofitter(_config(tiny_model, out, token_cache, stages=["zero-out"], zero_out_steps=6)).run()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for proj in (attn.q_proj, attn.k_proj):
+            assert torch.all(proj.weight.view(-1, attn.head_dim, proj.weight.shape[-1])[:, -1] == 0)
+    ids = torch.randint(3, 300, (2, 64))
+    with torch.no_grad():
+        assert float(model.eval()(ids, use_cache=False).decisions.sum()) == 0  # α ≈ σ(-5): no merges yet
+
+
+_RUN_SCRIPT = """
+import sys, json
+from dmc.train import TrainConfig, Retrofitter
+cfg = TrainConfig(**json.loads(sys.argv[1]))
+Retrofitter(cfg).run()
+"""
+
+
+def _run_subprocess(values: dict, nproc: int = 1, kill_after_checkpoint: bool = False) -> subprocess.CompletedProcess | None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "-c", _RUN_SCRIPT, json.dumps(values)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--no-python",
+               sys.executable, "-c", _RUN_SCRIPT, json.dumps(values)]
+    else:
+        cmd = [sys.executable, "-c", _RUN_SCRIPT, json.dumps(values)]
+    if not kill_after_checkpoint:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = pathlib.Path(values["out"]) / "run" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in the next steps, maybe mid-checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return None
+
+
+def _deterministic(records):
+    keep = ("step", "stage", "lm_loss", "cr_loss", "target_cr", "achieved_cr", "per_layer_cr", "lr", "grad_norm",
+            "val_loss", "val_cr")
+    return [{k: r[k] for k in keep if k in r} for r in records]
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tiny_model, tmp_path, token_cache):
+    base = _config(tiny_model, tmp_path / "x", token_cache, zero_out_steps=4, retrofit_steps=40, finetune_steps=16,
+                   save_every=4, eval_every=10).to_dict()
+    straight = {**base, "out": str(tmp_path / "straight")}
+    result = _run_subprocess(straight)
+    assert result.returncode == 0, result.stderr[-2000:]
+    killed = {**base, "out": str(tmp_path / "killed")}
+    _run_subprocess(killed, kill_after_checkpoint=True)
+    assert not (tmp_path / "killed" / "config.json").exists()  # never a half-written model
+    result = _run_subprocess({**killed, "resume": True})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from step_" in result.stdout
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "straight")
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "killed")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert _deterministic(read("straight")) == _deterministic(read("killed"))
+
+
+def test_fsdp2_two_processes_on_cpu(tiny_model, tmp_path, token_cache):
+    values = _config(tiny_model, tmp_path / "fsdp", token_cache, micro_batch_size=2, zero_out_steps=3,
+                     retrofit_steps=6, finetune_steps=3, save_every=5, eval_every=6).to_dict()
+    result = _run_subprocess({**values, "max_steps": 7}, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run_subprocess({**values, "resume": True}, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from step_00000007" in result.stdout
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp")
+    assert type(model).__name__ == "DMCLlamaForCausalLM"
+    records = [json.loads(x) for x in (tmp_path / "fsdp" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+
+
+# ------------------------------------------------------------------------------ errors
+def test_clear_errors(tiny_model, tmp_path, token_cache):
+    def error(**kw):
+        with pytest.raises(ConfigError) as info:
+            Retrofitter(_config(kw.pop("model", tiny_model), kw.pop("out", tmp_path / "e"), token_cache, **kw))
+        return str(info.value)
+
+    assert "does not exist" in error(data=[str(tmp_path / "nope")])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    assert "no non-empty files" in error(data=[str(tmp_path / "empty")], out=str(tmp_path / "e1"))
+    assert "target CR must be >= 1" in error(target_cr=0.5, out=str(tmp_path / "e2"))
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)).save_pretrained(gpt2)
+    assert "DMC supports LlamaForCausalLM" in error(model=str(gpt2), out=str(tmp_path / "e3"))
+    assert "not a Hugging Face model directory" in error(model=str(tmp_path), out=str(tmp_path / "e4"))
+    # an output directory holding a different run
+    Retrofitter(_config(tiny_model, tmp_path / "run1", token_cache, max_steps=1)).run()
+    assert "holds a different run (settings differ: target_cr)" in error(out=str(tmp_path / "run1"), target_cr=3.0)
+    assert "pass --resume" in error(out=str(tmp_path / "run1"))
+    assert "nothing to resume" in error(out=str(tmp_path / "fresh"), resume=True)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file").write_text("x")
+    assert "not a dmc run directory" in error(out=str(tmp_path / "junk"))
+
+
+def test_cli_with_config_file_and_errors(tiny_model, tmp_path, token_cache, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {json.dumps(CORPUS)}\ntarget_cr: 2.0\nseq_len: 64\nzero_out_steps: 2\n"
+                      f"retrofit_steps: 3\nfinetune_steps: 2\ntoken_cache: {token_cache}\ntensorboard: false\n")
+    out = tmp_path / "cli"
+    assert cli(["retrofit", str(tiny_model), "--config", str(config), "--out", str(out), "--no-progress",
+                "--lr", "1e-3"]) == 0
+    assert (out / "config.json").exists()
+    assert json.loads((out / "run" / "run.json").read_text())["lr"] == 1e-3  # the flag wins over the file
+    capsys.readouterr()
+    assert cli(["retrofit", str(tiny_model), "--config", str(config), "--out", str(tmp_path / "c2"),
+                "--target-cr", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: target CR must be >= 1")
