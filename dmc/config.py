@@ -28,6 +28,7 @@ class DMCConfig:
     temperature: float = 0.1
     target_cr: float | None = None
     attn_implementation: str = "auto"
+    compile_pooling: bool = True
 
     def __post_init__(self) -> None:
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):

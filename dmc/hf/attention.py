@@ -108,13 +108,13 @@ class DMCAttention(nn.Module):
         if batch.valid is not None:
             importance = importance * batch.valid[:, None, :]
             alpha = alpha.masked_fill(~batch.valid[:, None, :], 1.0)  # padding is transparent
-        terms = core.weighted_terms(importance, k, v)
         batch.decisions.append(core.straight_through(alpha) if training and not batch.vanilla else alpha)
 
         if past_key_values is not None:
-            out = self._attend_cached(q, alpha, terms, cos, sin, past_key_values.layers[self.layer_idx], batch)
+            out = self._attend_cached(q, alpha, core.weighted_terms(importance, k, v), cos, sin,
+                                      past_key_values.layers[self.layer_idx], batch)
         else:
-            out = self._attend_full(q, k, v, alpha, relaxed, terms, cos, sin, batch)
+            out = self._attend_full(q, k, v, alpha, importance, relaxed, cos, sin, batch)
         out = out.transpose(1, 2).reshape(b, n, -1)
         return self.o_proj(out), None
 
@@ -125,13 +125,16 @@ class DMCAttention(nn.Module):
         q, k_bar = apply_rotary_pos_emb(q, k_bar.to(dtype), cos, sin)
         return core.zero_last_channel(q), core.zero_last_channel(k_bar), v_bar.to(dtype), sums
 
-    def _attend_full(self, q, k, v, alpha, relaxed, terms, cos, sin, batch: DMCBatch) -> torch.Tensor:
+    def _attend_full(self, q, k, v, alpha, importance, relaxed, cos, sin, batch: DMCBatch) -> torch.Tensor:
         if batch.vanilla:
             q, k_bar = apply_rotary_pos_emb(q, k, cos, sin)
             v_bar = v
             key_bias = torch.zeros_like(alpha)
         else:
-            q, k_bar, v_bar, _ = self._pooled_keys_values(q, alpha, terms, cos, sin, q.dtype)
+            states = pooled_states
+            if q.is_cuda and self.dmc.compile_pooling:
+                states = _compiled("pooled_states", pooled_states)
+            q, k_bar, v_bar = states(q, k, v, alpha, importance, cos, sin, self.dmc.window)
             if relaxed is not None:
                 forced = core.forced_appends(alpha.shape[-1], batch.starts, alpha.device).expand_as(alpha)
                 key_bias = core.key_bias_from_relaxed(relaxed, forced)
@@ -163,6 +166,25 @@ class DMCAttention(nn.Module):
         return out
 
 
+def pooled_states(q, k, v, alpha, importance, cos, sin, window: int | None):
+    """Full-sequence DMC states (spec §3): windowed weighted means of k and v over the open group
+    of every token, rotated at the token's position, channel D-1 zeroed. Returns (q, k̄, v̄)."""
+    sums = core.window_pool(alpha, core.weighted_terms(importance, k, v), window)
+    k_bar, v_bar = core.normalise(sums, k.shape[-1])
+    q, k_bar = apply_rotary_pos_emb(q, k_bar.to(q.dtype), cos, sin)
+    return core.zero_last_channel(q), core.zero_last_channel(k_bar), v_bar.to(q.dtype)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(name: str, fn, dynamic: bool | None = None):
+    """torch.compile ``fn`` once (on CUDA the 12 pooling taps fuse into a few kernels)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=dynamic)
+    return _COMPILED[name]
+
+
 def pool_with_prefix(alpha: torch.Tensor, terms: torch.Tensor, window: int | None,
                      prefix: torch.Tensor | None) -> torch.Tensor:
     """Pool a chunk given the cached window state ``prefix`` ([B, H, P, C], α = 1 inside it:
@@ -188,13 +210,9 @@ def dense_attend(q, k, v, key_bias, document_ids, scale) -> torch.Tensor:
     return torch.matmul(probs, _expand_kv(v, groups).float()).to(q.dtype)
 
 
-_compiled_flex = None
-
-
 def flex_attend(q, k, v, key_bias, document_ids, scale) -> torch.Tensor:
     """FlexAttention with the DMC bias as a ``score_mod`` reading a per-(b, kv head, key) vector:
     O(L) extra memory and gradients reaching α through ``key_bias``."""
-    global _compiled_flex
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     groups = q.shape[1] // k.shape[1]
@@ -212,11 +230,7 @@ def flex_attend(q, k, v, key_bias, document_ids, scale) -> torch.Tensor:
             return (kv_idx <= q_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
         mask_batch = q.shape[0]
     block_mask = create_block_mask(mask_mod, mask_batch, None, length, length, device=q.device)
-    fn = flex_attention
-    if q.is_cuda:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        fn = _compiled_flex
+    fn = _compiled("flex_attention", flex_attention, dynamic=False) if q.is_cuda else flex_attention
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=groups > 1)
 
 

@@ -1,0 +1,20 @@
+"""Shared by the benchmark scripts: write one named section of a Markdown report in place."""
+
+from __future__ import annotations
+
+import pathlib
+
+
+def write_section(path: str | pathlib.Path, name: str, text: str, title: str = "# Benchmarks") -> None:
+    """Replace (or append) the block between ``<!-- name:begin -->`` and ``<!-- name:end -->``."""
+    path = pathlib.Path(path)
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    current = path.read_text() if path.exists() else title + "\n\nEvery section is written by the script it names.\n"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        current = head + block + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(current)
