@@ -92,29 +92,34 @@ class DMCAttention(nn.Module):
         cos, sin = position_embeddings
         training = self.training and past_key_values is None
 
+        if training and not batch.vanilla:
+            states = training_states
+            if q.is_cuda and self.dmc.compile_pooling:
+                states = _compiled("training_states", training_states)
+            noise = None if batch.noise is None else batch.noise[self.layer_idx]
+            q, k_bar, v_bar, alpha_hat, key_bias = states(
+                q, k, v, noise, batch.starts, batch.valid, cos, sin, self.dmc.init_offset, self.dmc.temperature,
+                self.dmc.window)
+            batch.decisions.append(alpha_hat)
+            out = self._attend(q, k_bar, v_bar, key_bias, batch)
+            return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), None
+
         if batch.vanilla:
             alpha = torch.zeros(b, self.num_kv_heads, n, device=q.device)
             importance = torch.ones_like(alpha)
-            relaxed = None
         else:
             q, k, logits, importance = core.split_decision_channel(q, k, self.dmc.init_offset)
-            if training:
-                noise = None if batch.noise is None else batch.noise[self.layer_idx]
-                relaxed = core.relaxed_logits(logits, self.dmc.temperature, noise)
-                alpha = core.force_append(torch.sigmoid(relaxed), batch.starts)
-            else:
-                relaxed = None
-                alpha = core.hard_decisions(logits, batch.starts)
+            alpha = core.hard_decisions(logits, batch.starts)
         if batch.valid is not None:
             importance = importance * batch.valid[:, None, :]
             alpha = alpha.masked_fill(~batch.valid[:, None, :], 1.0)  # padding is transparent
-        batch.decisions.append(core.straight_through(alpha) if training and not batch.vanilla else alpha)
+        batch.decisions.append(alpha)
 
         if past_key_values is not None:
             out = self._attend_cached(q, alpha, core.weighted_terms(importance, k, v), cos, sin,
                                       past_key_values.layers[self.layer_idx], batch)
         else:
-            out = self._attend_full(q, k, v, alpha, importance, relaxed, cos, sin, batch)
+            out = self._attend_full(q, k, v, alpha, importance, cos, sin, batch)
         out = out.transpose(1, 2).reshape(b, n, -1)
         return self.o_proj(out), None
 
@@ -125,7 +130,8 @@ class DMCAttention(nn.Module):
         q, k_bar = apply_rotary_pos_emb(q, k_bar.to(dtype), cos, sin)
         return core.zero_last_channel(q), core.zero_last_channel(k_bar), v_bar.to(dtype), sums
 
-    def _attend_full(self, q, k, v, alpha, importance, relaxed, cos, sin, batch: DMCBatch) -> torch.Tensor:
+    def _attend_full(self, q, k, v, alpha, importance, cos, sin, batch: DMCBatch) -> torch.Tensor:
+        """Full-sequence eval (hard decisions, spec §3) or vanilla attention."""
         if batch.vanilla:
             q, k_bar = apply_rotary_pos_emb(q, k, cos, sin)
             v_bar = v
@@ -135,13 +141,12 @@ class DMCAttention(nn.Module):
             if q.is_cuda and self.dmc.compile_pooling:
                 states = _compiled("pooled_states", pooled_states)
             q, k_bar, v_bar = states(q, k, v, alpha, importance, cos, sin, self.dmc.window)
-            if relaxed is not None:
-                forced = core.forced_appends(alpha.shape[-1], batch.starts, alpha.device).expand_as(alpha)
-                key_bias = core.key_bias_from_relaxed(relaxed, forced)
-            else:
-                key_bias = core.key_bias_from_hard(alpha)
+            key_bias = core.key_bias_from_hard(alpha)
         if batch.valid is not None:
             key_bias = key_bias.masked_fill(~batch.valid[:, None, :], float("-inf"))
+        return self._attend(q, k_bar, v_bar, key_bias, batch)
+
+    def _attend(self, q, k_bar, v_bar, key_bias, batch: DMCBatch) -> torch.Tensor:
         impl = self.dmc.attn_implementation
         if impl == "auto":
             impl = "flex" if q.is_cuda else "dense"
@@ -173,6 +178,27 @@ def pooled_states(q, k, v, alpha, importance, cos, sin, window: int | None):
     k_bar, v_bar = core.normalise(sums, k.shape[-1])
     q, k_bar = apply_rotary_pos_emb(q, k_bar.to(q.dtype), cos, sin)
     return core.zero_last_channel(q), core.zero_last_channel(k_bar), v_bar.to(q.dtype)
+
+
+def training_states(q, k, v, noise, starts, valid, cos, sin, init_offset: float, temperature: float,
+                    window: int | None):
+    """Training-mode DMC (spec §4) up to the attention: relaxed decisions α̃ from channel D-1
+    (with logistic noise), soft windowed pooling, the per-key bias log(1 - α̃_{j+1}).
+
+    Returns ``(q, k̄, v̄, α̂, key_bias)`` with α̂ the straight-through hard decisions. Pure
+    tensor code, so that on CUDA it compiles into a few fused kernels.
+    """
+    q, k, logits, importance = core.split_decision_channel(q, k, init_offset)
+    relaxed = core.relaxed_logits(logits, temperature, noise)
+    forced = core.forced_appends(logits.shape[-1], starts, logits.device).expand_as(logits)
+    alpha = torch.sigmoid(relaxed).masked_fill(forced, 0.0)
+    key_bias = core.key_bias_from_relaxed(relaxed, forced)
+    if valid is not None:
+        importance = importance * valid[:, None, :]
+        alpha = alpha.masked_fill(~valid[:, None, :], 1.0)  # padding is transparent
+        key_bias = key_bias.masked_fill(~valid[:, None, :], float("-inf"))
+    q, k_bar, v_bar = pooled_states(q, k, v, alpha, importance, cos, sin, window)
+    return q, k_bar, v_bar, core.straight_through(alpha), key_bias
 
 
 _COMPILED: dict = {}
