@@ -71,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool | None = None  # None: on CUDA only
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile every decoder layer (removes per-op launch overhead on GPU)
     eval_every: int = 200
     eval_batches: int = 8
     save_every: int = 500

@@ -170,6 +170,9 @@ class Retrofitter:
         model = self.model.to(self.rt.device)
         if self.cfg.activation_checkpointing:
             model.activation_checkpointing_enable()
+        if self.cfg.compile:
+            for layer in model.model.layers:
+                layer.compile()
         if self.rt.distributed:
             model = shard_model(model, self.rt, self.bf16)
         self.model = model.train()
