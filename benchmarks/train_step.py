@@ -69,7 +69,7 @@ def measure(variant: str, seq_len: int, batch: int, steps: int) -> dict:
         if dmc_model:
             extra["dmc_generator"] = torch.Generator(device="cuda").manual_seed(i)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(ids, labels=ids, **extra)
+            out = model(ids, labels=ids, use_cache=False, **extra)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -12,7 +12,7 @@ parameter names and values are those of the original model: DMC adds no paramete
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,6 @@ class DMCBatch:
         channel_scale: multiplier of q[D-1] and k[D-1] in vanilla mode (zero-out stage).
         noise: training-mode logistic noise ``[layers, B, H, n]``, drawn once per forward so that
             activation checkpointing recomputes a layer with the same noise.
-        decisions: filled by each layer: its α (training: straight-through α̂), ``[B, H, n]``.
     """
 
     valid: torch.Tensor | None = None
@@ -44,7 +43,6 @@ class DMCBatch:
     vanilla: bool = False
     channel_scale: float = 1.0
     noise: torch.Tensor | None = None
-    decisions: list[torch.Tensor] = field(default_factory=list)
 
 
 class DMCAttention(nn.Module):
@@ -62,6 +60,9 @@ class DMCAttention(nn.Module):
         self.q_norm = getattr(base, "q_norm", None)  # Qwen3: per-head RMSNorm before RoPE
         self.k_norm = getattr(base, "k_norm", None)
         self.dmc = DMCConfig.from_dict(config.dmc)
+        # This forward's α (training: straight-through α̂), [B, H, n], collected by the model.
+        # An attribute, not a kwarg: FSDP2 rebuilds forward inputs when it casts them.
+        self.decisions: torch.Tensor | None = None
 
     def _heads(self, proj: nn.Linear, norm: nn.Module | None, hidden: torch.Tensor,
                channel_scale: float = 1.0) -> torch.Tensor:
@@ -100,7 +101,7 @@ class DMCAttention(nn.Module):
             q, k_bar, v_bar, alpha_hat, key_bias = states(
                 q, k, v, noise, batch.starts, batch.valid, cos, sin, self.dmc.init_offset, self.dmc.temperature,
                 self.dmc.window)
-            batch.decisions.append(alpha_hat)
+            self.decisions = alpha_hat
             out = self._attend(q, k_bar, v_bar, key_bias, batch)
             return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), None
 
@@ -113,7 +114,7 @@ class DMCAttention(nn.Module):
         if batch.valid is not None:
             importance = importance * batch.valid[:, None, :]
             alpha = alpha.masked_fill(~batch.valid[:, None, :], 1.0)  # padding is transparent
-        batch.decisions.append(alpha)
+        self.decisions = alpha
 
         if past_key_values is not None:
             out = self._attend_cached(q, alpha, core.weighted_terms(importance, k, v), cos, sin,

@@ -130,10 +130,14 @@ class DMCModelMixin:
             )
         if past_key_values is not None:
             past_key_values.advance(valid_or_all)
+        decisions = []
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            decisions.append(layer.self_attn.decisions)
+            layer.self_attn.decisions = None
         return DMCModelOutput(
             last_hidden_state=self.norm(hidden_states),
             past_key_values=past_key_values,
-            decisions=torch.stack(batch.decisions, dim=1),
+            decisions=torch.stack(decisions, dim=1),
             valid=valid,
         )
 

@@ -46,8 +46,12 @@ def shard_model(model: torch.nn.Module, runtime: Runtime, bf16: bool) -> torch.n
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
+    # Layers get bf16 activations from the root already; leaving their inputs uncast keeps the
+    # Gumbel noise in fp32 (spec §4).
+    layer_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,
+                                        cast_forward_inputs=False)
     for layer in model.model.layers:
-        fully_shard(layer, mp_policy=policy)
+        fully_shard(layer, mp_policy=layer_policy)
     fully_shard(model, mp_policy=policy)
     return model
 
