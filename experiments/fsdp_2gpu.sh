@@ -17,14 +17,14 @@ texts = [p.read_text() for d in sys.argv[2:] for p in sorted(pathlib.Path(d).glo
 write_tiny_model_dir(sys.argv[1], texts, vocab_size=2048, hidden=512, layers=8, heads=8, kv_heads=4, max_positions=1024)
 PY
 ARGS=("$WORK/base" --data "${DATA[@]}" --out "$WORK/dmc" --target-cr 2 --seq-len 512 --micro-batch-size 8
-      --lr 1e-3 --zero-out-steps 20 --retrofit-steps 100 --finetune-steps 40 --save-every 25 --eval-every 20
+      --lr 1e-3 --zero-out-steps 20 --retrofit-steps 100 --finetune-steps 40 --save-every 25 --eval-every 20 --eval-batches 4
       --token-cache "$WORK/tokens" --no-progress --overwrite)
 { nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$LOGS/run.log"
 echo "== part 1: torchrun --nproc-per-node 2, stopped at step 90" | tee -a "$LOGS/run.log"
-torchrun --nproc-per-node 2 -m dmc.cli.main retrofit "${ARGS[@]}" --max-steps 90 2>&1 | grep -v Warning | tee -a "$LOGS/run.log"
+torchrun --nproc-per-node 2 -m dmc.cli.main retrofit "${ARGS[@]}" --max-steps 90 2>&1 | grep --line-buffered -v Warning | tee -a "$LOGS/run.log"
 ls "$WORK/dmc/run/checkpoints" | tee -a "$LOGS/run.log"
 echo "== part 2: --resume" | tee -a "$LOGS/run.log"
-torchrun --nproc-per-node 2 -m dmc.cli.main retrofit "${ARGS[@]/--overwrite/--resume}" 2>&1 | grep -v Warning | tee -a "$LOGS/run.log"
+torchrun --nproc-per-node 2 -m dmc.cli.main retrofit "${ARGS[@]/--overwrite/--resume}" 2>&1 | grep --line-buffered -v Warning | tee -a "$LOGS/run.log"
 cp "$WORK/dmc/run/metrics.jsonl" "$LOGS/metrics.jsonl"
 python3 - "$WORK/dmc" <<'PY' | tee -a "$LOGS/run.log"
 import json, sys, transformers, dmc

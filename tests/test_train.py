@@ -99,6 +99,8 @@ def test_held_out_split_is_disjoint_and_whole_documents():
     assert len(data.val_docs) == 4 and not set(data.val_docs) & set(data.train_docs)
     val_tokens = torch.cat([b.input_ids.flatten() for b in data.val_batches(2, 100)])
     assert set((val_tokens // 1000).tolist()) <= set(data.val_docs.tolist())
+    per_rank = [[b.input_ids.shape[0] for b in data.val_batches(2, 100, rank, 3)] for rank in range(3)]
+    assert per_rank[0] == per_rank[1] == per_rank[2] and sum(per_rank[0]) == data.val_rows // 3
     train_tokens = data.train_rows(list(range(data.rows_per_epoch))).input_ids
     assert not set((train_tokens // 1000).flatten().tolist()) & set(data.val_docs.tolist())
 

@@ -218,12 +218,11 @@ class PackedData:
         return _stack(rows)
 
     def val_batches(self, batch_size: int, max_batches: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
-        """Held-out rows in a fixed order, split across ranks."""
-        if self.val_rows == 0:
-            return
+        """Held-out rows in a fixed order, split evenly across ranks: every rank gets the same
+        number of batches (sharded models run collectives in every forward)."""
         docs, starts = self._stream(self.val_docs)
-        total = min(self.val_rows, max_batches * batch_size * world)
-        mine = list(range(rank, total, world))
+        per_rank = min(self.val_rows // world, max_batches * batch_size)
+        mine = list(range(rank * per_rank, (rank + 1) * per_rank))
         for i in range(0, len(mine), batch_size):
             yield _stack([self._row(docs, starts, r) for r in mine[i:i + batch_size]])
 
