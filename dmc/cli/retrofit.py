@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import sys
 import types
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if out is not None:
+    if out is not None and os.environ.get("RANK", "0") == "0":
         print(f"DMC model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained "
               "after `import dmc`)")
     return 0
