@@ -43,6 +43,7 @@ class DMCBatch:
     vanilla: bool = False
     channel_scale: float = 1.0
     noise: torch.Tensor | None = None
+    block_mask: object = None  # FlexAttention's mask, built by the first layer that needs it
 
 
 class DMCAttention(nn.Module):
@@ -151,8 +152,11 @@ class DMCAttention(nn.Module):
         impl = self.dmc.attn_implementation
         if impl == "auto":
             impl = "flex" if q.is_cuda else "dense"
-        attend = flex_attend if impl == "flex" else dense_attend
-        return attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling)
+        if impl == "dense":
+            return dense_attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling)
+        if batch.block_mask is None:
+            batch.block_mask = causal_block_mask(batch.document_ids, q.shape[0], q.shape[-2], q.device)
+        return flex_attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling, batch.block_mask)
 
     def _attend_cached(self, q, alpha, terms, cos, sin, layer_cache, batch: DMCBatch) -> torch.Tensor:
         prefix = layer_cache.window_prefix(terms)
@@ -237,26 +241,33 @@ def dense_attend(q, k, v, key_bias, document_ids, scale) -> torch.Tensor:
     return torch.matmul(probs, _expand_kv(v, groups).float()).to(q.dtype)
 
 
-def flex_attend(q, k, v, key_bias, document_ids, scale) -> torch.Tensor:
-    """FlexAttention with the DMC bias as a ``score_mod`` reading a per-(b, kv head, key) vector:
-    O(L) extra memory and gradients reaching α through ``key_bias``."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    groups = q.shape[1] // k.shape[1]
-    length = q.shape[-2]
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + torch.where(kv_idx < q_idx, key_bias[b, h // groups, kv_idx], 0.0)
+def causal_block_mask(document_ids: torch.Tensor | None, batch: int, length: int, device):
+    """FlexAttention block mask: causal, and within documents when ``document_ids`` is given.
+    Built once per forward and shared by all layers (building it costs more than using it)."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     if document_ids is None:
         def mask_mod(b, h, q_idx, kv_idx):
             return kv_idx <= q_idx
-        mask_batch = None
-    else:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
-        mask_batch = q.shape[0]
-    block_mask = create_block_mask(mask_mod, mask_batch, None, length, length, device=q.device)
+        return create_block_mask(mask_mod, None, None, length, length, device=device)
+
+    def doc_mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+    return create_block_mask(doc_mask_mod, batch, None, length, length, device=device)
+
+
+def flex_attend(q, k, v, key_bias, document_ids, scale, block_mask=None) -> torch.Tensor:
+    """FlexAttention with the DMC bias as a ``score_mod`` reading a per-(b, kv head, key) vector:
+    O(L) extra memory and gradients reaching α through ``key_bias``."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    groups = q.shape[1] // k.shape[1]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + torch.where(kv_idx < q_idx, key_bias[b, h // groups, kv_idx], 0.0)
+
+    if block_mask is None:
+        block_mask = causal_block_mask(document_ids, q.shape[0], q.shape[-2], q.device)
     fn = _compiled("flex_attention", flex_attention, dynamic=False) if q.is_cuda else flex_attention
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=groups > 1)
 
