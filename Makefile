@@ -19,9 +19,7 @@ test: venv
 	$(PY) -m pytest -q
 
 demo: venv
-	@echo "make demo arrives with the quality-study issue (#5): it will pretrain a tiny model, retrofit it"
-	@echo "and compare vanilla vs DMC. Until then, see README.md for the Python API."
-	@exit 1
+	$(PY) -m dmc.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
