@@ -64,3 +64,22 @@ def test_sampling_generate():
     assert torch.equal(greedy, top1)  # sampling from the single most likely token is greedy
     assert torch.equal(a, b)  # seeded sampling is reproducible
     assert not torch.equal(a, greedy)  # and at temperature 1.5 actually samples
+
+
+def test_right_padding_in_full_sequence_mode_and_clear_error_with_cache():
+    model = dmc_model("qwen2", window=4)
+    prompts = _prompts()
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = p
+        mask[i, :len(p)] = 1
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, use_cache=False)
+        for i, p in enumerate(prompts):
+            alone = model(p[None], use_cache=False)
+            torch.testing.assert_close(batch.logits[i, :len(p)], alone.logits[0], rtol=1e-4, atol=2e-5)
+            assert torch.equal(batch.compression.slots[:, i], alone.compression.slots[:, 0])
+        with pytest.raises(ValueError, match="use_cache=False"):
+            model(ids, attention_mask=mask, use_cache=True)

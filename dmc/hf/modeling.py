@@ -102,8 +102,9 @@ class DMCModelMixin:
                 else torch.zeros(b, dtype=torch.long, device=device))
         valid_or_all = valid if valid is not None else torch.ones(b, n, dtype=torch.bool, device=device)
         real_before = seen[:, None] + valid_or_all.long().cumsum(-1) - valid_or_all.long()
-        if valid is not None and bool((~valid & (real_before > 0)).any()):
-            raise ValueError("padding is only supported before a sequence's first token (left padding)")
+        if past_key_values is not None and valid is not None and bool((~valid & (real_before > 0)).any()):
+            raise ValueError("with a cache, padding must come before a sequence's first token (left padding); "
+                             "for right-padded batches pass use_cache=False")
         starts = valid_or_all & (real_before == 0)  # a sequence's first real token always appends
         if document_ids is not None:
             starts = starts | _document_starts(document_ids)
