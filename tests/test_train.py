@@ -168,6 +168,13 @@ def test_zero_out_stage_alone_zeroes_the_decision_rows(tiny_model, tmp_path, tok
     ids = torch.randint(3, 300, (2, 64))
     with torch.no_grad():
         assert float(model.eval()(ids, use_cache=False).decisions.sum()) == 0  # α ≈ σ(-5): no merges yet
+    # the later stages run alone on that DMC model
+    final = tmp_path / "later"
+    Retrofitter(_config(out, final, token_cache, stages=["retrofit", "finetune"], retrofit_steps=4,
+                        finetune_steps=2)).run()
+    records = [json.loads(line) for line in (final / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["retrofit"] * 4 + ["finetune"] * 2
+    assert transformers.AutoModelForCausalLM.from_pretrained(final).dmc_config.target_cr == 2.0
 
 
 _RUN_SCRIPT = """
