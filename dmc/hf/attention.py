@@ -125,13 +125,6 @@ class DMCAttention(nn.Module):
         out = out.transpose(1, 2).reshape(b, n, -1)
         return self.o_proj(out), None
 
-    def _pooled_keys_values(self, q, alpha, terms, cos, sin, dtype, prefix=None):
-        """Windowed running means of the open groups, then RoPE at each token's position."""
-        sums = pool_with_prefix(alpha, terms, self.dmc.window, prefix)
-        k_bar, v_bar = core.normalise(sums, self.head_dim)
-        q, k_bar = apply_rotary_pos_emb(q, k_bar.to(dtype), cos, sin)
-        return core.zero_last_channel(q), core.zero_last_channel(k_bar), v_bar.to(dtype), sums
-
     def _attend_full(self, q, k, v, alpha, importance, cos, sin, batch: DMCBatch) -> torch.Tensor:
         """Full-sequence eval (hard decisions, spec §3) or vanilla attention."""
         if batch.vanilla:
@@ -160,14 +153,14 @@ class DMCAttention(nn.Module):
 
     def _attend_cached(self, q, alpha, terms, cos, sin, layer_cache, batch: DMCBatch) -> torch.Tensor:
         prefix = layer_cache.window_prefix(terms)
+        sums = pool_with_prefix(alpha, terms, self.dmc.window, prefix)
         if batch.vanilla:
-            # No pooling: α = 0 everywhere, the slot is the token's own key and value.
+            # α = 0 everywhere: each slot is the token's own key and value, channel D-1 kept.
             k, v = terms[..., :self.head_dim], terms[..., self.head_dim:2 * self.head_dim]
             q, k_bar = apply_rotary_pos_emb(q, k.to(q.dtype), cos, sin)
             v_bar = v.to(q.dtype)
-            sums = pool_with_prefix(alpha, terms, self.dmc.window, prefix)
         else:
-            q, k_bar, v_bar, sums = self._pooled_keys_values(q, alpha, terms, cos, sin, q.dtype, prefix)
+            q, k_bar, v_bar = states_from_sums(q, sums, cos, sin)
         valid = batch.valid if batch.valid is not None else torch.ones_like(alpha[:, 0], dtype=torch.bool)
         old_k, old_v, old_visible = layer_cache.visible_slots(alpha, valid, k_bar)
         new_bias = core.key_bias_from_hard(alpha).masked_fill(~valid[:, None, :], float("-inf"))
@@ -179,8 +172,13 @@ class DMCAttention(nn.Module):
 def pooled_states(q, k, v, alpha, importance, cos, sin, window: int | None):
     """Full-sequence DMC states (spec §3): windowed weighted means of k and v over the open group
     of every token, rotated at the token's position, channel D-1 zeroed. Returns (q, k̄, v̄)."""
-    sums = core.window_pool(alpha, core.weighted_terms(importance, k, v), window)
-    k_bar, v_bar = core.normalise(sums, k.shape[-1])
+    return states_from_sums(q, core.window_pool(alpha, core.weighted_terms(importance, k, v), window), cos, sin)
+
+
+def states_from_sums(q, sums, cos, sin):
+    """Running means (K/Z, V/Z) of pooled sums, k̄ rotated at each token's position (the position
+    of the last token merged into its slot), channel D-1 zeroed again after RoPE (spec §1-§2)."""
+    k_bar, v_bar = core.normalise(sums, q.shape[-1])
     q, k_bar = apply_rotary_pos_emb(q, k_bar.to(q.dtype), cos, sin)
     return core.zero_last_channel(q), core.zero_last_channel(k_bar), v_bar.to(q.dtype)
 
