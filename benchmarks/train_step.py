@@ -91,7 +91,6 @@ def measure(variant: str, seq_len: int, batch: int, steps: int) -> dict:
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
            "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3)}
     print(json.dumps(row), flush=True)
-    del model, optimizer
     torch.cuda.empty_cache()
     return row
 

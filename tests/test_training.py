@@ -4,7 +4,6 @@ import pytest
 import torch
 from conftest import VOCAB, dmc_model
 
-import dmc
 
 
 def _ids(batch=2, length=24, seed=0):

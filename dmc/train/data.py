@@ -192,7 +192,7 @@ class PackedData:
         return self._epoch_cache[1], self._epoch_cache[2]
 
     def _row(self, docs: np.ndarray, starts: np.ndarray, row: int):
-        lo, hi = row * self.seq_len, (row + 1) * self.seq_len
+        lo = row * self.seq_len
         ids = np.empty(self.seq_len, np.int64)
         doc_ids = np.empty(self.seq_len, np.int64)
         pos = np.empty(self.seq_len, np.int64)

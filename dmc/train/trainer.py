@@ -25,7 +25,7 @@ from ..hf.convert import UnsupportedModelError, convert, supported_architectures
 from ..hf.modeling import FAMILIES
 from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig
-from .data import Batch, PackedData
+from .data import PackedData
 from .distributed import Runtime, all_reduce_sum, barrier, init_runtime, shard_model
 from .metrics import MetricsLogger
 
