@@ -36,29 +36,6 @@ def _packages(names: list[str]) -> list[str]:
     return found
 
 
-@torch.no_grad()
-def _evaluate(model, tokenizer, files: list[pathlib.Path], seq_len: int, use_cache: bool, max_windows: int = 24):
-    """Mean next-token loss over non-overlapping windows of the held-out files, and the cache (if any)
-    of every window for compression statistics."""
-    import dmc
-    nll, count, stats = 0.0, 0, []
-    windows = 0
-    for path in files:
-        ids = tokenizer(path.read_text(errors="replace"), return_tensors="pt").input_ids[0]
-        for start in range(0, len(ids) - seq_len, seq_len):
-            chunk = ids[start:start + seq_len][None]
-            out = model(chunk, use_cache=use_cache)
-            logits = out.logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
-            count += seq_len - 1
-            if use_cache:
-                stats.append(dmc.CompressionStats.from_cache(out.past_key_values))
-            windows += 1
-            if windows >= max_windows:
-                return nll / count, stats
-    return nll / count, stats
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="DMC end to end on a tiny model (CPU, a few minutes)")
     parser.add_argument("--target-cr", type=float, default=4.0)
@@ -70,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import transformers
 
-    import dmc
+    from dmc.eval import perplexity
     from dmc.tiny import pretrain, write_tiny_model_dir
     from dmc.train import TrainConfig, Retrofitter
 
@@ -109,14 +86,14 @@ def main(argv: list[str] | None = None) -> dict:
     pretrained = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
     vanilla = transformers.AutoModelForCausalLM.from_pretrained(continued).eval()
     compressed = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    files = sorted(p for d in held_out for p in pathlib.Path(d).rglob("*.py"))
-    loss_pretrained, _ = _evaluate(pretrained, tokenizer, files, 256, use_cache=False)
-    loss_vanilla, _ = _evaluate(vanilla, tokenizer, files, 256, use_cache=False)
-    loss_full, _ = _evaluate(compressed, tokenizer, files, 256, use_cache=False)
-    loss_cache, stats = _evaluate(compressed, tokenizer, files, 256, use_cache=True)
-    tokens = torch.cat([s.tokens for s in stats], dim=1)
-    slots = torch.cat([s.slots for s in stats], dim=1)
-    overall = dmc.CompressionStats(tokens=tokens, slots=slots)
+    texts = [p.read_text(errors="replace") for d in held_out for p in sorted(pathlib.Path(d).rglob("*.py"))]
+    window = dict(seq_len=256, max_windows=24)
+    loss_pretrained = perplexity(pretrained, tokenizer, texts, mode="full", **window).loss
+    loss_vanilla = perplexity(vanilla, tokenizer, texts, mode="full", **window).loss
+    loss_full = perplexity(compressed, tokenizer, texts, mode="full", **window).loss
+    cached = perplexity(compressed, tokenizer, texts, mode="cache", **window)
+    loss_cache, overall = cached.loss, cached.compression
+    tokens, slots = overall.tokens, overall.slots
     cfg_model = compressed.config
     bytes_per_slot = 2 * cfg_model.head_dim * 2  # k and v, bf16
     kv_vanilla = float(tokens.sum()) * bytes_per_slot

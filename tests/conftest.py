@@ -15,20 +15,23 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden
 
 # name -> (stock class, config); Llama is MHA, the others GQA (G = 2)
 BUILDERS = {
-    "llama": (LlamaForCausalLM, lambda: LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=4)),
-    "mistral": (MistralForCausalLM, lambda: MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2,
-                                                          sliding_window=None)),
-    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2)),
-    "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2,
-                                                    head_dim=16)),
+    "llama": (LlamaForCausalLM, lambda **kw: LlamaConfig(**{**COMMON, **kw}, num_attention_heads=4,
+                                                         num_key_value_heads=4)),
+    "mistral": (MistralForCausalLM, lambda **kw: MistralConfig(**{**COMMON, **kw}, num_attention_heads=4,
+                                                               num_key_value_heads=2, sliding_window=None)),
+    "qwen2": (Qwen2ForCausalLM, lambda **kw: Qwen2Config(**{**COMMON, **kw}, num_attention_heads=4,
+                                                         num_key_value_heads=2)),
+    "qwen3": (Qwen3ForCausalLM, lambda **kw: Qwen3Config(**{**COMMON, **kw}, num_attention_heads=4,
+                                                         num_key_value_heads=2, head_dim=16)),
 }
 FAMILIES = ["llama", "qwen2", "qwen3"]  # the three the spec's checks must cover
 
 
-def stock_model(name: str, seed: int = 0) -> torch.nn.Module:
+def stock_model(name: str, seed: int = 0, **config) -> torch.nn.Module:
+    """A tiny random model of a family; ``config`` overrides fields (e.g. vocab_size)."""
     torch.manual_seed(seed)
     cls, make_config = BUILDERS[name]
-    model = cls(make_config()).float().eval()
+    model = cls(make_config(**config)).float().eval()
     if name == "qwen3":  # non-trivial norm weights, so reading α after q/k norms matters
         with torch.no_grad():
             for layer in model.model.layers:
@@ -57,10 +60,12 @@ def drive_merges(model: torch.nn.Module, scale: float = 4.0, shift: float = 1.5,
                 attn.k_norm.weight[-1] = 2.5
 
 
-def dmc_model(name: str, window: int | None = 4, init_offset: float = 1.0, seed: int = 0, **kw):
+def dmc_model(name: str, window: int | None = 4, init_offset: float = 1.0, seed: int = 0,
+              vocab_size: int = VOCAB, **kw):
     """A converted DMC model whose decisions merge a good share of tokens (30-60%). The offset c
     is lowered from 5 so that random weights reach it; the semantics do not depend on c."""
-    model = dmc.convert(stock_model(name, seed), dmc.DMCConfig(window=window, init_offset=init_offset, **kw))
+    model = dmc.convert(stock_model(name, seed, vocab_size=vocab_size),
+                        dmc.DMCConfig(window=window, init_offset=init_offset, **kw))
     drive_merges(model, shift=init_offset + 0.5)
     return model.eval()
 

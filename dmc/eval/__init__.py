@@ -1,0 +1,8 @@
+"""Evaluation: held-out perplexity (full-sequence and through the compressed cache), realized
+compression with a heatmap, and a long-context key-value recall probe."""
+
+from .perplexity import PerplexityResult, perplexity
+from .recall import recall_probe
+from .report import compression_heatmap, compression_report
+
+__all__ = ["PerplexityResult", "compression_heatmap", "compression_report", "perplexity", "recall_probe"]

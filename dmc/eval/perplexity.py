@@ -1,0 +1,88 @@
+"""Held-out perplexity in the two modes of a DMC model.
+
+``mode="full"`` runs the full-sequence forward (spec §3, no cache); ``mode="cache"`` prefills a
+DMC cache and reads the logits of that pass, so the numbers come from the compressed state. For a
+DMC model the two agree (spec §7.3); their gap is a correctness check, not a quality measure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..stats import CompressionStats
+
+
+@dataclass
+class PerplexityResult:
+    loss: float  # mean next-token cross-entropy (nats)
+    tokens: int  # predicted tokens
+    windows: int
+    compression: CompressionStats | None  # from the caches (mode="cache" on a DMC model)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+
+def token_windows(tokenizer, texts, seq_len: int, max_windows: int | None = None):
+    """Non-overlapping windows of ``seq_len`` tokens over each text (tails shorter than that are
+    dropped), at most ``max_windows`` in all."""
+    count = 0
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        for start in range(0, len(ids) - seq_len + 1, seq_len):
+            yield ids[start:start + seq_len]
+            count += 1
+            if max_windows is not None and count >= max_windows:
+                return
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts, seq_len: int = 1024, mode: str = "full", max_windows: int | None = None,
+               batch_size: int = 1, progress: bool = False) -> PerplexityResult:
+    """Perplexity of ``model`` over ``texts`` (an iterable of strings).
+
+    Args:
+        mode: "full" (no cache) or "cache" (through the model's compressed cache; DMC models only).
+    """
+    from tqdm.auto import tqdm
+
+    if mode not in ("full", "cache"):
+        raise ValueError(f"mode must be 'full' or 'cache', got {mode!r}")
+    is_dmc = hasattr(model.config, "dmc")
+    if mode == "cache" and not is_dmc:
+        raise ValueError("mode='cache' measures a DMC model through its compressed cache; this is a plain model")
+    device = next(model.parameters()).device
+    nll, predicted, windows, tokens, slots = 0.0, 0, 0, [], []
+    batch: list[torch.Tensor] = []
+
+    def run(rows: list[torch.Tensor]) -> None:
+        nonlocal nll, predicted, windows
+        ids = torch.stack(rows).to(device)
+        out = model(ids, use_cache=mode == "cache")
+        logits = out.logits[:, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                       ids[:, 1:].reshape(-1), reduction="sum"))
+        predicted += ids[:, 1:].numel()
+        windows += len(rows)
+        if is_dmc:
+            stats = (CompressionStats.from_cache(out.past_key_values) if mode == "cache" else out.compression)
+            tokens.append(stats.tokens.cpu())
+            slots.append(stats.slots.cpu())
+
+    for window in tqdm(token_windows(tokenizer, texts, seq_len, max_windows), desc=f"perplexity ({mode})",
+                       unit="window", disable=not progress):
+        batch.append(window)
+        if len(batch) == batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    if windows == 0:
+        raise ValueError(f"no text holds {seq_len} tokens: lower seq_len or give more text")
+    compression = (CompressionStats(tokens=torch.cat(tokens, dim=1), slots=torch.cat(slots, dim=1))
+                   if tokens else None)
+    return PerplexityResult(loss=nll / predicted, tokens=predicted, windows=windows, compression=compression)
