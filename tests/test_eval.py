@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import dmc_model, stock_model
 
-import dmc
 from dmc.cli.main import main as cli
 from dmc.eval import compression_heatmap, compression_report, perplexity, recall_probe
 from dmc.eval.recall import make_trial
