@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 
@@ -18,3 +19,16 @@ def write_section(path: str | pathlib.Path, name: str, text: str, title: str = "
         current = current.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(current)
+
+
+def write_results(out: str | pathlib.Path, name: str, rows: list[dict], **meta) -> dict:
+    """Write ``out/results/<name>.json`` with the rows and the run's GPU and library versions."""
+    import torch
+    import transformers
+
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "transformers": transformers.__version__, **meta}
+    path = pathlib.Path(out) / "results" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return meta

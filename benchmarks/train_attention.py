@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 import time
 
 import torch
 import transformers
 
 import dmc
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _report import write_results  # noqa: E402
 
 
 def build(kind: str, length: int):
@@ -79,10 +83,8 @@ def main() -> None:
     rows = [measure(kind, length, args.batch) for length in args.lengths
             for kind in ("vanilla-sdpa", "dmc-flex", "dmc-dense")]
     out = pathlib.Path(args.out)
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    meta = {"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
-            "model": "1 decoder layer + embeddings/head of a Llama-2-7B shape, bf16, fwd+bwd"}
-    (out / "results" / "train_attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    meta = write_results(out, "train_attention", rows,
+                         model="1 decoder layer + embeddings/head of a Llama-2-7B shape, bf16, fwd+bwd")
     lines = [
         "# DMC training-mode attention: FlexAttention vs dense bias",
         "",

@@ -26,7 +26,7 @@ import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import dmc  # noqa: E402
-from _report import write_section  # noqa: E402
+from _report import write_results, write_section  # noqa: E402
 
 H100_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s of an H100 SXM
 
@@ -110,10 +110,7 @@ def main() -> None:
     rows = [measure(v, args.seq_len, args.batch, args.steps) for v in args.variants]
     base = next(r for r in rows if r["variant"] == "vanilla")
     out = pathlib.Path(args.out)
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    meta = {"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
-            "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:])}
-    (out / "results" / "train_step.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_results(out, "train_step", rows, command="python benchmarks/train_step.py " + " ".join(sys.argv[1:]))
     lines = [
         "## Training step: DMC vs vanilla (`benchmarks/train_step.py`)",
         "",

@@ -19,16 +19,12 @@ from transformers.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.models.mistral import MistralConfig, MistralForCausalLM, MistralModel
 from transformers.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 from transformers.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
-from transformers.utils import logging
 
 from .. import core
 from ..config import DMCConfig
 from ..stats import CompressionStats
 from .attention import DMCAttention, DMCBatch
 from .cache import DMCCache
-
-logger = logging.get_logger(__name__)
-
 
 @dataclass
 class DMCModelOutput(BaseModelOutputWithPast):
