@@ -6,9 +6,10 @@
 from .config import DMCConfig
 from .hf import (DMCCache, DMCCausalLMOutput, UnsupportedModelError, convert, supported_architectures,
                  zero_decision_channels)
+from .engine import LLM, RequestOutput, SamplingParams
 from .stats import CompressionStats
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressionStats", "DMCCache", "DMCCausalLMOutput", "DMCConfig", "UnsupportedModelError",
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "CompressionStats", "DMCCache", "DMCCausalLMOutput", "DMCConfig", "UnsupportedModelError",
            "convert", "supported_architectures", "zero_decision_channels", "__version__"]

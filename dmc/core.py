@@ -80,6 +80,15 @@ def hard_decisions(logits: torch.Tensor, starts: torch.Tensor | None = None) -> 
     return force_append((logits > 0).float(), starts)
 
 
+def periodic_decisions(positions: torch.Tensor, period: int, heads: int,
+                       starts: torch.Tensor | None = None) -> torch.Tensor:
+    """α_t = 1[t % period != 0] for every head: a benchmark driver that makes a random-weight
+    model compress at exactly CR = period (never used by a trained model). ``positions``
+    ``[B, n]`` → ``[B, heads, n]`` fp32, forced to 0 at starts."""
+    alpha = (positions % period != 0).float()[:, None, :].expand(-1, heads, -1)
+    return force_append(alpha, starts)
+
+
 def logistic_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None,
                    device: torch.device | str | None = None) -> torch.Tensor:
     """G1 - G2 for G1, G2 ~ Gumbel(0, 1), i.e. standard logistic noise, in fp32."""

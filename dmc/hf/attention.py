@@ -64,6 +64,9 @@ class DMCAttention(nn.Module):
         # This forward's α (training: straight-through α̂), [B, H, n], collected by the model.
         # An attribute, not a kwarg: FSDP2 rebuilds forward inputs when it casts them.
         self.decisions: torch.Tensor | None = None
+        # Benchmarks only (dmc.engine's forced_period): α_t = 1[t % period != 0] replaces the
+        # decision channel, so random weights compress at exactly CR = period.
+        self.forced_period = 0
 
     def _heads(self, proj: nn.Linear, norm: nn.Module | None, hidden: torch.Tensor,
                channel_scale: float = 1.0) -> torch.Tensor:
@@ -112,6 +115,9 @@ class DMCAttention(nn.Module):
         else:
             q, k, logits, importance = core.split_decision_channel(q, k, self.dmc.init_offset)
             alpha = core.hard_decisions(logits, batch.starts)
+            if self.forced_period and kwargs.get("position_ids") is not None:
+                positions = kwargs["position_ids"].expand(b, n)
+                alpha = core.periodic_decisions(positions, self.forced_period, self.num_kv_heads, batch.starts)
         if batch.valid is not None:
             importance = importance * batch.valid[:, None, :]
             alpha = alpha.masked_fill(~batch.valid[:, None, :], 1.0)  # padding is transparent
@@ -153,7 +159,8 @@ class DMCAttention(nn.Module):
 
     def _attend_cached(self, q, alpha, terms, cos, sin, layer_cache, batch: DMCBatch) -> torch.Tensor:
         prefix = layer_cache.window_prefix(terms)
-        sums = pool_with_prefix(alpha, terms, self.dmc.window, prefix)
+        # Vanilla: α = 0, so the pooled sums are the terms themselves.
+        sums = terms if batch.vanilla else pool_with_prefix(alpha, terms, self.dmc.window, prefix)
         if batch.vanilla:
             # α = 0 everywhere: each slot is the token's own key and value, channel D-1 kept.
             k, v = terms[..., :self.head_dim], terms[..., self.head_dim:2 * self.head_dim]
@@ -164,7 +171,10 @@ class DMCAttention(nn.Module):
         valid = batch.valid if batch.valid is not None else torch.ones_like(alpha[:, 0], dtype=torch.bool)
         old_k, old_v, old_visible = layer_cache.visible_slots(alpha, valid, k_bar)
         new_bias = core.key_bias_from_hard(alpha).masked_fill(~valid[:, None, :], float("-inf"))
-        out = cached_attend(q, old_k, old_v, old_visible, k_bar, v_bar, new_bias, self.scaling)
+        if old_k.shape[-2] == 0:  # first chunk: the full-sequence attention (FlexAttention on CUDA)
+            out = self._attend(q, k_bar, v_bar, new_bias, batch)
+        else:
+            out = cached_attend(q, old_k, old_v, old_visible, k_bar, v_bar, new_bias, self.scaling)
         layer_cache.commit(alpha, valid, k_bar, v_bar, prefix, terms, sums)
         if hasattr(layer_cache, "after_attention"):  # cache policies that score slots (eviction baselines)
             layer_cache.after_attention(q, self.scaling, valid)

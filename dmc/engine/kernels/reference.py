@@ -130,7 +130,8 @@ def paged_decode_attention_ref(q, k_pool, v_pool, page_table, lens, seq_ids, lay
 
 
 def allocate_pages_ref(lens, page_table, seq_ids, free_pages, free_top, page_size: int) -> None:
-    """Give a fresh page to every (layer, row, head) of the batch whose next slot starts a page.
+    """Give a fresh page to every (layer, row, head) of the batch whose next slot's page is not
+    allocated yet (its table entry is the null page 0).
 
     Keeps the invariant "page ``lens // P`` is allocated" after a step. ``free_pages``: the free
     stack (int32), ``free_top``: a one-element int64 tensor, its size. All on the device, no host
@@ -141,13 +142,14 @@ def allocate_pages_ref(lens, page_table, seq_ids, free_pages, free_top, page_siz
     # Skipped rows read and write back the cache's scratch row (the last one), never a real one.
     rows = torch.where(active, seq_ids.long(), lens.shape[1] - 1)
     length = lens[:, rows].long()  # [L, B, H]
-    need = (length % page_size == 0) & active[None, :, None]
+    layers = torch.arange(lens.shape[0], device=lens.device)[:, None, None]
+    heads = torch.arange(lens.shape[2], device=lens.device)[None, None, :]
+    index = (layers, rows[None, :, None], heads, (length // page_size).clamp_max(page_table.shape[-1] - 1))
+    current = page_table[index]
+    need = (current == 0) & active[None, :, None]  # page 0 = not allocated (a merge keeps lens)
     flat = need.flatten()
     order = flat.long().cumsum(0) - 1  # index of this row among the needy
     take = (free_top - 1 - order).clamp_min(0)
     fresh = free_pages[take].view_as(need)
-    layers = torch.arange(lens.shape[0], device=lens.device)[:, None, None]
-    heads = torch.arange(lens.shape[2], device=lens.device)[None, None, :]
-    index = (layers, rows[None, :, None], heads, (length // page_size).clamp_max(page_table.shape[-1] - 1))
-    page_table[index] = torch.where(need, fresh, page_table[index])
+    page_table[index] = torch.where(need, fresh, current)
     free_top -= flat.sum()

@@ -1,0 +1,10 @@
+"""The inference engine: a paged per-head DMC cache, Triton kernels, continuous batching.
+
+``dmc.LLM(model_dir).generate(prompts, dmc.SamplingParams(...))``; see :class:`LLM`.
+"""
+
+from .cache import CacheLayout, OutOfPages, PagedKVCache
+from .llm import LLM
+from .params import RequestOutput, SamplingParams
+
+__all__ = ["LLM", "CacheLayout", "OutOfPages", "PagedKVCache", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,258 @@
+"""The engine's paged, truly per-head KV cache.
+
+One pool of 16-slot pages holds every (layer, sequence, KV head): ``k_pool``/``v_pool``
+``[num_pages, P, D]``. Each head owns a page table row and a slot count, so a head that
+compresses 8x takes an eighth of the pages and its attention reads an eighth of the bytes.
+Page 0 is a null page that is never handed out (unallocated table entries point at it).
+
+Per layer (layer-major, so one layer's tables are contiguous for the kernels):
+``page_table [L, S+1, H, M]`` int32, ``lens [L, S+1, H]`` int32 slots, and the DMC window
+ring ``[L, S+1, H, R, 2D + 1]`` fp32 (see :mod:`dmc.engine.kernels.reference`). Row S is a
+scratch row for the padding rows of a CUDA-graph bucket.
+
+The allocator lives on the device: a stack of free page ids and its size ``free_top``.
+Invariant between steps: page ``lens // P`` of every live head is allocated, so a decode step
+can always write its slot; after the step one page is popped for each head whose page just
+filled (an exclusive cumsum, no host sync). The host keeps ``free_top`` above the worst case of
+one step (one page per live head) and frees a sequence's pages when it finishes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import core
+from ..hf.cache import DMCCache
+
+
+class OutOfPages(RuntimeError):
+    """The pool cannot hold what a prefill chunk needs (the scheduler preempts or waits)."""
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Sizes of a paged cache."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_pages: int
+    max_seqs: int
+    max_model_len: int
+    window: int | None = 12
+    vanilla: bool = False
+    page_size: int = 16
+
+    @property
+    def pages_per_head(self) -> int:
+        """M: enough pages for max_model_len slots plus the one kept ready for the next slot."""
+        return math.ceil(self.max_model_len / self.page_size) + 1
+
+    @property
+    def ring_width(self) -> int:
+        if self.vanilla:
+            return 1  # unused: every token appends
+        return 1 if self.window is None else max(self.window - 1, 1)
+
+    @property
+    def rows(self) -> int:
+        return self.num_layers * self.num_kv_heads
+
+    def page_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one page of keys plus one of values."""
+        return 2 * self.page_size * self.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @staticmethod
+    def sequence_bytes(num_layers: int, num_kv_heads: int, head_dim: int, max_model_len: int,
+                       window: int | None, vanilla: bool, page_size: int = 16) -> int:
+        """Fixed bytes per sequence row: page table, lens and window ring."""
+        shape = CacheLayout(num_layers, num_kv_heads, head_dim, 1, 1, max_model_len, window, vanilla, page_size)
+        per_head = 4 * (shape.pages_per_head + 1) + 4 * shape.ring_width * (2 * head_dim + 1)
+        return num_layers * num_kv_heads * per_head
+
+
+class PagedKVCache:
+    """Pool, page tables, slot counts, window rings and the device-side allocator."""
+
+    def __init__(self, layout: CacheLayout, dtype: torch.dtype, device: torch.device | str) -> None:
+        if layout.window == 1 and not layout.vanilla:
+            raise ValueError("the engine needs a DMC window of at least 2 (or None); window=1 would make a "
+                             "merge replace the slot by the newest token")
+        if layout.num_pages < 2:
+            raise ValueError("the page pool needs at least 2 pages (page 0 is the null page)")
+        self.layout = layout
+        self.dtype = dtype
+        self.device = torch.device(device)
+        lay, rows, h = layout.num_layers, layout.max_seqs + 1, layout.num_kv_heads
+        d, p = layout.head_dim, layout.page_size
+        self.k_pool = torch.zeros(layout.num_pages, p, d, dtype=dtype, device=self.device)
+        self.v_pool = torch.zeros(layout.num_pages, p, d, dtype=dtype, device=self.device)
+        self.page_table = torch.zeros(lay, rows, h, layout.pages_per_head, dtype=torch.int32, device=self.device)
+        self.lens = torch.zeros(lay, rows, h, dtype=torch.int32, device=self.device)
+        self.ring = torch.zeros(lay, rows, h, layout.ring_width, 2 * d + 1, dtype=torch.float32, device=self.device)
+        # Free stack: ids 1..num_pages-1; free_top = how many are on it.
+        self.free_pages = torch.arange(1, layout.num_pages, dtype=torch.int32, device=self.device)
+        self.free_top = torch.tensor([layout.num_pages - 1], dtype=torch.int64, device=self.device)
+        self._free_rows = list(range(layout.max_seqs))[::-1]
+        self.scratch_row = layout.max_seqs
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def total_pages(self) -> int:
+        return self.layout.num_pages - 1
+
+    def free_page_count(self) -> int:
+        return int(self.free_top.item())
+
+    def free_row_count(self) -> int:
+        return len(self._free_rows)
+
+    def pages_of_row(self, row: int) -> int:
+        """Pages a sequence row holds now (lens // P + 1 per head, the ready page included)."""
+        return int((self.lens[:, row].long() // self.layout.page_size + 1).sum())
+
+    # ------------------------------------------------------------------ rows
+    def open_row(self) -> int:
+        """Take a sequence row and give each of its heads its first page (raises OutOfPages)."""
+        if not self._free_rows:
+            raise RuntimeError("no free sequence row (the scheduler admits at most max_seqs sequences)")
+        if self.free_page_count() < self.layout.rows:
+            raise OutOfPages(f"{self.layout.rows} pages needed to open a sequence, {self.free_page_count()} free")
+        row = self._free_rows.pop()
+        self.lens[:, row] = 0
+        self.ring[:, row] = 0
+        self.page_table[:, row] = 0
+        self._pop_into(self.layout.rows, (slice(None), row, slice(None), 0))
+        return row
+
+    def close_row(self, row: int) -> None:
+        """Give a finished (or preempted) sequence's pages back; the row becomes free."""
+        held = self.lens[:, row].long() // self.layout.page_size + 1  # [L, H]
+        m = torch.arange(self.layout.pages_per_head, device=self.device)
+        pages = self.page_table[:, row][m < held[..., None]]
+        top = self.free_page_count()
+        self.free_pages[top:top + pages.numel()] = pages
+        self.free_top += pages.numel()
+        self.page_table[:, row] = 0
+        self.lens[:, row] = 0
+        self._free_rows.append(row)
+
+    def _pop_into(self, count: int, index) -> None:
+        top = self.free_page_count()
+        if count > top:
+            raise OutOfPages(f"{count} pages needed, {top} free")
+        self.page_table[index] = self.free_pages[top - count:top].view(self.page_table[index].shape)
+        self.free_top -= count
+
+    def grow(self, layer: int, row: int, new_lens: torch.Tensor) -> None:
+        """Allocate the pages a prefill chunk needs so that heads may hold ``new_lens`` [H] slots
+        (keeping the ready page). Host-synchronous: prefill is not graph-captured."""
+        p = self.layout.page_size
+        have = self.lens[layer, row].long() // p + 1
+        want = new_lens.long() // p + 1
+        if int(want.max()) > self.layout.pages_per_head:
+            raise ValueError(f"a head would hold {int(new_lens.max())} slots, more than max_model_len "
+                             f"{self.layout.max_model_len}")
+        m = torch.arange(self.layout.pages_per_head, device=self.device)
+        needed = (m >= have[:, None]) & (m < want[:, None])  # [H, M]
+        count = int(needed.sum())
+        if count == 0:
+            return
+        top = self.free_page_count()
+        if count > top:
+            raise OutOfPages(f"{count} pages needed for a prefill chunk, {top} free")
+        table = self.page_table[layer, row]
+        table[needed] = self.free_pages[top - count:top]
+        self.free_top -= count
+
+    # ------------------------------------------------------------------ window state
+    def window_prefix(self, layer: int, row: int, seen: int) -> torch.Tensor:
+        """The ring of a row as the chronological window state ``[H, R, C]`` (oldest first)."""
+        ring = self.ring[layer, row]
+        if self.layout.window is None or self.layout.vanilla:
+            return ring
+        return ring.roll(-(seen % ring.shape[1]), dims=1)
+
+    def set_window_state(self, layer: int, row: int, seen: int, state: torch.Tensor) -> None:
+        """Store a chronological window state ``[H, R, C]`` after ``seen`` tokens."""
+        if self.layout.vanilla:
+            return
+        if self.layout.window is not None:
+            state = state.roll(seen % state.shape[1], dims=1)
+        self.ring[layer, row] = state
+
+
+class SequenceView(DMCCache):
+    """One sequence of the paged cache seen through the HF model's cache interface, so that
+    prefill runs the model's own DMC attention (exact chunked prefill, spec §7.4) and writes
+    the slots straight into pages."""
+
+    def __init__(self, cache: PagedKVCache, row: int, seen: int) -> None:
+        super().__init__(num_layers=cache.layout.num_layers, window=cache.layout.window)
+        self.layers = [_LayerView(cache, row, layer, seen) for layer in range(cache.layout.num_layers)]
+        self.positions = torch.tensor([seen], device=cache.device)
+        self.seen_tokens = seen
+
+
+class _LayerView:
+    """Implements what :class:`~dmc.hf.attention.DMCAttention` asks of a cache layer."""
+
+    def __init__(self, cache: PagedKVCache, row: int, layer: int, seen: int) -> None:
+        self.cache, self.row, self.layer, self.seen = cache, row, layer, seen
+        self.window = cache.layout.window
+
+    def window_prefix(self, terms: torch.Tensor) -> torch.Tensor:
+        if self.cache.layout.vanilla or self.seen == 0:
+            return terms[..., :0, :]
+        return self.cache.window_prefix(self.layer, self.row, self.seen)[None]
+
+    def slot_lengths(self) -> torch.Tensor:
+        return self.cache.lens[self.layer, self.row].long()[None]  # [1, H]
+
+    def visible_slots(self, alpha: torch.Tensor, valid: torch.Tensor, like: torch.Tensor):
+        lens = self.slot_lengths()
+        s_max = int(lens.max())
+        h, d = lens.shape[1], like.shape[-1]
+        if s_max == 0:
+            empty = like.new_zeros(1, h, 0, d)
+            return empty, empty, torch.zeros(1, h, 0, dtype=torch.bool, device=like.device)
+        p = self.cache.layout.page_size
+        slots = torch.arange(s_max, device=like.device)
+        pages = self.cache.page_table[self.layer, self.row][:, slots // p].long()  # [H, S]
+        keys = self.cache.k_pool[pages, slots % p][None].to(like.dtype)
+        values = self.cache.v_pool[pages, slots % p][None].to(like.dtype)
+        merges_into_last = (alpha[..., 0] > 0.5) & valid[:, None, 0] & (lens > 0)
+        base = lens - merges_into_last.long()
+        return keys, values, slots[None, None, :] < base[..., None]
+
+    def commit(self, alpha, valid, k_bar, v_bar, prefix, terms, sums) -> None:
+        """Scatter the chunk's kept states into pages (overwrite on merge, new slot on append)."""
+        cache, p = self.cache, self.cache.layout.page_size
+        lens = self.slot_lengths()[0]  # [H]
+        a, n = alpha[0], alpha.shape[-1]
+        merges_into_last = (a[:, 0] > 0.5) & (lens > 0)
+        base = lens - merges_into_last.long()
+        next_alpha = torch.cat([a[:, 1:], a.new_zeros(a.shape[0], 1)], dim=-1)
+        kept = next_alpha < 0.5  # token j ends a slot unless j+1 merges into it
+        new_lens = base + kept.sum(-1)
+        cache.grow(self.layer, self.row, new_lens)
+        slot = base[:, None] + kept.long().cumsum(-1) - 1  # [H, n]
+        heads = torch.arange(a.shape[0], device=a.device)[:, None].expand_as(slot)
+        page = cache.page_table[self.layer, self.row][heads[kept], (slot[kept] // p)].long()
+        cache.k_pool[page, slot[kept] % p] = k_bar[0][kept].to(cache.dtype)
+        cache.v_pool[page, slot[kept] % p] = v_bar[0][kept].to(cache.dtype)
+        cache.lens[self.layer, self.row] = new_lens.to(torch.int32)
+        if not cache.layout.vanilla:
+            width = cache.layout.ring_width
+            state = core.next_window_state(alpha, terms, self.window, _pad_prefix(prefix, width), sums)
+            cache.set_window_state(self.layer, self.row, self.seen + n, state[0])
+
+
+def _pad_prefix(prefix: torch.Tensor, width: int) -> torch.Tensor:
+    """An empty prefix (first chunk) as ``width`` zero entries, so that the state has the ring's width."""
+    if prefix.shape[-2] == width:
+        return prefix
+    return prefix.new_zeros(*prefix.shape[:-2], width, prefix.shape[-1])

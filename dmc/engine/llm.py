@@ -1,0 +1,343 @@
+"""``dmc.LLM``: batch and streaming generation over the paged per-head DMC cache."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import DMCConfig
+from ..stats import CompressionStats
+from .cache import CacheLayout, OutOfPages, PagedKVCache
+from .params import RequestOutput, SamplingParams
+from .runner import ModelRunner, load_model
+from .sampling import SamplingBatch, sample
+from .scheduler import CompressionEstimate, Request, Scheduler
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 1024)
+
+
+class LLM:
+    """An inference engine for DMC models (and plain Llama/Mistral/Qwen2/Qwen3 ones, which run as
+    the like-for-like vanilla baseline: the same engine with every token appending).
+
+    Args:
+        model: an HF model directory (safetensors) with its tokenizer, or an already loaded DMC
+            causal LM (then pass ``tokenizer`` if you want text in and out).
+        dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16", "float16", "float32".
+        device: "cuda" if available, else "cpu".
+        max_model_len: longest sequence (prompt + generation); default the model's context.
+        max_num_seqs: most sequences decoded together.
+        gpu_memory_utilization: share of the GPU's memory the engine may fill (weights
+            included); the KV pool gets what is left after weights and activations.
+        kv_cache_memory: bytes for the page pool, overriding the above (CPU default: 256 MiB).
+        admission_margin: admit assuming the observed CR divided by (1 + margin).
+        cuda_graphs: capture the decode step in batch-size buckets (CUDA only).
+        prefill_chunk: longest prompt chunk fed at once (longer prompts are prefilled in chunks).
+        vanilla: run a DMC model with every token appending (its uncompressed baseline).
+        forced_period: benchmarks only: replace the decision channel by α_t = 1[t % period != 0]
+            so that random weights compress at exactly CR = period.
+        seed: draws the seeds of requests that do not give one.
+    """
+
+    def __init__(self, model, *, tokenizer=None, dtype: str | torch.dtype = "auto", device: str | None = None,
+                 max_model_len: int | None = None, max_num_seqs: int = 256, gpu_memory_utilization: float = 0.9,
+                 kv_cache_memory: int | None = None, admission_margin: float = 0.1, cuda_graphs: bool = True,
+                 prefill_chunk: int = 4096, vanilla: bool = False, forced_period: int = 0, seed: int = 0,
+                 progress: bool = True) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _resolve_dtype(dtype, self.device)
+        if isinstance(model, torch.nn.Module):
+            self.model, plain = model.to(self.device).eval(), False
+        else:
+            self.model, plain = load_model(str(model), self.dtype, self.device)
+            if tokenizer is None:
+                tokenizer = _load_tokenizer(str(model))
+        if plain or vanilla:
+            self.model.set_dmc_mode(vanilla=True)
+        self.vanilla = plain or vanilla
+        self.tokenizer = tokenizer
+        config = self.model.config
+        self.dmc = DMCConfig.from_dict(config.dmc)
+        self.max_model_len = int(max_model_len or config.max_position_embeddings)
+        self.prefill_chunk = prefill_chunk
+        self.eos_token_ids = _eos_ids(config, tokenizer)
+        self._rng = random.Random(seed)
+        self._progress = progress
+
+        self.cache = PagedKVCache(self._layout(config, max_num_seqs, gpu_memory_utilization, kv_cache_memory),
+                                  self.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.cache, vanilla=self.vanilla, forced_period=forced_period)
+        prior = 1.0 if self.vanilla else float(forced_period or self.dmc.target_cr or 1.0)
+        self.scheduler = Scheduler(self.cache.layout.rows, self.cache.layout.page_size, max_num_seqs,
+                                   CompressionEstimate(prior, admission_margin))
+        self._next_id = 0
+        self.initial_free_pages = self.cache.free_page_count()
+        if cuda_graphs and self.device.type == "cuda":
+            self.runner.capture([b for b in GRAPH_BUCKETS if b <= max_num_seqs] or [max_num_seqs])
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); returns one output per prompt, in order.
+        A bad request comes back with ``finish_reason == "error"``; the others run."""
+        requests = self._submit(prompts, params)
+        total = sum(r.params.max_tokens for r in requests if not r.finished)
+        with tqdm(total=total, desc="generating", unit="tok", disable=not self._progress or total == 0) as bar:
+            while self.has_unfinished():
+                before = sum(len(r.output_ids) for r in requests)
+                self.step()
+                bar.update(sum(len(r.output_ids) for r in requests) - before)
+        return [self._output(r) for r in requests]
+
+    def stream(self, prompts, params=None) -> Iterator[RequestOutput]:
+        """Like :meth:`generate`, but yields an update whenever a request gets new tokens (its
+        ``new_token_ids``/``new_text``) and once more when it finishes."""
+        requests = self._submit(prompts, params)
+        for request in requests:
+            if request.finished:
+                yield self._output(request, delta=True)
+        while self.has_unfinished():
+            for request in self.step():
+                if request in requests:
+                    yield self._output(request, delta=True)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
+        """Queue one request (the server's entry point); run :meth:`step` to advance it."""
+        return self._submit([prompt], [params or SamplingParams()])[0]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    # ------------------------------------------------------------------ one engine step
+    def step(self) -> list[Request]:
+        """Admit what fits (prefill), then decode one token for every running request.
+        Returns the requests that changed."""
+        changed: list[Request] = []
+        self._admit(changed)
+        self._decode(changed)
+        return changed
+
+    def _admit(self, changed: list[Request]) -> None:
+        sched = self.scheduler
+        while sched.waiting and sched.can_admit(sched.waiting[0], self.cache.free_page_count(),
+                                                self.cache.free_row_count()):
+            request = sched.waiting.popleft()
+            try:
+                logits = self._prefill(request)
+            except OutOfPages:
+                self._release(request)
+                if not sched.running:
+                    self._fail(request, "this request needs more KV-cache memory than the engine has; lower "
+                                        "max_model_len/max_tokens or give the engine more memory")
+                    changed.append(request)
+                else:
+                    sched.waiting.appendleft(request)
+                break
+            sched.running.append(request)
+            slots = self.cache.lens[:, request.row].sum().item()
+            sched.estimate.observe(request.seen * self.cache.layout.rows, slots)
+            token = sample(logits[None], SamplingBatch.build([request.params], [request.seed],
+                                                             [len(request.output_ids)], self.device))
+            self._append(request, int(token.item()))
+            changed.append(request)
+
+    def _prefill(self, request: Request) -> torch.Tensor:
+        request.row = self.cache.open_row()
+        feed = request.to_feed()
+        logits = None
+        for start in range(0, len(feed), self.prefill_chunk):
+            chunk = feed[start:start + self.prefill_chunk]
+            logits = self.runner.prefill(request.row, chunk, request.seen)
+            request.seen += len(chunk)
+        return logits
+
+    def _decode(self, changed: list[Request]) -> None:
+        sched = self.scheduler
+        batch = [r for r in sched.running if not r.finished]
+        while batch and self.cache.free_page_count() < sched.step_reserve(len(batch)):
+            victim = sched.preemption_victim()
+            if victim is None:
+                self._fail(batch[0], "out of KV-cache memory while decoding a single sequence; lower "
+                                     "max_model_len/max_tokens or give the engine more memory")
+                changed.append(batch[0])
+                return
+            self._preempt(victim)
+            batch = [r for r in sched.running if not r.finished]
+        if not batch:
+            return
+        device = self.device
+        tokens = torch.tensor([r.output_ids[-1] for r in batch], dtype=torch.long, device=device)
+        positions = torch.tensor([r.seen for r in batch], dtype=torch.int32, device=device)
+        rows = torch.tensor([r.row for r in batch], dtype=torch.int32, device=device)
+        logits = self.runner.decode(tokens, positions, rows)
+        sampling = SamplingBatch.build([r.params for r in batch], [r.seed for r in batch],
+                                       [len(r.output_ids) for r in batch], device)
+        new = sample(logits, sampling).tolist()
+        for request, token in zip(batch, new):
+            request.seen += 1
+            self._append(request, token)
+            changed.append(request)
+
+    # ------------------------------------------------------------------ request lifecycle
+    def _submit(self, prompts, params) -> list[Request]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+        requests = []
+        for prompt, p in zip(prompts, params):
+            request = Request(id=self._next_id, prompt=prompt, prompt_ids=[], params=p,
+                              seed=p.seed if p.seed is not None else self._rng.randrange(2**31))
+            self._next_id += 1
+            try:
+                p.validate()
+                request.prompt_ids = self._tokenize(prompt)
+            except ValueError as exc:
+                self._fail(request, str(exc))
+            else:
+                self.scheduler.waiting.append(request)
+            requests.append(request)
+        return requests
+
+    def _tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass prompts as lists of token ids")
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        vocab = self.model.config.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context: max_model_len is "
+                             f"{self.max_model_len} (prompt + at least one generated token)")
+        return ids
+
+    def _append(self, request: Request, token: int) -> None:
+        request.output_ids.append(token)
+        p = request.params
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            reason = "stop"
+        elif len(request.output_ids) >= p.max_tokens or request.seen + 1 >= self.max_model_len:
+            reason = "length"
+        else:
+            reason = None
+        if self.tokenizer is not None:
+            request.text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
+            for stop in p.stop:
+                cut = request.text.find(stop)
+                if cut >= 0:
+                    request.text, reason = request.text[:cut], "stop"
+        if reason is not None:
+            self._finish(request, reason)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        slots = self.cache.lens[:, request.row].double()[:, None, :]  # [L, 1, H]
+        stats = CompressionStats(tokens=torch.full_like(slots, request.seen), slots=slots)
+        request.compression = {"tokens": request.seen, "slots": int(slots.sum()), **stats.summary()}
+        self._release(request)
+        request.finish_reason = reason
+
+    def _release(self, request: Request) -> None:
+        if request in self.scheduler.running:
+            self.scheduler.running.remove(request)
+        if request.row is not None:
+            self.cache.close_row(request.row)
+            request.row = None
+        request.seen = 0
+
+    def _preempt(self, request: Request) -> None:
+        self._release(request)
+        request.preemptions += 1
+        self.scheduler.waiting.appendleft(request)
+
+    def _fail(self, request: Request, message: str) -> None:
+        self._release(request)
+        request.error, request.finish_reason = message, "error"
+
+    def _output(self, request: Request, delta: bool = False) -> RequestOutput:
+        out = RequestOutput(request_id=request.id, prompt=request.prompt, prompt_token_ids=request.prompt_ids,
+                            text=request.text, token_ids=list(request.output_ids), finished=request.finished,
+                            finish_reason=request.finish_reason, error=request.error,
+                            compression=request.compression, num_preemptions=request.preemptions)
+        if delta:
+            out.new_token_ids = request.output_ids[request.streamed_tokens:]
+            out.new_text = request.text[request.streamed_chars:]
+            request.streamed_tokens, request.streamed_chars = len(request.output_ids), len(request.text)
+        return out
+
+    # ------------------------------------------------------------------ sizing
+    def _layout(self, config, max_num_seqs: int, utilization: float, kv_bytes: int | None) -> CacheLayout:
+        layers, heads = config.num_hidden_layers, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        window = self.dmc.window
+        fixed = CacheLayout.sequence_bytes(layers, heads, head_dim, self.max_model_len, window, self.vanilla)
+        page_bytes = 2 * 16 * head_dim * torch.empty((), dtype=self.dtype).element_size()
+        if kv_bytes is None:
+            kv_bytes = self._free_memory(config, max_num_seqs, utilization)
+        pool_bytes = kv_bytes - fixed * (max_num_seqs + 1)
+        pages = pool_bytes // page_bytes
+        one_sequence = layers * heads * (math.ceil(self.max_model_len / 16) + 1)
+        if pages < one_sequence + 1:
+            need = (one_sequence + 1) * page_bytes + fixed * (max_num_seqs + 1)
+            raise MemoryError(
+                f"not enough memory for the KV cache: one sequence of max_model_len={self.max_model_len} tokens "
+                f"needs {_gib(one_sequence * page_bytes)} (plus {_gib(fixed * (max_num_seqs + 1))} of tables for "
+                f"max_num_seqs={max_num_seqs}), {_gib(max(kv_bytes, 0))} is available for the cache; at least "
+                f"{_gib(need)} is needed. Lower max_model_len or max_num_seqs, or raise gpu_memory_utilization / "
+                "kv_cache_memory.")
+        return CacheLayout(layers, heads, head_dim, int(pages), max_num_seqs, self.max_model_len, window, self.vanilla)
+
+    def _free_memory(self, config, max_num_seqs: int, utilization: float) -> int:
+        if self.device.type != "cuda":
+            return 256 * 2**20
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        # Activations: a prefill chunk (hidden, MLP, fp32 pooling terms) and the decode logits.
+        hidden, inter = config.hidden_size, config.intermediate_size
+        heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+        prefill = self.prefill_chunk * (24 * hidden + 4 * inter + 24 * heads * (2 * head_dim + 1)) * 4
+        decode = max_num_seqs * config.vocab_size * 4 * 6
+        return int(total * utilization - used - 1.5 * (prefill + decode) - 2**30)
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        return None  # token-id prompts still work
+
+
+def _eos_ids(config, tokenizer) -> set[int]:
+    ids = getattr(config, "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"

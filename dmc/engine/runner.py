@@ -1,0 +1,146 @@
+"""Runs the model over the paged cache: exact chunked prefill and the batched decode step.
+
+Prefill goes through the model's own DMC attention (dmc.hf) with a :class:`SequenceView` of
+the paged cache, so it is the same code as the HF path (decisions for all tokens at once,
+windowed pooling, FlexAttention on CUDA) and writes the kept slots straight into pages.
+
+The decode step is the engine's own layer loop: the model's norms, projections and MLPs
+(cuBLAS), then one fused update kernel (decisions, window ring, RoPE, slot write) and the
+paged split-K attention; after the last layer the allocator tops up pages. Without host syncs
+it is captured in CUDA graphs, one per batch-size bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..config import DMCConfig
+from ..hf.convert import dmc_config_from
+from ..hf.modeling import FAMILIES
+from .cache import PagedKVCache, SequenceView
+from .kernels import get_kernels
+
+
+def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, bool]:
+    """Load an HF directory as a DMC causal LM. A plain Llama/Mistral/Qwen2/Qwen3 directory loads
+    into the DMC class of its family in vanilla mode (every token appends): the like-for-like
+    baseline. Returns ``(model, vanilla)``."""
+    config = AutoConfig.from_pretrained(model_dir)
+    vanilla = not config.model_type.startswith("dmc_")
+    if vanilla:
+        family = next((f for f in FAMILIES if f.model_type == config.model_type), None)
+        if family is None:
+            supported = ", ".join(f.model_type for f in FAMILIES)
+            raise ValueError(f"{model_dir}: model_type {config.model_type!r} is not supported by the engine; "
+                             f"supported: {supported} and their DMC versions")
+        config = dmc_config_from(config, DMCConfig(), family)
+        model = family.dmc_causal_lm_class.from_pretrained(model_dir, config=config, dtype=dtype)
+        model.set_dmc_mode(vanilla=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to(device).eval(), vanilla
+
+
+class ModelRunner:
+    """Prefill and decode of one model over one :class:`PagedKVCache`."""
+
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, *, vanilla: bool, forced_period: int = 0) -> None:
+        self.model = model
+        self.base = model.model
+        self.cache = cache
+        self.vanilla = vanilla
+        self.forced_period = forced_period
+        self.dmc = DMCConfig.from_dict(model.config.dmc)
+        self.kernels = get_kernels(cache.device)
+        self.graphs: dict[int, _DecodeGraph] = {}
+        if forced_period:
+            for layer in self.base.layers:
+                layer.self_attn.forced_period = forced_period
+
+    # ------------------------------------------------------------------ prefill
+    @torch.inference_mode()
+    def prefill(self, row: int, token_ids: list[int], seen: int) -> torch.Tensor:
+        """Feed ``token_ids`` to sequence ``row`` that already holds ``seen`` tokens; returns the
+        logits after the last one ``[V]`` (fp32)."""
+        view = SequenceView(self.cache, row, seen)
+        ids = torch.tensor([token_ids], device=self.cache.device)
+        out = self.model(input_ids=ids, past_key_values=view, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    # ------------------------------------------------------------------ decode
+    @torch.inference_mode()
+    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
+        """One token for each row (``seq_ids`` -1: padding row). Returns logits ``[B, V]`` fp32."""
+        bucket = min((size for size in self.graphs if size >= token_ids.shape[0]), default=None)
+        if bucket is not None:
+            return self.graphs[bucket].replay(token_ids, positions, seq_ids)
+        return self._decode_eager(token_ids, positions, seq_ids)
+
+    def _decode_eager(self, token_ids, positions, seq_ids) -> torch.Tensor:
+        cache, k = self.cache, self.kernels
+        hidden = self.base.embed_tokens(token_ids)  # [B, hidden]
+        b = hidden.shape[0]
+        cos, sin = self.base.rotary_emb(hidden[:, None], positions.long()[:, None])
+        cos, sin = cos[:, 0], sin[:, 0]
+        for index, layer in enumerate(self.base.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = _heads(attn.q_proj, attn.q_norm, x, attn.head_dim)
+            key = _heads(attn.k_proj, attn.k_norm, x, attn.head_dim)
+            value = attn.v_proj(x).view(b, -1, attn.head_dim)
+            q_rot, _ = k.decode_update(
+                q, key, value, cos, sin, seq_ids, positions, index, cache.k_pool, cache.v_pool, cache.page_table,
+                cache.lens, cache.ring, init_offset=self.dmc.init_offset, window=self.dmc.window,
+                vanilla=self.vanilla, page_size=cache.layout.page_size, forced_period=self.forced_period)
+            out = k.paged_decode_attention(q_rot, cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids,
+                                           index, attn.scaling, cache.layout.page_size)
+            hidden = hidden + attn.o_proj(out.reshape(b, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits = self.model.lm_head(self.base.norm(hidden)).float()
+        k.allocate_pages(cache.lens, cache.page_table, seq_ids, cache.free_pages, cache.free_top,
+                         cache.layout.page_size)
+        return logits
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def capture(self, batch_sizes: list[int]) -> None:
+        """Capture the decode step for each batch size (CUDA only). Padding rows (seq id -1)
+        fill a bucket up to its size."""
+        if self.cache.device.type != "cuda":
+            return
+        for size in sorted(batch_sizes, reverse=True):
+            self.graphs[size] = _DecodeGraph(self, size)
+
+
+def _heads(proj, norm, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    out = proj(x).view(x.shape[0], -1, head_dim)
+    return norm(out) if norm is not None else out
+
+
+class _DecodeGraph:
+    """One captured decode step with static input and output buffers."""
+
+    def __init__(self, runner: ModelRunner, size: int) -> None:
+        device = runner.cache.device
+        self.token_ids = torch.zeros(size, dtype=torch.long, device=device)
+        self.positions = torch.zeros(size, dtype=torch.int32, device=device)
+        self.seq_ids = torch.full((size,), -1, dtype=torch.int32, device=device)
+        with torch.inference_mode():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels); rows are padding
+                    runner._decode_eager(self.token_ids, self.positions, self.seq_ids)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = runner._decode_eager(self.token_ids, self.positions, self.seq_ids)
+
+    def replay(self, token_ids, positions, seq_ids) -> torch.Tensor:
+        n = token_ids.shape[0]
+        self.token_ids[:n].copy_(token_ids)
+        self.positions[:n].copy_(positions)
+        self.seq_ids[:n].copy_(seq_ids)
+        self.seq_ids[n:].fill_(-1)
+        self.graph.replay()
+        return self.logits[:n]

@@ -1,0 +1,105 @@
+"""Continuous batching: who waits, who runs, who is admitted, who is preempted.
+
+Admission uses the compression *observed* so far (a running mean of tokens per slot, divided
+by a safety margin), never worst-case CR 1 memory: that is where DMC's batch-size gain comes
+from. When compression turns out worse than estimated, the newest running request is preempted
+(its pages freed) and later recomputed from its prompt plus what it already generated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from .params import SamplingParams
+
+
+@dataclass
+class Request:
+    """One request's state inside the engine."""
+
+    id: int
+    prompt: str | list[int]
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    output_ids: list[int] = field(default_factory=list)
+    row: int | None = None  # sequence row of the cache while running
+    seen: int = 0  # tokens in the cache
+    finish_reason: str | None = None
+    error: str | None = None
+    compression: dict | None = None
+    preemptions: int = 0
+    text: str = ""
+    streamed_tokens: int = 0
+    streamed_chars: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens the cache will have seen when the request ends at max_tokens."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    def to_feed(self) -> list[int]:
+        """What a (re)admitted request prefills: its prompt and everything it generated."""
+        return self.prompt_ids + self.output_ids
+
+
+class CompressionEstimate:
+    """Running estimate of tokens per slot, used to size admissions."""
+
+    def __init__(self, prior: float, margin: float) -> None:
+        self.tokens = 0.0
+        self.slots = 0.0
+        self.prior = max(prior, 1.0)
+        self.margin = margin
+
+    def observe(self, tokens: float, slots: float) -> None:
+        self.tokens += tokens
+        self.slots += slots
+
+    @property
+    def ratio(self) -> float:
+        """Observed CR (the prior until something was observed), divided by 1 + margin, >= 1."""
+        observed = self.tokens / self.slots if self.slots else self.prior
+        return max(1.0, observed / (1.0 + self.margin))
+
+
+class Scheduler:
+    """Waiting and running queues and the page budget arithmetic."""
+
+    def __init__(self, rows_per_sequence: int, page_size: int, max_num_seqs: int, estimate: CompressionEstimate) -> None:
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.rows = rows_per_sequence  # (layer, KV head) pairs of one sequence
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.estimate = estimate
+
+    def pages_for(self, tokens: int) -> int:
+        """Estimated pages for a sequence of ``tokens`` at the estimated CR (+ the ready page)."""
+        return self.rows * (math.ceil(tokens / self.estimate.ratio / self.page_size) + 1)
+
+    def committed_growth(self) -> int:
+        """Pages the running requests are still expected to take before they finish."""
+        return sum(self.pages_for(r.total_tokens) - self.pages_for(r.seen) for r in self.running)
+
+    def step_reserve(self, batch: int) -> int:
+        """Worst case of one decode step: a fresh page for every head of every row."""
+        return batch * self.rows
+
+    def can_admit(self, request: Request, free_pages: int, free_rows: int) -> bool:
+        if len(self.running) >= self.max_num_seqs or free_rows == 0:
+            return False
+        need = self.pages_for(request.total_tokens) + self.step_reserve(len(self.running) + 1)
+        if not self.running:
+            return free_pages >= self.pages_for(len(request.to_feed())) + self.step_reserve(1)
+        return free_pages - self.committed_growth() >= need
+
+    def preemption_victim(self) -> Request | None:
+        """The newest running request (it has the least work to redo)."""
+        return self.running[-1] if len(self.running) > 1 else None
