@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-ATTN_IMPLEMENTATIONS = ("auto", "flex", "dense")
+ATTN_IMPLEMENTATIONS = ("auto", "flex", "dense", "sdpa")
 
 
 @dataclass
@@ -19,8 +19,9 @@ class DMCConfig:
         temperature: τ of the Gumbel-sigmoid relaxation used in training.
         target_cr: the compression ratio the retrofit aims at (None before retrofitting).
         attn_implementation: training/eval attention: "flex" (FlexAttention score_mod, O(L)
-            memory per head), "dense" (materialised (L, L) bias, the reference) or "auto"
-            (flex on CUDA, dense on CPU where FlexAttention has no backward).
+            memory per head), "dense" (materialised (L, L) bias, the reference), "sdpa"
+            (PyTorch SDPA with a boolean mask: no compilation, no gradient to α; inference
+            only) or "auto" (flex on CUDA, dense on CPU where FlexAttention has no backward).
     """
 
     window: int | None = 12

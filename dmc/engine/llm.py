@@ -39,6 +39,8 @@ class LLM:
         admission_margin: admit assuming the observed CR divided by (1 + margin).
         cuda_graphs: capture the decode step in batch-size buckets (CUDA only).
         prefill_chunk: longest prompt chunk fed at once (longer prompts are prefilled in chunks).
+        prefill_attention: attention of a prompt's first chunk: "sdpa" (boolean DMC mask, no
+            compilation), "flex" (FlexAttention, compiled per prompt length) or "dense".
         vanilla: run a DMC model with every token appending (its uncompressed baseline).
         forced_period: benchmarks only: replace the decision channel by α_t = 1[t % period != 0]
             so that random weights compress at exactly CR = period.
@@ -48,7 +50,7 @@ class LLM:
     def __init__(self, model, *, tokenizer=None, dtype: str | torch.dtype = "auto", device: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 256, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory: int | None = None, admission_margin: float = 0.1, cuda_graphs: bool = True,
-                 prefill_chunk: int = 4096, vanilla: bool = False, forced_period: int = 0, seed: int = 0,
+                 prefill_chunk: int = 4096, prefill_attention: str = "sdpa", vanilla: bool = False, forced_period: int = 0, seed: int = 0,
                  progress: bool = True) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(dtype, self.device)
@@ -58,13 +60,19 @@ class LLM:
             self.model, plain = load_model(str(model), self.dtype, self.device)
             if tokenizer is None:
                 tokenizer = _load_tokenizer(str(model))
-        if plain or vanilla:
-            self.model.set_dmc_mode(vanilla=True)
-        self.vanilla = plain or vanilla
+        if vanilla and forced_period:
+            raise ValueError("vanilla=True and forced_period are exclusive (vanilla never merges)")
+        # forced_period drives the decisions, so even a plain model's weights run the DMC path.
+        self.vanilla = (plain or vanilla) and not forced_period
+        self.model.set_dmc_mode(vanilla=self.vanilla)
+        for layer in self.model.model.layers:  # prefill attention (the decode step has its own kernels)
+            layer.self_attn.dmc.attn_implementation = prefill_attention
         self.tokenizer = tokenizer
         config = self.model.config
         self.dmc = DMCConfig.from_dict(config.dmc)
         self.max_model_len = int(max_model_len or config.max_position_embeddings)
+        if max_num_seqs < 1 or prefill_chunk < 1 or not -1 < admission_margin:
+            raise ValueError("max_num_seqs and prefill_chunk must be >= 1 and admission_margin > -1")
         self.prefill_chunk = prefill_chunk
         self.eos_token_ids = _eos_ids(config, tokenizer)
         self._rng = random.Random(seed)
@@ -78,8 +86,8 @@ class LLM:
                                    CompressionEstimate(prior, admission_margin))
         self._next_id = 0
         self.initial_free_pages = self.cache.free_page_count()
-        if cuda_graphs and self.device.type == "cuda":
-            self.runner.capture([b for b in GRAPH_BUCKETS if b <= max_num_seqs] or [max_num_seqs])
+        if cuda_graphs:
+            self.runner.use_cuda_graphs([b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs])
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
@@ -110,6 +118,15 @@ class LLM:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
         """Queue one request (the server's entry point); run :meth:`step` to advance it."""
         return self._submit([prompt], [params or SamplingParams()])[0]
+
+    def abort(self, request: Request) -> None:
+        """Stop a request now (waiting or running): its pages are freed, it finishes "aborted"."""
+        if request.finished:
+            return
+        if request in self.scheduler.waiting:
+            self.scheduler.waiting.remove(request)
+        self._release(request)
+        request.finish_reason = "aborted"
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)

@@ -66,7 +66,7 @@ class RequestOutput:
         token_ids: generated tokens.
         finished: True once the request ended.
         finish_reason: "stop" (a stop token/string or EOS), "length" (max_tokens or the
-            model's context), "error", or None while running.
+            model's context), "error", "aborted", or None while running.
         error: why the request was refused, when finish_reason == "error".
         compression: realized compression of this request's cache when it finished:
             tokens, slots, overall CR, CR per layer ``[L]`` (see :class:`dmc.CompressionStats`).

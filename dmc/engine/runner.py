@@ -53,7 +53,9 @@ class ModelRunner:
         self.forced_period = forced_period
         self.dmc = DMCConfig.from_dict(model.config.dmc)
         self.kernels = get_kernels(cache.device)
+        self.graph_buckets: list[int] = []  # batch sizes to capture (lazily, on first use)
         self.graphs: dict[int, _DecodeGraph] = {}
+        self._graph_pool = None
         if forced_period:
             for layer in self.base.layers:
                 layer.self_attn.forced_period = forced_period
@@ -72,10 +74,14 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
         """One token for each row (``seq_ids`` -1: padding row). Returns logits ``[B, V]`` fp32."""
-        bucket = min((size for size in self.graphs if size >= token_ids.shape[0]), default=None)
-        if bucket is not None:
-            return self.graphs[bucket].replay(token_ids, positions, seq_ids)
-        return self._decode_eager(token_ids, positions, seq_ids)
+        bucket = min((size for size in self.graph_buckets if size >= token_ids.shape[0]), default=None)
+        if bucket is None:
+            return self._decode_eager(token_ids, positions, seq_ids)
+        if bucket not in self.graphs:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            self.graphs[bucket] = _DecodeGraph(self, bucket, self._graph_pool)
+        return self.graphs[bucket].replay(token_ids, positions, seq_ids)
 
     def _decode_eager(self, token_ids, positions, seq_ids) -> torch.Tensor:
         cache, k = self.cache, self.kernels
@@ -103,13 +109,11 @@ class ModelRunner:
         return logits
 
     # ------------------------------------------------------------------ CUDA graphs
-    def capture(self, batch_sizes: list[int]) -> None:
-        """Capture the decode step for each batch size (CUDA only). Padding rows (seq id -1)
-        fill a bucket up to its size."""
-        if self.cache.device.type != "cuda":
-            return
-        for size in sorted(batch_sizes, reverse=True):
-            self.graphs[size] = _DecodeGraph(self, size)
+    def use_cuda_graphs(self, batch_sizes: list[int]) -> None:
+        """Replay the decode step from CUDA graphs, one per batch-size bucket, each captured the
+        first time a batch needs it; padding rows (seq id -1) fill a batch up to its bucket."""
+        if self.cache.device.type == "cuda":
+            self.graph_buckets = sorted(batch_sizes)
 
 
 def _heads(proj, norm, x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -120,7 +124,7 @@ def _heads(proj, norm, x: torch.Tensor, head_dim: int) -> torch.Tensor:
 class _DecodeGraph:
     """One captured decode step with static input and output buffers."""
 
-    def __init__(self, runner: ModelRunner, size: int) -> None:
+    def __init__(self, runner: ModelRunner, size: int, pool) -> None:
         device = runner.cache.device
         self.token_ids = torch.zeros(size, dtype=torch.long, device=device)
         self.positions = torch.zeros(size, dtype=torch.int32, device=device)
@@ -133,7 +137,7 @@ class _DecodeGraph:
                     runner._decode_eager(self.token_ids, self.positions, self.seq_ids)
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, pool=pool):  # one memory pool for all buckets
                 self.logits = runner._decode_eager(self.token_ids, self.positions, self.seq_ids)
 
     def replay(self, token_ids, positions, seq_ids) -> torch.Tensor:

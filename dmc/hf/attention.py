@@ -153,6 +153,8 @@ class DMCAttention(nn.Module):
             impl = "flex" if q.is_cuda else "dense"
         if impl == "dense":
             return dense_attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling)
+        if impl == "sdpa":
+            return sdpa_attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling)
         if batch.block_mask is None:
             batch.block_mask = causal_block_mask(batch.document_ids, q.shape[0], q.shape[-2], q.device)
         return flex_attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling, batch.block_mask)
@@ -249,6 +251,18 @@ def dense_attend(q, k, v, key_bias, document_ids, scale) -> torch.Tensor:
     scores = torch.matmul(q.float(), _expand_kv(k, groups).float().transpose(-1, -2)) * scale + bias
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, _expand_kv(v, groups).float()).to(q.dtype)
+
+
+def sdpa_attend(q, k, v, key_bias, document_ids, scale) -> torch.Tensor:
+    """SDPA with the hard DMC mask as a boolean ``[B, H*G, L, L]`` tensor (inference: the bias
+    must be 0/-inf; no gradient reaches α)."""
+    groups = q.shape[1] // k.shape[1]
+    i = torch.arange(q.shape[-2], device=q.device)
+    allowed = ((i[None, :] < i[:, None]) & (key_bias == 0)[..., None, :]) | (i[None, :] == i[:, None])
+    if document_ids is not None:
+        allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+    allowed = _expand_kv(allowed, groups)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=groups > 1)
 
 
 def causal_block_mask(document_ids: torch.Tensor | None, batch: int, length: int, device):

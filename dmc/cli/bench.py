@@ -1,0 +1,54 @@
+"""``dmc bench``: decode throughput of the engine on a local model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ._engine_args import add_engine_arguments, engine_kwargs
+
+NAME = "bench"
+HELP = ("measure the engine's decode throughput on a local model: random prompts, greedy generation, the "
+        "largest batch that fits; prints tokens/s, batch, realized CR, peak memory")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--prompt-len", type=int, default=1024)
+    parser.add_argument("--gen-len", type=int, default=1024)
+    parser.add_argument("--measure-steps", type=int, default=1024, help="average over the last N decode steps")
+    parser.add_argument("--forced-cr", type=int, default=0,
+                        help="benchmarks only: force every head to compress at this integer CR (random weights)")
+    parser.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine import LLM
+    from ..engine.bench import measure_throughput
+
+    try:
+        kwargs = engine_kwargs(args)
+        if args.prompt_len < 1 or args.gen_len < 2:
+            raise ValueError("--prompt-len must be >= 1 and --gen-len >= 2")
+        if kwargs["max_model_len"] is None:
+            kwargs["max_model_len"] = args.prompt_len + args.gen_len
+        llm = LLM(args.model, forced_period=args.forced_cr, progress=False, **kwargs)
+    except (ValueError, MemoryError, OSError) as exc:
+        print(f"dmc bench: {exc}", file=sys.stderr)
+        return 2
+    result = measure_throughput(llm, args.prompt_len, args.gen_len, measure_steps=args.measure_steps,
+                                progress=not args.json)
+    if args.json:
+        print(json.dumps({"device": _device_name(llm), **result.to_dict()}))
+    else:
+        print(f"{_device_name(llm)}: {result.tokens_per_s:,.0f} output tok/s at batch {result.batch} "
+              f"(step {result.step_ms:.2f} ms), realized CR {result.realized_cr:.2f}, prefill "
+              f"{result.prefill_tokens_per_s:,.0f} tok/s, peak memory {result.peak_memory_gib:.1f} GiB, "
+              f"KV pool {result.kv_pool_gib:.1f} GiB, preemptions {result.preemptions}")
+    return 0
+
+
+def _device_name(llm) -> str:
+    import torch
+    return torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu"
