@@ -190,3 +190,21 @@ def test_text_prompts_with_a_tokenizer(tmp_path):
     out = llm.generate(["def f(x):", "import"], dmc.SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     assert all(len(o.token_ids) == 5 and isinstance(o.text, str) for o in out)
     assert out[0].text == llm.tokenizer.decode(out[0].token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels and CUDA graphs need CUDA")
+@pytest.mark.parametrize("family,window", [("llama", 12), ("qwen3", None), ("mistral", 4)])
+def test_gpu_engine_equals_hf_generate(family, window):
+    """On CUDA the engine runs the Triton kernels inside CUDA graphs: same tokens as HF generate."""
+    model = dmc_model(family, window=window).cuda()
+    prompts = _prompts((11, 4, 17, 40, 70))
+    llm = dmc.LLM(model, device="cuda", dtype=torch.float32, max_model_len=128, max_num_seqs=8, progress=False)
+    outs = llm.generate(prompts, GREEDY)
+    assert llm.runner.graphs  # the decode step ran from CUDA graphs
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=12, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)
+        assert out.token_ids == ref[0, len(prompt):].tolist()
+    _assert_no_leak(llm)

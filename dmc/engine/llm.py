@@ -53,9 +53,11 @@ class LLM:
                  prefill_chunk: int = 4096, prefill_attention: str = "sdpa", vanilla: bool = False, forced_period: int = 0, seed: int = 0,
                  progress: bool = True) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(model, torch.nn.Module) and dtype == "auto":
+            dtype = next(model.parameters()).dtype  # a loaded model keeps its dtype
         self.dtype = _resolve_dtype(dtype, self.device)
         if isinstance(model, torch.nn.Module):
-            self.model, plain = model.to(self.device).eval(), False
+            self.model, plain = model.to(device=self.device, dtype=self.dtype).eval(), False
         else:
             self.model, plain = load_model(str(model), self.dtype, self.device)
             if tokenizer is None:

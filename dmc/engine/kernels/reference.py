@@ -16,7 +16,6 @@ CUDA-graph bucket, skipped) and holds token ``pos[b]`` (0-based position in its 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ... import core
 
