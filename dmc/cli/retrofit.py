@@ -1,4 +1,5 @@
-"""``dmc retrofit``: zero-out → retrofit → fine-tune a local HF model into a DMC model."""
+"""``dmc retrofit``: zero-out → retrofit → fine-tune a local HF model into a DMC model
+(``--method plain``: the same run without DMC, e.g. GQA up-training of a ``dmc gqa`` model)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ _HELP = {
     "out": "output directory: the DMC model at the end, run/ (checkpoints, metrics, tensorboard) during",
     "target_cr": "target compression ratio CR* (>= 1)",
     "stages": "stages to run, in order: zero-out retrofit finetune",
+    "method": "dmc (default) or plain: LM loss only on a stock model, same plan, data and budget "
+              "(GQA up-training of a `dmc gqa` model)",
     "steps_per_cr": "retrofit steps per +1x of CR (the paper: 6000)",
     "retrofit_steps": "retrofit stage length (overrides steps_per_cr × (CR* - 1))",
     "lr": "peak learning rate: the base model's final pretraining lr (Llama 2: 3e-5)",
@@ -81,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if out is not None and os.environ.get("RANK", "0") == "0":
-        print(f"DMC model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained "
-              "after `import dmc`)")
+        if cfg.method == "plain":
+            print(f"model written to {out} (a stock model: transformers.AutoModelForCausalLM.from_pretrained)")
+        else:
+            print(f"DMC model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained "
+                  "after `import dmc`)")
     return 0

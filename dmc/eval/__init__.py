@@ -1,5 +1,6 @@
 """Evaluation: held-out perplexity (full-sequence and through the compressed cache), realized
-compression with a heatmap, and a long-context key-value recall probe."""
+compression with a heatmap, and a long-context key-value recall probe. ``dmc.eval.harness`` (the
+lm-evaluation-harness plugin, ``pip install 'dmc[eval]'``) is not imported here."""
 
 from .perplexity import PerplexityResult, perplexity
 from .recall import recall_probe

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 STAGES = ("zero-out", "retrofit", "finetune")
+METHODS = ("dmc", "plain")
 
 
 class ConfigError(ValueError):
@@ -24,6 +25,11 @@ class TrainConfig:
             directories, globs; .txt/.md/.py/... text, .jsonl, .parquet), output directory and
             the target compression ratio CR*.
         stages: which of "zero-out", "retrofit", "finetune" to run, in that order.
+        method: "dmc" (the retrofit) or "plain": continued LM-only training of a stock model, the
+            GQA up-training baseline (spec §8). Plain runs the same stage plan (so the same steps,
+            tokens and lr schedule as the DMC run with these settings), data, optimiser and
+            checkpoints, but converts nothing: no zero-out surgery, no decisions, no compression
+            loss; it writes a stock HF model.
         seq_len: tokens per packed row (capped at the model's max positions).
         micro_batch_size, grad_accum: rows per forward and micro-steps per optimizer step; the
             global batch is micro_batch_size × grad_accum × world size rows.
@@ -41,6 +47,7 @@ class TrainConfig:
     out: str = ""
     target_cr: float = 4.0
     stages: list[str] = field(default_factory=lambda: list(STAGES))
+    method: str = "dmc"
     # data
     seq_len: int = 4096
     text_field: str = "text"
@@ -99,6 +106,9 @@ class TrainConfig:
         if self.target_cr < 1:
             raise ConfigError(f"target CR must be >= 1 (1 = no compression, 4 = a quarter of the cache), "
                               f"got {self.target_cr}")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose 'dmc' (retrofit DMC) or 'plain' (LM loss "
+                              "only, e.g. GQA up-training of a `dmc gqa` model)")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown or not self.stages:
             raise ConfigError(f"unknown stage(s) {unknown or self.stages}; choose from {', '.join(STAGES)}")

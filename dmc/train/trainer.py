@@ -1,5 +1,8 @@
 """The retrofit trainer: zero-out → retrofit → fine-tune (spec §5), one GPU to many.
 
+With ``method="plain"`` the same loop continues training a stock model on the LM loss alone (the
+GQA up-training baseline, spec §8): same plan, data, optimiser, checkpoints; nothing converted.
+
 A straight loop over global steps. Everything random or scheduled is a function of the step
 (CR(s), μ(s), lr, the data rows, the Gumbel noise seeded by (seed, step, rank, micro-step)), so
 a run resumed from a checkpoint computes exactly what the uninterrupted run would have.
@@ -72,11 +75,13 @@ def _dmc_model_type(model_type: str) -> bool:
 
 
 class Retrofitter:
-    """Runs the stages of ``cfg`` and writes a ``save_pretrained`` DMC model to ``cfg.out``."""
+    """Runs the stages of ``cfg`` and writes a ``save_pretrained`` DMC model to ``cfg.out`` (a stock
+    model with ``method="plain"``)."""
 
     def __init__(self, cfg: TrainConfig, runtime: Runtime | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
+        self.plain = cfg.method == "plain"
         self.rt = runtime or init_runtime()
         self.out = pathlib.Path(cfg.out)
         self.run_dir = self.out / "run"
@@ -116,6 +121,7 @@ class Retrofitter:
             raise ConfigError(f"{self.out} already holds a finished model; choose another --out or pass --overwrite")
         if run_file.exists():
             previous = json.loads(run_file.read_text())
+            previous.setdefault("method", "dmc")  # runs started before TrainConfig.method existed
             if previous != json.loads(json.dumps(identity)):
                 changed = sorted(k for k in identity if previous.get(k) != json.loads(json.dumps(identity)).get(k))
                 raise ConfigError(f"{self.out} holds a different run (settings differ: {', '.join(changed)}); "
@@ -150,6 +156,15 @@ class Retrofitter:
         except Exception as e:  # noqa: BLE001 - any loading failure gets the same advice
             raise ConfigError(f"could not load the tokenizer of {cfg.model} ({e}); save it beside the model "
                               "with tokenizer.save_pretrained(DIR)") from e
+        if self.plain:
+            if _dmc_model_type(base_config.model_type):
+                raise ConfigError(f"{cfg.model} holds a DMC model; --method plain trains stock models (e.g. the "
+                                  "output of `dmc gqa`): pass one, or use --method dmc")
+            # Stock attention: HF masks packed documents apart from the per-document position_ids.
+            attn = {"flex": "flex_attention"}.get(cfg.attn_implementation)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, **({"attn_implementation": attn} if attn else {}))
+            return tokenizer, model
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         settings = DMCConfig(window=cfg.window, init_offset=cfg.init_offset, temperature=cfg.temperature,
                              target_cr=cfg.target_cr, attn_implementation=cfg.attn_implementation)
@@ -211,6 +226,8 @@ class Retrofitter:
 
     def _set_stage_mode(self, pos: StagePosition) -> float | None:
         """Model mode and target CR of a step."""
+        if self.plain:
+            return None
         if pos.name == "zero-out":
             self.model.set_dmc_mode(vanilla=True, channel_scale=core.zero_out_scale(pos.step, pos.length))
             return None
@@ -219,50 +236,68 @@ class Retrofitter:
             return core.cr_schedule(pos.step, self.cfg.target_cr, pos.length)
         return self.cfg.target_cr
 
+    def _forward(self, batch, **dmc_kwargs):
+        """(output, LM loss) of one batch. A stock model (``method="plain"``) gets no DMC inputs."""
+        with self._autocast():
+            if self.plain:
+                out = self.model(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
+                                 use_cache=False)
+                return out, out.loss
+            out = self.model(batch.input_ids, labels=batch.labels, document_ids=batch.document_ids,
+                             position_ids=batch.position_ids, use_cache=False, **dmc_kwargs)
+            return out, out.lm_loss
+
     def train_step(self, pos: StagePosition) -> dict:
         cfg = self.cfg
         target_cr = self._set_stage_mode(pos)
         lr = learning_rate(cfg, pos)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        zero = torch.zeros((), dtype=torch.float64, device=self.rt.device)
         totals = torch.zeros(5, dtype=torch.float64, device=self.rt.device)  # lm, cr, merges, decisions, n
         per_layer = None
         for micro in range(cfg.grad_accum):
             batch = self.data.train_rows(self._rows(micro)).to(self.rt.device)
-            gen = noise_generator(cfg.seed, self.step, self.rt.rank, micro, self.rt.device)
-            with self._autocast():
-                out = self.model(batch.input_ids, labels=batch.labels, document_ids=batch.document_ids,
-                                 position_ids=batch.position_ids, use_cache=False, dmc_target_cr=target_cr,
-                                 dmc_generator=gen)
-            loss = out.lm_loss + (cfg.cr_loss_weight * out.compression_loss if out.compression_loss is not None
-                                  else 0.0)
+            if self.plain:
+                out, lm_loss = self._forward(batch)
+                cr_loss = None
+            else:
+                gen = noise_generator(cfg.seed, self.step, self.rt.rank, micro, self.rt.device)
+                out, lm_loss = self._forward(batch, dmc_target_cr=target_cr, dmc_generator=gen)
+                cr_loss = out.compression_loss
+            loss = lm_loss + (cfg.cr_loss_weight * cr_loss if cr_loss is not None else 0.0)
             (loss / cfg.grad_accum).backward()
-            hard = out.decisions.detach().double()  # [B, layers, H, L]
-            layer_merges = hard.sum(dim=(0, 2, 3))
-            per_layer = layer_merges if per_layer is None else per_layer + layer_merges
-            totals += torch.stack([out.lm_loss.detach().double(),
-                                   (out.compression_loss.detach().double() if out.compression_loss is not None
-                                    else torch.zeros((), dtype=torch.float64, device=self.rt.device)),
-                                   hard.sum(), torch.tensor(hard.numel(), dtype=torch.float64,
-                                                            device=self.rt.device),
-                                   torch.ones((), dtype=torch.float64, device=self.rt.device)])
+            merges = decisions = zero
+            if not self.plain:
+                hard = out.decisions.detach().double()  # [B, layers, H, L]
+                layer_merges = hard.sum(dim=(0, 2, 3))
+                per_layer = layer_merges if per_layer is None else per_layer + layer_merges
+                merges, decisions = hard.sum(), torch.tensor(hard.numel(), dtype=torch.float64,
+                                                             device=self.rt.device)
+            totals += torch.stack([lm_loss.detach().double(),
+                                   cr_loss.detach().double() if cr_loss is not None else zero,
+                                   merges, decisions, torch.ones((), dtype=torch.float64, device=self.rt.device)])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         totals = all_reduce_sum(totals, self.rt)
-        per_layer = all_reduce_sum(per_layer, self.rt) / (totals[3] / per_layer.numel())
-        mean_alpha = float(totals[2] / totals[3])
-        return {
-            "stage": pos.name,
-            "lm_loss": float(totals[0] / totals[4]),
-            "cr_loss": float(totals[1] / totals[4]),
-            "target_cr": target_cr if target_cr is not None else 1.0,
-            "achieved_cr": float(core.cr_from_alpha(mean_alpha)),
-            "per_layer_cr": [round(float(core.cr_from_alpha(float(a))), 4) for a in per_layer],
+        values = {"stage": pos.name, "lm_loss": float(totals[0] / totals[4])}
+        if not self.plain:  # compression numbers exist only for DMC
+            per_layer = all_reduce_sum(per_layer, self.rt) / (totals[3] / per_layer.numel())
+            mean_alpha = float(totals[2] / totals[3])
+            values.update({
+                "cr_loss": float(totals[1] / totals[4]),
+                "target_cr": target_cr if target_cr is not None else 1.0,
+                "achieved_cr": float(core.cr_from_alpha(mean_alpha)),
+                "per_layer_cr": [round(float(core.cr_from_alpha(float(a))), 4) for a in per_layer],
+            })
+        values.update({
             "lr": lr,
             "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-            "channel_scale": self.model.model.dmc_channel_scale if pos.name == "zero-out" else None,
-        }
+        })
+        if not self.plain:
+            values["channel_scale"] = self.model.model.dmc_channel_scale if pos.name == "zero-out" else None
+        return values
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -272,18 +307,19 @@ class Retrofitter:
         for batch in self.data.val_batches(self.cfg.micro_batch_size, self.cfg.eval_batches, self.rt.rank,
                                            self.rt.world):
             batch = batch.to(self.rt.device)
-            with self._autocast():
-                out = self.model(batch.input_ids, labels=batch.labels, document_ids=batch.document_ids,
-                                 position_ids=batch.position_ids, use_cache=False)
+            out, lm_loss = self._forward(batch)
             n = float((batch.labels[:, 1:] != -100).sum())
-            sums += torch.tensor([float(out.lm_loss) * n, n, float(out.compression.tokens.sum()),
-                                  float(out.compression.slots.sum())], dtype=torch.float64, device=self.rt.device)
+            tokens, slots = (0.0, 0.0) if self.plain else (float(out.compression.tokens.sum()),
+                                                           float(out.compression.slots.sum()))
+            sums += torch.tensor([float(lm_loss) * n, n, tokens, slots], dtype=torch.float64, device=self.rt.device)
         sums = all_reduce_sum(sums, self.rt)
         self.model.train()
         if sums[1] == 0:
             return {}
-        return {"val_loss": float(sums[0] / sums[1]), "val_ppl": math.exp(min(50.0, float(sums[0] / sums[1]))),
-                "val_cr": float(sums[2] / sums[3])}
+        values = {"val_loss": float(sums[0] / sums[1]), "val_ppl": math.exp(min(50.0, float(sums[0] / sums[1])))}
+        if not self.plain:
+            values["val_cr"] = float(sums[2] / sums[3])
+        return values
 
     def _state(self) -> dict:
         return {"step": self.step, "rows_consumed": self.step * self.rows_per_step,
@@ -295,13 +331,14 @@ class Retrofitter:
         cfg = self.cfg
         stop = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
         tokens_per_step = self.rows_per_step * self.data.seq_len
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="retrofit", unit="step",
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train (plain)" if self.plain else "retrofit",
+                   unit="step",
                    disable=not (self.rt.is_main and cfg.progress), dynamic_ncols=True)
         while self.step < stop:
             pos = locate(self.plan, self.step)
             start = time.perf_counter()
             values = self.train_step(pos)
-            if pos.name == "zero-out" and pos.step == pos.length - 1:
+            if pos.name == "zero-out" and pos.step == pos.length - 1 and not self.plain:
                 zero_decision_channels(self.model)  # end of stage 1: rows exactly 0
             elapsed = time.perf_counter() - start
             self.step += 1
@@ -310,9 +347,10 @@ class Retrofitter:
             if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
                 values.update(self.evaluate())
             self.metrics.log(self.step, values)
-            bar.set_postfix(stage=pos.name, loss=f"{values['lm_loss']:.3f}",
-                            cr=f"{values['achieved_cr']:.2f}/{values['target_cr']:.2f}",
-                            tok_s=f"{values['tokens_per_s']:.0f}")
+            postfix = {"stage": pos.name, "loss": f"{values['lm_loss']:.3f}"}
+            if not self.plain:
+                postfix["cr"] = f"{values['achieved_cr']:.2f}/{values['target_cr']:.2f}"
+            bar.set_postfix(**postfix, tok_s=f"{values['tokens_per_s']:.0f}")
             bar.update(1)
             stage_end = pos.step == pos.length - 1
             if self.step % cfg.save_every == 0 or stage_end or self.step == stop:
@@ -327,13 +365,14 @@ class Retrofitter:
 
     # ------------------------------------------------------------------------------ output
     def save_final(self) -> pathlib.Path:
-        """Write the DMC model and tokenizer into ``cfg.out`` (config.json last: a partly written
-        directory is never loadable as a model)."""
+        """Write the DMC model (a stock one with ``method="plain"``) and tokenizer into ``cfg.out``
+        (config.json last: a partly written directory is never loadable as a model)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rt.is_main:
             final = self._unsharded_copy(state)
-            final.config.dmc = {**final.config.dmc, "target_cr": self.cfg.target_cr}
+            if not self.plain:
+                final.config.dmc = {**final.config.dmc, "target_cr": self.cfg.target_cr}
             tmp = self.out / ".model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             final.save_pretrained(tmp)
@@ -346,8 +385,12 @@ class Retrofitter:
         return self.out
 
     def _unsharded_copy(self, state: dict) -> torch.nn.Module:
-        family = next(f for f in FAMILIES if isinstance(self.model, f.dmc_causal_lm_class))
-        model = family.dmc_causal_lm_class(self.model.config)
+        if self.plain:
+            family = next(f for f in FAMILIES if f.model_type == self.model.config.model_type)
+            model = family.causal_lm_class(self.model.config)
+        else:
+            family = next(f for f in FAMILIES if isinstance(self.model, f.dmc_causal_lm_class))
+            model = family.dmc_causal_lm_class(self.model.config)
         model.load_state_dict(state, strict=True)
         model.generation_config = self.model.generation_config
         return model.eval()
@@ -360,9 +403,10 @@ def _memory_gib(device: torch.device) -> float:
 
 
 def retrofit(model: str, data: str | list[str], out: str, target_cr: float, **settings) -> pathlib.Path | None:
-    """Python API of ``dmc retrofit``: see :class:`~dmc.train.config.TrainConfig` for ``settings``.
+    """Python API of ``dmc retrofit``: see :class:`~dmc.train.config.TrainConfig` for ``settings``
+    (``method="plain"``: LM-only continued training of a stock model, e.g. GQA up-training).
 
-    Returns the output directory holding the DMC model, or None when stopped by ``max_steps``.
+    Returns the output directory holding the model, or None when stopped by ``max_steps``.
     """
     cfg = TrainConfig(model=model, data=data if isinstance(data, list) else [data], out=out, target_cr=target_cr,
                       **settings)
