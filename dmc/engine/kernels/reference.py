@@ -148,7 +148,7 @@ def allocate_pages_ref(lens, page_table, seq_ids, free_pages, free_top, page_siz
     need = (current == 0) & active[None, :, None]  # page 0 = not allocated (a merge keeps lens)
     flat = need.flatten()
     order = flat.long().cumsum(0) - 1  # index of this row among the needy
-    take = (free_top - 1 - order).clamp_min(0)
+    take = (free_top - 1 - order).clamp(0, free_pages.shape[0] - 1)  # rows that need none read a dummy
     fresh = free_pages[take].view_as(need)
     page_table[index] = torch.where(need, fresh, current)
     free_top -= flat.sum()

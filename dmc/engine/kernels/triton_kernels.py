@@ -1,0 +1,324 @@
+"""Triton kernels of the decode step: the fused cache update and paged split-K decode attention.
+
+Each kernel computes exactly what its PyTorch twin in :mod:`.reference` computes (the twins' docstrings
+define the cache layout). The wrappers never read device memory on the host and allocate only
+data-independent shapes, so a decode step built from them can be captured in a CUDA graph.
+
+Cache tensors (pools, page table, lens, ring) are updated in place and must be contiguous; the
+kernels index them from their shapes, which makes the page stride a compile-time constant (aligned,
+vectorised loads). q/k/v may be strided views of a projection output (last dim contiguous).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import core
+
+# Paged attention tiling: slots per inner iteration (a whole number of pages; half for D > 128, to
+# keep the [slots, D] tiles in registers) and the most splits of one head's pages. Tuning knobs for
+# the GPU; any value gives the same result.
+ATTENTION_BLOCK_TOKENS = 64
+MAX_SPLITS = 16
+
+
+# --------------------------------------------------------------------------- shared helpers
+@triton.jit
+def _rope(x, cos, sin, side):
+    """Rotate-half RoPE of head vectors laid out as ``[N, 2, D/2]`` (halves on axis 1).
+
+    Keeping the halves on their own axis turns rotate_half into two masked sums over a size-2 axis,
+    with no shuffles of the head dimension.
+    """
+    lo = tl.sum(tl.where(side == 0, x, 0.0), axis=1, keep_dims=True)
+    hi = tl.sum(tl.where(side == 0, 0.0, x), axis=1, keep_dims=True)
+    return x * cos + tl.where(side == 0, -hi, lo) * sin
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dim is contiguous (a view of a projection output is fine), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_cache(*tensors: torch.Tensor) -> None:
+    """The kernels index cache tensors from their shapes; they are written in place, so no copy."""
+    for t in tensors:
+        if not t.is_contiguous():
+            raise ValueError("cache tensors must be contiguous")
+
+
+# --------------------------------------------------------------------------- decode update
+@triton.jit
+def _decision(q, k, t, group_rows, last, init_offset, forced_period, G: tl.constexpr, FLOOR: tl.constexpr):
+    """α (before skipping) and ω of one KV head from channel D-1 of its key and its G queries."""
+    logit = tl.sum(tl.where(last, k, 0.0)) - init_offset
+    alpha = (logit > 0).to(tl.float32)
+    period = tl.maximum(forced_period, 1)
+    alpha = tl.where(forced_period > 0, (t % period != 0).to(tl.float32), alpha)
+    alpha = tl.where(t == 0, 0.0, alpha)
+    q_last = tl.sum(tl.where(last & group_rows, q, 0.0)) / G
+    weight = tl.sigmoid(q_last + init_offset) + FLOOR
+    return alpha, weight
+
+
+@triton.jit
+def _window_sums(ring_ptr, kw, vw, weight, alpha, t, dims,
+                 D: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, UNBOUNDED: tl.constexpr):
+    """The open group's sums [K, V, Z] (this token's terms, plus the ring's on a merge) and the ring
+    update. α is 0 or 1, so branching on it equals the twin's scaling by α.
+
+    Windowed: the ring holds the group's last R weighted terms; a merge reads it and replaces only
+    entry t % R (the token leaving the window), an append clears it down to this token's terms (it is
+    not read). Unbounded: one entry, the running sums themselves.
+    """
+    C: tl.constexpr = 2 * D + 1
+    k_sum, v_sum, z_sum = kw, vw, weight
+    if UNBOUNDED:
+        if alpha > 0:
+            k_sum += tl.load(ring_ptr + dims)
+            v_sum += tl.load(ring_ptr + D + dims)
+            z_sum += tl.load(ring_ptr + 2 * D)
+        tl.store(ring_ptr + dims, k_sum)
+        tl.store(ring_ptr + D + dims, v_sum)
+        tl.store(ring_ptr + 2 * D, z_sum)
+    else:
+        r = tl.arange(0, R_PAD)
+        entries = ring_ptr + r * C  # [R_PAD]
+        rows = entries[:, None, None] + dims  # [R_PAD, 2, D/2]
+        used = r < R
+        if alpha > 0:
+            k_sum += tl.sum(tl.load(rows, mask=used[:, None, None], other=0.0), axis=0, keep_dims=True)
+            v_sum += tl.sum(tl.load(rows + D, mask=used[:, None, None], other=0.0), axis=0, keep_dims=True)
+            z_sum += tl.sum(tl.load(entries + 2 * D, mask=used, other=0.0))
+            oldest = ring_ptr + (t % R) * C
+            tl.store(oldest + dims, kw)
+            tl.store(oldest + D + dims, vw)
+            tl.store(oldest + 2 * D, weight)
+        else:
+            here = r == t % R
+            tl.store(rows, tl.where(here[:, None, None], kw, 0.0), mask=used[:, None, None])
+            tl.store(rows + D, tl.where(here[:, None, None], vw, 0.0), mask=used[:, None, None])
+            tl.store(entries + 2 * D, tl.where(here, weight, 0.0), mask=used)
+    return k_sum, v_sum, z_sum
+
+
+@triton.jit(do_not_specialize=["layer", "forced_period"])
+def _decode_update_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, seq_ptr, pos_ptr, q_out_ptr, alpha_ptr,
+                          k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, ring_ptr,
+                          layer, init_offset, forced_period,
+                          stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                          ROWS: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                          D: tl.constexpr, M: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+                          PAGE_SIZE: tl.constexpr, VANILLA: tl.constexpr, UNBOUNDED: tl.constexpr,
+                          FLOOR: tl.constexpr):
+    """One (batch row, KV head): decision, rotated queries, window sums, slot write and lens bump.
+
+    Head vectors are ``[N, 2, D/2]`` tiles (see :func:`_rope`). A padding row (seq id -1) only
+    rotates its queries and reports α = 0; it touches no cache entry.
+    """
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    seq = tl.load(seq_ptr + b)
+    t = tl.load(pos_ptr + b)
+    side = tl.arange(0, 2)[None, :, None]
+    dims = side * HALF + tl.arange(0, HALF)[None, None, :]  # [1, 2, D/2] channel index
+    last = dims == D - 1
+    g = tl.arange(0, G_PAD)[:, None, None]
+    group_rows = g < G
+    q = tl.load(q_ptr + b * stride_qb + (h * G + g) * stride_qh + dims, mask=group_rows, other=0.0)
+    q = q.to(tl.float32)  # [G_PAD, 2, D/2]
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + dims).to(tl.float32)  # [1, 2, D/2]
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + dims).to(tl.float32)
+    cos = tl.load(cos_ptr + b * D + dims).to(tl.float32)
+    sin = tl.load(sin_ptr + b * D + dims).to(tl.float32)
+
+    if VANILLA:
+        alpha = tl.zeros([], tl.float32)
+    else:
+        alpha, weight = _decision(q, k, t, group_rows, last, init_offset, forced_period, G, FLOOR)
+        q = tl.where(last, 0.0, q)
+        k = tl.where(last, 0.0, k)
+    q_rot = _rope(q, cos, sin, side)
+    if not VANILLA:
+        q_rot = tl.where(last, 0.0, q_rot)
+    tl.store(q_out_ptr + (b * G * H + h * G + g) * D + dims, q_rot.to(q_out_ptr.dtype.element_ty), mask=group_rows)
+    if seq < 0:
+        tl.store(alpha_ptr + b * H + h, 0.0)
+        return
+    tl.store(alpha_ptr + b * H + h, alpha)
+
+    head = (layer * ROWS + seq) * H + h  # index of this head in lens, page table and ring
+    if VANILLA:  # every token is its own slot (ω = 1: the sums are the token)
+        k_bar, v_bar = k, v
+    else:
+        ring_head = ring_ptr + head.to(tl.int64) * (R * (2 * D + 1))
+        k_sum, v_sum, z_sum = _window_sums(ring_head, weight * k, weight * v, weight, alpha, t, dims,
+                                           D, R, R_PAD, UNBOUNDED)
+        z = tl.maximum(z_sum, 1e-30)
+        k_bar = k_sum / z
+        v_bar = v_sum / z
+    k_rot = _rope(k_bar, cos, sin, side)
+    if not VANILLA:
+        k_rot = tl.where(last, 0.0, k_rot)
+
+    old = tl.load(lens_ptr + head)
+    slot = tl.where((alpha > 0.5) & (old > 0), old - 1, old)  # merge: overwrite the last slot
+    page = tl.load(table_ptr + head.to(tl.int64) * M + slot // PAGE_SIZE)
+    at = page.to(tl.int64) * (PAGE_SIZE * D) + (slot % PAGE_SIZE) * D + dims
+    tl.store(k_pool_ptr + at, k_rot.to(k_pool_ptr.dtype.element_ty))
+    tl.store(v_pool_ptr + at, v_bar.to(v_pool_ptr.dtype.element_ty))
+    tl.store(lens_ptr + head, slot + 1)
+
+
+def decode_update(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_pool, page_table, lens, ring, *,
+                  init_offset: float, window: int | None, vanilla: bool, page_size: int,
+                  forced_period: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of :func:`.reference.decode_update_ref` (same arguments and results)."""
+    b, hq, d = q.shape
+    h = k.shape[1]
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    _check_cache(k_pool, v_pool, page_table, lens, ring, seq_ids, pos)
+    q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    alpha = torch.empty(b, h, dtype=torch.float32, device=q.device)
+    width = ring.shape[3]
+    _decode_update_kernel[(b, h)](
+        q, k, v, cos, sin, seq_ids, pos, q_rot, alpha, k_pool, v_pool, page_table, lens, ring,
+        layer, float(init_offset), int(forced_period),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        ROWS=lens.shape[1], H=h, G=hq // h, G_PAD=triton.next_power_of_2(hq // h), D=d,
+        M=page_table.shape[-1], R=width, R_PAD=triton.next_power_of_2(width), PAGE_SIZE=page_size,
+        VANILLA=vanilla, UNBOUNDED=window is None, FLOOR=core.IMPORTANCE_FLOOR, num_warps=1)
+    return q_rot, alpha
+
+
+# --------------------------------------------------------------------------- paged attention
+@triton.jit(do_not_specialize=["layer"])
+def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, seq_ptr, part_out_ptr, part_lse_ptr,
+                            layer, scale_log2, stride_qb, stride_qh,
+                            ROWS: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                            D: tl.constexpr, M: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGES: tl.constexpr,
+                            SPLITS: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Stage 1, one (batch row, KV head, split): the G queries of the group over a contiguous share
+    of the head's pages, online softmax in fp32 (log2 domain).
+
+    The head's length is read here, so the grid does not depend on it: a split past the head's end
+    only writes lse = -inf. Each iteration loads PAGES whole pages as one
+    ``[PAGES·P, D]`` tile. GQA groups (G > 1) use tensor-core dots with the queries padded to 16 rows;
+    MHA (G = 1) a multiply-and-sum in fp32 on the CUDA cores.
+    """
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    BLOCK: tl.constexpr = PAGES * PAGE_SIZE
+    seq = tl.load(seq_ptr + b)
+    head = (layer * ROWS + tl.maximum(seq, 0)) * H + h
+    length = tl.where(seq >= 0, tl.load(lens_ptr + head), 0)
+    pages = tl.cdiv(length, PAGE_SIZE)
+    share = tl.cdiv(tl.cdiv(pages, SPLITS), PAGES) * PAGES  # whole iterations per split
+    first = split * share
+    end = tl.minimum(first + share, pages)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    tok = tl.arange(0, BLOCK)
+    q = tl.load(q_ptr + b * stride_qb + (h * G + g[:, None]) * stride_qh + d[None, :], mask=g[:, None] < G,
+                other=0.0)
+    table = table_ptr + head.to(tl.int64) * M
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for p in range(first, end, PAGES):
+        slot = p * PAGE_SIZE + tok
+        valid = slot < length
+        page = tl.load(table + slot // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        at = page[:, None] * (PAGE_SIZE * D) + (slot % PAGE_SIZE)[:, None] * D + d[None, :]
+        keys = tl.load(k_pool_ptr + at, mask=valid[:, None], other=0.0)
+        values = tl.load(v_pool_ptr + at, mask=valid[:, None], other=0.0)
+        if USE_DOT:
+            scores = tl.dot(q.to(keys.dtype), tl.trans(keys), input_precision=PRECISION)
+        else:
+            scores = tl.sum(keys.to(tl.float32) * q.to(tl.float32), axis=1)[None, :]
+        scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))  # [G_PAD, BLOCK]
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        rescale = tl.exp2(m_i - m_new)
+        probs = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * rescale + tl.sum(probs, axis=1)
+        if USE_DOT:
+            update = tl.dot(probs.to(values.dtype), values, input_precision=PRECISION)
+        else:
+            update = tl.sum(tl.sum(probs, axis=0)[:, None] * values.to(tl.float32), axis=0)[None, :]
+        acc = acc * rescale[:, None] + update
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    row = (b * H * G + h * G + g) * SPLITS + split  # [G_PAD] index into [B, Hq, SPLITS]
+    tl.store(part_out_ptr + row[:, None] * D + d[None, :], out, mask=(g < G)[:, None] & seen[:, None])
+    tl.store(part_lse_ptr + row, lse, mask=g < G)
+
+
+@triton.jit
+def _attention_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.constexpr,
+                             SPLITS_PAD: tl.constexpr):
+    """Stage 2, one (batch row, query head): merge the splits' partials by their log-sum-exp.
+
+    Empty splits (lse = -inf) wrote no partial and are not read. A head with no slot has every
+    lse = -inf and gets zeros (the twin's ``nan_to_num``).
+    """
+    row = tl.program_id(0)  # b * Hq + query head
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D)
+    lse = tl.load(part_lse_ptr + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    weight = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
+    filled = (s < SPLITS) & (lse > float("-inf"))
+    parts = tl.load(part_out_ptr + (row * SPLITS + s[:, None]) * D + d[None, :], mask=filled[:, None], other=0.0)
+    total = tl.sum(weight, axis=0)
+    out = tl.sum(weight[:, None] * parts, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def _pages_per_iteration(head_dim: int, page_size: int) -> int:
+    tokens = ATTENTION_BLOCK_TOKENS if head_dim <= 128 else ATTENTION_BLOCK_TOKENS // 2
+    return max(1, tokens // page_size)
+
+
+def default_splits(max_pages: int) -> int:
+    """Splits per head: a fixed function of the page-table width M (never of the lengths), so that the
+    launch shape is the same every step."""
+    return max(1, min(MAX_SPLITS, max_pages))
+
+
+def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: int, scale: float,
+                           page_size: int, *, num_splits: int | None = None) -> torch.Tensor:
+    """Triton twin of :func:`.reference.paged_decode_attention_ref` (same arguments and result).
+
+    ``num_splits`` (default :func:`default_splits`) only trades parallelism for reduction work. The
+    partial buffers ``[B, Hq, splits, D]`` come from the caching allocator, which a CUDA graph capture
+    serves from its private pool. GQA queries are cast to the pool dtype for the tensor-core dots.
+    """
+    b, hq, d = q.shape
+    h = page_table.shape[2]
+    g = hq // h
+    q = _rows(q)
+    _check_cache(k_pool, v_pool, page_table, lens, seq_ids)
+    splits = num_splits or default_splits(page_table.shape[-1])
+    part_out = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    use_dot = g > 1
+    _attention_split_kernel[(b, h, splits)](
+        q, k_pool, v_pool, page_table, lens, seq_ids, part_out, part_lse, layer, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1),
+        ROWS=lens.shape[1], H=h, G=g, G_PAD=max(16, triton.next_power_of_2(g)) if use_dot else 1, D=d,
+        M=page_table.shape[-1], PAGE_SIZE=page_size, PAGES=_pages_per_iteration(d, page_size),
+        SPLITS=splits, USE_DOT=use_dot, PRECISION="ieee" if k_pool.dtype == torch.float32 else "tf32",
+        num_warps=4)
+    _attention_reduce_kernel[(b * hq,)](part_out, part_lse, out, D=d, SPLITS=splits,
+                                        SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1)
+    return out
