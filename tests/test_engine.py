@@ -199,7 +199,8 @@ def test_gpu_engine_equals_hf_generate(family, window):
     """On CUDA the engine runs the Triton kernels inside CUDA graphs: same tokens as HF generate."""
     model = dmc_model(family, window=window).cuda()
     prompts = _prompts((11, 4, 17, 40, 70))
-    llm = dmc.LLM(model, device="cuda", dtype=torch.float32, max_model_len=128, max_num_seqs=8, progress=False)
+    llm = dmc.LLM(model, device="cuda", dtype=torch.float32, max_model_len=128, max_num_seqs=8, progress=False,
+                  kv_cache_memory=64 * 2**20)
     outs = llm.generate(prompts, GREEDY)
     assert llm.runner.graphs  # the decode step ran from CUDA graphs
     for prompt, out in zip(prompts, outs):

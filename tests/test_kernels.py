@@ -206,15 +206,19 @@ def test_decode_update_matches_twin(d, groups, window, vanilla, forced_period, d
 
 
 # --------------------------------------------------------------------------- paged attention
-@pytest.mark.parametrize("d, groups, dtype, num_splits", [
-    pytest.param(16, 1, torch.float32, None, id="mha"),
-    pytest.param(32, 2, torch.float32, 1, id="gqa-one-split"),
-    pytest.param(16, 2, torch.float32, 3, id="gqa-three-splits"),
-    pytest.param(32, 1, torch.bfloat16, 2, id="mha-bf16"),
-    pytest.param(32, 2, torch.bfloat16, None, id="gqa-bf16", marks=pytest.mark.skipif(
-        DEVICE == "cpu", reason="Triton's interpreter multiplies bf16 dot operands as integers")),
+BF16_DOT = pytest.mark.skipif(DEVICE == "cpu", reason="Triton's interpreter multiplies bf16 dot operands as integers")
+
+
+@pytest.mark.parametrize("d, groups, dtype, num_splits, use_dot", [
+    pytest.param(16, 1, torch.float32, None, None, id="mha"),
+    pytest.param(16, 1, torch.float32, 2, False, id="mha-cuda-core-sums"),
+    pytest.param(32, 2, torch.float32, 1, None, id="gqa-one-split"),
+    pytest.param(16, 2, torch.float32, 3, None, id="gqa-three-splits"),
+    pytest.param(32, 1, torch.bfloat16, 2, False, id="mha-bf16-sums"),
+    pytest.param(32, 1, torch.bfloat16, 2, None, id="mha-bf16", marks=BF16_DOT),
+    pytest.param(32, 2, torch.bfloat16, None, None, id="gqa-bf16", marks=BF16_DOT),
 ])
-def test_paged_decode_attention_matches_twin(d, groups, dtype, num_splits):
+def test_paged_decode_attention_matches_twin(d, groups, dtype, num_splits, use_dot):
     """Ragged heads up to 8 pages (several iterations and splits), a padding row, an empty sequence."""
     gen = torch.Generator().manual_seed(10 * d + groups)
     rows = 5
@@ -224,7 +228,7 @@ def test_paged_decode_attention_matches_twin(d, groups, dtype, num_splits):
     layer = 1
     args = (q, cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids.to(DEVICE), layer, d ** -0.5, P)
     expected = paged_decode_attention_ref(*args)
-    out = triton_kernels.paged_decode_attention(*args, num_splits=num_splits)
+    out = triton_kernels.paged_decode_attention(*args, num_splits=num_splits, use_dot=use_dot)
     torch.testing.assert_close(out, expected, **tolerance(dtype))
     assert (out[seq_ids == PAD_ROW] == 0).all()  # the padding row
     assert (out[seq_ids == rows - 1] == 0).all()  # a sequence with no slot yet

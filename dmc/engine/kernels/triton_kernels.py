@@ -20,8 +20,12 @@ from ... import core
 # Paged attention tiling: slots per inner iteration (a whole number of pages; half for D > 128, to
 # keep the [slots, D] tiles in registers) and the most splits of one head's pages. Tuning knobs for
 # the GPU; any value gives the same result.
-ATTENTION_BLOCK_TOKENS = 64
+# Measured on an H100 (docs/benchmarks.md): tensor-core dots even for MHA (queries padded to 16 rows;
+# wasted FLOPs are free in a memory-bound kernel, and dots get cp.async pipelining), 128-slot tiles, and
+# only as many splits as needed to fill the GPU: 2.8-3.0 TB/s vs 2.4 with CUDA-core sums and 16 splits.
+ATTENTION_BLOCK_TOKENS = 128
 MAX_SPLITS = 16
+ROWS_PER_WAVE = 2048  # (row, KV head) programs that keep an H100 busy with one split each
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -288,14 +292,16 @@ def _pages_per_iteration(head_dim: int, page_size: int) -> int:
     return max(1, tokens // page_size)
 
 
-def default_splits(max_pages: int) -> int:
-    """Splits per head: a fixed function of the page-table width M (never of the lengths), so that the
-    launch shape is the same every step."""
-    return max(1, min(MAX_SPLITS, max_pages))
+def default_splits(max_pages: int, rows: int = ROWS_PER_WAVE) -> int:
+    """Splits per head: a function of the page-table width M and the number of (row, KV head) pairs
+    (never of the lengths), so that the launch shape is fixed for a CUDA-graph bucket."""
+    return max(1, min(MAX_SPLITS, max_pages, ROWS_PER_WAVE // max(rows, 1)))
 
 
 def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: int, scale: float,
-                           page_size: int, *, num_splits: int | None = None) -> torch.Tensor:
+                           page_size: int, *, num_splits: int | None = None, block_tokens: int | None = None,
+                           num_warps: int = 4, num_stages: int | None = None,
+                           use_dot: bool | None = None) -> torch.Tensor:
     """Triton twin of :func:`.reference.paged_decode_attention_ref` (same arguments and result).
 
     ``num_splits`` (default :func:`default_splits`) only trades parallelism for reduction work. The
@@ -307,18 +313,20 @@ def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: 
     g = hq // h
     q = _rows(q)
     _check_cache(k_pool, v_pool, page_table, lens, seq_ids)
-    splits = num_splits or default_splits(page_table.shape[-1])
+    splits = num_splits or default_splits(page_table.shape[-1], b * h)
     part_out = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    use_dot = g > 1
+    use_dot = True if use_dot is None else use_dot
+    pages = _pages_per_iteration(d, page_size) if block_tokens is None else max(1, block_tokens // page_size)
+    extra = {} if num_stages is None else {"num_stages": num_stages}
     _attention_split_kernel[(b, h, splits)](
         q, k_pool, v_pool, page_table, lens, seq_ids, part_out, part_lse, layer, scale * 1.4426950408889634,
         q.stride(0), q.stride(1),
         ROWS=lens.shape[1], H=h, G=g, G_PAD=max(16, triton.next_power_of_2(g)) if use_dot else 1, D=d,
-        M=page_table.shape[-1], PAGE_SIZE=page_size, PAGES=_pages_per_iteration(d, page_size),
+        M=page_table.shape[-1], PAGE_SIZE=page_size, PAGES=pages,
         SPLITS=splits, USE_DOT=use_dot, PRECISION="ieee" if k_pool.dtype == torch.float32 else "tf32",
-        num_warps=4)
+        num_warps=num_warps, **extra)
     _attention_reduce_kernel[(b * hq,)](part_out, part_lse, out, D=d, SPLITS=splits,
                                         SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1)
     return out
