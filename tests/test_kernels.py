@@ -244,3 +244,36 @@ def test_get_kernels_dispatch(monkeypatch):
     assert kernels.decode_update is triton_kernels.decode_update
     assert kernels.paged_decode_attention is triton_kernels.paged_decode_attention
     assert kernels.allocate_pages is allocate_pages_ref
+
+
+# --------------------------------------------------------------------------- prefill pooling
+@pytest.mark.parametrize("window, prefix_len, dtype", [
+    pytest.param(4, 0, torch.float32, id="w4-first-chunk"),
+    pytest.param(4, 3, torch.float32, id="w4-with-prefix"),
+    pytest.param(12, 11, torch.float32, id="w12-with-prefix"),
+    pytest.param(12, 0, torch.bfloat16, id="w12-bf16"),
+])
+def test_chunk_states_matches_twin(window, prefix_len, dtype):
+    """Prefill pooling: merges across block boundaries and into the prefix, padding (ω = 0, α = 1)."""
+    from dmc.engine.kernels.reference import chunk_states_ref
+    gen = torch.Generator().manual_seed(window + prefix_len)
+    b, h, n, d = 2, 3, 45, 16
+    k = torch.randn(b, n, h, d, generator=gen).transpose(1, 2)  # a strided view, like the model's
+    k[..., -1] = 0
+    v = torch.randn(b, n, h, d, generator=gen).transpose(1, 2)
+    importance = torch.rand(b, h, n, generator=gen) + 0.1
+    alpha = (torch.rand(b, h, n, generator=gen) < 0.6).float()
+    importance[1, :, :5] = 0  # left padding of the second sequence
+    alpha[1, :, :5] = 1
+    if prefix_len == 0:
+        alpha[:, :, 0] = 0
+        alpha[1, :, 5] = 0
+    prefix = torch.randn(b, h, prefix_len, 2 * d + 1, generator=gen).abs()
+    pos = torch.arange(n, dtype=torch.float32)[:, None] * torch.linspace(0.01, 1, d // 2)[None, :]
+    cos, sin = torch.cat([pos.cos()] * 2, -1)[None], torch.cat([pos.sin()] * 2, -1)[None]
+    args = [x.to(DEVICE) for x in (k.to(dtype), v.to(dtype), importance, alpha, prefix, cos, sin)]
+    expected = chunk_states_ref(*args, window)
+    out = triton_kernels.chunk_states(*args, window, block_tokens=16)
+    assert 0.3 < float(alpha.mean()) < 0.8
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, **tolerance(dtype))

@@ -147,26 +147,27 @@ class PagedKVCache:
         self.page_table[index] = self.free_pages[top - count:top].view(self.page_table[index].shape)
         self.free_top -= count
 
+    def check_room(self, tokens: int) -> None:
+        """Raise OutOfPages unless a prefill chunk of ``tokens`` fits even if nothing merges (one host
+        sync per chunk; the chunk itself then allocates on the device)."""
+        need = self.layout.rows * (math.ceil(tokens / self.layout.page_size) + 1)
+        if self.free_page_count() < need:
+            raise OutOfPages(f"a prefill chunk of {tokens} tokens may need {need} pages, "
+                             f"{self.free_page_count()} free")
+
     def grow(self, layer: int, row: int, new_lens: torch.Tensor) -> None:
-        """Allocate the pages a prefill chunk needs so that heads may hold ``new_lens`` [H] slots
-        (keeping the ready page). Host-synchronous: prefill is not graph-captured."""
+        """Allocate the pages that let the heads of a row hold ``new_lens`` [H] slots (keeping the
+        ready page), on the device: no host sync (the caller checked the room with check_room)."""
         p = self.layout.page_size
         have = self.lens[layer, row].long() // p + 1
         want = new_lens.long() // p + 1
-        if int(want.max()) > self.layout.pages_per_head:
-            raise ValueError(f"a head would hold {int(new_lens.max())} slots, more than max_model_len "
-                             f"{self.layout.max_model_len}")
         m = torch.arange(self.layout.pages_per_head, device=self.device)
         needed = (m >= have[:, None]) & (m < want[:, None])  # [H, M]
-        count = int(needed.sum())
-        if count == 0:
-            return
-        top = self.free_page_count()
-        if count > top:
-            raise OutOfPages(f"{count} pages needed for a prefill chunk, {top} free")
+        order = needed.flatten().long().cumsum(0) - 1
+        take = (self.free_top - 1 - order).clamp(0, self.free_pages.shape[0] - 1)
         table = self.page_table[layer, row]
-        table[needed] = self.free_pages[top - count:top]
-        self.free_top -= count
+        table.copy_(torch.where(needed, self.free_pages[take].view_as(table), table))
+        self.free_top -= needed.sum()
 
     # ------------------------------------------------------------------ window state
     def window_prefix(self, layer: int, row: int, seen: int) -> torch.Tensor:
@@ -239,11 +240,13 @@ class _LayerView:
         kept = next_alpha < 0.5  # token j ends a slot unless j+1 merges into it
         new_lens = base + kept.sum(-1)
         cache.grow(self.layer, self.row, new_lens)
-        slot = base[:, None] + kept.long().cumsum(-1) - 1  # [H, n]
-        heads = torch.arange(a.shape[0], device=a.device)[:, None].expand_as(slot)
-        page = cache.page_table[self.layer, self.row][heads[kept], (slot[kept] // p)].long()
-        cache.k_pool[page, slot[kept] % p] = k_bar[0][kept].to(cache.dtype)
-        cache.v_pool[page, slot[kept] % p] = v_bar[0][kept].to(cache.dtype)
+        # Every token is scattered; those that do not end a slot go to the null page (never read).
+        slot = (base[:, None] + kept.long().cumsum(-1) - 1).clamp_min(0)  # [H, n]
+        page = cache.page_table[self.layer, self.row].gather(1, slot // p).long()
+        flat = torch.where(kept, page * p + slot % p, 0).flatten()
+        d = k_bar.shape[-1]
+        cache.k_pool.view(-1, d)[flat] = k_bar[0].reshape(-1, d).to(cache.dtype)
+        cache.v_pool.view(-1, d)[flat] = v_bar[0].reshape(-1, d).to(cache.dtype)
         cache.lens[self.layer, self.row] = new_lens.to(torch.int32)
         if not cache.layout.vanilla:
             width = cache.layout.ring_width

@@ -65,6 +65,7 @@ class ModelRunner:
     def prefill(self, row: int, token_ids: list[int], seen: int) -> torch.Tensor:
         """Feed ``token_ids`` to sequence ``row`` that already holds ``seen`` tokens; returns the
         logits after the last one ``[V]`` (fp32)."""
+        self.cache.check_room(len(token_ids))
         view = SequenceView(self.cache, row, seen)
         ids = torch.tensor([token_ids], device=self.cache.device)
         out = self.model(input_ids=ids, past_key_values=view, use_cache=True, logits_to_keep=1)

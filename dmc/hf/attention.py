@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 from .. import core
 from ..config import DMCConfig
@@ -124,7 +124,7 @@ class DMCAttention(nn.Module):
         self.decisions = alpha
 
         if past_key_values is not None:
-            out = self._attend_cached(q, alpha, core.weighted_terms(importance, k, v), cos, sin,
+            out = self._attend_cached(q, k, v, alpha, importance, cos, sin,
                                       past_key_values.layers[self.layer_idx], batch)
         else:
             out = self._attend_full(q, k, v, alpha, importance, cos, sin, batch)
@@ -154,21 +154,32 @@ class DMCAttention(nn.Module):
         if impl == "dense":
             return dense_attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling)
         if impl == "sdpa":
+            if batch.vanilla and batch.valid is None and batch.document_ids is None:  # plain causal: flash
+                return F.scaled_dot_product_attention(q, k_bar, v_bar, is_causal=True, scale=self.scaling,
+                                                      enable_gqa=q.shape[1] != k_bar.shape[1])
             return sdpa_attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling)
         if batch.block_mask is None:
             batch.block_mask = causal_block_mask(batch.document_ids, q.shape[0], q.shape[-2], q.device)
         return flex_attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling, batch.block_mask)
 
-    def _attend_cached(self, q, alpha, terms, cos, sin, layer_cache, batch: DMCBatch) -> torch.Tensor:
+    def _attend_cached(self, q, k, v, alpha, importance, cos, sin, layer_cache, batch: DMCBatch) -> torch.Tensor:
+        window = self.dmc.window
+        # The window state after the chunk needs the weighted terms of its last W-1 tokens only.
+        tail = 1 if window is None else max(1, min(window - 1, k.shape[-2]))
+        terms = core.weighted_terms(importance[..., -tail:], k[..., -tail:, :], v[..., -tail:, :])
         prefix = layer_cache.window_prefix(terms)
-        # Vanilla: α = 0, so the pooled sums are the terms themselves.
-        sums = terms if batch.vanilla else pool_with_prefix(alpha, terms, self.dmc.window, prefix)
+        sums = None
         if batch.vanilla:
             # α = 0 everywhere: each slot is the token's own key and value, channel D-1 kept.
-            k, v = terms[..., :self.head_dim], terms[..., self.head_dim:2 * self.head_dim]
-            q, k_bar = apply_rotary_pos_emb(q, k.to(q.dtype), cos, sin)
-            v_bar = v.to(q.dtype)
+            q, k_bar = apply_rotary_pos_emb(q, k, cos, sin)
+            v_bar, sums = v, terms
+        elif q.is_cuda and window is not None and window > 1:
+            # Fused Triton pooling: the fp32 terms of the whole chunk are never materialised.
+            from ..engine.kernels.triton_kernels import chunk_states
+            k_bar, v_bar = chunk_states(k, v, importance, alpha, prefix, cos, sin, window)
+            q = core.zero_last_channel(_rope_q(q, cos, sin))
         else:
+            sums = pool_with_prefix(alpha, core.weighted_terms(importance, k, v), window, prefix)
             q, k_bar, v_bar = states_from_sums(q, sums, cos, sin)
         valid = batch.valid if batch.valid is not None else torch.ones_like(alpha[:, 0], dtype=torch.bool)
         old_k, old_v, old_visible = layer_cache.visible_slots(alpha, valid, k_bar)
@@ -181,6 +192,10 @@ class DMCAttention(nn.Module):
         if hasattr(layer_cache, "after_attention"):  # cache policies that score slots (eviction baselines)
             layer_cache.after_attention(q, self.scaling, valid)
         return out
+
+
+def _rope_q(q, cos, sin):
+    return q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
 
 
 def pooled_states(q, k, v, alpha, importance, cos, sin, window: int | None):

@@ -106,7 +106,8 @@ class DMCCacheLayer(CacheLayerMixin):
         Args:
             alpha: hard decisions ``[B, H, n]`` (padding: 1). valid: ``[B, n]`` bool.
             k_bar, v_bar: the chunk's rotated pooled states ``[B, H, n, D]``.
-            prefix, terms, sums: window state before, weighted terms and pooled sums of the chunk.
+            prefix, terms, sums: window state before the chunk, weighted terms of (at least) its last
+                W-1 tokens, and its pooled sums (needed for an unbounded window only; else None).
         """
         b, h, n = alpha.shape
         d = k_bar.shape[-1]

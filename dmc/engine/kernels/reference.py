@@ -152,3 +152,24 @@ def allocate_pages_ref(lens, page_table, seq_ids, free_pages, free_top, page_siz
     fresh = free_pages[take].view_as(need)
     page_table[index] = torch.where(need, fresh, current)
     free_top -= flat.sum()
+
+
+def chunk_states_ref(k, v, importance, alpha, prefix, cos, sin, window: int):
+    """Pooled, rotated DMC states of a prefill chunk (spec §3 with a cached window prefix).
+
+    Args:
+        k, v: keys (channel D-1 zeroed) and values before RoPE ``[B, H, n, D]``.
+        importance, alpha: ω and hard α ``[B, H, n]`` fp32 (padding: ω = 0, α = 1).
+        prefix: the window state before the chunk ``[B, H, P, 2D + 1]`` fp32 (P = 0 or W - 1).
+        cos, sin: RoPE tables ``[B or 1, n, D]``. window: W (bounded).
+
+    Returns:
+        ``(k̄, v̄)`` ``[B, H, n, D]`` in k's dtype: windowed weighted means, k̄ rotated (in fp32) at
+        each token's position with channel D-1 zeroed.
+    """
+    from ...hf.attention import pool_with_prefix
+
+    sums = pool_with_prefix(alpha, core.weighted_terms(importance, k, v), window, prefix)
+    k_bar, v_bar = core.normalise(sums, k.shape[-1])
+    k_bar = core.zero_last_channel(rope(k_bar, cos.float()[:, None], sin.float()[:, None]))
+    return k_bar.to(k.dtype), v_bar.to(k.dtype)

@@ -330,3 +330,89 @@ def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: 
     _attention_reduce_kernel[(b * hq,)](part_out, part_lse, out, D=d, SPLITS=splits,
                                         SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1)
     return out
+
+
+# --------------------------------------------------------------------------- prefill pooling
+@triton.jit
+def _chunk_states_kernel(k_ptr, v_ptr, w_ptr, a_ptr, prefix_ptr, cos_ptr, sin_ptr, k_out_ptr, v_out_ptr,
+                         n, H, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_cb, stride_cn,
+                         P: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """One (sequence, KV head, block of BT tokens): the W window taps of every token, weighted by ω and
+    gated by the running product of α, summed in fp32 registers (the [ωk, ωv, ω] terms are never
+    written to memory); then K/Z, V/Z, RoPE of k̄ at the token's position, channel D-1 zeroed.
+    Taps before the chunk read the cached window prefix (α = 1 inside it)."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    HALF: tl.constexpr = D // 2
+    t = tl.program_id(1) * BT + tl.arange(0, BT)
+    lo = tl.arange(0, HALF)
+    live = t < n
+    k_row = k_ptr + b * stride_kb + h * stride_kh
+    v_row = v_ptr + b * stride_vb + h * stride_vh
+    acc_k_lo = tl.zeros([BT, HALF], tl.float32)
+    acc_k_hi = tl.zeros([BT, HALF], tl.float32)
+    acc_v_lo = tl.zeros([BT, HALF], tl.float32)
+    acc_v_hi = tl.zeros([BT, HALF], tl.float32)
+    acc_z = tl.zeros([BT], tl.float32)
+    carry = tl.full([BT], 1.0, tl.float32)
+    for d in tl.static_range(W):
+        src = t - d
+        if d > 0:  # c_{src→t} = Π α over (src, t]: one more factor per tap
+            carry = carry * tl.load(a_ptr + bh * n + src + 1, mask=live & (src + 1 >= 0), other=1.0)
+        inside = live & (src >= 0)
+        cw = carry * tl.load(w_ptr + bh * n + src, mask=inside, other=0.0)
+        at_k = k_row + src[:, None] * stride_kn + lo[None, :]
+        at_v = v_row + src[:, None] * stride_vn + lo[None, :]
+        m = inside[:, None]
+        acc_k_lo += cw[:, None] * tl.load(at_k, mask=m, other=0.0).to(tl.float32)
+        acc_k_hi += cw[:, None] * tl.load(at_k + HALF, mask=m, other=0.0).to(tl.float32)
+        acc_v_lo += cw[:, None] * tl.load(at_v, mask=m, other=0.0).to(tl.float32)
+        acc_v_hi += cw[:, None] * tl.load(at_v + HALF, mask=m, other=0.0).to(tl.float32)
+        acc_z += cw
+        if P > 0:  # taps that fall in the cached prefix (already weighted and scaled to the group)
+            slot = P + src
+            before = live & (src < 0) & (slot >= 0)
+            at_p = prefix_ptr + (bh * P + slot)[:, None] * (2 * D + 1) + lo[None, :]
+            mp = before[:, None]
+            acc_k_lo += carry[:, None] * tl.load(at_p, mask=mp, other=0.0)
+            acc_k_hi += carry[:, None] * tl.load(at_p + HALF, mask=mp, other=0.0)
+            acc_v_lo += carry[:, None] * tl.load(at_p + D, mask=mp, other=0.0)
+            acc_v_hi += carry[:, None] * tl.load(at_p + D + HALF, mask=mp, other=0.0)
+            acc_z += carry * tl.load(prefix_ptr + (bh * P + slot) * (2 * D + 1) + 2 * D, mask=before, other=0.0)
+    z = tl.maximum(acc_z, 1e-30)[:, None]
+    k_lo, k_hi = acc_k_lo / z, acc_k_hi / z
+    at_c = cos_ptr + b * stride_cb + t[:, None] * stride_cn + lo[None, :]
+    at_s = sin_ptr + b * stride_cb + t[:, None] * stride_cn + lo[None, :]
+    m = live[:, None]
+    cos_lo = tl.load(at_c, mask=m, other=0.0).to(tl.float32)
+    cos_hi = tl.load(at_c + HALF, mask=m, other=0.0).to(tl.float32)
+    sin_lo = tl.load(at_s, mask=m, other=0.0).to(tl.float32)
+    sin_hi = tl.load(at_s + HALF, mask=m, other=0.0).to(tl.float32)
+    rot_lo = k_lo * cos_lo - k_hi * sin_lo
+    rot_hi = k_hi * cos_hi + k_lo * sin_hi
+    rot_hi = tl.where(lo[None, :] == HALF - 1, 0.0, rot_hi)  # channel D-1, zeroed after RoPE too
+    out = (bh * n + t)[:, None] * D + lo[None, :]
+    dtype = k_out_ptr.dtype.element_ty
+    tl.store(k_out_ptr + out, rot_lo.to(dtype), mask=m)
+    tl.store(k_out_ptr + out + HALF, rot_hi.to(dtype), mask=m)
+    tl.store(v_out_ptr + out, (acc_v_lo / z).to(dtype), mask=m)
+    tl.store(v_out_ptr + out + HALF, (acc_v_hi / z).to(dtype), mask=m)
+
+
+def chunk_states(k, v, importance, alpha, prefix, cos, sin, window: int, block_tokens: int = 32):
+    """Triton twin of :func:`.reference.chunk_states_ref` (same arguments and result)."""
+    b, h, n, d = k.shape
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    importance, alpha = importance.float().contiguous(), alpha.float().contiguous()
+    prefix = prefix.float().contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    k_out = torch.empty(b, h, n, d, dtype=k.dtype, device=k.device)
+    v_out = torch.empty_like(k_out)
+    stride_cb = 0 if cos.shape[0] == 1 else cos.stride(0)
+    _chunk_states_kernel[(b * h, triton.cdiv(n, block_tokens))](
+        k, v, importance, alpha, prefix, cos, sin, k_out, v_out, n, h,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), stride_cb, cos.stride(1),
+        P=prefix.shape[-2], W=window, D=d, BT=block_tokens, num_warps=4)
+    return k_out, v_out
