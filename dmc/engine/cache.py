@@ -147,6 +147,12 @@ class PagedKVCache:
         self.page_table[index] = self.free_pages[top - count:top].view(self.page_table[index].shape)
         self.free_top -= count
 
+    def step_worst_case(self, rows: list[int]) -> int:
+        """Pages the next decode step of these sequence rows may take: one for every head whose
+        current page would fill with an append (one host sync)."""
+        lens = self.lens[:, torch.tensor(rows, device=self.device)]
+        return int(((lens % self.layout.page_size) == self.layout.page_size - 1).sum())
+
     def check_room(self, tokens: int) -> None:
         """Raise OutOfPages unless a prefill chunk of ``tokens`` fits even if nothing merges (one host
         sync per chunk; the chunk itself then allocates on the device)."""

@@ -179,7 +179,7 @@ class LLM:
     def _decode(self, changed: list[Request]) -> None:
         sched = self.scheduler
         batch = [r for r in sched.running if not r.finished]
-        while batch and self.cache.free_page_count() < sched.step_reserve(len(batch)):
+        while batch and self.cache.free_page_count() < self.cache.step_worst_case([r.row for r in batch]):
             victim = sched.preemption_victim()
             if victim is None:
                 self._fail(batch[0], "out of KV-cache memory while decoding a single sequence; lower "

@@ -88,17 +88,14 @@ class Scheduler:
         """Pages the running requests are still expected to take before they finish."""
         return sum(self.pages_for(r.total_tokens) - self.pages_for(r.seen) for r in self.running)
 
-    def step_reserve(self, batch: int) -> int:
-        """Worst case of one decode step: a fresh page for every head of every row."""
-        return batch * self.rows
-
     def can_admit(self, request: Request, free_pages: int, free_rows: int) -> bool:
+        """Admit when the request's expected pages fit beside what the running ones will still take.
+        (Each decode step separately checks its exact worst case; see ``LLM._decode``.)"""
         if len(self.running) >= self.max_num_seqs or free_rows == 0:
             return False
-        need = self.pages_for(request.total_tokens) + self.step_reserve(len(self.running) + 1)
         if not self.running:
-            return free_pages >= self.pages_for(len(request.to_feed())) + self.step_reserve(1)
-        return free_pages - self.committed_growth() >= need
+            return free_pages >= self.pages_for(len(request.to_feed())) + self.rows
+        return free_pages - self.committed_growth() >= self.pages_for(request.total_tokens)
 
     def preemption_victim(self) -> Request | None:
         """The newest running request (it has the least work to redo)."""
