@@ -198,9 +198,11 @@ def bench_engine(contexts: list[int], crs: list[int], done: set) -> list[dict]:
 
 # ----------------------------------------------------------------------------------- HF generate
 def bench_hf(context: int = 1024, batches=(128, 96, 64, 48, 32)) -> list[dict]:
+    """The largest batch of ``batches`` (tried in order) that generate() runs without running out of
+    memory; the batches that did not fit are recorded with the row."""
     model = build_model(dmc_model=False)
     half = context // 2
-    rows = []
+    rows, too_big = [], []
     for batch in batches:
         ids = torch.randint(3, 32000, (batch, half), device="cuda")
         try:
@@ -215,11 +217,13 @@ def bench_hf(context: int = 1024, batches=(128, 96, 64, 48, 32)) -> list[dict]:
                 times[new] = time.perf_counter() - t0
         except torch.OutOfMemoryError:
             print(f"hf generate: batch {batch} is out of memory", flush=True)
+            too_big.append(batch)
+            ids = None  # noqa: F841
             free_model()
             continue
         rows.append({"part": "hf", "config": "hf-generate", "context": context, "batch": batch, "cr": 1,
                      "tokens_per_s": batch * (half - 32) / (times[half] - times[32]),
-                     "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
+                     "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "out_of_memory_batches": too_big})
         print(rows[-1], flush=True)
         break
     del model
@@ -249,9 +253,10 @@ def report(rows: list[dict], gpu: str) -> str:
     for r in hf:
         base = next((b for b in engine if b["context"] == r["context"] and b["cr"] == 1), None)
         ratio = f" — the CR 1 engine is {base['tokens_per_s'] / r['tokens_per_s']:.2f}x faster" if base else ""
+        oom = r.get("out_of_memory_batches") or []
+        tried = f"; batch {', '.join(map(str, oom))} ran out of memory" if oom else ""
         lines.append(f"Hugging Face `generate()` (stock model, SDPA, DynamicCache) at {r['context']} context: "
-                     f"{r['tokens_per_s']:,.0f} tok/s at batch {r['batch']} (largest that fit; decode steps "
-                     f"only){ratio}.")
+                     f"{r['tokens_per_s']:,.0f} tok/s at batch {r['batch']} (decode steps only{tried}){ratio}.")
         lines.append("")
     att = [r for r in rows if r["part"] == "attention"]
     if att:
@@ -278,6 +283,8 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096])
     parser.add_argument("--crs", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the results file")
+    parser.add_argument("--hf-batches", nargs="+", type=int, default=[128, 96, 64, 48, 32],
+                        help="batches tried for HF generate(), largest first (an OOM late in generation is slow)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/throughput.py needs a CUDA GPU")
@@ -293,7 +300,7 @@ def main() -> None:
         elif part == "engine":
             new = bench_engine(args.contexts, args.crs, done)
         elif part == "hf":
-            new = bench_hf()
+            new = bench_hf(batches=args.hf_batches)
         else:
             sys.exit(f"unknown part {part!r}")
         keys = {(r["part"], r["config"], r.get("context")) for r in new}

@@ -209,3 +209,15 @@ def test_gpu_engine_equals_hf_generate(family, window):
                                  pad_token_id=0, eos_token_id=None)
         assert out.token_ids == ref[0, len(prompt):].tolist()
     _assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("n", [5, 128, 200])
+def test_bucketed_flex_attention_equals_dense(n):
+    """Prefill's FlexAttention pads to a power-of-two bucket (one compilation per bucket): exact."""
+    from dmc.hf.attention import dense_attend, flex_attend_bucketed
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, heads, n, 16, generator=g) for heads in (4, 2, 2))
+    key_bias = torch.where(torch.rand(1, 2, n, generator=g) < 0.5, float("-inf"), 0.0)
+    key_bias[..., -1] = 0
+    torch.testing.assert_close(flex_attend_bucketed(q, k, v, key_bias, 0.25),
+                               dense_attend(q, k, v, key_bias, None, 0.25), atol=1e-5, rtol=1e-5)

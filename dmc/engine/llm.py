@@ -39,8 +39,9 @@ class LLM:
         admission_margin: admit assuming the observed CR divided by (1 + margin).
         cuda_graphs: capture the decode step in batch-size buckets (CUDA only).
         prefill_chunk: longest prompt chunk fed at once (longer prompts are prefilled in chunks).
-        prefill_attention: attention of a prompt's first chunk: "sdpa" (boolean DMC mask, no
-            compilation), "flex" (FlexAttention, compiled per prompt length) or "dense".
+        prefill_attention: attention of a prompt's first chunk: "auto" (flex on CUDA, sdpa on CPU),
+            "flex" (FlexAttention with the DMC mask, compiled once per power-of-two length bucket),
+            "sdpa" (a boolean DMC mask, no compilation, slower) or "dense".
         vanilla: run a DMC model with every token appending (its uncompressed baseline).
         forced_period: benchmarks only: replace the decision channel by α_t = 1[t % period != 0]
             so that random weights compress at exactly CR = period.
@@ -50,7 +51,7 @@ class LLM:
     def __init__(self, model, *, tokenizer=None, dtype: str | torch.dtype = "auto", device: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 256, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory: int | None = None, admission_margin: float = 0.1, cuda_graphs: bool = True,
-                 prefill_chunk: int = 4096, prefill_attention: str = "sdpa", vanilla: bool = False, forced_period: int = 0, seed: int = 0,
+                 prefill_chunk: int = 4096, prefill_attention: str = "auto", vanilla: bool = False, forced_period: int = 0, seed: int = 0,
                  progress: bool = True) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(model, torch.nn.Module) and dtype == "auto":
@@ -67,6 +68,8 @@ class LLM:
         # forced_period drives the decisions, so even a plain model's weights run the DMC path.
         self.vanilla = (plain or vanilla) and not forced_period
         self.model.set_dmc_mode(vanilla=self.vanilla)
+        if prefill_attention == "auto":
+            prefill_attention = "flex" if self.device.type == "cuda" else "sdpa"
         for layer in self.model.model.layers:  # prefill attention (the decode step has its own kernels)
             layer.self_attn.dmc.attn_implementation = prefill_attention
         self.tokenizer = tokenizer

@@ -158,6 +158,8 @@ class DMCAttention(nn.Module):
                 return F.scaled_dot_product_attention(q, k_bar, v_bar, is_causal=True, scale=self.scaling,
                                                       enable_gqa=q.shape[1] != k_bar.shape[1])
             return sdpa_attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling)
+        if not self.training and batch.document_ids is None:
+            return flex_attend_bucketed(q, k_bar, v_bar, key_bias, self.scaling)
         if batch.block_mask is None:
             batch.block_mask = causal_block_mask(batch.document_ids, q.shape[0], q.shape[-2], q.device)
         return flex_attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling, batch.block_mask)
@@ -309,6 +311,25 @@ def flex_attend(q, k, v, key_bias, document_ids, scale, block_mask=None) -> torc
         block_mask = causal_block_mask(document_ids, q.shape[0], q.shape[-2], q.device)
     fn = _compiled("flex_attention", flex_attention, dynamic=False) if q.is_cuda else flex_attention
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=groups > 1)
+
+
+_BUCKET_MASKS: dict = {}
+
+
+def flex_attend_bucketed(q, k, v, key_bias, scale) -> torch.Tensor:
+    """Inference FlexAttention for any length: q/k/v are right-padded to a power-of-two bucket (at
+    least 128), so the compiled kernel and the causal block mask exist once per bucket instead of
+    once per prompt length. Exact: under the causal mask no real query sees a padded key."""
+    n = q.shape[-2]
+    size = max(128, 1 << (n - 1).bit_length())
+    if size != n:
+        pad = (0, 0, 0, size - n)
+        q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+        key_bias = F.pad(key_bias, (0, size - n), value=float("-inf"))
+    key = (size, q.device)
+    if key not in _BUCKET_MASKS:
+        _BUCKET_MASKS[key] = causal_block_mask(None, 1, size, q.device)
+    return flex_attend(q, k, v, key_bias, None, scale, _BUCKET_MASKS[key])[..., :n, :]
 
 
 def cached_attend(q, old_k, old_v, old_visible, new_k, new_v, new_bias, scale) -> torch.Tensor:
