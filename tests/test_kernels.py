@@ -74,6 +74,8 @@ class Cache:
     page_table: torch.Tensor
     lens: torch.Tensor
     ring: torch.Tensor
+    ring_kv: torch.Tensor
+    ring_w: torch.Tensor
     free_pages: torch.Tensor
     free_top: torch.Tensor
 
@@ -88,6 +90,8 @@ class Cache:
         assert torch.equal(self.lens, other.lens)
         assert torch.equal(self.page_table, other.page_table)
         torch.testing.assert_close(self.ring, other.ring, rtol=1e-5, atol=1e-5)
+        assert torch.equal(self.ring_kv, other.ring_kv)  # raw keys/values: copied, never rounded
+        torch.testing.assert_close(self.ring_w, other.ring_w, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(self.k_pool, other.k_pool, **tol)
         torch.testing.assert_close(self.v_pool, other.v_pool, **tol)
 
@@ -114,10 +118,13 @@ def make_cache(lens: torch.Tensor, d: int, ring_width: int, dtype: torch.dtype, 
         table[tuple(index)][:count] = order[used:used + count]
         used += count
     weight = torch.rand(*lens.shape, ring_width, 1, generator=gen) * 0.9 + 0.1  # ω of earlier tokens
-    terms = torch.randn(*lens.shape, ring_width, 2 * d, generator=gen)
+    if ring_width > 1:
+        weight[..., :1, :] = 0  # one entry outside the open group
+    terms = torch.randn(*lens.shape, ring_width, 2 * d, generator=gen).to(dtype)
     cache = Cache(k_pool=torch.randn(num_pages, P, d, generator=gen).to(dtype),
                   v_pool=torch.randn(num_pages, P, d, generator=gen).to(dtype),
-                  page_table=table, lens=lens.clone(), ring=torch.cat([weight * terms, weight], -1),
+                  page_table=table, lens=lens.clone(), ring=torch.cat([weight * terms.float(), weight], -1)[..., :1, :],
+                  ring_kv=terms, ring_w=weight[..., 0],
                   free_pages=torch.cat([order[used:], order[:used]]), free_top=torch.tensor([num_pages - 1 - used]))
     return Cache(*(t.to(DEVICE) for t in cache.tensors()))
 
@@ -181,8 +188,8 @@ def test_decode_update_matches_twin(d, groups, window, vanilla, forced_period, d
         q, k, v = projections(gen, len(seq_ids), groups, d, dtype)
         cos, sin = (t.to(device=DEVICE, dtype=dtype) for t in rope_tables(pos, d))
         batch = (q, k, v, cos, sin, seq_ids.to(DEVICE), pos.to(DEVICE), layer)
-        q_twin, alpha_twin = decode_update_ref(*batch, *twin.tensors()[:5], **options)
-        q_rot, alpha = triton_kernels.decode_update(*batch, *cache.tensors()[:5], **options)
+        q_twin, alpha_twin = decode_update_ref(*batch, *twin.tensors()[:7], **options)
+        q_rot, alpha = triton_kernels.decode_update(*batch, *cache.tensors()[:7], **options)
         assert torch.equal(alpha, alpha_twin)
         torch.testing.assert_close(q_rot, q_twin, **tolerance(dtype))
         cache.assert_close(twin, **tolerance(dtype))

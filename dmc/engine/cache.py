@@ -6,9 +6,11 @@ compresses 8x takes an eighth of the pages and its attention reads an eighth of 
 Page 0 is a null page that is never handed out (unallocated table entries point at it).
 
 Per layer (layer-major, so one layer's tables are contiguous for the kernels):
-``page_table [L, S+1, H, M]`` int32, ``lens [L, S+1, H]`` int32 slots, and the DMC window
-ring ``[L, S+1, H, R, 2D + 1]`` fp32 (see :mod:`dmc.engine.kernels.reference`). Row S is a
-scratch row for the padding rows of a CUDA-graph bucket.
+``page_table [L, S+1, H, M]`` int32, ``lens [L, S+1, H]`` int32 slots, and the DMC window state:
+for a bounded window a ring of the open group's last W-1 raw keys/values (cache dtype) and
+importances (fp32), for an unbounded one the running sums (fp32); see
+:mod:`dmc.engine.kernels.reference`. Row S is a scratch row for the padding rows of a
+CUDA-graph bucket.
 
 The allocator lives on the device: a stack of free page ids and its size ``free_top``.
 Invariant between steps: page ``lens // P`` of every live head is allocated, so a decode step
@@ -53,9 +55,10 @@ class CacheLayout:
 
     @property
     def ring_width(self) -> int:
-        if self.vanilla:
-            return 1  # unused: every token appends
-        return 1 if self.window is None else max(self.window - 1, 1)
+        """R: window entries kept per head (0 when nothing is kept: vanilla, or unbounded sums)."""
+        if self.vanilla or self.window is None:
+            return 0
+        return max(self.window - 1, 1)
 
     @property
     def rows(self) -> int:
@@ -65,13 +68,17 @@ class CacheLayout:
         """Bytes of one page of keys plus one of values."""
         return 2 * self.page_size * self.head_dim * torch.empty((), dtype=dtype).element_size()
 
+    @property
+    def unbounded(self) -> bool:
+        return self.window is None and not self.vanilla
+
     @staticmethod
     def sequence_bytes(num_layers: int, num_kv_heads: int, head_dim: int, max_model_len: int,
-                       window: int | None, vanilla: bool, page_size: int = 16) -> int:
-        """Fixed bytes per sequence row: page table, lens and window ring."""
+                       window: int | None, vanilla: bool, page_size: int = 16, dtype_bytes: int = 2) -> int:
+        """Fixed bytes per sequence row: page table, lens and window state."""
         shape = CacheLayout(num_layers, num_kv_heads, head_dim, 1, 1, max_model_len, window, vanilla, page_size)
-        per_head = 4 * (shape.pages_per_head + 1) + 4 * shape.ring_width * (2 * head_dim + 1)
-        return num_layers * num_kv_heads * per_head
+        state = shape.ring_width * (2 * head_dim * dtype_bytes + 4) + (4 * (2 * head_dim + 1) if shape.unbounded else 0)
+        return num_layers * num_kv_heads * (4 * (shape.pages_per_head + 1) + state)
 
 
 class PagedKVCache:
@@ -92,7 +99,12 @@ class PagedKVCache:
         self.v_pool = torch.zeros(layout.num_pages, p, d, dtype=dtype, device=self.device)
         self.page_table = torch.zeros(lay, rows, h, layout.pages_per_head, dtype=torch.int32, device=self.device)
         self.lens = torch.zeros(lay, rows, h, dtype=torch.int32, device=self.device)
-        self.ring = torch.zeros(lay, rows, h, layout.ring_width, 2 * d + 1, dtype=torch.float32, device=self.device)
+        # Window state (only what the mode needs; the kernels take all three tensors).
+        sums_rows = rows if layout.unbounded else 1
+        self.ring = torch.zeros(lay, sums_rows, h, 1, 2 * d + 1, dtype=torch.float32, device=self.device)
+        width, ring_rows = max(layout.ring_width, 1), rows if layout.ring_width else 1
+        self.ring_kv = torch.zeros(lay, ring_rows, h, width, 2 * d, dtype=dtype, device=self.device)
+        self.ring_w = torch.zeros(lay, ring_rows, h, width, dtype=torch.float32, device=self.device)
         # Free stack: ids 1..num_pages-1; free_top = how many are on it.
         self.free_pages = torch.arange(1, layout.num_pages, dtype=torch.int32, device=self.device)
         self.free_top = torch.tensor([layout.num_pages - 1], dtype=torch.int64, device=self.device)
@@ -123,7 +135,11 @@ class PagedKVCache:
             raise OutOfPages(f"{self.layout.rows} pages needed to open a sequence, {self.free_page_count()} free")
         row = self._free_rows.pop()
         self.lens[:, row] = 0
-        self.ring[:, row] = 0
+        if self.layout.unbounded:
+            self.ring[:, row] = 0
+        if self.layout.ring_width:
+            self.ring_kv[:, row] = 0
+            self.ring_w[:, row] = 0
         self.page_table[:, row] = 0
         self._pop_into(self.layout.rows, (slice(None), row, slice(None), 0))
         return row
@@ -177,19 +193,26 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ window state
     def window_prefix(self, layer: int, row: int, seen: int) -> torch.Tensor:
-        """The ring of a row as the chronological window state ``[H, R, C]`` (oldest first)."""
-        ring = self.ring[layer, row]
-        if self.layout.window is None or self.layout.vanilla:
-            return ring
-        return ring.roll(-(seen % ring.shape[1]), dims=1)
+        """A row's window state as chronological weighted terms ``[H, R, 2D + 1]`` fp32 (oldest
+        first), or its running sums ``[H, 1, 2D + 1]`` for an unbounded window."""
+        if self.layout.unbounded:
+            return self.ring[layer, row]
+        from .kernels.reference import ring_terms
+        terms = ring_terms(self.ring_kv[layer, row], self.ring_w[layer, row])
+        return terms.roll(-(seen % terms.shape[1]), dims=1)
 
     def set_window_state(self, layer: int, row: int, seen: int, state: torch.Tensor) -> None:
-        """Store a chronological window state ``[H, R, C]`` after ``seen`` tokens."""
+        """Store a chronological window state ``[H, R, 2D + 1]`` (weighted terms) after ``seen``
+        tokens. Raw k, v come back as terms / ω, exact once cast to the cache dtype (bf16)."""
         if self.layout.vanilla:
             return
-        if self.layout.window is not None:
-            state = state.roll(seen % state.shape[1], dims=1)
-        self.ring[layer, row] = state
+        if self.layout.unbounded:
+            self.ring[layer, row] = state
+            return
+        state = state.roll(seen % state.shape[1], dims=1)
+        weight = state[..., -1]
+        self.ring_w[layer, row] = weight
+        self.ring_kv[layer, row] = (state[..., :-1] / torch.where(weight > 0, weight, 1.0)[..., None]).to(self.dtype)
 
 
 class SequenceView(DMCCache):

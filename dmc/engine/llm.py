@@ -305,7 +305,8 @@ class LLM:
         layers, heads = config.num_hidden_layers, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         window = self.dmc.window
-        fixed = CacheLayout.sequence_bytes(layers, heads, head_dim, self.max_model_len, window, self.vanilla)
+        fixed = CacheLayout.sequence_bytes(layers, heads, head_dim, self.max_model_len, window, self.vanilla,
+                                           dtype_bytes=torch.empty((), dtype=self.dtype).element_size())
         page_bytes = 2 * 16 * head_dim * torch.empty((), dtype=self.dtype).element_size()
         if kv_bytes is None:
             kv_bytes = self._free_memory(config, max_num_seqs, utilization)

@@ -98,7 +98,8 @@ class ModelRunner:
             value = attn.v_proj(x).view(b, -1, attn.head_dim)
             q_rot, _ = k.decode_update(
                 q, key, value, cos, sin, seq_ids, positions, index, cache.k_pool, cache.v_pool, cache.page_table,
-                cache.lens, cache.ring, init_offset=self.dmc.init_offset, window=self.dmc.window,
+                cache.lens, cache.ring, cache.ring_kv, cache.ring_w, init_offset=self.dmc.init_offset,
+                window=self.dmc.window,
                 vanilla=self.vanilla, page_size=cache.layout.page_size, forced_period=self.forced_period)
             out = k.paged_decode_attention(q_rot, cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids,
                                            index, attn.scaling, cache.layout.page_size)

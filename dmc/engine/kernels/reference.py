@@ -3,11 +3,14 @@
 Cache layout (see :mod:`dmc.engine.cache`): one page pool shared by every layer and KV head,
 ``k_pool``/``v_pool`` ``[num_pages, P, D]`` with one head per page; per layer, a page table
 ``[L, S, H, M]`` (int32, page ids; S = sequence rows, M = pages a head may hold), slot counts
-``lens`` ``[L, S, H]`` (int32) and the DMC window ring ``[L, S, H, R, 2D + 1]`` (fp32).
+``lens`` ``[L, S, H]`` (int32) and the DMC window state.
 
-Ring: R = W - 1 entries (W = window), token t's weighted terms ``[ω k, ω v, ω]`` live at index
-``t % R``, scaled to the open group (entries of earlier groups are 0). Unbounded window: R = 1
-and the entry is the open group's running sums.
+Window state, bounded window W: a ring of R = W - 1 entries; token t lives at index ``t % R`` as its
+raw key (channel D-1 zeroed) and value in ``ring_kv`` ``[L, S, H, R, 2D]`` (cache dtype: exactly the
+projection outputs, half the bytes of fp32 terms) and its importance ω in ``ring_w`` ``[L, S, H, R]``
+(fp32; 0 for tokens outside the open group). The weighted terms ``[ω k, ω v, ω]`` are formed in
+fp32 when summed. Unbounded window: ``ring`` ``[L, S, H, 1, 2D + 1]`` fp32 holds the open group's
+running sums.
 
 A batch row b of a decode step belongs to sequence row ``seq_ids[b]`` (-1: a padding row of a
 CUDA-graph bucket, skipped) and holds token ``pos[b]`` (0-based position in its sequence).
@@ -27,7 +30,14 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotated * sin
 
 
-def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_pool, page_table, lens, ring, *,
+def ring_terms(ring_kv: torch.Tensor, ring_w: torch.Tensor) -> torch.Tensor:
+    """The ring as weighted terms ``[..., R, 2D + 1]`` fp32: ``[ω k, ω v, ω]``."""
+    w = ring_w.unsqueeze(-1)
+    return torch.cat([w * ring_kv.float(), w], dim=-1)
+
+
+def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_pool, page_table, lens, ring,
+                      ring_kv, ring_w, *,
                       init_offset: float, window: int | None, vanilla: bool, page_size: int,
                       forced_period: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step of one layer for a batch: decisions, window sums, RoPE, slot write.
@@ -37,7 +47,7 @@ def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_poo
         cos, sin: RoPE tables at each row's position ``[B, D]``.
         seq_ids: ``[B]`` int32 sequence rows (-1 = skip); pos: ``[B]`` int32 token positions.
         layer: the layer index into page_table/lens/ring.
-        k_pool, v_pool, page_table, lens, ring: the cache (updated in place).
+        k_pool, v_pool, page_table, lens, ring, ring_kv, ring_w: the cache (updated in place).
         init_offset: c. window: W or None. vanilla: plain attention (α = 0, ω = 1, channel
             D-1 kept). page_size: P. forced_period: benchmarks only; > 0 replaces the decision
             channel by α_t = 1[t % period != 0] (every head compresses at CR = period).
@@ -66,18 +76,18 @@ def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_poo
     alpha = alpha * active[:, None]
     terms = core.weighted_terms(weight, kf, vf)  # [B, H, 2D+1]
 
-    state = ring[layer, rows]  # [B, H, R, C]
     a = alpha[..., None]
     if vanilla:
         sums = terms
     elif window is None:
-        sums = terms + a * state[:, :, 0]
+        sums = terms + a * ring[layer, rows][:, :, 0]
         state = sums[:, :, None].clone()
     else:
-        sums = terms + a * state.sum(2)
-        state = state * a[..., None]
-        width = state.shape[2]
-        state[torch.arange(b), :, t % width] = terms
+        kv_state, w_state = ring_kv[layer, rows].clone(), ring_w[layer, rows] * alpha[..., None]
+        sums = terms + a * ring_terms(ring_kv[layer, rows], ring_w[layer, rows]).sum(2)
+        here = t % w_state.shape[2]
+        kv_state[torch.arange(b), :, here] = torch.cat([kf, vf], -1).to(ring_kv.dtype)
+        w_state[torch.arange(b), :, here] = weight
     k_bar, v_bar = core.normalise(sums, d)
     cos_, sin_ = cos.float()[:, None], sin.float()[:, None]
     k_bar = rope(k_bar, cos_, sin_)
@@ -93,8 +103,13 @@ def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_poo
     k_pool[page[sel], (slot % page_size)[sel]] = k_bar[sel].to(k_pool.dtype)
     v_pool[page[sel], (slot % page_size)[sel]] = v_bar[sel].to(v_pool.dtype)
     lens[layer, rows[active]] = (slot + 1)[active].to(lens.dtype)
-    if not vanilla:
+    if vanilla:
+        pass
+    elif window is None:
         ring[layer, rows[active]] = state[active]
+    else:
+        ring_kv[layer, rows[active]] = kv_state[active]
+        ring_w[layer, rows[active]] = w_state[active]
     return q_rot.to(q.dtype), alpha
 
 

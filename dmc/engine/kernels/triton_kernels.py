@@ -68,17 +68,19 @@ def _decision(q, k, t, group_rows, last, init_offset, forced_period, G: tl.const
 
 
 @triton.jit
-def _window_sums(ring_ptr, kw, vw, weight, alpha, t, dims,
+def _window_sums(ring_ptr, ring_kv_ptr, ring_w_ptr, k, v, weight, alpha, t, dims,
                  D: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, UNBOUNDED: tl.constexpr):
     """The open group's sums [K, V, Z] (this token's terms, plus the ring's on a merge) and the ring
     update. α is 0 or 1, so branching on it equals the twin's scaling by α.
 
-    Windowed: the ring holds the group's last R weighted terms; a merge reads it and replaces only
-    entry t % R (the token leaving the window), an append clears it down to this token's terms (it is
-    not read). Unbounded: one entry, the running sums themselves.
+    Windowed: the ring holds the group's last R tokens as raw k, v (cache dtype: exactly the
+    projection outputs) and their ω in fp32 (0 outside the group); ω·k is formed here in fp32, the
+    same products the sums always had. A merge reads the ring and replaces only entry t % R (the
+    token leaving the window); an append zeroes the other ω and writes this token. Unbounded: one
+    fp32 entry, the running sums themselves.
     """
     C: tl.constexpr = 2 * D + 1
-    k_sum, v_sum, z_sum = kw, vw, weight
+    k_sum, v_sum, z_sum = weight * k, weight * v, weight
     if UNBOUNDED:
         if alpha > 0:
             k_sum += tl.load(ring_ptr + dims)
@@ -89,28 +91,29 @@ def _window_sums(ring_ptr, kw, vw, weight, alpha, t, dims,
         tl.store(ring_ptr + 2 * D, z_sum)
     else:
         r = tl.arange(0, R_PAD)
-        entries = ring_ptr + r * C  # [R_PAD]
-        rows = entries[:, None, None] + dims  # [R_PAD, 2, D/2]
+        rows = ring_kv_ptr + r[:, None, None] * (2 * D) + dims  # [R_PAD, 2, D/2]
         used = r < R
+        here = ring_kv_ptr + (t % R) * (2 * D) + dims
+        dtype = ring_kv_ptr.dtype.element_ty
         if alpha > 0:
-            k_sum += tl.sum(tl.load(rows, mask=used[:, None, None], other=0.0), axis=0, keep_dims=True)
-            v_sum += tl.sum(tl.load(rows + D, mask=used[:, None, None], other=0.0), axis=0, keep_dims=True)
-            z_sum += tl.sum(tl.load(entries + 2 * D, mask=used, other=0.0))
-            oldest = ring_ptr + (t % R) * C
-            tl.store(oldest + dims, kw)
-            tl.store(oldest + D + dims, vw)
-            tl.store(oldest + 2 * D, weight)
+            w = tl.load(ring_w_ptr + r, mask=used, other=0.0)[:, None, None]
+            k_sum += tl.sum(w * tl.load(rows, mask=used[:, None, None], other=0.0).to(tl.float32), axis=0,
+                            keep_dims=True)
+            v_sum += tl.sum(w * tl.load(rows + D, mask=used[:, None, None], other=0.0).to(tl.float32), axis=0,
+                            keep_dims=True)
+            z_sum += tl.sum(tl.load(ring_w_ptr + r, mask=used, other=0.0))
+            tl.debug_barrier()  # every thread has read the entry that is overwritten next
+            tl.store(ring_w_ptr + t % R, weight)
         else:
-            here = r == t % R
-            tl.store(rows, tl.where(here[:, None, None], kw, 0.0), mask=used[:, None, None])
-            tl.store(rows + D, tl.where(here[:, None, None], vw, 0.0), mask=used[:, None, None])
-            tl.store(entries + 2 * D, tl.where(here, weight, 0.0), mask=used)
+            tl.store(ring_w_ptr + r, tl.where(r == t % R, weight, 0.0), mask=used)
+        tl.store(here, k.to(dtype))
+        tl.store(here + D, v.to(dtype))
     return k_sum, v_sum, z_sum
 
 
 @triton.jit(do_not_specialize=["layer", "forced_period"])
 def _decode_update_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, seq_ptr, pos_ptr, q_out_ptr, alpha_ptr,
-                          k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, ring_ptr,
+                          k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, ring_ptr, ring_kv_ptr, ring_w_ptr,
                           layer, init_offset, forced_period,
                           stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                           ROWS: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
@@ -158,8 +161,9 @@ def _decode_update_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, seq_ptr, pos_pt
     if VANILLA:  # every token is its own slot (ω = 1: the sums are the token)
         k_bar, v_bar = k, v
     else:
-        ring_head = ring_ptr + head.to(tl.int64) * (R * (2 * D + 1))
-        k_sum, v_sum, z_sum = _window_sums(ring_head, weight * k, weight * v, weight, alpha, t, dims,
+        head64 = head.to(tl.int64)
+        k_sum, v_sum, z_sum = _window_sums(ring_ptr + head64 * (2 * D + 1), ring_kv_ptr + head64 * (R * 2 * D),
+                                           ring_w_ptr + head64 * R, k, v, weight, alpha, t, dims,
                                            D, R, R_PAD, UNBOUNDED)
         z = tl.maximum(z_sum, 1e-30)
         k_bar = k_sum / z
@@ -177,7 +181,8 @@ def _decode_update_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, seq_ptr, pos_pt
     tl.store(lens_ptr + head, slot + 1)
 
 
-def decode_update(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_pool, page_table, lens, ring, *,
+def decode_update(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_pool, page_table, lens, ring, ring_kv,
+                  ring_w, *,
                   init_offset: float, window: int | None, vanilla: bool, page_size: int,
                   forced_period: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`.reference.decode_update_ref` (same arguments and results)."""
@@ -185,12 +190,12 @@ def decode_update(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_pool, p
     h = k.shape[1]
     q, k, v = _rows(q), _rows(k), _rows(v)
     cos, sin = cos.contiguous(), sin.contiguous()
-    _check_cache(k_pool, v_pool, page_table, lens, ring, seq_ids, pos)
+    _check_cache(k_pool, v_pool, page_table, lens, ring, ring_kv, ring_w, seq_ids, pos)
     q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     alpha = torch.empty(b, h, dtype=torch.float32, device=q.device)
-    width = ring.shape[3]
+    width = ring_w.shape[3]
     _decode_update_kernel[(b, h)](
-        q, k, v, cos, sin, seq_ids, pos, q_rot, alpha, k_pool, v_pool, page_table, lens, ring,
+        q, k, v, cos, sin, seq_ids, pos, q_rot, alpha, k_pool, v_pool, page_table, lens, ring, ring_kv, ring_w,
         layer, float(init_offset), int(forced_period),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ROWS=lens.shape[1], H=h, G=hq // h, G_PAD=triton.next_power_of_2(hq // h), D=d,
