@@ -28,7 +28,8 @@ class LLM:
 
     Args:
         model: an HF model directory (safetensors) with its tokenizer, or an already loaded DMC
-            causal LM (then pass ``tokenizer`` if you want text in and out).
+            causal LM (then pass ``tokenizer`` if you want text in and out). A loaded model is used
+            in place: the engine sets its DMC mode and its attention layers' prefill setting.
         dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16", "float16", "float32".
         device: "cuda" if available, else "cpu".
         max_model_len: longest sequence (prompt + generation); default the model's context.
