@@ -178,7 +178,7 @@ def bench_engine(contexts: list[int], crs: list[int], done: set) -> list[dict]:
             key = ("engine", f"cr{cr}", context)
             if key in done:
                 continue
-            fixed = CacheLayout.sequence_bytes(layers, heads, d, context, 12, cr == 1)
+            fixed = CacheLayout(layers, heads, d, 0, 1, context, 12, cr == 1).sequence_bytes(torch.bfloat16)
             seqs = max_seqs_for(context, cr, fixed, 2 * 16 * d * 2, layers * heads)
             kwargs = dict(vanilla=True) if cr == 1 else dict(forced_period=cr)
             # Decisions are forced, so the observed CR is exact: admit without a safety margin.

@@ -114,7 +114,7 @@ def test_forced_period_compresses_at_exactly_that_ratio():
 
 def test_preemption_by_recompute_keeps_outputs_and_frees_everything():
     model = dmc_model("qwen2", window=4)
-    layout_bytes = CacheLayout.sequence_bytes(2, 2, 16, 128, 4, False) * 5
+    layout_bytes = CacheLayout(2, 2, 16, 0, 4, 128, 4, False).sequence_bytes(torch.float32) * 5
     page = 2 * 16 * 16 * 4
     # room for ~2 sequences at CR 1 while admission believes 10x: preemption must happen
     llm = _engine(model, max_num_seqs=4, kv_cache_memory=layout_bytes + 40 * page, admission_margin=-0.9)

@@ -72,13 +72,11 @@ class CacheLayout:
     def unbounded(self) -> bool:
         return self.window is None and not self.vanilla
 
-    @staticmethod
-    def sequence_bytes(num_layers: int, num_kv_heads: int, head_dim: int, max_model_len: int,
-                       window: int | None, vanilla: bool, page_size: int = 16, dtype_bytes: int = 2) -> int:
+    def sequence_bytes(self, dtype: torch.dtype) -> int:
         """Fixed bytes per sequence row: page table, lens and window state."""
-        shape = CacheLayout(num_layers, num_kv_heads, head_dim, 1, 1, max_model_len, window, vanilla, page_size)
-        state = shape.ring_width * (2 * head_dim * dtype_bytes + 4) + (4 * (2 * head_dim + 1) if shape.unbounded else 0)
-        return num_layers * num_kv_heads * (4 * (shape.pages_per_head + 1) + state)
+        size = torch.empty((), dtype=dtype).element_size()
+        state = self.ring_width * (2 * self.head_dim * size + 4) + (4 * (2 * self.head_dim + 1) if self.unbounded else 0)
+        return self.rows * (4 * (self.pages_per_head + 1) + state)
 
 
 class PagedKVCache:
@@ -112,19 +110,11 @@ class PagedKVCache:
         self.scratch_row = layout.max_seqs
 
     # ------------------------------------------------------------------ accounting
-    @property
-    def total_pages(self) -> int:
-        return self.layout.num_pages - 1
-
     def free_page_count(self) -> int:
         return int(self.free_top.item())
 
     def free_row_count(self) -> int:
         return len(self._free_rows)
-
-    def pages_of_row(self, row: int) -> int:
-        """Pages a sequence row holds now (lens // P + 1 per head, the ready page included)."""
-        return int((self.lens[:, row].long() // self.layout.page_size + 1).sum())
 
     # ------------------------------------------------------------------ rows
     def open_row(self) -> int:
@@ -141,7 +131,10 @@ class PagedKVCache:
             self.ring_kv[:, row] = 0
             self.ring_w[:, row] = 0
         self.page_table[:, row] = 0
-        self._pop_into(self.layout.rows, (slice(None), row, slice(None), 0))
+        # The ready page of every head: the decode step's allocator does exactly this.
+        from .kernels.reference import allocate_pages_ref
+        allocate_pages_ref(self.lens, self.page_table, torch.tensor([row], dtype=torch.int32, device=self.device),
+                           self.free_pages, self.free_top, self.layout.page_size)
         return row
 
     def close_row(self, row: int) -> None:
@@ -155,13 +148,6 @@ class PagedKVCache:
         self.page_table[:, row] = 0
         self.lens[:, row] = 0
         self._free_rows.append(row)
-
-    def _pop_into(self, count: int, index) -> None:
-        top = self.free_page_count()
-        if count > top:
-            raise OutOfPages(f"{count} pages needed, {top} free")
-        self.page_table[index] = self.free_pages[top - count:top].view(self.page_table[index].shape)
-        self.free_top -= count
 
     def step_worst_case(self, rows: list[int]) -> int:
         """Pages the next decode step of these sequence rows may take: one for every head whose
@@ -243,20 +229,19 @@ class _LayerView:
         return self.cache.lens[self.layer, self.row].long()[None]  # [1, H]
 
     def visible_slots(self, alpha: torch.Tensor, valid: torch.Tensor, like: torch.Tensor):
-        lens = self.slot_lengths()
-        s_max = int(lens.max())
-        h, d = lens.shape[1], like.shape[-1]
-        if s_max == 0:
-            empty = like.new_zeros(1, h, 0, d)
-            return empty, empty, torch.zeros(1, h, 0, dtype=torch.bool, device=like.device)
-        p = self.cache.layout.page_size
-        slots = torch.arange(s_max, device=like.device)
-        pages = self.cache.page_table[self.layer, self.row][:, slots // p].long()  # [H, S]
-        keys = self.cache.k_pool[pages, slots % p][None].to(like.dtype)
-        values = self.cache.v_pool[pages, slots % p][None].to(like.dtype)
+        from .kernels.reference import gather_slots
+
+        cache, lens = self.cache, self.slot_lengths()
+        if int(lens.max()) == 0:  # first chunk: no slot yet
+            empty = like.new_zeros(1, lens.shape[1], 0, like.shape[-1])
+            return empty, empty, torch.zeros(1, lens.shape[1], 0, dtype=torch.bool, device=like.device)
+        row = torch.tensor([self.row], dtype=torch.int32, device=like.device)
+        keys, values, _ = gather_slots(cache.k_pool, cache.v_pool, cache.page_table, cache.lens, row, self.layer,
+                                       cache.layout.page_size)
+        slots = torch.arange(keys.shape[-2], device=like.device)
         merges_into_last = (alpha[..., 0] > 0.5) & valid[:, None, 0] & (lens > 0)
         base = lens - merges_into_last.long()
-        return keys, values, slots[None, None, :] < base[..., None]
+        return keys.to(like.dtype), values.to(like.dtype), slots[None, None, :] < base[..., None]
 
     def commit(self, alpha, valid, k_bar, v_bar, prefix, terms, sums) -> None:
         """Scatter the chunk's kept states into pages (overwrite on merge, new slot on append)."""

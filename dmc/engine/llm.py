@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import random
 from collections.abc import Iterator, Sequence
 
@@ -303,26 +303,23 @@ class LLM:
 
     # ------------------------------------------------------------------ sizing
     def _layout(self, config, max_num_seqs: int, utilization: float, kv_bytes: int | None) -> CacheLayout:
-        layers, heads = config.num_hidden_layers, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        window = self.dmc.window
-        fixed = CacheLayout.sequence_bytes(layers, heads, head_dim, self.max_model_len, window, self.vanilla,
-                                           dtype_bytes=torch.empty((), dtype=self.dtype).element_size())
-        page_bytes = 2 * 16 * head_dim * torch.empty((), dtype=self.dtype).element_size()
+        shape = CacheLayout(config.num_hidden_layers, config.num_key_value_heads, head_dim, 0, max_num_seqs,
+                            self.max_model_len, self.dmc.window, self.vanilla)
+        tables = shape.sequence_bytes(self.dtype) * (max_num_seqs + 1)
+        page_bytes = shape.page_bytes(self.dtype)
         if kv_bytes is None:
             kv_bytes = self._free_memory(config, max_num_seqs, utilization)
-        pool_bytes = kv_bytes - fixed * (max_num_seqs + 1)
-        pages = pool_bytes // page_bytes
-        one_sequence = layers * heads * (math.ceil(self.max_model_len / 16) + 1)
+        pages = (kv_bytes - tables) // page_bytes
+        one_sequence = shape.rows * shape.pages_per_head
         if pages < one_sequence + 1:
-            need = (one_sequence + 1) * page_bytes + fixed * (max_num_seqs + 1)
             raise MemoryError(
                 f"not enough memory for the KV cache: one sequence of max_model_len={self.max_model_len} tokens "
-                f"needs {_gib(one_sequence * page_bytes)} (plus {_gib(fixed * (max_num_seqs + 1))} of tables for "
+                f"needs {_gib(one_sequence * page_bytes)} (plus {_gib(tables)} of tables for "
                 f"max_num_seqs={max_num_seqs}), {_gib(max(kv_bytes, 0))} is available for the cache; at least "
-                f"{_gib(need)} is needed. Lower max_model_len or max_num_seqs, or raise gpu_memory_utilization / "
-                "kv_cache_memory.")
-        return CacheLayout(layers, heads, head_dim, int(pages), max_num_seqs, self.max_model_len, window, self.vanilla)
+                f"{_gib((one_sequence + 1) * page_bytes + tables)} is needed. Lower max_model_len or max_num_seqs, "
+                "or raise gpu_memory_utilization / kv_cache_memory.")
+        return dataclasses.replace(shape, num_pages=int(pages))
 
     def _free_memory(self, config, max_num_seqs: int, utilization: float) -> int:
         if self.device.type != "cuda":

@@ -79,7 +79,6 @@ def _window_sums(ring_ptr, ring_kv_ptr, ring_w_ptr, k, v, weight, alpha, t, dims
     token leaving the window); an append zeroes the other ω and writes this token. Unbounded: one
     fp32 entry, the running sums themselves.
     """
-    C: tl.constexpr = 2 * D + 1
     k_sum, v_sum, z_sum = weight * k, weight * v, weight
     if UNBOUNDED:
         if alpha > 0:
