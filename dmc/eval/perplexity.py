@@ -40,6 +40,27 @@ def token_windows(tokenizer, texts, seq_len: int, max_windows: int | None = None
                 return
 
 
+def window_batches(tokenizer, texts, seq_len: int, max_windows: int | None, batch_size: int, desc: str,
+                   progress: bool):
+    """:func:`token_windows` stacked into batches ``[<= batch_size, seq_len]``, with a progress bar.
+    Raises ValueError when no text holds ``seq_len`` tokens."""
+    from tqdm.auto import tqdm
+
+    batch: list[torch.Tensor] = []
+    seen = 0
+    for window in tqdm(token_windows(tokenizer, texts, seq_len, max_windows), desc=desc, unit="window",
+                       disable=not progress):
+        batch.append(window)
+        seen += 1
+        if len(batch) == batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
+    if seen == 0:
+        raise ValueError(f"no text holds {seq_len} tokens: lower seq_len or give more text")
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, texts, seq_len: int = 1024, mode: str = "full", max_windows: int | None = None,
                batch_size: int = 1, progress: bool = False) -> PerplexityResult:
@@ -48,8 +69,6 @@ def perplexity(model, tokenizer, texts, seq_len: int = 1024, mode: str = "full",
     Args:
         mode: "full" (no cache) or "cache" (through the model's compressed cache; DMC models only).
     """
-    from tqdm.auto import tqdm
-
     if mode not in ("full", "cache"):
         raise ValueError(f"mode must be 'full' or 'cache', got {mode!r}")
     is_dmc = hasattr(model.config, "dmc")
@@ -57,32 +76,18 @@ def perplexity(model, tokenizer, texts, seq_len: int = 1024, mode: str = "full",
         raise ValueError("mode='cache' measures a DMC model through its compressed cache; this is a plain model")
     device = next(model.parameters()).device
     nll, predicted, windows, tokens, slots = 0.0, 0, 0, [], []
-    batch: list[torch.Tensor] = []
-
-    def run(rows: list[torch.Tensor]) -> None:
-        nonlocal nll, predicted, windows
-        ids = torch.stack(rows).to(device)
+    for ids in window_batches(tokenizer, texts, seq_len, max_windows, batch_size, f"perplexity ({mode})", progress):
+        ids = ids.to(device)
         out = model(ids, use_cache=mode == "cache")
         logits = out.logits[:, :-1].float()
         nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                        ids[:, 1:].reshape(-1), reduction="sum"))
         predicted += ids[:, 1:].numel()
-        windows += len(rows)
+        windows += len(ids)
         if is_dmc:
             stats = (CompressionStats.from_cache(out.past_key_values) if mode == "cache" else out.compression)
             tokens.append(stats.tokens.cpu())
             slots.append(stats.slots.cpu())
-
-    for window in tqdm(token_windows(tokenizer, texts, seq_len, max_windows), desc=f"perplexity ({mode})",
-                       unit="window", disable=not progress):
-        batch.append(window)
-        if len(batch) == batch_size:
-            run(batch)
-            batch = []
-    if batch:
-        run(batch)
-    if windows == 0:
-        raise ValueError(f"no text holds {seq_len} tokens: lower seq_len or give more text")
     compression = (CompressionStats(tokens=torch.cat(tokens, dim=1), slots=torch.cat(slots, dim=1))
                    if tokens else None)
     return PerplexityResult(loss=nll / predicted, tokens=predicted, windows=windows, compression=compression)

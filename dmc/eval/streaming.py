@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from ..stats import CompressionStats
-from .perplexity import PerplexityResult, token_windows
+from .perplexity import PerplexityResult, window_batches
 from .recall import make_trial
 
 CacheFactory = Callable[[int], object]  # context length in tokens -> a fresh, empty cache
@@ -73,15 +73,11 @@ def streaming_perplexity(model, tokenizer, texts, cache_factory: CacheFactory, s
     that step. ``cache_factory(seq_len)`` makes the cache of each batch; ``prefill`` defaults to
     :func:`default_prefill`. ``compression`` holds tokens and kept slots at the end of each window.
     """
-    from tqdm.auto import tqdm
-
     _check_model(model)
     device = next(model.parameters()).device
     nll, predicted, windows, tokens, slots = 0.0, 0, 0, [], []
-
-    def run(rows: list[torch.Tensor]) -> None:
-        nonlocal nll, predicted, windows
-        ids = torch.stack(rows).to(device)
+    for ids in window_batches(tokenizer, texts, seq_len, max_windows, batch_size, "perplexity (streamed)", progress):
+        ids = ids.to(device)
         cache = cache_factory(seq_len)
         total = torch.zeros((), dtype=torch.float64, device=device)
 
@@ -95,22 +91,10 @@ def streaming_perplexity(model, tokenizer, texts, cache_factory: CacheFactory, s
         stream(model, ids, cache, prefill if prefill is not None else default_prefill(cache), on_logits=score)
         nll += float(total)
         predicted += ids[:, 1:].numel()
-        windows += len(rows)
+        windows += len(ids)
         stats = CompressionStats.from_cache(cache)
         tokens.append(stats.tokens.cpu())
         slots.append(stats.slots.cpu())
-
-    batch: list[torch.Tensor] = []
-    for window in tqdm(token_windows(tokenizer, texts, seq_len, max_windows), desc="perplexity (streamed)",
-                       unit="window", disable=not progress):
-        batch.append(window)
-        if len(batch) == batch_size:
-            run(batch)
-            batch = []
-    if batch:
-        run(batch)
-    if windows == 0:
-        raise ValueError(f"no text holds {seq_len} tokens: lower seq_len or give more text")
     return PerplexityResult(loss=nll / predicted, tokens=predicted, windows=windows,
                             compression=CompressionStats(tokens=torch.cat(tokens, 1), slots=torch.cat(slots, 1)))
 
