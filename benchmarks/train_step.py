@@ -46,8 +46,7 @@ def build(variant: str, seq_len: int):
         model = dmc.convert(model, settings)
         dmc.zero_decision_channels(model)
     if variant.endswith("+compiled"):
-        for layer in model.model.layers:
-            layer.compile()
+        dmc.hf.compile_decoder_layers(model)
     return model.cuda().train()
 
 

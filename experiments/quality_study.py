@@ -460,6 +460,7 @@ def pretrain(s: Settings, work: Work, clock: Clock) -> dict:
         return done
     import transformers
 
+    from dmc.hf import compile_decoder_layers
     from dmc.train.data import PackedData
     dev = device()
     tokenizer = transformers.AutoTokenizer.from_pretrained(work.init)
@@ -481,8 +482,7 @@ def pretrain(s: Settings, work: Work, clock: Clock) -> dict:
         state = saved["state"]
         log(f"pretraining resumes at step {state['step']}/{state['total']}")
     if s.compile and dev.type == "cuda":
-        for layer in model.model.layers:
-            layer.compile()
+        compile_decoder_layers(model)
     tokens_per_step = s.rows_per_step * s.seq_len
     accum = s.rows_per_step // s.micro_batch
     log(f"pretraining {count_parameters(model) / 1e6:.1f}M parameters on {device_name()}: {s.rows_per_step} rows x "

@@ -287,3 +287,26 @@ def test_cli_with_config_file_and_errors(tiny_model, tmp_path, token_cache, caps
                 "--target-cr", "0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: target CR must be >= 1")
+
+
+def test_compiled_layers_share_one_graph_per_mode():
+    """Compiled DMC training must not specialise on layer_idx (one graph per layer would pass
+    torch's recompile limit on 8+ layers and silently fall back to eager, unfused attention)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from dmc.hf import compile_decoder_layers
+    from dmc.tiny import tiny_llama
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = dmc.convert(tiny_llama(128, hidden=32, layers=6, heads=2, kv_heads=2))
+    model.train()
+    compile_decoder_layers(model, backend="eager")
+    ids = torch.randint(3, 128, (2, 16))
+    for vanilla in (True, False, False):
+        model.set_dmc_mode(vanilla=vanilla)
+        model(ids, labels=ids).loss.backward()
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert 0 < graphs <= 3, f"{graphs} graphs for 6 layers x 2 modes: layers compile separately"

@@ -3,7 +3,8 @@
 from .attention import DMCAttention
 from .cache import DMCCache, DMCCacheLayer
 from .convert import UnsupportedModelError, convert, supported_architectures, zero_decision_channels
-from .modeling import FAMILIES, DMCCausalLMOutput, DMCForCausalLMMixin
+from .modeling import FAMILIES, DMCCausalLMOutput, DMCForCausalLMMixin, compile_decoder_layers
 
 __all__ = ["DMCAttention", "DMCCache", "DMCCacheLayer", "DMCCausalLMOutput", "DMCForCausalLMMixin", "FAMILIES",
+           "compile_decoder_layers",
            "UnsupportedModelError", "convert", "supported_architectures", "zero_decision_channels"]

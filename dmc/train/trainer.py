@@ -25,7 +25,7 @@ import torch
 from .. import core
 from ..config import DMCConfig
 from ..hf.convert import UnsupportedModelError, convert, supported_architectures, zero_decision_channels
-from ..hf.modeling import FAMILIES
+from ..hf.modeling import FAMILIES, compile_decoder_layers
 from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig
 from .data import PackedData
@@ -189,8 +189,7 @@ class Retrofitter:
         if self.cfg.activation_checkpointing:
             model.activation_checkpointing_enable()
         if self.cfg.compile:
-            for layer in model.model.layers:
-                layer.compile()
+            compile_decoder_layers(model)
         if self.rt.distributed:
             model = shard_model(model, self.rt, self.bf16)
         self.model = model.train()
