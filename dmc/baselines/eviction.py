@@ -14,6 +14,9 @@ head (averaged over the query heads of its group):
 - TOVA (Oren et al. 2024): keep the slots the *current* (last) query attends to most.
 - H2O (Zhang et al. 2023): keep the ``recent`` newest slots plus the heavy hitters by attention
   accumulated over all queries so far.
+
+The scoring and selection (:func:`slot_attention`, :func:`keep_scores`, :func:`kept_slots`) are
+shared with the inference engine's eviction (:mod:`dmc.engine.eviction`), so both paths evict alike.
 """
 
 from __future__ import annotations
@@ -48,6 +51,61 @@ class EvictionPolicy:
 def budget_for(context_length: int, cr: float) -> int:
     """Slots per head matching DMC's cache at compression ratio ``cr`` over ``context_length`` tokens."""
     return max(1, math.ceil(context_length / cr))
+
+
+def slot_attention(q: torch.Tensor, keys: torch.Tensor, slot_positions: torch.Tensor, query_positions: torch.Tensor,
+                   scale: float, valid: torch.Tensor, *, last_only: bool, block: int = 256) -> torch.Tensor:
+    """Attention probabilities of a chunk's queries to each slot, per KV head (mean over the query
+    heads of its group), summed over the valid queries, or the last query's only.
+
+    Args:
+        q: rotated queries ``[B, H*G, n, D]``; keys: the slots ``[B, H, S, D]``.
+        slot_positions: each slot's token position ``[B, H, S]`` (-1: no slot). A query sees the
+            slots at positions up to its own, ``query_positions`` ``[B, n]``.
+        valid: ``[B, n]`` bool, False for padding queries (they add nothing).
+        last_only: TOVA's score, the last query's attention; else (H2O) the sum over all queries.
+        block: queries per block, so a long prompt never materialises ``[H*G, n, S]`` logits at once.
+
+    Returns: ``[B, H, S]`` fp32 (0 for slots no query sees).
+    """
+    b, hq, n, d = q.shape
+    h = keys.shape[1]
+    if last_only:
+        q, query_positions, valid = q[..., -1:, :], query_positions[:, -1:], valid[:, -1:]
+        n = 1
+    keys, seen_slot = keys.float(), slot_positions[:, :, None, :] >= 0
+    total = torch.zeros(b, h, keys.shape[-2], dtype=torch.float32, device=keys.device)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        qb = q[..., start:stop, :].float().reshape(b, h, hq // h, stop - start, d)
+        logits = torch.einsum("bhgqd,bhsd->bhgqs", qb, keys) * scale
+        visible = seen_slot & (slot_positions[:, :, None, :] <= query_positions[:, None, start:stop, None])
+        probs = torch.softmax(logits.masked_fill(~visible[:, :, None], float("-inf")), dim=-1)
+        probs = probs.nan_to_num(0.0).mean(2) * valid[:, None, start:stop, None]  # [B, H, m, S]
+        total += probs.sum(2)
+    return total
+
+
+def keep_scores(policy: EvictionPolicy, attention: torch.Tensor, scores: torch.Tensor,
+                slot_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What to keep by, from :func:`slot_attention`'s ``attention`` ``[..., S]``: TOVA the current
+    query's attention; H2O the accumulated attention ``scores + attention``, with the ``recent``
+    newest slots (by position) protected. Returns ``(keep_score, new accumulated scores)``."""
+    if policy.method == "tova":
+        return attention, scores
+    scores = scores + attention
+    newest_first = torch.argsort(torch.argsort(slot_positions, dim=-1, descending=True), dim=-1)
+    return scores.masked_fill(newest_first < policy.recent, float("inf")), scores
+
+
+def kept_slots(keep_score: torch.Tensor, slot_positions: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``budget`` slots to keep ``[..., S]`` -> ``(order, kept)`` ``[..., budget]``: the kept slots'
+    indices in their old order (then padding indices) and whether each entry is a kept real slot."""
+    real = slot_positions >= 0
+    top = torch.topk(keep_score.masked_fill(~real, float("-inf")), k=budget, dim=-1).indices
+    keep = torch.zeros_like(real).scatter_(-1, top, True) & real
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :budget]
+    return order, keep.gather(-1, order)
 
 
 class EvictionCacheLayer(DMCCacheLayer):
@@ -94,35 +152,21 @@ class EvictionCacheLayer(DMCCacheLayer):
 
     def after_attention(self, q: torch.Tensor, scale: float, valid: torch.Tensor) -> None:
         """Score the slots with this step's attention probabilities, then evict down to the budget."""
-        b, hq, n, d = q.shape
-        h = self.keys.shape[1]
-        logits = torch.einsum("bhgqd,bhsd->bhgqs", q.float().view(b, h, hq // h, n, d), self.keys.float()) * scale
-        slot_pos = self.positions[:, :, None, :]  # [B, H, 1, S]
-        visible = (slot_pos >= 0) & (slot_pos <= self.query_positions[:, None, :, None])  # [B, H, n, S]
-        probs = torch.softmax(logits.masked_fill(~visible[:, :, None], float("-inf")), dim=-1)
-        probs = probs.nan_to_num(0.0).mean(2) * valid[:, None, :, None]  # mean over the group's query heads
-        if self.policy.method == "h2o":
-            self.scores = self.scores + probs.sum(2)
-            newest_first = torch.argsort(torch.argsort(self.positions, dim=-1, descending=True), dim=-1)
-            keep_score = self.scores.masked_fill(newest_first < self.policy.recent, float("inf"))
-        else:
-            keep_score = probs[:, :, -1]  # TOVA: the current query's attention
+        attention = slot_attention(q, self.keys, self.positions, self.query_positions, scale, valid,
+                                   last_only=self.policy.method == "tova")
+        keep_score, self.scores = keep_scores(self.policy, attention, self.scores, self.positions)
         self._evict(keep_score)
 
     def _evict(self, keep_score: torch.Tensor) -> None:
-        budget = self.policy.budget
-        if int(self.lengths.max()) <= budget:
+        if int(self.lengths.max()) <= self.policy.budget:
             return
-        real = self.positions >= 0
-        top = torch.topk(keep_score.masked_fill(~real, float("-inf")), k=budget, dim=-1).indices
-        keep = torch.zeros_like(real).scatter_(-1, top, True) & real
         # compact: kept slots first, in their old (oldest-first) order; the evicted are gone
-        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :budget]
+        order, kept = kept_slots(keep_score, self.positions, self.policy.budget)
         gather = order[..., None].expand(-1, -1, -1, self.keys.shape[-1])
         self.keys, self.values = self.keys.gather(2, gather), self.values.gather(2, gather)
-        self.positions = self.positions.gather(2, order).masked_fill(~keep.gather(2, order), -1)
+        self.positions = self.positions.gather(2, order).masked_fill(~kept, -1)
         self.scores = self.scores.gather(2, order)
-        self.lengths = keep.sum(-1)
+        self.lengths = kept.sum(-1)
 
 
 class EvictionCache(DMCCache):

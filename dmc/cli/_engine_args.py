@@ -16,6 +16,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory-gib", type=float, default=None, help="page pool size, overriding the above")
     parser.add_argument("--vanilla", action="store_true", help="run a DMC model uncompressed (every token appends)")
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--eviction", choices=["h2o", "tova"], default=None,
+                        help="the fixed-budget eviction baselines (spec §8), run on the uncompressed model (a plain "
+                             "model, or a DMC one with --vanilla); needs --eviction-budget")
+    parser.add_argument("--eviction-budget", type=int, default=None,
+                        help="slots kept per (layer, sequence, KV head); DMC's slot count at CR c over n tokens is "
+                             "ceil(n / c)")
+    parser.add_argument("--eviction-recent", type=int, default=None,
+                        help="H2O's protected recent window (default: half the budget)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -24,4 +32,21 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kv = None if args.kv_cache_memory_gib is None else int(args.kv_cache_memory_gib * 2**30)
     return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=kv, vanilla=args.vanilla,
-                cuda_graphs=not args.no_cuda_graphs)
+                cuda_graphs=not args.no_cuda_graphs, eviction=_eviction_policy(args))
+
+
+def _eviction_policy(args: argparse.Namespace):
+    """The EvictionPolicy of --eviction/--eviction-budget/--eviction-recent, or None (ValueError if
+    they do not go together; EvictionPolicy checks the numbers)."""
+    from ..baselines.eviction import EvictionPolicy
+
+    if args.eviction is None:
+        for flag, value in (("--eviction-budget", args.eviction_budget), ("--eviction-recent", args.eviction_recent)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --eviction h2o|tova")
+        return None
+    if args.eviction_budget is None:
+        raise ValueError("--eviction needs --eviction-budget N (slots kept per layer, sequence and KV head)")
+    if args.eviction_recent is not None and args.eviction != "h2o":
+        raise ValueError("--eviction-recent is H2O's recent window; TOVA has none")
+    return EvictionPolicy(args.eviction, budget=args.eviction_budget, recent=args.eviction_recent)

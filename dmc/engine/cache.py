@@ -149,11 +149,15 @@ class PagedKVCache:
         self.lens[:, row] = 0
         self._free_rows.append(row)
 
-    def step_worst_case(self, rows: list[int]) -> int:
+    def step_worst_case(self, rows: list[int], slot_cap: int | None = None) -> int:
         """Pages the next decode step of these sequence rows may take: one for every head whose
-        current page would fill with an append (one host sync)."""
+        current page would fill with an append (one host sync). A head at ``slot_cap`` (an eviction
+        budget) takes none: the step evicts back to the cap before pages are topped up."""
         lens = self.lens[:, torch.tensor(rows, device=self.device)]
-        return int(((lens % self.layout.page_size) == self.layout.page_size - 1).sum())
+        fills = (lens % self.layout.page_size) == self.layout.page_size - 1
+        if slot_cap is not None:
+            fills &= lens < slot_cap
+        return int(fills.sum())
 
     def check_room(self, tokens: int) -> None:
         """Raise OutOfPages unless a prefill chunk of ``tokens`` fits even if nothing merges (one host
@@ -176,6 +180,23 @@ class PagedKVCache:
         table = self.page_table[layer, row]
         table.copy_(torch.where(needed, self.free_pages[take].view_as(table), table))
         self.free_top -= needed.sum()
+
+    def shrink(self, layer: int, row: int, new_lens: torch.Tensor) -> None:
+        """Cut the heads of a row to ``new_lens`` [H] slots (the first ones stay) and push the pages
+        beyond the ready page ``new_lens // P`` back on the free stack: the inverse of :meth:`grow`,
+        for eviction after a prefill (one host sync)."""
+        p = self.layout.page_size
+        have = self.lens[layer, row].long() // p + 1
+        keep = new_lens.long() // p + 1
+        m = torch.arange(self.layout.pages_per_head, device=self.device)
+        table = self.page_table[layer, row]
+        freed = (m >= keep[:, None]) & (m < have[:, None])  # [H, M]
+        pages = table[freed]
+        top = self.free_page_count()
+        self.free_pages[top:top + pages.numel()] = pages
+        self.free_top += pages.numel()
+        table.masked_fill_(freed, 0)
+        self.lens[layer, row] = new_lens.to(torch.int32)
 
     # ------------------------------------------------------------------ window state
     def window_prefix(self, layer: int, row: int, seen: int) -> torch.Tensor:

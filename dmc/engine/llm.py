@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections.abc import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from ..baselines.eviction import EvictionPolicy
 from ..config import DMCConfig
 from ..stats import CompressionStats
 from .cache import CacheLayout, OutOfPages, PagedKVCache
+from .eviction import EngineEviction
 from .params import RequestOutput, SamplingParams
 from .runner import ModelRunner, load_model
 from .sampling import SamplingBatch, sample
@@ -46,6 +49,11 @@ class LLM:
         vanilla: run a DMC model with every token appending (its uncompressed baseline).
         forced_period: benchmarks only: replace the decision channel by α_t = 1[t % period != 0]
             so that random weights compress at exactly CR = period.
+        eviction: an H2O or TOVA :class:`~dmc.baselines.EvictionPolicy`: the fixed-budget eviction
+            baselines (spec §8), at most ``budget`` slots per (layer, sequence, KV head), evicted
+            for real (:mod:`dmc.engine.eviction`). The model runs uncompressed: a plain model, or a
+            DMC one with ``vanilla=True`` (a DMC model that merges is refused). Decode steps are
+            slower than plain ones (the slots' attention probabilities are recomputed in PyTorch).
         seed: draws the seeds of requests that do not give one.
     """
 
@@ -53,7 +61,7 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 256, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory: int | None = None, admission_margin: float = 0.1, cuda_graphs: bool = True,
                  prefill_chunk: int = 4096, prefill_attention: str = "auto", vanilla: bool = False, forced_period: int = 0, seed: int = 0,
-                 progress: bool = True) -> None:
+                 progress: bool = True, eviction: EvictionPolicy | None = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(model, torch.nn.Module) and dtype == "auto":
             dtype = next(model.parameters()).dtype  # a loaded model keeps its dtype
@@ -66,6 +74,9 @@ class LLM:
                 tokenizer = _load_tokenizer(str(model))
         if vanilla and forced_period:
             raise ValueError("vanilla=True and forced_period are exclusive (vanilla never merges)")
+        if eviction is not None and (forced_period or not (plain or vanilla)):
+            raise ValueError("eviction (H2O, TOVA) runs the model uncompressed, every token appending: pass a plain "
+                             "model, or vanilla=True for a DMC model (and no forced_period)")
         # forced_period drives the decisions, so even a plain model's weights run the DMC path.
         self.vanilla = (plain or vanilla) and not forced_period
         self.model.set_dmc_mode(vanilla=self.vanilla)
@@ -80,16 +91,22 @@ class LLM:
         if max_num_seqs < 1 or prefill_chunk < 1 or not -1 < admission_margin:
             raise ValueError("max_num_seqs and prefill_chunk must be >= 1 and admission_margin > -1")
         self.prefill_chunk = prefill_chunk
+        if eviction is not None and eviction.budget >= self.max_model_len:
+            raise ValueError(f"the eviction budget ({eviction.budget} slots) must be below max_model_len "
+                             f"({self.max_model_len}): else nothing is ever evicted")
+        self.eviction = eviction
         self.eos_token_ids = _eos_ids(config, tokenizer)
         self._rng = random.Random(seed)
         self._progress = progress
 
         self.cache = PagedKVCache(self._layout(config, max_num_seqs, gpu_memory_utilization, kv_cache_memory),
                                   self.dtype, self.device)
-        self.runner = ModelRunner(self.model, self.cache, vanilla=self.vanilla, forced_period=forced_period)
+        self.runner = ModelRunner(self.model, self.cache, vanilla=self.vanilla, forced_period=forced_period,
+                                  eviction=None if eviction is None else EngineEviction(eviction, self.cache))
         prior = 1.0 if self.vanilla else float(forced_period or self.dmc.target_cr or 1.0)
         self.scheduler = Scheduler(self.cache.layout.rows, self.cache.layout.page_size, max_num_seqs,
-                                   CompressionEstimate(prior, admission_margin))
+                                   CompressionEstimate(prior, admission_margin), slot_cap=self._slot_cap,
+                                   prefill_chunk=prefill_chunk)
         self._next_id = 0
         self.initial_free_pages = self.cache.free_page_count()
         if cuda_graphs:
@@ -163,8 +180,9 @@ class LLM:
                     sched.waiting.appendleft(request)
                 break
             sched.running.append(request)
-            slots = self.cache.lens[:, request.row].sum().item()
-            sched.estimate.observe(request.seen * self.cache.layout.rows, slots)
+            if self.eviction is None:  # with eviction the cap, not a ratio, bounds the pages
+                slots = self.cache.lens[:, request.row].sum().item()
+                sched.estimate.observe(request.seen * self.cache.layout.rows, slots)
             token = sample(logits[None], SamplingBatch.build([request.params], [request.seed],
                                                              [len(request.output_ids)], self.device))
             self._append(request, int(token.item()))
@@ -183,7 +201,8 @@ class LLM:
     def _decode(self, changed: list[Request]) -> None:
         sched = self.scheduler
         batch = [r for r in sched.running if not r.finished]
-        while batch and self.cache.free_page_count() < self.cache.step_worst_case([r.row for r in batch]):
+        while batch and (self.cache.free_page_count()
+                         < self.cache.step_worst_case([r.row for r in batch], self._slot_cap)):
             victim = sched.preemption_victim()
             if victim is None:
                 self._fail(batch[0], "out of KV-cache memory while decoding a single sequence; lower "
@@ -302,16 +321,27 @@ class LLM:
         return out
 
     # ------------------------------------------------------------------ sizing
+    @property
+    def _slot_cap(self) -> int | None:
+        """Slots a head keeps between steps (the eviction budget), None when unbounded."""
+        return None if self.eviction is None else self.eviction.budget
+
     def _layout(self, config, max_num_seqs: int, utilization: float, kv_bytes: int | None) -> CacheLayout:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = CacheLayout(config.num_hidden_layers, config.num_key_value_heads, head_dim, 0, max_num_seqs,
                             self.max_model_len, self.dmc.window, self.vanilla)
-        tables = shape.sequence_bytes(self.dtype) * (max_num_seqs + 1)
+        row_bytes = shape.sequence_bytes(self.dtype)
+        if self.eviction is not None:
+            row_bytes += EngineEviction.sequence_bytes(shape, self.eviction)
+        tables = row_bytes * (max_num_seqs + 1)
         page_bytes = shape.page_bytes(self.dtype)
         if kv_bytes is None:
             kv_bytes = self._free_memory(config, max_num_seqs, utilization)
         pages = (kv_bytes - tables) // page_bytes
         one_sequence = shape.rows * shape.pages_per_head
+        if self.eviction is not None:  # a prompt chunk beside the kept slots (the prefill's peak), a step's page
+            peak = min(self.max_model_len, self.eviction.budget + self.prefill_chunk)
+            one_sequence = shape.rows * (math.ceil(peak / shape.page_size) + 2)
         if pages < one_sequence + 1:
             raise MemoryError(
                 f"not enough memory for the KV cache: one sequence of max_model_len={self.max_model_len} tokens "

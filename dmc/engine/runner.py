@@ -6,8 +6,9 @@ windowed pooling, FlexAttention on CUDA) and writes the kept slots straight into
 
 The decode step is the engine's own layer loop: the model's norms, projections and MLPs
 (cuBLAS), then one fused update kernel (decisions, window ring, RoPE, slot write) and the
-paged split-K attention; after the last layer the allocator tops up pages. Without host syncs
-it is captured in CUDA graphs, one per batch-size bucket.
+paged split-K attention (then, for the H2O/TOVA baselines, :mod:`dmc.engine.eviction`); after
+the last layer the allocator tops up pages. Without host syncs it is captured in CUDA graphs, one
+per batch-size bucket.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..config import DMCConfig
 from ..hf.convert import dmc_config_from
 from ..hf.modeling import FAMILIES
 from .cache import PagedKVCache, SequenceView
+from .eviction import EngineEviction
 from .kernels import get_kernels
 
 
@@ -45,10 +47,12 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> tupl
 class ModelRunner:
     """Prefill and decode of one model over one :class:`PagedKVCache`."""
 
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, *, vanilla: bool, forced_period: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, *, vanilla: bool, forced_period: int = 0,
+                 eviction: EngineEviction | None = None) -> None:
         self.model = model
         self.base = model.model
         self.cache = cache
+        self.eviction = eviction  # H2O/TOVA: cut to a budget after prefill chunks and decode steps
         self.vanilla = vanilla
         self.forced_period = forced_period
         self.dmc = DMCConfig.from_dict(model.config.dmc)
@@ -66,7 +70,7 @@ class ModelRunner:
         """Feed ``token_ids`` to sequence ``row`` that already holds ``seen`` tokens; returns the
         logits after the last one ``[V]`` (fp32)."""
         self.cache.check_room(len(token_ids))
-        view = SequenceView(self.cache, row, seen)
+        view = SequenceView(self.cache, row, seen) if self.eviction is None else self.eviction.sequence_view(row, seen)
         ids = torch.tensor([token_ids], device=self.cache.device)
         out = self.model(input_ids=ids, past_key_values=view, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1].float()
@@ -103,6 +107,8 @@ class ModelRunner:
                 vanilla=self.vanilla, page_size=cache.layout.page_size, forced_period=self.forced_period)
             out = k.paged_decode_attention(q_rot, cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids,
                                            index, attn.scaling, cache.layout.page_size)
+            if self.eviction is not None:
+                self.eviction.after_decode(index, q_rot, seq_ids, positions, attn.scaling)
             hidden = hidden + attn.o_proj(out.reshape(b, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         logits = self.model.lm_head(self.base.norm(hidden)).float()

@@ -72,17 +72,32 @@ class CompressionEstimate:
 class Scheduler:
     """Waiting and running queues and the page budget arithmetic."""
 
-    def __init__(self, rows_per_sequence: int, page_size: int, max_num_seqs: int, estimate: CompressionEstimate) -> None:
+    def __init__(self, rows_per_sequence: int, page_size: int, max_num_seqs: int, estimate: CompressionEstimate,
+                 slot_cap: int | None = None, prefill_chunk: int = 0) -> None:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.rows = rows_per_sequence  # (layer, KV head) pairs of one sequence
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.estimate = estimate
+        # Eviction baselines: a head never keeps more than slot_cap slots after a prefill chunk or a
+        # decode step, but a chunk (prefill_chunk tokens at most) is held whole until it is cut.
+        self.slot_cap = slot_cap
+        self.prefill_chunk = prefill_chunk
 
-    def pages_for(self, tokens: int) -> int:
+    def pages_for(self, tokens: int, capped: bool = True) -> int:
         """Estimated pages for a sequence of ``tokens`` at the estimated CR (+ the ready page)."""
-        return self.rows * (math.ceil(tokens / self.estimate.ratio / self.page_size) + 1)
+        slots = tokens / self.estimate.ratio
+        if capped and self.slot_cap is not None:
+            slots = min(slots, self.slot_cap)
+        return self.rows * (math.ceil(slots / self.page_size) + 1)
+
+    def prefill_pages(self, request: Request) -> int:
+        """Pages a request's prefill holds at its peak (with eviction: before a chunk is cut)."""
+        feed = len(request.to_feed())
+        if self.slot_cap is None:
+            return self.pages_for(feed)
+        return self.pages_for(min(feed, self.slot_cap + self.prefill_chunk), capped=False)
 
     def committed_growth(self) -> int:
         """Pages the running requests are still expected to take before they finish."""
@@ -94,8 +109,9 @@ class Scheduler:
         if len(self.running) >= self.max_num_seqs or free_rows == 0:
             return False
         if not self.running:
-            return free_pages >= self.pages_for(len(request.to_feed())) + self.rows
-        return free_pages - self.committed_growth() >= self.pages_for(request.total_tokens)
+            return free_pages >= self.prefill_pages(request) + self.rows
+        return (free_pages - self.committed_growth() >= self.pages_for(request.total_tokens)
+                and free_pages >= self.prefill_pages(request))
 
     def preemption_victim(self) -> Request | None:
         """The newest running request (it has the least work to redo)."""

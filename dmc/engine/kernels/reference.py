@@ -113,12 +113,14 @@ def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_poo
     return q_rot.to(q.dtype), alpha
 
 
-def gather_slots(k_pool, v_pool, page_table, lens, seq_ids, layer: int, page_size: int):
+def gather_slots(k_pool, v_pool, page_table, lens, seq_ids, layer: int, page_size: int,
+                 num_slots: int | None = None):
     """Each row's slots as padded tensors: keys, values ``[B, H, S_max, D]`` and a visibility mask
-    ``[B, H, S_max]`` (S_max = the longest head of the batch)."""
+    ``[B, H, S_max]`` (S_max = the longest head of the batch, one host sync; or ``num_slots`` when
+    the caller knows a bound: no sync, as a CUDA graph needs)."""
     rows = seq_ids.long().clamp_min(0)
     length = lens[layer, rows].long() * (seq_ids >= 0)[:, None]  # [B, H]
-    s_max = max(int(length.max()) if length.numel() else 0, 1)
+    s_max = num_slots or max(int(length.max()) if length.numel() else 0, 1)
     slots = torch.arange(s_max, device=k_pool.device)
     pages = page_table[layer, rows][..., slots // page_size].long()  # [B, H, S_max]
     keys = k_pool[pages, slots % page_size]
