@@ -188,3 +188,18 @@ def test_streaming_recall_through_eviction_does_not_depend_on_batching(tiny, met
     alone = streaming_recall_probe(model, tokenizer, cache, pairs=5, trials=5, batch_size=1)
     batched = streaming_recall_probe(model, tokenizer, cache, pairs=5, trials=5, batch_size=5)
     assert batched["outputs"] == alone["outputs"]
+
+
+def test_deadline_found_behind_a_wrapping_error():
+    """The alarm can fire inside torch.compile, which raises it again wrapped (as InductorError):
+    the stage must still stop with the resumable status, and other errors must still raise."""
+    study = _study()
+    deadline = study.StageDeadline("deadline reached during a run")
+    try:
+        try:
+            raise deadline
+        except study.StageDeadline as e:
+            raise RuntimeError("InductorError: StageDeadline") from e
+    except RuntimeError as wrapped:
+        assert study.deadline_in(wrapped) is deadline
+    assert study.deadline_in(ValueError("unrelated")) is None

@@ -301,6 +301,13 @@ class Retrofitter:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out LM loss and realized CR with hard decisions (full-sequence mode)."""
+        # Compiled layers evaluate eagerly: an eval graph costs another long compile for a few
+        # batches, and torch 2.11's inductor failed lowering DMC's eval-mode FlexAttention.
+        stance = torch.compiler.set_stance("force_eager") if self.cfg.compile else contextlib.nullcontext()
+        with stance:
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         self.model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.rt.device)  # loss·n, n, tokens, slots
         for batch in self.data.val_batches(self.cfg.micro_batch_size, self.cfg.eval_batches, self.rt.rank,
