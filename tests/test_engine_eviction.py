@@ -151,6 +151,7 @@ def test_invalid_settings_raise_clearly():
         _engine(_vanilla_model(), EvictionPolicy("h2o", 128))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the GPU test below runs these kernels")
 def test_triton_kernels_path_equals_hf(monkeypatch):
     """The decode step with the Triton kernels (interpreted on a CPU) evicts as the HF cache does."""
     pytest.importorskip("triton")
