@@ -221,3 +221,30 @@ def test_bucketed_flex_attention_equals_dense(n):
     key_bias[..., -1] = 0
     torch.testing.assert_close(flex_attend_bucketed(q, k, v, key_bias, 0.25),
                                dense_attend(q, k, v, key_bias, None, 0.25), atol=1e-5, rtol=1e-5)
+
+
+def test_smallest_allowed_pool_admits_the_longest_prompt():
+    """Sizing and admission agree: a pool of the minimum size the engine accepts must run a prompt
+    of max_model_len - 1 tokens (it would otherwise wait forever for pages that never free up)."""
+    model = dmc_model("llama")
+    config = model.config
+    shape = CacheLayout(config.num_hidden_layers, config.num_key_value_heads,
+                        config.hidden_size // config.num_attention_heads, 0, 1, 128, 4, False)
+    tables = shape.sequence_bytes(torch.float32) * 2
+    fits = None
+    for extra_pages in range(0, 2 * shape.rows + 2):  # the smallest pool the engine accepts
+        try:
+            page = shape.page_bytes(torch.float32)
+            llm = _engine(model, max_num_seqs=1,
+                          kv_cache_memory=tables + (shape.rows * shape.pages_per_head + extra_pages) * page)
+        except MemoryError:
+            continue
+        fits = llm
+        break
+    assert fits is not None
+    request = fits.add_request(_prompts((127,))[0], dmc.SamplingParams(max_tokens=1, temperature=0))
+    for _ in range(5):
+        fits.step()
+    assert not fits.has_unfinished()
+    assert request.error is None and request.finish_reason == "length" and len(request.output_ids) == 1
+    _assert_no_leak(fits)

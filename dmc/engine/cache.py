@@ -161,8 +161,10 @@ class PagedKVCache:
 
     def check_room(self, tokens: int) -> None:
         """Raise OutOfPages unless a prefill chunk of ``tokens`` fits even if nothing merges (one host
-        sync per chunk; the chunk itself then allocates on the device)."""
-        need = self.layout.rows * (math.ceil(tokens / self.layout.page_size) + 1)
+        sync per chunk; the chunk itself then allocates on the device). A head holding ``n`` slots
+        has pages up to the ready one, ``n // P + 1``; ``tokens`` more slots add at most
+        ``ceil(tokens / P)`` pages, whatever ``n`` is."""
+        need = self.layout.rows * math.ceil(tokens / self.layout.page_size)
         if self.free_page_count() < need:
             raise OutOfPages(f"a prefill chunk of {tokens} tokens may need {need} pages, "
                              f"{self.free_page_count()} free")
