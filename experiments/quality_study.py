@@ -669,7 +669,7 @@ def train_summary(out: pathlib.Path) -> dict:
     last = records[-1]
     speeds = [r["tokens_per_s"] for r in records[len(records) // 2:]]
     summary = {"steps": last["step"], "final_train_loss": round(last["lm_loss"], 4)}
-    for key in ("achieved_cr", "val_loss"):
+    for key in ("achieved_cr", "val_loss", "val_loss_relaxed"):
         if key in last:
             summary[key] = round(last[key], 4)
     summary["tokens_per_s"] = round(sum(speeds) / len(speeds))

@@ -308,16 +308,25 @@ class Retrofitter:
             return self._evaluate()
 
     def _evaluate(self) -> dict:
-        self.model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.rt.device)  # loss·n, n, tokens, slots
+        # DMC runs also measure the same batches in training mode (relaxed decisions with noise from
+        # a fixed seed): val_loss_relaxed - val_loss is what inference's hard decisions cost.
+        relaxed = not self.plain and not self.model.model.dmc_vanilla
+        generator = torch.Generator(self.rt.device).manual_seed(self.cfg.seed + 1) if relaxed else None
+        sums = torch.zeros(5, dtype=torch.float64, device=self.rt.device)  # loss·n, n, tokens, slots, relaxed·n
         for batch in self.data.val_batches(self.cfg.micro_batch_size, self.cfg.eval_batches, self.rt.rank,
                                            self.rt.world):
             batch = batch.to(self.rt.device)
+            self.model.eval()
             out, lm_loss = self._forward(batch)
             n = float((batch.labels[:, 1:] != -100).sum())
             tokens, slots = (0.0, 0.0) if self.plain else (float(out.compression.tokens.sum()),
                                                            float(out.compression.slots.sum()))
-            sums += torch.tensor([float(lm_loss) * n, n, tokens, slots], dtype=torch.float64, device=self.rt.device)
+            relaxed_loss = 0.0
+            if relaxed:
+                self.model.train()
+                relaxed_loss = float(self._forward(batch, dmc_generator=generator)[1])
+            sums += torch.tensor([float(lm_loss) * n, n, tokens, slots, relaxed_loss * n], dtype=torch.float64,
+                                 device=self.rt.device)
         sums = all_reduce_sum(sums, self.rt)
         self.model.train()
         if sums[1] == 0:
@@ -325,6 +334,8 @@ class Retrofitter:
         values = {"val_loss": float(sums[0] / sums[1]), "val_ppl": math.exp(min(50.0, float(sums[0] / sums[1])))}
         if not self.plain:
             values["val_cr"] = float(sums[2] / sums[3])
+        if relaxed:
+            values["val_loss_relaxed"] = float(sums[4] / sums[1])
         return values
 
     def _state(self) -> dict:
