@@ -40,9 +40,29 @@ def test_perplexity_modes_agree_and_match_the_model_loss(tokenizer):
     assert one.perplexity == pytest.approx(math.exp(one.loss))
 
 
+def test_relaxed_mode_is_the_seeded_training_forward(tokenizer):
+    """mode="relaxed" is the retrofit's view (noisy relaxed decisions): seeded, so repeatable, not the
+    hard-decision loss, equal to the training-mode loss by hand, and the model's mode is restored."""
+    model = _model("llama")
+    full = perplexity(model, tokenizer, TEXTS, seq_len=32, max_windows=4, batch_size=2)
+    relaxed = perplexity(model, tokenizer, TEXTS, seq_len=32, max_windows=4, batch_size=2, mode="relaxed")
+    again = perplexity(model, tokenizer, TEXTS, seq_len=32, max_windows=4, batch_size=2, mode="relaxed")
+    assert not model.training
+    assert relaxed.loss == again.loss and relaxed.loss != pytest.approx(full.loss, rel=1e-4)
+    first = tokenizer(TEXTS[0], return_tensors="pt").input_ids[:, :32]
+    one = perplexity(model, tokenizer, [TEXTS[0]], seq_len=32, max_windows=1, mode="relaxed")
+    model.train()
+    with torch.no_grad():
+        by_hand = float(model(first, labels=first, dmc_generator=torch.Generator().manual_seed(0)).lm_loss)
+    model.eval()
+    assert one.loss == pytest.approx(by_hand, rel=1e-5)
+
+
 def test_perplexity_errors(tokenizer):
     with pytest.raises(ValueError, match="plain model"):
         perplexity(stock_model("llama", vocab_size=300), tokenizer, TEXTS, seq_len=32, mode="cache")
+    with pytest.raises(ValueError, match="plain model"):
+        perplexity(stock_model("llama", vocab_size=300), tokenizer, TEXTS, seq_len=32, mode="relaxed")
     with pytest.raises(ValueError, match="no text holds"):
         perplexity(_model("llama"), tokenizer, ["short"], seq_len=32)
 
@@ -82,6 +102,7 @@ def test_dmc_eval_cli(tokenizer, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["perplexity_compressed_cache"] == pytest.approx(report["perplexity_full_sequence"], rel=1e-4)
     assert report["compression"]["cr"] > 1.3 and report["recall"]["trials"] == 2
+    assert report["perplexity_relaxed"] > 1 and report["perplexity_relaxed"] != report["perplexity_full_sequence"]
     assert (tmp_path / "h.png").exists()
     assert "realized CR" in capsys.readouterr().out
     assert cli(["eval", str(tmp_path), "--data", str(data)]) == 2

@@ -66,6 +66,7 @@ def test_smoke_pipeline_writes_the_report(smoke):
     check = rows["dmc-8x"]["cache_check"]
     assert check["relative_gap"] < 1e-4 and check["cr_cache"] == pytest.approx(check["cr_full"], rel=1e-6)
     assert len(rows["dmc-8x"]["compression"]["per_head_cr"]) == result["meta"]["model"]["layers"]
+    assert rows["dmc-8x"]["perplexity_relaxed"] > 1 and rows["dmc-8x"]["train"]["val_loss_relaxed"] > 0
     # eviction: budget matched to DMC's realized CR at the same target, and kept
     for cr in (4, 8):
         h2o = rows[f"h2o-{cr}x"]

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         if is_dmc:
             cached = perplexity(model, tokenizer, texts, mode="cache", **common)
             report["perplexity_compressed_cache"] = cached.perplexity
+            report["perplexity_relaxed"] = perplexity(model, tokenizer, texts, mode="relaxed", **common).perplexity
             report["compression"] = compression_report(cached.compression)
             if args.heatmap:
                 compression_heatmap(cached.compression, args.heatmap, title=pathlib.Path(args.model).name)
@@ -66,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     summary = f"perplexity {report['perplexity_full_sequence']:.3f} (full sequence)"
     if is_dmc:
         summary += (f", {report['perplexity_compressed_cache']:.3f} (compressed cache); "
-                    f"realized CR {report['compression']['cr']:.2f}")
+                    f"realized CR {report['compression']['cr']:.2f}; {report['perplexity_relaxed']:.3f} in training "
+                    "mode (relaxed decisions)")
     if "recall" in report:
         summary += f"; recall {report['recall']['accuracy']:.0%} of {args.recall_trials}"
     print(summary)

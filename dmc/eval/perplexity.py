@@ -67,18 +67,33 @@ def perplexity(model, tokenizer, texts, seq_len: int = 1024, mode: str = "full",
     """Perplexity of ``model`` over ``texts`` (an iterable of strings).
 
     Args:
-        mode: "full" (no cache) or "cache" (through the model's compressed cache; DMC models only).
+        mode: "full" (no cache), "cache" (through the model's compressed cache) or "relaxed" (the
+            training-mode forward: relaxed decisions with logistic noise from a fixed seed, as the
+            retrofit sees them; its gap to "full" is what hard decisions cost at inference). The
+            last two are for DMC models only.
     """
-    if mode not in ("full", "cache"):
-        raise ValueError(f"mode must be 'full' or 'cache', got {mode!r}")
+    if mode not in ("full", "cache", "relaxed"):
+        raise ValueError(f"mode must be 'full', 'cache' or 'relaxed', got {mode!r}")
     is_dmc = hasattr(model.config, "dmc")
-    if mode == "cache" and not is_dmc:
-        raise ValueError("mode='cache' measures a DMC model through its compressed cache; this is a plain model")
+    if mode != "full" and not is_dmc:
+        raise ValueError(f"mode={mode!r} measures a DMC model's compression; this is a plain model")
     device = next(model.parameters()).device
+    was_training = model.training
+    model.train(mode == "relaxed")
+    generator = torch.Generator(device).manual_seed(0) if mode == "relaxed" else None
+    try:
+        return _perplexity(model, tokenizer, texts, seq_len, mode, max_windows, batch_size, progress, device,
+                           generator, is_dmc)
+    finally:
+        model.train(was_training)
+
+
+def _perplexity(model, tokenizer, texts, seq_len, mode, max_windows, batch_size, progress, device, generator,
+                is_dmc) -> PerplexityResult:
     nll, predicted, windows, tokens, slots = 0.0, 0, 0, [], []
     for ids in window_batches(tokenizer, texts, seq_len, max_windows, batch_size, f"perplexity ({mode})", progress):
         ids = ids.to(device)
-        out = model(ids, use_cache=mode == "cache")
+        out = model(ids, use_cache=mode == "cache", **({"dmc_generator": generator} if generator else {}))
         logits = out.logits[:, :-1].float()
         nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                        ids[:, 1:].reshape(-1), reduction="sum"))
