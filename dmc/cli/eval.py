@@ -9,7 +9,8 @@ import sys
 
 NAME = "eval"
 HELP = ("evaluate a local HF model (DMC or plain): held-out perplexity in full-sequence mode and, for DMC, "
-        "through the compressed cache; realized CR per layer/head (+ heatmap PNG); key-value recall probe")
+        "through the compressed cache and in training mode (relaxed decisions); realized CR per layer/head "
+        "(+ heatmap PNG); key-value recall probe")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
