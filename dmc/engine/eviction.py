@@ -16,7 +16,8 @@ vanilla mode (every token appends a slot); each (layer, sequence, KV head) holds
   holds) and the paged kernel attends over the ``budget + 1`` slots; then the slots are scored with
   a plain PyTorch softmax over the gathered keys (the Triton attention kernel does not output
   probabilities: this gathers every key once more and is the slow part of an eviction step, about
-  6x a DMC step at the same CR on an H100 with a 7B shape, batch 64, budget 384), and
+  6x a DMC step at the same CR on an H100 with a 7B shape, batch 64, budget 384, measured when
+  values were gathered too; keys only since, not re-measured), and
   each head over the budget moves its last slot into the victim's place and drops its count by one.
   The order of slots does not matter to attention (keys are stored rotated). Fixed shapes and no
   host sync, so the step is still captured in CUDA graphs.
@@ -109,7 +110,7 @@ class EngineEviction:
         active = seq_ids >= 0
         rows = torch.where(active, seq_ids.long(), cache.scratch_row)  # padding rows touch the scratch row
         lens = cache.lens[layer, rows].long()  # [B, H], after the append
-        keys, _, visible = gather_slots(cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids, layer, p,
+        keys, _, visible = gather_slots(cache.k_pool, None, cache.page_table, cache.lens, seq_ids, layer, p,
                                         num_slots=budget + 1)
         last = (lens - 1).clamp_min(0)[..., None]  # the slot just appended
         slot_pos = self.positions[layer, rows].long()  # [B, H, budget + 1]

@@ -117,14 +117,15 @@ def gather_slots(k_pool, v_pool, page_table, lens, seq_ids, layer: int, page_siz
                  num_slots: int | None = None):
     """Each row's slots as padded tensors: keys, values ``[B, H, S_max, D]`` and a visibility mask
     ``[B, H, S_max]`` (S_max = the longest head of the batch, one host sync; or ``num_slots`` when
-    the caller knows a bound: no sync, as a CUDA graph needs)."""
+    the caller knows a bound: no sync, as a CUDA graph needs). ``v_pool=None``: keys only (values
+    None), for callers that only score the slots."""
     rows = seq_ids.long().clamp_min(0)
     length = lens[layer, rows].long() * (seq_ids >= 0)[:, None]  # [B, H]
     s_max = num_slots or max(int(length.max()) if length.numel() else 0, 1)
     slots = torch.arange(s_max, device=k_pool.device)
     pages = page_table[layer, rows][..., slots // page_size].long()  # [B, H, S_max]
     keys = k_pool[pages, slots % page_size]
-    values = v_pool[pages, slots % page_size]
+    values = None if v_pool is None else v_pool[pages, slots % page_size]
     return keys, values, slots < length[..., None]
 
 
