@@ -104,9 +104,10 @@ class LLM:
         self.runner = ModelRunner(self.model, self.cache, vanilla=self.vanilla, forced_period=forced_period,
                                   eviction=None if eviction is None else EngineEviction(eviction, self.cache))
         prior = 1.0 if self.vanilla else float(forced_period or self.dmc.target_cr or 1.0)
-        self.scheduler = Scheduler(self.cache.layout.rows, self.cache.layout.page_size, max_num_seqs,
+        layout = self.cache.layout
+        self.scheduler = Scheduler(layout.rows, layout.page_size, layout.pages_per_head, max_num_seqs,
                                    CompressionEstimate(prior, admission_margin), slot_cap=self._slot_cap,
-                                   prefill_chunk=prefill_chunk, max_pages_per_head=self.cache.layout.pages_per_head)
+                                   prefill_chunk=prefill_chunk)
         self._next_id = 0
         self.initial_free_pages = self.cache.free_page_count()
         if cuda_graphs:

@@ -72,8 +72,8 @@ class CompressionEstimate:
 class Scheduler:
     """Waiting and running queues and the page budget arithmetic."""
 
-    def __init__(self, rows_per_sequence: int, page_size: int, max_num_seqs: int, estimate: CompressionEstimate,
-                 slot_cap: int | None = None, prefill_chunk: int = 0, max_pages_per_head: int | None = None) -> None:
+    def __init__(self, rows_per_sequence: int, page_size: int, max_pages_per_head: int, max_num_seqs: int,
+                 estimate: CompressionEstimate, slot_cap: int | None = None, prefill_chunk: int = 0) -> None:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.rows = rows_per_sequence  # (layer, KV head) pairs of one sequence
@@ -86,7 +86,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         # No sequence ever holds more (max_model_len slots and the ready page): admission never asks
         # for more than this, so the smallest pool the engine accepts runs the longest prompt.
-        self.max_pages = None if max_pages_per_head is None else rows_per_sequence * max_pages_per_head
+        self.max_pages = rows_per_sequence * max_pages_per_head
 
     def pages_for(self, tokens: int, capped: bool = True) -> int:
         """Estimated pages for a sequence of ``tokens`` at the estimated CR (+ the ready page)."""
@@ -112,8 +112,7 @@ class Scheduler:
         if len(self.running) >= self.max_num_seqs or free_rows == 0:
             return False
         if not self.running:
-            need = self.prefill_pages(request) + self.rows
-            return free_pages >= (need if self.max_pages is None else min(need, self.max_pages))
+            return free_pages >= min(self.prefill_pages(request) + self.rows, self.max_pages)
         return (free_pages - self.committed_growth() >= self.pages_for(request.total_tokens)
                 and free_pages >= self.prefill_pages(request))
 

@@ -78,31 +78,27 @@ def perplexity(model, tokenizer, texts, seq_len: int = 1024, mode: str = "full",
     if mode != "full" and not is_dmc:
         raise ValueError(f"mode={mode!r} measures a DMC model's compression; this is a plain model")
     device = next(model.parameters()).device
+    # relaxed: the same noise for every call (a fixed seed), so results repeat
+    extra = {"dmc_generator": torch.Generator(device).manual_seed(0)} if mode == "relaxed" else {}
     was_training = model.training
     model.train(mode == "relaxed")
-    generator = torch.Generator(device).manual_seed(0) if mode == "relaxed" else None
     try:
-        return _perplexity(model, tokenizer, texts, seq_len, mode, max_windows, batch_size, progress, device,
-                           generator, is_dmc)
+        nll, predicted, windows, tokens, slots = 0.0, 0, 0, [], []
+        for ids in window_batches(tokenizer, texts, seq_len, max_windows, batch_size, f"perplexity ({mode})",
+                                  progress):
+            ids = ids.to(device)
+            out = model(ids, use_cache=mode == "cache", **extra)
+            logits = out.logits[:, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                           ids[:, 1:].reshape(-1), reduction="sum"))
+            predicted += ids[:, 1:].numel()
+            windows += len(ids)
+            if is_dmc:
+                stats = (CompressionStats.from_cache(out.past_key_values) if mode == "cache" else out.compression)
+                tokens.append(stats.tokens.cpu())
+                slots.append(stats.slots.cpu())
     finally:
         model.train(was_training)
-
-
-def _perplexity(model, tokenizer, texts, seq_len, mode, max_windows, batch_size, progress, device, generator,
-                is_dmc) -> PerplexityResult:
-    nll, predicted, windows, tokens, slots = 0.0, 0, 0, [], []
-    for ids in window_batches(tokenizer, texts, seq_len, max_windows, batch_size, f"perplexity ({mode})", progress):
-        ids = ids.to(device)
-        out = model(ids, use_cache=mode == "cache", **({"dmc_generator": generator} if generator else {}))
-        logits = out.logits[:, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                       ids[:, 1:].reshape(-1), reduction="sum"))
-        predicted += ids[:, 1:].numel()
-        windows += len(ids)
-        if is_dmc:
-            stats = (CompressionStats.from_cache(out.past_key_values) if mode == "cache" else out.compression)
-            tokens.append(stats.tokens.cpu())
-            slots.append(stats.slots.cpu())
     compression = (CompressionStats(tokens=torch.cat(tokens, dim=1), slots=torch.cat(slots, dim=1))
                    if tokens else None)
     return PerplexityResult(loss=nll / predicted, tokens=predicted, windows=windows, compression=compression)
