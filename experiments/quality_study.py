@@ -89,8 +89,8 @@ class Settings:
     extra_fraction: float = 0.10  # of the pretraining tokens, per run
     extra_lr: float | None = None  # None: the final pretraining lr
     extra_min_lr_ratio: float = 0.1  # end of the fine-tune cosine, relative to the extra lr
-    # Global batch of the continued runs: smaller than pretraining's, so that their budget is 800 steps
-    # rather than 400 (DMC learns its decisions, and follows the CR ramp, per step).
+    # Global batch of the continued runs: half of pretraining's, so that the same token budget gives
+    # twice the steps (DMC learns its decisions, and follows the CR ramp, per step).
     extra_rows_per_step: int = 32
     zero_out_share: float = 0.08
     finetune_share: float = 0.25

@@ -139,15 +139,17 @@ def test_streaming_matches_the_parallel_forward_when_nothing_is_evicted(tiny):
     assert roomy.loss == pytest.approx(vanilla.loss, rel=1e-5) and roomy.compression.overall_cr == 1
 
 
+def _evicting(tokenizer, method: str, budget: int):
+    """A tiny model in vanilla mode and a streaming cache factory with a fixed eviction budget."""
+    model = dmc_model("llama", vocab_size=len(tokenizer))
+    model.set_dmc_mode(vanilla=True)
+    return model, lambda n: EvictionCache(model.config, EvictionPolicy(method, budget=budget))
+
+
 @pytest.mark.parametrize("method", ["h2o", "tova"])
 def test_a_prefill_within_the_budget_changes_nothing(tiny, method):
     tokenizer, texts = tiny
-    model = dmc_model("llama", vocab_size=len(tokenizer))
-    model.set_dmc_mode(vanilla=True)
-
-    def cache(n):
-        return EvictionCache(model.config, EvictionPolicy(method, budget=12))
-
+    model, cache = _evicting(tokenizer, method, budget=12)
     windows = {"seq_len": 48, "max_windows": 4, "batch_size": 2}
     one_by_one = streaming_perplexity(model, tokenizer, texts, cache, prefill=1, **windows)
     prefilled = streaming_perplexity(model, tokenizer, texts, cache, **windows)  # default: the budget
@@ -180,12 +182,7 @@ def test_streaming_recall_answers_like_generate(tiny):
 def test_streaming_recall_through_eviction_does_not_depend_on_batching(tiny, method):
     """Left padding (rows whose first chunk is all padding too) leaves each row's eviction alone."""
     tokenizer, _ = tiny
-    model = dmc_model("llama", vocab_size=len(tokenizer))
-    model.set_dmc_mode(vanilla=True)
-
-    def cache(n):
-        return EvictionCache(model.config, EvictionPolicy(method, budget=8))
-
+    model, cache = _evicting(tokenizer, method, budget=8)
     alone = streaming_recall_probe(model, tokenizer, cache, pairs=5, trials=5, batch_size=1)
     batched = streaming_recall_probe(model, tokenizer, cache, pairs=5, trials=5, batch_size=5)
     assert batched["outputs"] == alone["outputs"]
