@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("retrofit", "import_megatron", "gqa", "eval", "generate", "bench")
+SUBCOMMANDS = ("retrofit", "import_megatron", "gqa", "eval", "generate", "bench", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:
