@@ -22,6 +22,11 @@ class DMCConfig:
             memory per head), "dense" (materialised (L, L) bias, the reference), "sdpa"
             (PyTorch SDPA with a boolean mask: no compilation, no gradient to α; inference
             only) or "auto" (flex on CUDA, dense on CPU where FlexAttention has no backward).
+        logit_scale: s in the decision logit ``a = s·k[D-1] - c`` (1 in the paper). A training-time
+            reparametrisation (the DMS recipe scales its logit by 100): with s > 1 the decision rows
+            move s times faster at the model's learning rate. :func:`dmc.hf.convert.fold_logit_scale`
+            multiplies it into the k weights and resets it to 1, which the trainer does before
+            saving, so released models and the engine always see s = 1.
     """
 
     window: int | None = 12
@@ -30,6 +35,7 @@ class DMCConfig:
     target_cr: float | None = None
     attn_implementation: str = "auto"
     compile_pooling: bool = True
+    logit_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
@@ -38,6 +44,8 @@ class DMCConfig:
             raise ValueError(f"DMC temperature must be > 0, got {self.temperature}")
         if self.target_cr is not None and self.target_cr < 1:
             raise ValueError(f"target compression ratio must be >= 1 (1 = no compression), got {self.target_cr}")
+        if not self.logit_scale > 0:
+            raise ValueError(f"DMC logit_scale must be > 0, got {self.logit_scale}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, "
                              f"got {self.attn_implementation!r}")

@@ -17,7 +17,7 @@ IMPORTANCE_FLOOR = 2.0**-7  # spec §1: ω = sigmoid(.) + 2^-7 keeps every group
 
 # --------------------------------------------------------------------------- §1 channels
 def split_decision_channel(
-    q: torch.Tensor, k: torch.Tensor, init_offset: float
+    q: torch.Tensor, k: torch.Tensor, init_offset: float, logit_scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Read the decision logit and importance from channel D-1, then zero that channel.
 
@@ -25,15 +25,20 @@ def split_decision_channel(
         q: queries before RoPE, ``[B, H*G, L, D]``.
         k: keys before RoPE, ``[B, H, L, D]``.
         init_offset: the offset c (5.0 in the paper).
+        logit_scale: s in ``a = s·k[D-1] - c`` (1 in the paper; a training reparametrisation,
+            folded into the weights before a model is saved).
 
     Returns:
         ``(q, k, logits, importance)``: q and k with channel D-1 set to 0, decision logits
-        ``a = k[D-1] - c`` and importances ``ω = sigmoid(mean_g q[D-1] + c) + 2^-7``, both
+        ``a = s·k[D-1] - c`` and importances ``ω = sigmoid(mean_g q[D-1] + c) + 2^-7``, both
         ``[B, H, L]`` in fp32.
     """
     b, hq, length, _ = q.shape
     h = k.shape[1]
-    logits = k[..., -1].float() - init_offset
+    logits = k[..., -1].float()
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    logits = logits - init_offset
     q_last = q[..., -1].float().view(b, h, hq // h, length).mean(dim=2)
     importance = torch.sigmoid(q_last + init_offset) + IMPORTANCE_FLOOR
     return zero_last_channel(q), zero_last_channel(k), logits, importance
@@ -277,6 +282,44 @@ def compression_loss(alpha_hat: torch.Tensor, target_cr: float | torch.Tensor,
                                                             * alpha_hat.shape[2]).clamp_min(1)
     target_rate = 1.0 - 1.0 / torch.as_tensor(target_cr, dtype=alpha_hat.dtype, device=alpha_hat.device)
     return F.relu(target_rate - mean_alpha).mean()
+
+
+def head_ceiling_loss(alpha_hat: torch.Tensor, max_head_cr: float,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Optional per-head cap on compression: mean over (layer, head) of
+    ``max(0, mean_{b,t} α̂ - (1 - 1/max_head_cr))``.
+
+    The sequence-level loss of §4 can be met by a few heads that merge everything (CR ≈ the
+    sequence length) while others keep every token; this penalises any (layer, head) whose
+    merge rate exceeds that of ``max_head_cr``. ``alpha_hat`` ``[B, layers, H, L]``.
+    """
+    if valid is None:
+        rate = alpha_hat.mean(dim=(0, 3))
+    else:
+        w = valid[:, None, None, :].to(alpha_hat.dtype)
+        rate = (alpha_hat * w).sum(dim=(0, 3)) / w.sum(dim=(0, 3)).clamp_min(1)
+    return F.relu(rate - (1.0 - 1.0 / max_head_cr)).mean()
+
+
+def cr_multiplier_update(log_multiplier: float, target_cr: float, achieved_cr: float, rate: float,
+                         max_log: float) -> float:
+    """One dual-ascent step on the compression constraint ``achieved CR ≥ target CR``.
+
+    The loss weight is ``base · exp(log_multiplier)``; the log grows in proportion to the relative
+    shortfall ``(target - achieved) / target`` and shrinks when compression runs ahead, clipped to
+    ``[0, max_log]`` (so the weight never drops below the base weight of §4). Multiplicative,
+    because the weight that lets the compression gradient outvote the LM gradient on the decision
+    rows differs by orders of magnitude between models.
+    """
+    shortfall = (target_cr - achieved_cr) / target_cr
+    return min(max_log, max(0.0, log_multiplier + rate * shortfall))
+
+
+def linear_anneal(step: int, steps: int, start: float, end: float) -> float:
+    """``start`` at step 0 of a stage, ``end`` at its last step, linear in between."""
+    if steps <= 1:
+        return end
+    return start + (end - start) * min(1.0, step / (steps - 1))
 
 
 def cr_schedule(step: int, target_cr: float, ramp_steps: int) -> float:

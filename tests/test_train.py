@@ -56,7 +56,7 @@ def _config(model, out, token_cache, **kw) -> TrainConfig:
 # ------------------------------------------------------------------------------ schedules
 def test_stage_plan_and_learning_rate():
     cfg = TrainConfig(target_cr=4.0, zero_out_steps=10, steps_per_cr=100, finetune_steps=50, lr=1.0, min_lr=0.1,
-                      warmup_steps=5)
+                      warmup_steps=5, preset="paper")
     assert cfg.stage_steps() == [("zero-out", 10), ("retrofit", 300), ("finetune", 50)]
     assert locate(cfg.stage_steps(), 0) == StagePosition("zero-out", 0, 10)
     assert locate(cfg.stage_steps(), 10) == StagePosition("retrofit", 0, 300)
@@ -140,10 +140,18 @@ def test_retrofit_reaches_target_cr(tiny_model, tmp_path, token_cache):
     cfg = _config(tiny_model, out, token_cache, tensorboard=True)
     assert Retrofitter(cfg).run() == out
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 171))
-    assert {r["stage"] for r in records} == {"zero-out", "retrofit", "finetune"}
-    for key in ("lm_loss", "cr_loss", "target_cr", "achieved_cr", "per_layer_cr", "lr", "tokens_per_s"):
+    assert [r["step"] for r in records] == list(range(1, 186))  # + the hard stage: a quarter of the fine-tune
+    assert {r["stage"] for r in records} == {"zero-out", "retrofit", "finetune", "hard"}
+    for key in ("lm_loss", "cr_loss", "distill_loss", "cr_weight", "noise_scale", "target_cr", "achieved_cr",
+                "per_layer_cr", "lr", "tokens_per_s"):
         assert key in records[-1]
+    # diagnostics of every evaluation: per-head realized CR, its histogram, logit statistics, the gap
+    last = records[-1]
+    assert len(last["head_cr"]) == 2 * 2 and sum(last["head_cr_hist"].values()) == 4
+    assert len(last["logit_mean"]) == 4 and 0 <= last["logit_near_threshold"] <= 1
+    assert last["relaxation_gap"] == pytest.approx(last["val_loss"] - last["val_loss_relaxed"])
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert summary["val_cr"] == last["val_cr"] and summary["head_cr_hist"] == last["head_cr_hist"]
     assert records[-1]["val_cr"] == pytest.approx(2.0, rel=0.10)  # held-out, hard decisions
     # the same batches in training mode (relaxed decisions): a loss near the hard one, not equal to it
     hard, relaxed = records[-1]["val_loss"], records[-1]["val_loss_relaxed"]

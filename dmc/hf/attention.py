@@ -35,6 +35,9 @@ class DMCBatch:
         channel_scale: multiplier of q[D-1] and k[D-1] in vanilla mode (zero-out stage).
         noise: training-mode logistic noise ``[layers, B, H, n]``, drawn once per forward so that
             activation checkpointing recomputes a layer with the same noise.
+        hard: training with the inference forward: hard decisions ``1[a > 0]`` (no noise) for the
+            pooling and the §3 mask, so the training loss is the inference loss; the decisions
+            still get gradients through the pooling and the compression loss (straight-through).
     """
 
     valid: torch.Tensor | None = None
@@ -43,6 +46,7 @@ class DMCBatch:
     vanilla: bool = False
     channel_scale: float = 1.0
     noise: torch.Tensor | None = None
+    hard: bool = False
     block_mask: object = None  # FlexAttention's mask, built by the first layer that needs it
 
 
@@ -64,6 +68,7 @@ class DMCAttention(nn.Module):
         # This forward's α (training: straight-through α̂), [B, H, n], collected by the model.
         # An attribute, not a kwarg: FSDP2 rebuilds forward inputs when it casts them.
         self.decisions: torch.Tensor | None = None
+        self.decision_logits: torch.Tensor | None = None  # eval mode: a = s·k[D-1] - c, [B, H, n]
         # Benchmarks only (dmc.engine's forced_period): α_t = 1[t % period != 0] replaces the
         # decision channel, so random weights compress at exactly CR = period.
         self.forced_period = 0
@@ -104,7 +109,7 @@ class DMCAttention(nn.Module):
             noise = None if batch.noise is None else batch.noise[self.layer_idx]
             q, k_bar, v_bar, alpha_hat, key_bias = states(
                 q, k, v, noise, batch.starts, batch.valid, cos, sin, self.dmc.init_offset, self.dmc.temperature,
-                self.dmc.window)
+                self.dmc.window, self.dmc.logit_scale, batch.hard)
             self.decisions = alpha_hat
             out = self._attend(q, k_bar, v_bar, key_bias, batch)
             return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), None
@@ -113,8 +118,10 @@ class DMCAttention(nn.Module):
             alpha = torch.zeros(b, self.num_kv_heads, n, device=q.device)
             importance = torch.ones_like(alpha)
         else:
-            q, k, logits, importance = core.split_decision_channel(q, k, self.dmc.init_offset)
+            q, k, logits, importance = core.split_decision_channel(q, k, self.dmc.init_offset,
+                                                                   self.dmc.logit_scale)
             alpha = core.hard_decisions(logits, batch.starts)
+            self.decision_logits = logits.detach()  # diagnostics: per-head logit statistics
             if self.forced_period and kwargs.get("position_ids") is not None:
                 positions = kwargs["position_ids"].expand(b, n)
                 alpha = core.periodic_decisions(positions, self.forced_period, self.num_kv_heads, batch.starts)
@@ -215,24 +222,31 @@ def states_from_sums(q, sums, cos, sin):
 
 
 def training_states(q, k, v, noise, starts, valid, cos, sin, init_offset: float, temperature: float,
-                    window: int | None):
+                    window: int | None, logit_scale: float = 1.0, hard: bool = False):
     """Training-mode DMC (spec §4) up to the attention: relaxed decisions α̃ from channel D-1
     (with logistic noise), soft windowed pooling, the per-key bias log(1 - α̃_{j+1}).
+
+    ``hard=True`` trains with the inference forward instead: the pooling uses the
+    straight-through α̂ (hard in value: exactly §3's states) and the bias is §3's 0/-inf mask.
 
     Returns ``(q, k̄, v̄, α̂, key_bias)`` with α̂ the straight-through hard decisions. Pure
     tensor code, so that on CUDA it compiles into a few fused kernels.
     """
-    q, k, logits, importance = core.split_decision_channel(q, k, init_offset)
+    q, k, logits, importance = core.split_decision_channel(q, k, init_offset, logit_scale)
     relaxed = core.relaxed_logits(logits, temperature, noise)
     forced = core.forced_appends(logits.shape[-1], starts, logits.device).expand_as(logits)
     alpha = torch.sigmoid(relaxed).masked_fill(forced, 0.0)
-    key_bias = core.key_bias_from_relaxed(relaxed, forced)
+    if hard:
+        alpha = core.straight_through(alpha)
+        key_bias = core.key_bias_from_hard(alpha.detach())
+    else:
+        key_bias = core.key_bias_from_relaxed(relaxed, forced)
     if valid is not None:
         importance = importance * valid[:, None, :]
         alpha = alpha.masked_fill(~valid[:, None, :], 1.0)  # padding is transparent
         key_bias = key_bias.masked_fill(~valid[:, None, :], float("-inf"))
     q, k_bar, v_bar = pooled_states(q, k, v, alpha, importance, cos, sin, window)
-    return q, k_bar, v_bar, core.straight_through(alpha), key_bias
+    return q, k_bar, v_bar, alpha if hard else core.straight_through(alpha), key_bias
 
 
 _COMPILED: dict = {}

@@ -123,3 +123,40 @@ def zero_decision_channels(model: nn.Module) -> nn.Module:
     if not found:
         raise UnsupportedModelError(f"no attention layers with q_proj/k_proj found in {type(model).__name__}")
     return model
+
+
+@torch.no_grad()
+def set_logit_scale(model: nn.Module, scale: float) -> nn.Module:
+    """Change the decision-logit scale s of ``a = s·k[D-1] - c`` (``DMCConfig.logit_scale``) without
+    changing any decision: the weights that make k[D-1] are multiplied by old/new.
+
+    The rows of k_proj (and its bias) producing channel D-1 are rescaled; for Qwen3, whose k is
+    RMS-normalised per head after the projection, the k_norm weight of channel D-1 is. In place on
+    an unsharded DMC causal LM.
+    """
+    old = float((getattr(model.config, "dmc", None) or {}).get("logit_scale", 1.0))
+    if old == scale:
+        return model
+    factor = old / scale
+    for module in model.modules():
+        if not (hasattr(module, "k_proj") and hasattr(module, "dmc") and hasattr(module, "head_dim")):
+            continue
+        norm = getattr(module, "k_norm", None)
+        if norm is not None:
+            norm.weight[-1] *= factor
+        else:
+            module.k_proj.weight.view(-1, module.head_dim, module.k_proj.weight.shape[-1])[:, -1] *= factor
+            if module.k_proj.bias is not None:
+                module.k_proj.bias.view(-1, module.head_dim)[:, -1] *= factor
+        module.dmc = DMCConfig.from_dict({**module.dmc.to_dict(), "logit_scale": scale})
+    model.config.dmc = {**model.config.dmc, "logit_scale": scale}
+    return model
+
+
+def fold_logit_scale(model: nn.Module) -> nn.Module:
+    """Multiply a training-time logit scale into the weights (s = 1 afterwards): the form of the
+    paper, the released checkpoints and the engine's kernels, with the same decisions. A no-op for
+    stock models and for s = 1."""
+    if getattr(model.config, "dmc", None) is None:
+        return model
+    return set_logit_scale(model, 1.0)

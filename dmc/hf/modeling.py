@@ -33,6 +33,7 @@ class DMCModelOutput(BaseModelOutputWithPast):
 
     decisions: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    decision_logits: torch.Tensor | None = None  # eval mode: a per token ``[B, layers, H, n]``
 
 
 @dataclass
@@ -45,6 +46,7 @@ class DMCCausalLMOutput(CausalLMOutputWithPast):
     target_cr: float | None = None
     decisions: torch.Tensor | None = None
     compression: CompressionStats | None = None
+    decision_logits: torch.Tensor | None = None
 
 
 def compile_decoder_layers(model, **compile_kwargs) -> None:
@@ -90,6 +92,8 @@ class DMCModelMixin:
         use_cache: bool | None = None,
         document_ids: torch.LongTensor | None = None,
         dmc_generator: torch.Generator | None = None,
+        dmc_noise_scale: float = 1.0,
+        dmc_hard: bool = False,
         **kwargs: Any,
     ) -> DMCModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
@@ -127,11 +131,13 @@ class DMCModelMixin:
             position_ids = real_before.clamp_min(0)
 
         noise = None
-        if self.training and not self.dmc_vanilla:
+        if self.training and not self.dmc_vanilla and not dmc_hard and dmc_noise_scale > 0:
             shape = (self.config.num_hidden_layers, b, self.config.num_key_value_heads, n)
             noise = core.logistic_noise(shape, dmc_generator, device=device)
+            if dmc_noise_scale != 1.0:
+                noise = noise * dmc_noise_scale
         batch = DMCBatch(valid=valid, starts=starts, document_ids=document_ids, vanilla=self.dmc_vanilla,
-                         channel_scale=self.dmc_channel_scale, noise=noise)
+                         channel_scale=self.dmc_channel_scale, noise=noise, hard=dmc_hard)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers[: self.config.num_hidden_layers]:
@@ -146,15 +152,17 @@ class DMCModelMixin:
             )
         if past_key_values is not None:
             past_key_values.advance(valid_or_all)
-        decisions = []
+        decisions, logits = [], []
         for layer in self.layers[: self.config.num_hidden_layers]:
             decisions.append(layer.self_attn.decisions)
-            layer.self_attn.decisions = None
+            logits.append(layer.self_attn.decision_logits)
+            layer.self_attn.decisions = layer.self_attn.decision_logits = None
         return DMCModelOutput(
             last_hidden_state=self.norm(hidden_states),
             past_key_values=past_key_values,
             decisions=torch.stack(decisions, dim=1),
             valid=valid,
+            decision_logits=torch.stack(logits, dim=1) if all(x is not None for x in logits) else None,
         )
 
     def _check_cache(self, cache) -> DMCCache:
@@ -208,6 +216,8 @@ class DMCForCausalLMMixin:
         document_ids: torch.LongTensor | None = None,
         dmc_target_cr: float | None = None,
         dmc_generator: torch.Generator | None = None,
+        dmc_noise_scale: float = 1.0,
+        dmc_hard: bool = False,
         **kwargs: Any,
     ) -> DMCCausalLMOutput:
         """As the family's forward, plus:
@@ -217,11 +227,16 @@ class DMCForCausalLMMixin:
                 attention across documents.
             dmc_target_cr: CR(s) for the compression loss (default: ``config.dmc.target_cr``).
             dmc_generator: RNG of the training-mode Gumbel noise.
+            dmc_noise_scale: multiplier of that noise (the recipe anneals it to 0, so training
+                ends with the decisions inference will take).
+            dmc_hard: train with the inference forward (hard decisions, §3 mask; see
+                :class:`~dmc.hf.attention.DMCBatch`).
         """
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            document_ids=document_ids, dmc_generator=dmc_generator,
+            document_ids=document_ids, dmc_generator=dmc_generator, dmc_noise_scale=dmc_noise_scale,
+            dmc_hard=dmc_hard,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -245,6 +260,7 @@ class DMCForCausalLMMixin:
             target_cr=target_cr,
             decisions=outputs.decisions,
             compression=CompressionStats.from_decisions(outputs.decisions, outputs.valid),
+            decision_logits=outputs.decision_logits,
         )
 
 

@@ -17,6 +17,7 @@ import os
 import pathlib
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 
@@ -24,15 +25,24 @@ import torch
 
 from .. import core
 from ..config import DMCConfig
-from ..hf.convert import UnsupportedModelError, convert, supported_architectures, zero_decision_channels
+from ..hf.convert import (UnsupportedModelError, convert, fold_logit_scale, set_logit_scale,
+                          supported_architectures, zero_decision_channels)
 from ..hf.modeling import FAMILIES, compile_decoder_layers
-from .checkpoint import Checkpointer
+from .checkpoint import (CheckpointException, Checkpointer, RunLock, RunLockedError, check_output_location,
+                         discard_run, interrupts_deferred, only_leftovers, unwrap_checkpoint_error)
 from .config import ConfigError, TrainConfig
 from .data import PackedData
 from .distributed import Runtime, all_reduce_sum, barrier, init_runtime, shard_model
+from .diagnostics import HeadDiagnostics, format_summary
 from .metrics import MetricsLogger
+from .objectives import StepMode, Teacher, make_objective
 
 RUN_FILE = "run.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite: the run stopped without writing a model (the last good
+    checkpoint stays); the message says what to do."""
 
 
 @dataclass
@@ -53,14 +63,17 @@ def locate(plan: list[tuple[str, int]], global_step: int) -> StagePosition:
 
 
 def learning_rate(cfg: TrainConfig, pos: StagePosition) -> float:
-    """Linear warmup at the start of each stage, then constant (zero-out, retrofit) or cosine
-    from lr to min_lr (fine-tune)."""
-    if cfg.warmup_steps and pos.step < cfg.warmup_steps:
+    """Linear warmup at the start of each stage, then constant (zero-out, retrofit) or one cosine
+    from lr to min_lr over the fine-tune and the hard stage after it (no warmup in between)."""
+    finetune = cfg.finetune_steps if "finetune" in cfg.stages else 0
+    hard = cfg.hard_total_steps if "hard" in cfg.stages else 0
+    step = pos.step + (finetune if pos.name == "hard" else 0)
+    if cfg.warmup_steps and step < cfg.warmup_steps and pos.name != "hard":
         return cfg.lr * (pos.step + 1) / cfg.warmup_steps
-    if pos.name != "finetune":
+    if pos.name not in ("finetune", "hard"):
         return cfg.lr
-    span = max(1, pos.length - cfg.warmup_steps - 1)
-    progress = min(1.0, (pos.step - cfg.warmup_steps) / span)
+    span = max(1, finetune + hard - cfg.warmup_steps - 1)
+    progress = min(1.0, max(0.0, step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -87,7 +100,20 @@ class Retrofitter:
         self.run_dir = self.out / "run"
         self.plan = cfg.stage_steps()
         self.total_steps = sum(length for _, length in self.plan)
-        self._check_output_dir()
+        self._lock: RunLock | None = None
+        self._made_dirs: list[pathlib.Path] = []
+        self._discard_previous = False
+        try:
+            self._check_output_dir()
+            self._setup()
+        except BaseException:
+            self._abandon_start()
+            raise
+
+    def _setup(self) -> None:
+        """Load model and data, build the optimizer, resume; only then write run.json (a start
+        that fails leaves no run behind)."""
+        cfg = self.cfg
         self.tokenizer, self.model = self._load_model()
         seq_len = min(cfg.seq_len, getattr(self.model.config, "max_position_embeddings", cfg.seq_len))
         self.data = PackedData.from_sources(cfg.data, self.tokenizer, seq_len, cfg.val_fraction, cfg.seed,
@@ -97,6 +123,7 @@ class Retrofitter:
                   f"evaluate on {self.rt.world} process(es); raise --val-fraction to get validation loss")
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.rt.device.type == "cuda"
         self._prepare_model()
+        self.objective = make_objective(cfg, self._load_teacher())
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
@@ -106,47 +133,122 @@ class Retrofitter:
         self.step = 0
         if cfg.resume:
             self._resume()
+        self._write_run_file()
         self.metrics = MetricsLogger(self.run_dir, self.rt.is_main, cfg.tensorboard, cfg.wandb, cfg.wandb_project,
                                      cfg.to_dict(), self.step if cfg.resume else None)
 
     # ------------------------------------------------------------------------------ setup
     def _check_output_dir(self) -> None:
+        """Refuse an --out that must not be written (or overwritten), take the run's lock, check
+        what the directory holds. Writes nothing but the lock: --overwrite removes the previous run
+        only once model and data have loaded (:meth:`_write_run_file`)."""
         cfg = self.cfg
         run_file = self.run_dir / RUN_FILE
         identity = cfg.training_identity()
-        if cfg.overwrite and self.rt.is_main and self.out.exists():
-            shutil.rmtree(self.out)
-        barrier(self.rt)
-        if (self.out / "config.json").exists() and not cfg.resume:
-            raise ConfigError(f"{self.out} already holds a finished model; choose another --out or pass --overwrite")
-        if run_file.exists():
+        model_dir = pathlib.Path(cfg.model).expanduser()
+        if not (model_dir / "config.json").is_file():
+            raise ConfigError(f"{cfg.model} is not a Hugging Face model directory (no config.json); pass the "
+                              "directory that save_pretrained wrote")
+        check_output_location(cfg.out, cfg.model, cfg.data, ConfigError)
+        self._take_lock()
+        ours = run_file.exists()
+        if not ours:
+            if cfg.resume:
+                raise ConfigError(f"nothing to resume in {self.out}: no run was started there")
+            if not only_leftovers(self.out):
+                what = ("holds a model that no dmc run wrote (no run/run.json)" if (self.out / "config.json").exists()
+                        else "exists and is not a dmc run directory")
+                hint = " (--overwrite only replaces a dmc run)" if cfg.overwrite else ""
+                raise ConfigError(f"{self.out} {what}; choose an empty or new --out{hint}")
+            return
+        try:
             previous = json.loads(run_file.read_text())
-            previous.setdefault("method", "dmc")  # runs started before TrainConfig.method existed
-            if previous != json.loads(json.dumps(identity)):
-                changed = sorted(k for k in identity if previous.get(k) != json.loads(json.dumps(identity)).get(k))
-                raise ConfigError(f"{self.out} holds a different run (settings differ: {', '.join(changed)}); "
-                                  "choose another --out or pass --overwrite to discard it")
-            if not cfg.resume:
-                raise ConfigError(f"{self.out} holds an unfinished run with these settings; pass --resume to "
-                                  "continue it or --overwrite to start again")
-        elif cfg.resume:
-            raise ConfigError(f"nothing to resume in {self.out}: no run was started there")
-        elif self.out.exists() and any(self.out.iterdir()):
-            raise ConfigError(f"{self.out} exists and is not a dmc run directory; choose an empty or new --out")
-        barrier(self.rt)  # every rank has checked before rank 0 writes
+        except (OSError, ValueError) as e:
+            if cfg.overwrite:
+                self._discard_previous = True
+                return
+            raise ConfigError(f"{run_file} cannot be read ({e}); pass --overwrite to discard the run in "
+                              f"{self.out}") from None
+        if cfg.overwrite:
+            self._discard_previous = True
+            return
+        previous.setdefault("method", "dmc")  # runs started before TrainConfig.method existed
+        normalized = json.loads(json.dumps(identity))
+        changed = sorted(k for k in normalized if k not in previous or previous[k] != normalized[k])
+        if changed:  # (settings run.json has that are no longer part of a run's identity do not count)
+            raise ConfigError(f"{self.out} holds a different run (settings differ: {', '.join(changed)}); "
+                              "choose another --out or pass --overwrite to discard it")
+        if (self.out / "config.json").exists() and not cfg.resume:
+            raise ConfigError(f"{self.out} already holds the finished model of this run; choose another --out, "
+                              "or pass --overwrite to train it again")
+        if not cfg.resume:
+            raise ConfigError(f"{self.out} holds an unfinished run with these settings; pass --resume to "
+                              "continue it or --overwrite to start again")
+
+    def _take_lock(self) -> None:
+        """Rank 0 creates OUT/run (noting what it created) and locks OUT/run/lock; every rank learns
+        the outcome."""
+        error = None
         if self.rt.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            run_file.write_text(json.dumps(identity, indent=1))
+            try:
+                missing = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._made_dirs = missing  # deepest first
+                probe = self.out / f".dmc-write-test-{os.getpid()}"
+                probe.touch()
+                probe.unlink()
+                self._lock = RunLock(self.run_dir, self.out).acquire()
+            except RunLockedError as e:
+                error = str(e)
+            except OSError as e:
+                error = (f"cannot write into --out {self.out} ({e.strerror or e}); choose a directory you can "
+                         "write to")
+        if self.rt.distributed:
+            import torch.distributed as dist
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error:
+            raise ConfigError(error)
+
+    def _write_run_file(self) -> None:
+        """The start succeeded: remove the previous run (--overwrite) and record this one."""
+        if self.rt.is_main and not self.cfg.resume:
+            if self._discard_previous:
+                discard_run(self.out)
+            (self.run_dir / RUN_FILE).write_text(json.dumps(self.cfg.training_identity(), indent=1))
         barrier(self.rt)
+
+    def _abandon_start(self) -> None:
+        """A start failed: release the lock and remove what this start created, so that the
+        corrected command is not refused (an existing run is left as it was)."""
+        if self._lock is None:
+            return
+        fresh = not (self.run_dir / RUN_FILE).exists()
+        self._lock.release(remove=fresh)
+        self._lock = None
+        if fresh:
+            for d in [self.run_dir, *self._made_dirs]:
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only when empty
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _load_model(self):
         import transformers
         cfg = self.cfg
-        path = pathlib.Path(cfg.model)
+        path = pathlib.Path(cfg.model).expanduser()
         if not (path / "config.json").is_file():
             raise ConfigError(f"{cfg.model} is not a Hugging Face model directory (no config.json); pass the "
                               "directory that save_pretrained wrote")
-        base_config = transformers.AutoConfig.from_pretrained(path)
+        try:
+            base_config = transformers.AutoConfig.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001 - broken JSON, unknown model type, ...
+            raise ConfigError(f"cannot read {path / 'config.json'} ({_one_line(e)}); copy the model directory "
+                              "again or fix the file") from None
         supported = [f.model_type for f in FAMILIES]
         if base_config.model_type not in supported and not _dmc_model_type(base_config.model_type):
             raise ConfigError(f"{cfg.model} holds a {base_config.model_type!r} model; DMC supports "
@@ -162,17 +264,19 @@ class Retrofitter:
                                   "output of `dmc gqa`): pass one, or use --method dmc")
             # Stock attention: HF masks packed documents apart from the per-document position_ids.
             attn = {"flex": "flex_attention"}.get(cfg.attn_implementation)
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.float32, **({"attn_implementation": attn} if attn else {}))
+            model = _load_weights(path, attn)
             return tokenizer, model
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = _load_weights(path)
         settings = DMCConfig(window=cfg.window, init_offset=cfg.init_offset, temperature=cfg.temperature,
                              target_cr=cfg.target_cr, attn_implementation=cfg.attn_implementation)
         if _dmc_model_type(base_config.model_type):
             model.config.dmc = settings.to_dict()
             for layer in model.model.layers:
                 layer.self_attn.dmc = settings
+            set_logit_scale(model, cfg.logit_scale)  # same decisions, rows rescaled for the training lr
         else:
+            # A fresh conversion: the rows of channel D-1 are zeroed (zero-out) before any decision counts.
+            settings = DMCConfig.from_dict({**settings.to_dict(), "logit_scale": cfg.logit_scale})
             try:
                 model = convert(model, settings)
             except UnsupportedModelError as e:
@@ -195,18 +299,60 @@ class Retrofitter:
         self.model = model.train()
 
     def _resume(self) -> None:
-        latest = self.checkpointer.latest()
-        if latest is None:
+        """Load the newest checkpoint that reads; an unreadable one (truncated, corrupt) is set aside
+        as ``step_….unreadable`` and the one before it is used, with a warning."""
+        candidates = self.checkpointer.complete()
+        if not candidates:
             if self.rt.is_main:
                 print(f"no complete checkpoint in {self.run_dir}; starting from step 0")
             return
-        state = self.checkpointer.load(self.model, self.optimizer, latest)
+        failures = []
+        state = None
+        for path in candidates:
+            error = None
+            try:
+                saved = self.checkpointer.read_state(path)
+            except (OSError, ValueError) as e:
+                error = e
+            else:
+                if saved.get("rows_per_step") != self.rows_per_step:
+                    raise ConfigError("the checkpoint was written with another global batch; resume with the same "
+                                      "micro_batch_size, grad_accum and number of processes")
+                try:
+                    state = self.checkpointer.load(self.model, self.optimizer, path)
+                except (MemoryError, KeyboardInterrupt):
+                    raise
+                except (Exception, CheckpointException) as e:  # noqa: BLE001 - fall back to the previous one
+                    error = unwrap_checkpoint_error(e)
+            if self._any_rank(error is not None):
+                failures.append((path, error))
+                state = None
+                continue
+            break
+        if state is None:
+            first = failures[0]
+            raise ConfigError(f"no checkpoint in {self.checkpointer.root} can be read ({first[0].name}: "
+                              f"{_one_line(first[1]) if first[1] else 'unreadable on another rank'}); pass "
+                              "--overwrite (without --resume) to start again")
+        for bad, error in failures:
+            moved = self.checkpointer.set_aside(bad)
+            if self.rt.is_main:
+                print(f"warning: checkpoint {bad.name} cannot be read ({_one_line(error) if error else 'on another rank'}"
+                      f"); set aside as {moved.name}, resuming from the one before it, {path.name}", file=sys.stderr)
         self.step = state["step"]
-        if state.get("rows_per_step") != self.rows_per_step:
-            raise ConfigError("the checkpoint was written with another global batch; resume with the same "
-                              "micro_batch_size, grad_accum and number of processes")
+        self.objective.load_state_dict(state)
         if self.rt.is_main:
-            print(f"resuming from {latest.name} (step {self.step}/{self.total_steps})")
+            print(f"resuming from {path.name} (step {self.step}/{self.total_steps})")
+
+    def _any_rank(self, flag: bool) -> bool:
+        if not self.rt.distributed:
+            return flag
+        return bool(all_reduce_sum(torch.tensor([float(flag)], device=self.rt.device), self.rt)[0] > 0)
+
+    def _weights_finite(self) -> bool:
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in local]).all()) if local else True
+        return not self._any_rank(not finite)
 
     # ------------------------------------------------------------------------------ training
     @property
@@ -223,79 +369,81 @@ class Retrofitter:
             return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _set_stage_mode(self, pos: StagePosition) -> float | None:
-        """Model mode and target CR of a step."""
-        if self.plain:
+    def _load_teacher(self) -> Teacher | None:
+        """The frozen model distilled from (spec-free lever, TrainConfig.distill_*): by default the
+        input model itself, i.e. the original weights with channel D-1 intact."""
+        import transformers
+        cfg = self.cfg
+        if cfg.distillation_weight == 0:
             return None
-        if pos.name == "zero-out":
-            self.model.set_dmc_mode(vanilla=True, channel_scale=core.zero_out_scale(pos.step, pos.length))
-            return None
-        self.model.set_dmc_mode(vanilla=False)
-        if pos.name == "retrofit":
-            return core.cr_schedule(pos.step, self.cfg.target_cr, pos.length)
-        return self.cfg.target_cr
+        path = cfg.teacher or cfg.model
+        config = transformers.AutoConfig.from_pretrained(path)
+        if _dmc_model_type(config.model_type):
+            if cfg.teacher is None and cfg.distill_weight is None:
+                if self.rt.is_main:
+                    print(f"note: {cfg.model} is already a DMC model; no distillation (pass --teacher ORIGINAL_DIR)")
+                return None
+            raise ConfigError(f"the teacher {path} is a DMC model; pass the original model with --teacher")
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.rt.device)
+        if teacher.config.vocab_size != self.model.config.vocab_size:
+            raise ConfigError(f"the teacher {path} has another vocabulary ({teacher.config.vocab_size} vs "
+                              f"{self.model.config.vocab_size} tokens); distillation needs the same tokenizer")
+        return Teacher(teacher)
 
-    def _forward(self, batch, **dmc_kwargs):
-        """(output, LM loss) of one batch. A stock model (``method="plain"``) gets no DMC inputs."""
+    def _autocast_forward(self, fn, *args):
         with self._autocast():
-            if self.plain:
-                out = self.model(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
-                                 use_cache=False)
-                return out, out.loss
-            out = self.model(batch.input_ids, labels=batch.labels, document_ids=batch.document_ids,
-                             position_ids=batch.position_ids, use_cache=False, **dmc_kwargs)
-            return out, out.lm_loss
+            return fn(*args)
 
     def train_step(self, pos: StagePosition) -> dict:
         cfg = self.cfg
-        target_cr = self._set_stage_mode(pos)
+        mode = self.objective.mode(pos)
+        self.objective.apply_mode(self.model, mode)
         lr = learning_rate(cfg, pos)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        zero = torch.zeros((), dtype=torch.float64, device=self.rt.device)
-        totals = torch.zeros(5, dtype=torch.float64, device=self.rt.device)  # lm, cr, merges, decisions, n
+        device = self.rt.device
+        sums: dict[str, torch.Tensor] = {}
         per_layer = None
+        merges = torch.zeros(2, dtype=torch.float64, device=device)  # merges, decisions
         for micro in range(cfg.grad_accum):
-            batch = self.data.train_rows(self._rows(micro)).to(self.rt.device)
-            if self.plain:
-                out, lm_loss = self._forward(batch)
-                cr_loss = None
-            else:
-                gen = noise_generator(cfg.seed, self.step, self.rt.rank, micro, self.rt.device)
-                out, lm_loss = self._forward(batch, dmc_target_cr=target_cr, dmc_generator=gen)
-                cr_loss = out.compression_loss
-            loss = lm_loss + (cfg.cr_loss_weight * cr_loss if cr_loss is not None else 0.0)
+            batch = self.data.train_rows(self._rows(micro)).to(device)
+            gen = noise_generator(cfg.seed, self.step, self.rt.rank, micro, device) if self.objective.dmc else None
+            loss, out, parts = self._autocast_forward(self.objective.loss, self.model, batch, mode, gen)
             (loss / cfg.grad_accum).backward()
-            merges = decisions = zero
-            if not self.plain:
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value.double()
+            if mode.target_cr is not None:
                 hard = out.decisions.detach().double()  # [B, layers, H, L]
                 layer_merges = hard.sum(dim=(0, 2, 3))
                 per_layer = layer_merges if per_layer is None else per_layer + layer_merges
-                merges, decisions = hard.sum(), torch.tensor(hard.numel(), dtype=torch.float64,
-                                                             device=self.rt.device)
-            totals += torch.stack([lm_loss.detach().double(),
-                                   cr_loss.detach().double() if cr_loss is not None else zero,
-                                   merges, decisions, torch.ones((), dtype=torch.float64, device=self.rt.device)])
+                merges += torch.stack([hard.sum(), torch.tensor(float(hard.numel()), dtype=torch.float64,
+                                                                device=device)])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        totals = all_reduce_sum(totals, self.rt)
-        values = {"stage": pos.name, "lm_loss": float(totals[0] / totals[4])}
-        if not self.plain:  # compression numbers exist only for DMC
-            per_layer = all_reduce_sum(per_layer, self.rt) / (totals[3] / per_layer.numel())
-            mean_alpha = float(totals[2] / totals[3])
-            values.update({
-                "cr_loss": float(totals[1] / totals[4]),
-                "target_cr": target_cr if target_cr is not None else 1.0,
-                "achieved_cr": float(core.cr_from_alpha(mean_alpha)),
-                "per_layer_cr": [round(float(core.cr_from_alpha(float(a))), 4) for a in per_layer],
-            })
+        keys = sorted(sums)
+        totals = all_reduce_sum(torch.stack([sums[k] for k in keys] + [merges[0], merges[1]]), self.rt)
+        micro_steps = cfg.grad_accum * self.rt.world
+        values = {"stage": pos.name, **{k: float(totals[i] / micro_steps) for i, k in enumerate(keys)}}
+        if self.objective.dmc:  # compression numbers exist only for DMC
+            values.setdefault("cr_loss", 0.0)
+            values["target_cr"] = mode.target_cr if mode.target_cr is not None else 1.0
+            achieved = None
+            if per_layer is not None:
+                per_layer = all_reduce_sum(per_layer, self.rt) / (totals[-1] / per_layer.numel())
+                achieved = float(core.cr_from_alpha(float(totals[-2] / totals[-1])))
+                values["per_layer_cr"] = [round(float(core.cr_from_alpha(float(a))), 4) for a in per_layer]
+            values["achieved_cr"] = achieved if achieved is not None else 1.0
+            values["cr_weight"] = self.objective.cr_weight
+            values["noise_scale"] = mode.noise_scale
+            values.update(self.objective.after_step(mode, achieved))
         values.update({
             "lr": lr,
             "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
         })
-        if not self.plain:
-            values["channel_scale"] = self.model.model.dmc_channel_scale if pos.name == "zero-out" else None
+        if self.objective.dmc:
+            values["channel_scale"] = mode.channel_scale
         return values
 
     @torch.no_grad()
@@ -305,26 +453,43 @@ class Retrofitter:
         # batches, and torch 2.11's inductor failed lowering DMC's eval-mode FlexAttention.
         stance = torch.compiler.set_stance("force_eager") if self.cfg.compile else contextlib.nullcontext()
         with stance:
-            return self._evaluate()
+            values = self._evaluate()
+        self.last_eval = values
+        return values
+
+    def _write_summary(self) -> None:
+        """Print the run's diagnostics and keep them in run/summary.json."""
+        values = getattr(self, "last_eval", None) or {}
+        if self.objective.dmc and values:
+            print(format_summary(values, self.cfg.target_cr))
+            if values.get("val_cr") and abs(values["val_cr"] / self.cfg.target_cr - 1) > 0.05:
+                print(f"warning: the realized CR {values['val_cr']:.2f} is more than 5% from the target "
+                      f"{self.cfg.target_cr:g}")
+        (self.run_dir / "summary.json").write_text(json.dumps(
+            {"method": self.cfg.method, "target_cr": self.cfg.target_cr, "steps": self.step, **values}, indent=1))
 
     def _evaluate(self) -> dict:
         # DMC runs also measure the same batches in training mode (relaxed decisions with noise from
         # a fixed seed): val_loss_relaxed - val_loss is what inference's hard decisions cost.
-        relaxed = not self.plain and not self.model.model.dmc_vanilla
-        generator = torch.Generator(self.rt.device).manual_seed(self.cfg.seed + 1) if relaxed else None
+        dmc = self.objective.dmc and not self.model.model.dmc_vanilla
+        generator = torch.Generator(self.rt.device).manual_seed(self.cfg.seed + 1) if dmc else None
+        relaxed_mode = StepMode("relaxed", target_cr=self.cfg.target_cr)
         sums = torch.zeros(5, dtype=torch.float64, device=self.rt.device)  # loss·n, n, tokens, slots, relaxed·n
+        diagnostics = HeadDiagnostics()
         for batch in self.data.val_batches(self.cfg.micro_batch_size, self.cfg.eval_batches, self.rt.rank,
                                            self.rt.world):
             batch = batch.to(self.rt.device)
             self.model.eval()
-            out, lm_loss = self._forward(batch)
+            out, lm_loss = self._autocast_forward(self.objective.eval_forward, self.model, batch)
             n = float((batch.labels[:, 1:] != -100).sum())
-            tokens, slots = (0.0, 0.0) if self.plain else (float(out.compression.tokens.sum()),
-                                                           float(out.compression.slots.sum()))
+            tokens = slots = 0.0
             relaxed_loss = 0.0
-            if relaxed:
+            if dmc:
+                tokens, slots = float(out.compression.tokens.sum()), float(out.compression.slots.sum())
+                diagnostics.add(out)
                 self.model.train()
-                relaxed_loss = float(self._forward(batch, dmc_generator=generator)[1])
+                relaxed_loss = float(self._autocast_forward(self.objective._forward, self.model, batch,
+                                                            relaxed_mode, generator)[1])
             sums += torch.tensor([float(lm_loss) * n, n, tokens, slots, relaxed_loss * n], dtype=torch.float64,
                                  device=self.rt.device)
         sums = all_reduce_sum(sums, self.rt)
@@ -332,53 +497,119 @@ class Retrofitter:
         if sums[1] == 0:
             return {}
         values = {"val_loss": float(sums[0] / sums[1]), "val_ppl": math.exp(min(50.0, float(sums[0] / sums[1])))}
-        if not self.plain:
-            values["val_cr"] = float(sums[2] / sums[3])
-        if relaxed:
+        if self.objective.dmc:
+            values["val_cr"] = float(sums[2] / sums[3]) if sums[3] > 0 else 1.0
+        if dmc:
             values["val_loss_relaxed"] = float(sums[4] / sums[1])
+            values["relaxation_gap"] = values["val_loss"] - values["val_loss_relaxed"]
+            values.update(diagnostics.summary(self.rt))
         return values
 
     def _state(self) -> dict:
         return {"step": self.step, "rows_consumed": self.step * self.rows_per_step,
-                "rows_per_step": self.rows_per_step, "total_steps": self.total_steps}
+                "rows_per_step": self.rows_per_step, "total_steps": self.total_steps,
+                **self.objective.state_dict()}
 
     def run(self) -> pathlib.Path | None:
-        """Train to the end of the plan (or ``max_steps``); write the final model at the end."""
+        """Train to the end of the plan (or ``max_steps``); write the final model at the end.
+
+        A step whose loss (or gradient norm) is not finite is never checkpointed; more than
+        ``nan_patience`` of them in a row stop the run with :class:`TrainingDiverged`, without a model
+        (the last good checkpoint stays). The run directory's lock is released on return."""
+        try:
+            return self._run()
+        finally:
+            self._release()
+
+    def plan_summary(self) -> str:
+        """One line: the stages and their steps, the global batch and the tokens it all takes."""
+        cfg = self.cfg
+        tokens_per_step = self.rows_per_step * self.data.seq_len
+        stages = " + ".join(f"{name} {length}" for name, length in self.plan)
+        text = (f"plan: {stages} = {self.total_steps} steps; global batch {self.rows_per_step} rows "
+                f"(micro-batch {cfg.micro_batch_size} x grad-accum {cfg.grad_accum} x {self.rt.world} "
+                f"process{'es' if self.rt.world > 1 else ''}) of {self.data.seq_len} tokens = "
+                f"{tokens_per_step:,} tokens/step; {tokens_per_step * self.total_steps:,} tokens in all")
+        if self.step:
+            text += f"; resuming at step {self.step}"
+        if cfg.max_steps is not None and cfg.max_steps < self.total_steps:
+            text += f"; stopping at step {cfg.max_steps} (--max-steps)"
+        return text
+
+    def _run(self) -> pathlib.Path | None:
         from tqdm.auto import tqdm
         cfg = self.cfg
         stop = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
         tokens_per_step = self.rows_per_step * self.data.seq_len
+        if self.rt.is_main:
+            print(self.plan_summary(), flush=True)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train (plain)" if self.plain else "retrofit",
                    unit="step",
                    disable=not (self.rt.is_main and cfg.progress), dynamic_ncols=True)
-        while self.step < stop:
-            pos = locate(self.plan, self.step)
-            start = time.perf_counter()
-            values = self.train_step(pos)
-            if pos.name == "zero-out" and pos.step == pos.length - 1 and not self.plain:
-                zero_decision_channels(self.model)  # end of stage 1: rows exactly 0
-            elapsed = time.perf_counter() - start
-            self.step += 1
-            values["tokens_per_s"] = tokens_per_step / elapsed
-            values["memory_gib"] = _memory_gib(self.rt.device)
-            if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
-                values.update(self.evaluate())
-            self.metrics.log(self.step, values)
-            postfix = {"stage": pos.name, "loss": f"{values['lm_loss']:.3f}"}
-            if not self.plain:
-                postfix["cr"] = f"{values['achieved_cr']:.2f}/{values['target_cr']:.2f}"
-            bar.set_postfix(**postfix, tok_s=f"{values['tokens_per_s']:.0f}")
-            bar.update(1)
-            stage_end = pos.step == pos.length - 1
-            if self.step % cfg.save_every == 0 or stage_end or self.step == stop:
-                self.checkpointer.save(self.model, self.optimizer, self._state())
-        bar.close()
-        self.metrics.close()
+        bad_steps = []  # the non-finite terms of the steps since the last finite one
+        try:
+            while self.step < stop:
+                pos = locate(self.plan, self.step)
+                start = time.perf_counter()
+                values = self.train_step(pos)
+                if pos.name == "zero-out" and pos.step == pos.length - 1 and not self.plain:
+                    zero_decision_channels(self.model)  # end of stage 1: rows exactly 0
+                elapsed = time.perf_counter() - start
+                self.step += 1
+                values["tokens_per_s"] = tokens_per_step / elapsed
+                values["memory_gib"] = _memory_gib(self.rt.device)
+                non_finite = _non_finite(values)
+                bad_steps = bad_steps + [(self.step, non_finite)] if non_finite else []
+                if not non_finite and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
+                    values.update(self.evaluate())
+                self.metrics.log(self.step, values)
+                postfix = {"stage": pos.name, "loss": f"{values['lm_loss']:.3f}"}
+                if not self.plain:
+                    postfix["cr"] = f"{values['achieved_cr']:.2f}/{values['target_cr']:.2f}"
+                bar.set_postfix(**postfix, tok_s=f"{values['tokens_per_s']:.0f}")
+                bar.update(1)
+                if bad_steps:
+                    if len(bad_steps) > cfg.nan_patience:
+                        self._diverged(bad_steps)
+                    continue  # a step that was not finite is never checkpointed
+                stage_end = pos.step == pos.length - 1
+                if self.step % cfg.save_every == 0 or stage_end or self.step == stop:
+                    if not self._weights_finite():
+                        self._diverged([(self.step, ["weights"])])
+                    self.checkpointer.save(self.model, self.optimizer, self._state())
+        except KeyboardInterrupt:
+            if self.rt.is_main:
+                bar.clear()
+                latest = self.checkpointer.latest()
+                where = f"the last checkpoint is {latest.name}" if latest else "no checkpoint was written yet"
+                print(f"interrupted at step {self.step}/{self.total_steps}; {where}: continue with --resume",
+                      file=sys.stderr, flush=True)
+            raise
+        finally:
+            bar.close()
+            self.metrics.close()
+        if bad_steps:  # the run ended inside the patience: never write a model that followed a non-finite loss
+            self._diverged(bad_steps)
         if self.step < self.total_steps:
             if self.rt.is_main:
                 print(f"stopped at step {self.step}/{self.total_steps}; continue with --resume")
             return None
-        return self.save_final()
+        if not self._weights_finite():
+            self._diverged([(self.step, ["weights"])])
+        with interrupts_deferred("writing the model"):
+            return self.save_final()
+
+    def _diverged(self, bad_steps: list[tuple[int, list[str]]]) -> None:
+        first, terms = bad_steps[0]
+        latest = self.checkpointer.latest()
+        kept = (f"the last good checkpoint, {latest.name}, is kept in {self.checkpointer.root}" if latest
+                else "no checkpoint had been written")
+        more = f" and {len(bad_steps) - 1} more step(s)" if len(bad_steps) > 1 else ""
+        what = "non-finite weights" if terms == ["weights"] else f"non-finite loss ({', '.join(terms)})"
+        raise TrainingDiverged(
+            f"training diverged: {what} at step {first}{more}; stopped without writing a model ({kept}). "
+            "Start again with a lower --lr or more --warmup-steps (or raise --nan-patience to tolerate "
+            "isolated non-finite steps)")
 
     # ------------------------------------------------------------------------------ output
     def save_final(self) -> pathlib.Path:
@@ -388,6 +619,8 @@ class Retrofitter:
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rt.is_main:
             final = self._unsharded_copy(state)
+            fold_logit_scale(final)  # the saved model reads a = k[D-1] - c, as the paper's and the engine's
+            self._write_summary()
             if not self.plain:
                 final.config.dmc = {**final.config.dmc, "target_cr": self.cfg.target_cr}
             tmp = self.out / ".model.tmp"
@@ -411,6 +644,37 @@ class Retrofitter:
         model.load_state_dict(state, strict=True)
         model.generation_config = self.model.generation_config
         return model.eval()
+
+
+def _load_weights(path: pathlib.Path, attn: str | None = None) -> torch.nn.Module:
+    """The model of ``path`` in fp32; a truncated or corrupt weight file is a one-line ConfigError."""
+    import transformers
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, **({"attn_implementation": attn} if attn else {}))
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, torch.load, shape mismatches: same advice
+        raise ConfigError(f"cannot load the weights in {path} ({_one_line(e)}); a weight file may be truncated "
+                          "or corrupt: copy the model directory again") from None
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    """The first line (first sentence, if long) of an exception's message."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    if len(text) > limit // 2 and ". " in text:
+        text = text[:text.index(". ") + 1]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _non_finite(values: dict) -> list[str]:
+    """The loss terms of a step's metrics that are NaN or infinite."""
+    bad = []
+    for key, value in values.items():
+        if (key.endswith("loss") or key == "grad_norm") and isinstance(value, float) and not math.isfinite(value):
+            bad.append(f"{key}={value}")
+    return bad
 
 
 def _memory_gib(device: torch.device) -> float:
