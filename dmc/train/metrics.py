@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import warnings
 
@@ -40,7 +41,7 @@ class MetricsLogger:
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **values}
+        record = {"step": step, **{key: _finite_or_none(value) for key, value in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         scalars = {}
@@ -60,3 +61,14 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _finite_or_none(value):
+    """NaN and ±inf are not JSON: metrics.jsonl records them as null (TensorBoard and W&B get them as they are)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return value
