@@ -1,4 +1,4 @@
-"""Engine options shared by ``dmc generate`` and ``dmc bench``."""
+"""Engine options shared by ``dmc generate`` and ``dmc bench``, and checks shared with ``dmc eval``."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ import pathlib
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="local Hugging Face model directory (DMC or plain Llama/Mistral/Qwen2/Qwen3)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + generation (default: the model's)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + generation in tokens, >= 2 (default: the model's context)")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="most sequences decoded together")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--kv-cache-memory-gib", type=float, default=None, help="page pool size, overriding the above")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="share of the GPU's memory the engine may fill, weights included (CUDA only)")
+    parser.add_argument("--kv-cache-memory-gib", type=float, default=None,
+                        help="page pool size in GiB, overriding --gpu-memory-utilization (default on CPU: what "
+                             "--max-num-seqs sequences can use, at most 40%% of the available memory and 4 GiB)")
     parser.add_argument("--vanilla", action="store_true", help="run a DMC model uncompressed (every token appends)")
-    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs (CUDA only)")
     parser.add_argument("--eviction", choices=["h2o", "tova"], default=None,
                         help="the fixed-budget eviction baselines (spec §8), run on the uncompressed model (a plain "
                              "model, or a DMC one with --vanilla); needs --eviction-budget")
@@ -26,13 +30,55 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="H2O's protected recent window (default: half the budget)")
 
 
+def check_model_dir(model: str) -> None:
+    """ValueError unless ``model`` is a directory holding a config.json."""
+    if not (pathlib.Path(model) / "config.json").is_file():
+        raise ValueError(f"{model} is not a Hugging Face model directory (no config.json)")
+
+
+def check_device(device: str | None) -> None:
+    """ValueError for a device torch does not know, or CUDA where there is none (before any loading)."""
+    from ..engine.llm import resolve_device
+    resolve_device(device)
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    if not (pathlib.Path(args.model) / "config.json").is_file():
-        raise ValueError(f"{args.model} is not a Hugging Face model directory (no config.json)")
+    """The LLM keyword arguments of the engine flags; ValueError naming the flag for a value that cannot work."""
+    check_model_dir(args.model)
+    check_device(args.device)
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise ValueError(f"--max-model-len must be >= 2 (a prompt token and a generated one), got {args.max_model_len}")
+    if args.max_num_seqs < 1:
+        raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    if args.kv_cache_memory_gib is not None and not args.kv_cache_memory_gib > 0:
+        raise ValueError(f"--kv-cache-memory-gib must be > 0, got {args.kv_cache_memory_gib}")
     kv = None if args.kv_cache_memory_gib is None else int(args.kv_cache_memory_gib * 2**30)
     return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=kv, vanilla=args.vanilla,
                 cuda_graphs=not args.no_cuda_graphs, eviction=_eviction_policy(args))
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a model directory raises for a bad directory (not a bug): caught by the commands
+    and printed as one line (see :func:`describe_load_error`)."""
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError)
+    try:
+        from safetensors import SafetensorError
+        errors += (SafetensorError,)
+    except ImportError:
+        pass
+    return errors
+
+
+def describe_load_error(model: str, exc: BaseException) -> str:
+    """One line for a failed model load: the error, and for unreadable weights what to do."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if type(exc).__name__ == "SafetensorError" or "safetensors" in message.lower():
+        return (f"cannot read the weights in {model} ({message}): the file is truncated or corrupt; copy or save "
+                "the model again")
+    return f"cannot load the model in {model}: {message}"
 
 
 def _eviction_policy(args: argparse.Namespace):

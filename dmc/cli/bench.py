@@ -6,21 +6,24 @@ import argparse
 import json
 import sys
 
-from ._engine_args import add_engine_arguments, engine_kwargs
+from ._engine_args import add_engine_arguments, describe_load_error, engine_kwargs, load_errors
 
 NAME = "bench"
 HELP = ("measure the engine's decode throughput on a local model: random prompts, greedy generation, the "
         "largest batch that fits; prints tokens/s, batch, realized CR, peak memory")
+HELP_DEFAULTS = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
-    parser.add_argument("--prompt-len", type=int, default=1024)
-    parser.add_argument("--gen-len", type=int, default=1024)
-    parser.add_argument("--measure-steps", type=int, default=1024, help="average over the last N decode steps")
+    parser.add_argument("--prompt-len", type=int, default=1024, help="tokens of every random prompt")
+    parser.add_argument("--gen-len", type=int, default=1024, help="tokens generated for every prompt, >= 2")
+    parser.add_argument("--measure-steps", type=int, default=1024,
+                        help="average over the last N decode steps (at most half of them)")
     parser.add_argument("--forced-cr", type=int, default=0,
-                        help="benchmarks only: force every head to compress at this integer CR (random weights)")
-    parser.add_argument("--json", action="store_true")
+                        help="benchmarks only: force every head to compress at this integer CR (random weights); "
+                             "0 = off")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,14 +34,29 @@ def run(args: argparse.Namespace) -> int:
         kwargs = engine_kwargs(args)
         if args.prompt_len < 1 or args.gen_len < 2:
             raise ValueError("--prompt-len must be >= 1 and --gen-len >= 2")
+        if args.measure_steps < 1:
+            raise ValueError(f"--measure-steps must be >= 1, got {args.measure_steps}")
+        if args.forced_cr < 0:
+            raise ValueError(f"--forced-cr must be 0 (off) or an integer CR >= 1, got {args.forced_cr}")
         if kwargs["max_model_len"] is None:
             kwargs["max_model_len"] = args.prompt_len + args.gen_len
-        llm = LLM(args.model, forced_period=args.forced_cr, progress=False, **kwargs)
-    except (ValueError, MemoryError, OSError) as exc:
+        elif args.prompt_len + args.gen_len > kwargs["max_model_len"]:
+            raise ValueError(f"--prompt-len + --gen-len = {args.prompt_len + args.gen_len} tokens does not fit "
+                             f"--max-model-len {kwargs['max_model_len']}: lower them or raise --max-model-len")
+    except ValueError as exc:
         print(f"dmc bench: {exc}", file=sys.stderr)
         return 2
-    result = measure_throughput(llm, args.prompt_len, args.gen_len, measure_steps=args.measure_steps,
-                                progress=not args.json)
+    try:
+        llm = LLM(args.model, forced_period=args.forced_cr, progress=False, **kwargs)
+    except load_errors() as exc:
+        print(f"dmc bench: {describe_load_error(args.model, exc)}", file=sys.stderr)
+        return 2
+    try:
+        result = measure_throughput(llm, args.prompt_len, args.gen_len, measure_steps=args.measure_steps,
+                                    progress=not args.json)
+    except ValueError as exc:
+        print(f"dmc bench: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps({"device": _device_name(llm), **result.to_dict()}))
     else:

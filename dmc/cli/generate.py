@@ -6,40 +6,65 @@ import argparse
 import json
 import sys
 
-from ._engine_args import add_engine_arguments, engine_kwargs
+from ._engine_args import add_engine_arguments, describe_load_error, engine_kwargs, load_errors
 
 NAME = "generate"
 HELP = "generate text with the DMC inference engine (paged per-head cache); prints each completion and its CR"
+HELP_DEFAULTS = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument("--prompt-file", help="one prompt per line, or .jsonl with a 'prompt' field; - = stdin")
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=128, help="most new tokens per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set reaching p")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: drawn by the engine)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeat for several)")
-    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     parser.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per prompt (with --stream: one per update, the last with "
+                             "the whole result)")
 
 
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
-        handle = sys.stdin if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8")
+        jsonl = args.prompt_file.endswith(".jsonl")
+        try:
+            handle = sys.stdin if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot read --prompt-file {args.prompt_file}: {exc.strerror or exc}") from exc
         with handle:
-            for line in handle:
-                line = line.rstrip("\n")
-                if not line.strip():
-                    continue
-                prompts.append(json.loads(line)["prompt"] if args.prompt_file.endswith(".jsonl") else line)
+            try:
+                for n, line in enumerate(handle, 1):
+                    line = line.rstrip("\n")
+                    if not line.strip():
+                        continue
+                    prompts.append(_jsonl_prompt(args.prompt_file, n, line) if jsonl else line)
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text ({exc.reason} at byte "
+                                 f"{exc.start} of a line)") from exc
     if not prompts:
         raise ValueError("no prompt: pass --prompt TEXT or --prompt-file FILE")
     return prompts
+
+
+def _jsonl_prompt(path: str, n: int, line: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{n} is not valid JSON ({exc.msg}); each line must be an object with a "
+                         "'prompt' field") from exc
+    if not isinstance(record, dict) or "prompt" not in record:
+        raise ValueError(f"{path}:{n} has no 'prompt' field; each line must be an object like "
+                         '{"prompt": "..."} (or use a plain text file: one prompt per line)')
+    if not isinstance(record["prompt"], str):
+        raise ValueError(f"{path}:{n}: 'prompt' must be a string, got {type(record['prompt']).__name__}")
+    return record["prompt"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,39 +72,64 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         prompts = _read_prompts(args)
+        if args.stream and len(prompts) != 1:
+            raise ValueError(f"--stream takes one prompt, got {len(prompts)}")
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
         params.validate()
-        llm = LLM(args.model, progress=not args.stream and not args.json, **engine_kwargs(args))
-    except (ValueError, MemoryError, OSError) as exc:
+        kwargs = engine_kwargs(args)
+    except ValueError as exc:
         print(f"dmc generate: {exc}", file=sys.stderr)
+        return 2
+    try:
+        llm = LLM(args.model, progress=not args.stream and not args.json, **kwargs)
+    except load_errors() as exc:
+        print(f"dmc generate: {describe_load_error(args.model, exc)}", file=sys.stderr)
         return 2
     if llm.tokenizer is None:
         print("dmc generate: the model directory has no tokenizer; use the Python API with token ids",
               file=sys.stderr)
         return 2
     if args.stream:
-        if len(prompts) != 1:
-            print("dmc generate: --stream takes one prompt", file=sys.stderr)
-            return 2
-        for update in llm.stream(prompts, params):
-            sys.stdout.write(update.new_text)
-            sys.stdout.flush()
-            if update.finished:
-                print(f"\n[{update.finish_reason}; {_cr(update)}]")
-        return 0
+        return _stream(llm, prompts, params, args.json)
     failed = 0
     for out in llm.generate(prompts, params):
         failed += out.error is not None
         if args.json:
-            print(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids,
-                              "finish_reason": out.finish_reason, "error": out.error,
-                              "compression": out.compression}))
+            print(json.dumps(_result(out)))
         elif out.error:
             print(f"--- prompt {out.request_id}: error: {out.error}")
         else:
             print(f"--- prompt {out.request_id} [{out.finish_reason}; {_cr(out)}]\n{out.prompt}{out.text}")
     return 1 if failed else 0
+
+
+def _stream(llm, prompts: list[str], params, as_json: bool) -> int:
+    """Print one prompt's tokens as they come; a failed request is reported as without --stream
+    (its reason, exit status 1). With ``as_json``: one JSON line per update (``new_text``,
+    ``new_token_ids``, ``finished``), the last one also carrying the whole result."""
+    failed = False
+    for update in llm.stream(prompts, params):
+        failed |= update.error is not None
+        if as_json:
+            line = {"request_id": update.request_id, "new_text": update.new_text,
+                    "new_token_ids": update.new_token_ids, "finished": update.finished}
+            if update.finished:
+                line.update(_result(update))
+            print(json.dumps(line), flush=True)
+        elif update.error is not None:
+            print(f"--- prompt {update.request_id}: error: {update.error}", flush=True)
+        else:
+            sys.stdout.write(update.new_text)
+            sys.stdout.flush()
+            if update.finished:
+                print(f"\n[{update.finish_reason}; {_cr(update)}]")
+    return 1 if failed else 0
+
+
+def _result(out) -> dict:
+    return {"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+            "error": out.error, "compression": out.compression}
 
 
 def _cr(out) -> str:

@@ -13,12 +13,27 @@ import sys
 SUBCOMMANDS = ("retrofit", "import_megatron", "gqa", "eval", "generate", "bench", "study")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help when it has a default worth showing (not None,
+    not a store_true's False) and the help does not mention its default already. A subcommand
+    module opts in with ``HELP_DEFAULTS = True``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        default = action.default
+        if ("%(default)" in help or "default" in help.lower() or not action.option_strings
+                or default is None or default is argparse.SUPPRESS or default is False or default == []):
+            return help
+        return f"{help} (default: %(default)s)" if help else "(default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmc", description="Dynamic Memory Compression for Hugging Face LLMs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"dmc.cli.{name}")
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        formatter = DefaultsHelpFormatter if getattr(module, "HELP_DEFAULTS", False) else argparse.HelpFormatter
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP, formatter_class=formatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -37,7 +37,14 @@ class ThroughputResult:
 
 def measure_throughput(llm, prompt_len: int, gen_len: int, max_requests: int | None = None,
                        measure_steps: int = 1024, seed: int = 0, progress: bool = True) -> ThroughputResult:
-    """Run one wave of same-length requests through ``llm`` and time its decode steps."""
+    """Run one wave of same-length requests through ``llm`` and time its decode steps. ValueError
+    when the settings cannot give a measurement (a prompt that does not fit, no decode step)."""
+    if prompt_len < 1 or gen_len < 2 or measure_steps < 1:
+        raise ValueError(f"prompt_len must be >= 1, gen_len >= 2 and measure_steps >= 1; got {prompt_len}, "
+                         f"{gen_len}, {measure_steps}")
+    if prompt_len + gen_len > llm.max_model_len:
+        raise ValueError(f"prompt_len + gen_len = {prompt_len + gen_len} tokens does not fit max_model_len "
+                         f"({llm.max_model_len}): lower --prompt-len/--gen-len or raise --max-model-len")
     vocab = llm.model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     count = max_requests or llm.scheduler.max_num_seqs
@@ -48,12 +55,22 @@ def measure_throughput(llm, prompt_len: int, gen_len: int, max_requests: int | N
     requests = [llm.add_request(p, params) for p in prompts]
     _sync(llm)
     start = time.perf_counter()
-    llm._admit([])  # the first wave: every request that fits is prefilled
+    # the first wave: every request that fits is prefilled (one at a time, for the progress bar)
+    with tqdm(total=count * prompt_len, desc="prefill", unit="tok", disable=not progress) as bar:
+        while llm.scheduler.waiting:
+            running = len(llm.scheduler.running)
+            llm._admit([], limit=1)
+            if len(llm.scheduler.running) == running:
+                break  # the next one does not fit (or failed)
+            bar.update(prompt_len)
     _sync(llm)
     prefill_s = time.perf_counter() - start
     admitted = len(llm.scheduler.running)
     for request in list(llm.scheduler.waiting):
         llm.abort(request)
+    if admitted == 0:
+        failed = next((r.error for r in requests if r.error), "no request fit in the KV cache")
+        raise ValueError(f"no request could run: {failed}")
     steps: list[tuple[float, int]] = []
     with tqdm(total=gen_len - 1, desc=f"decode B={admitted}", disable=not progress) as bar:
         while llm.has_unfinished():
@@ -62,6 +79,8 @@ def measure_throughput(llm, prompt_len: int, gen_len: int, max_requests: int | N
             llm.step()  # ends with the sampled tokens on the host: synchronous
             steps.append((time.perf_counter() - t0, batch))
             bar.update(1)
+    if not steps:
+        raise ValueError("no decode step ran: raise gen_len")
     measured = steps[-min(measure_steps, max(1, len(steps) // 2)):]
     seconds = sum(s for s, _ in measured)
     finished = [r for r in requests if r.finish_reason in ("length", "stop")]

@@ -22,6 +22,9 @@ from .scheduler import CompressionEstimate, Request, Scheduler
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+# CPU page pool (no kv_cache_memory given): at most this share of MemAvailable and this many bytes.
+CPU_KV_CACHE_FRACTION = 0.4
+CPU_KV_CACHE_CAP = 4 * 2**30
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 1024)
 
 
@@ -39,7 +42,10 @@ class LLM:
         max_num_seqs: most sequences decoded together.
         gpu_memory_utilization: share of the GPU's memory the engine may fill (weights
             included); the KV pool gets what is left after weights and activations.
-        kv_cache_memory: bytes for the page pool, overriding the above (CPU default: 256 MiB).
+        kv_cache_memory: bytes for the page pool, overriding the above. CPU default: what
+            ``max_num_seqs`` sequences of ``max_model_len`` tokens can use, at most
+            ``CPU_KV_CACHE_FRACTION`` of the memory available after loading the model and at most
+            ``CPU_KV_CACHE_CAP`` bytes.
         admission_margin: admit assuming the observed CR divided by (1 + margin).
         cuda_graphs: capture the decode step in batch-size buckets (CUDA only).
         prefill_chunk: longest prompt chunk fed at once (longer prompts are prefilled in chunks).
@@ -62,7 +68,16 @@ class LLM:
                  kv_cache_memory: int | None = None, admission_margin: float = 0.1, cuda_graphs: bool = True,
                  prefill_chunk: int = 4096, prefill_attention: str = "auto", vanilla: bool = False, forced_period: int = 0, seed: int = 0,
                  progress: bool = True, eviction: EvictionPolicy | None = None) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
+        if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 2):
+            raise ValueError(f"max_model_len must be an integer >= 2 (a prompt token and a generated one), "
+                             f"got {max_model_len!r}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+        if kv_cache_memory is not None and kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
+        if not isinstance(forced_period, int) or forced_period < 0:
+            raise ValueError(f"forced_period must be an integer >= 0 (0: off), got {forced_period!r}")
         if isinstance(model, torch.nn.Module) and dtype == "auto":
             dtype = next(model.parameters()).dtype  # a loaded model keeps its dtype
         self.dtype = _resolve_dtype(dtype, self.device)
@@ -87,7 +102,7 @@ class LLM:
         self.tokenizer = tokenizer
         config = self.model.config
         self.dmc = DMCConfig.from_dict(config.dmc)
-        self.max_model_len = int(max_model_len or config.max_position_embeddings)
+        self.max_model_len = int(max_model_len if max_model_len is not None else config.max_position_embeddings)
         if max_num_seqs < 1 or prefill_chunk < 1 or not -1 < admission_margin:
             raise ValueError("max_num_seqs and prefill_chunk must be >= 1 and admission_margin > -1")
         self.prefill_chunk = prefill_chunk
@@ -129,28 +144,45 @@ class LLM:
 
     def stream(self, prompts, params=None) -> Iterator[RequestOutput]:
         """Like :meth:`generate`, but yields an update whenever a request gets new tokens (its
-        ``new_token_ids``/``new_text``) and once more when it finishes."""
+        ``new_token_ids``/``new_text``) and once more when it finishes. Leaving the loop early
+        (``break``, an exception, ``close()``) aborts this call's unfinished requests and frees
+        their pages."""
         requests = self._submit(prompts, params)
-        for request in requests:
-            if request.finished:
-                yield self._output(request, delta=True)
-        while self.has_unfinished():
-            for request in self.step():
-                if request in requests:
+        try:
+            for request in requests:
+                if request.finished:
                     yield self._output(request, delta=True)
+            while any(not r.finished for r in requests):
+                for request in self.step():
+                    if request in requests:
+                        yield self._output(request, delta=True)
+        finally:
+            for request in requests:
+                self.abort(request)  # no-op for finished ones
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
         """Queue one request (the server's entry point); run :meth:`step` to advance it."""
         return self._submit([prompt], [params or SamplingParams()])[0]
 
-    def abort(self, request: Request) -> None:
-        """Stop a request now (waiting or running): its pages are freed, it finishes "aborted"."""
+    def abort(self, request: Request | int) -> bool:
+        """Stop a request now (waiting or running): its pages are freed, it finishes "aborted".
+        ``request`` is a :class:`Request` (from :meth:`add_request`) or its id (``request.id``,
+        ``RequestOutput.request_id``). Returns False when it had already finished."""
+        if isinstance(request, int):
+            request_id = request
+            request = next((r for r in (*self.scheduler.waiting, *self.scheduler.running) if r.id == request_id),
+                           None)
+            if request is None:
+                if not 0 <= request_id < self._next_id:
+                    raise ValueError(f"no request has id {request_id} (ids so far: 0 .. {self._next_id - 1})")
+                return False  # finished already
         if request.finished:
-            return
+            return False
         if request in self.scheduler.waiting:
             self.scheduler.waiting.remove(request)
         self._release(request)
         request.finish_reason = "aborted"
+        return True
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
@@ -164,18 +196,22 @@ class LLM:
         self._decode(changed)
         return changed
 
-    def _admit(self, changed: list[Request]) -> None:
+    def _admit(self, changed: list[Request], limit: int | None = None) -> None:
+        """Prefill waiting requests while they fit (at most ``limit`` of them)."""
         sched = self.scheduler
-        while sched.waiting and sched.can_admit(sched.waiting[0], self.cache.free_page_count(),
+        while sched.waiting and (limit is None or limit > 0) and sched.can_admit(sched.waiting[0], self.cache.free_page_count(),
                                                 self.cache.free_row_count()):
             request = sched.waiting.popleft()
+            if limit is not None:
+                limit -= 1
             try:
                 logits = self._prefill(request)
             except OutOfPages:
                 self._release(request)
                 if not sched.running:
                     self._fail(request, "this request needs more KV-cache memory than the engine has; lower "
-                                        "max_model_len/max_tokens or give the engine more memory")
+                                        "max_tokens (--max-tokens) or max_model_len (--max-model-len), or give "
+                                        "the cache more memory (kv_cache_memory, --kv-cache-memory-gib)")
                     changed.append(request)
                 else:
                     sched.waiting.appendleft(request)
@@ -207,7 +243,8 @@ class LLM:
             victim = sched.preemption_victim()
             if victim is None:
                 self._fail(batch[0], "out of KV-cache memory while decoding a single sequence; lower "
-                                     "max_model_len/max_tokens or give the engine more memory")
+                                     "max_tokens (--max-tokens) or max_model_len (--max-model-len), or give the "
+                                     "cache more memory (kv_cache_memory, --kv-cache-memory-gib)")
                 changed.append(batch[0])
                 return
             self._preempt(victim)
@@ -336,25 +373,47 @@ class LLM:
             row_bytes += EngineEviction.sequence_bytes(shape, self.eviction)
         tables = row_bytes * (max_num_seqs + 1)
         page_bytes = shape.page_bytes(self.dtype)
-        if kv_bytes is None:
-            kv_bytes = self._free_memory(config, max_num_seqs, utilization)
-        pages = (kv_bytes - tables) // page_bytes
         one_sequence = shape.rows * shape.pages_per_head
         if self.eviction is not None:  # a prompt chunk beside the kept slots (the prefill's peak), a step's page
             peak = min(self.max_model_len, self.eviction.budget + self.prefill_chunk)
             one_sequence = shape.rows * (math.ceil(peak / shape.page_size) + 2)
+        kv_given = kv_bytes is not None
+        if not kv_given:
+            kv_bytes = self._free_memory(config, max_num_seqs, utilization)
+            if self.device.type != "cuda":  # no more than max_num_seqs sequences can use at once
+                kv_bytes = min(kv_bytes, tables + (max_num_seqs * one_sequence + 1) * page_bytes)
+        pages = (kv_bytes - tables) // page_bytes
         if pages < one_sequence + 1:
             raise MemoryError(
                 f"not enough memory for the KV cache: one sequence of max_model_len={self.max_model_len} tokens "
                 f"needs {_gib(one_sequence * page_bytes)} (plus {_gib(tables)} of tables for "
-                f"max_num_seqs={max_num_seqs}), {_gib(max(kv_bytes, 0))} is available for the cache; at least "
-                f"{_gib((one_sequence + 1) * page_bytes + tables)} is needed. Lower max_model_len or max_num_seqs, "
-                "or raise gpu_memory_utilization / kv_cache_memory.")
+                f"max_num_seqs={max_num_seqs}), {_gib(max(kv_bytes, 0))} is available for the cache"
+                f"{self._pool_source(kv_given)}; at least {_gib((one_sequence + 1) * page_bytes + tables)} is "
+                f"needed. {self._memory_advice(kv_given, tables > one_sequence * page_bytes / 4)}")
         return dataclasses.replace(shape, num_pages=int(pages))
+
+    def _pool_source(self, kv_given: bool) -> str:
+        if kv_given:
+            return " (kv_cache_memory, --kv-cache-memory-gib)"
+        if self.device.type == "cuda":
+            return " (gpu_memory_utilization, --gpu-memory-utilization, less weights and activations)"
+        return (f" (on CPU: {CPU_KV_CACHE_FRACTION:.0%} of the memory available after loading the model, at "
+                f"most {_gib(CPU_KV_CACHE_CAP)})")
+
+    def _memory_advice(self, kv_given: bool, tables_matter: bool) -> str:
+        fixes = ["lower max_model_len (--max-model-len)"]
+        if tables_matter:
+            fixes.append("max_num_seqs (--max-num-seqs)")
+        if self.device.type == "cuda" and not kv_given:
+            fixes.append("raise gpu_memory_utilization (--gpu-memory-utilization)")
+        fixes.append("give the cache more memory with kv_cache_memory (--kv-cache-memory-gib)"
+                     if self.device.type != "cuda" or kv_given
+                     else "set kv_cache_memory (--kv-cache-memory-gib)")
+        return "Either " + ", or ".join(fixes) + "."
 
     def _free_memory(self, config, max_num_seqs: int, utilization: float) -> int:
         if self.device.type != "cuda":
-            return 256 * 2**20
+            return int(min(CPU_KV_CACHE_CAP, CPU_KV_CACHE_FRACTION * _available_host_memory()))
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         # Activations: a prefill chunk (hidden, MLP, fp32 pooling terms) and the decode logits.
@@ -363,6 +422,41 @@ class LLM:
         prefill = self.prefill_chunk * (24 * hidden + 4 * inter + 24 * heads * (2 * head_dim + 1)) * 4
         decode = max_num_seqs * config.vocab_size * 4 * 6
         return int(total * utilization - used - 1.5 * (prefill + decode) - 2**30)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device (None: cuda if available, else cpu); ValueError for a name torch
+    does not know and for CUDA on a build or machine without it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device!r} asked for, but {why}: use --device cpu (device='cpu')")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) "
+                             "are visible")
+    return resolved
+
+
+def _available_host_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (free physical memory where that file is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 256 * 2**20
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:

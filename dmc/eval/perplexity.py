@@ -40,12 +40,23 @@ def token_windows(tokenizer, texts, seq_len: int, max_windows: int | None = None
                 return
 
 
+def check_windows(seq_len: int, max_windows: int | None, batch_size: int) -> None:
+    """ValueError for window settings that cannot give a perplexity."""
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2 (a token and the one it predicts), got {seq_len!r}")
+    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
+        raise ValueError(f"max_windows must be an integer >= 1 or None (all), got {max_windows!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
 def window_batches(tokenizer, texts, seq_len: int, max_windows: int | None, batch_size: int, desc: str,
                    progress: bool):
     """:func:`token_windows` stacked into batches ``[<= batch_size, seq_len]``, with a progress bar.
     Raises ValueError when no text holds ``seq_len`` tokens."""
     from tqdm.auto import tqdm
 
+    check_windows(seq_len, max_windows, batch_size)
     batch: list[torch.Tensor] = []
     seen = 0
     for window in tqdm(token_windows(tokenizer, texts, seq_len, max_windows), desc=desc, unit="window",

@@ -13,6 +13,14 @@ import string
 import torch
 
 
+def check_probe(pairs: int, trials: int) -> None:
+    """ValueError for a probe that cannot give an accuracy."""
+    if not isinstance(pairs, int) or pairs < 1:
+        raise ValueError(f"pairs must be an integer >= 1, got {pairs!r}")
+    if not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
+
+
 def make_trial(rng: random.Random, pairs: int, key_len: int = 4, value_len: int = 4) -> tuple[str, str]:
     letters = string.ascii_lowercase
     keys = set()
@@ -28,6 +36,7 @@ def make_trial(rng: random.Random, pairs: int, key_len: int = 4, value_len: int 
 @torch.no_grad()
 def recall_probe(model, tokenizer, pairs: int = 20, trials: int = 20, seed: int = 0) -> dict:
     """Accuracy of retrieving one of ``pairs`` key-value pairs, over ``trials`` prompts."""
+    check_probe(pairs, trials)
     rng = random.Random(seed)
     device = next(model.parameters()).device
     correct, prompt_tokens = 0, 0

@@ -23,7 +23,7 @@ import torch
 
 from ..stats import CompressionStats
 from .perplexity import PerplexityResult, window_batches
-from .recall import make_trial
+from .recall import check_probe, make_trial
 
 CacheFactory = Callable[[int], object]  # context length in tokens -> a fresh, empty cache
 
@@ -109,6 +109,9 @@ def streaming_recall_probe(model, tokenizer, cache_factory: CacheFactory, pairs:
     one cache, ``cache_factory(n)`` with n the batch's mean prompt length in tokens.
     """
     _check_model(model)
+    check_probe(pairs, trials)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None (all trials at once), got {batch_size!r}")
     rng = random.Random(seed)
     cases = [make_trial(rng, pairs) for _ in range(trials)]
     device = next(model.parameters()).device
