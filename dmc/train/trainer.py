@@ -96,7 +96,7 @@ class Retrofitter:
         self.cfg = cfg
         self.plain = cfg.method == "plain"
         self.rt = runtime or init_runtime()
-        self.out = pathlib.Path(cfg.out)
+        self.out = pathlib.Path(cfg.out).expanduser()
         self.run_dir = self.out / "run"
         self.plan = cfg.stage_steps()
         self.total_steps = sum(length for _, length in self.plan)
@@ -222,12 +222,11 @@ class Retrofitter:
     def _abandon_start(self) -> None:
         """A start failed: release the lock and remove what this start created, so that the
         corrected command is not refused (an existing run is left as it was)."""
-        if self._lock is None:
-            return
         fresh = not (self.run_dir / RUN_FILE).exists()
-        self._lock.release(remove=fresh)
-        self._lock = None
-        if fresh:
+        if self._lock is not None:
+            self._lock.release(remove=fresh)
+            self._lock = None
+        if fresh and self.rt.is_main:
             for d in [self.run_dir, *self._made_dirs]:
                 with contextlib.suppress(OSError):
                     d.rmdir()  # only when empty
