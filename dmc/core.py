@@ -263,13 +263,15 @@ def dense_bias(key_bias: torch.Tensor, doc_ids: torch.Tensor | None = None) -> t
 
 # --------------------------------------------------------------------------- §4/§5 loss, schedules
 def compression_loss(alpha_hat: torch.Tensor, target_cr: float | torch.Tensor,
-                     valid: torch.Tensor | None = None) -> torch.Tensor:
+                     valid: torch.Tensor | None = None, two_sided: bool = False) -> torch.Tensor:
     """One-sided compression loss (spec §4).
 
     Args:
         alpha_hat: straight-through decisions ``[B, layers, H, L]``.
         target_cr: CR(s) of the schedule.
         valid: optional ``[B, L]`` bool of real (non-padding) tokens.
+        two_sided: penalise compressing more than the target too (``|(1 - 1/CR) - mean α̂|``): at a
+            fixed target a one-sided loss lets the merge rate overshoot; not in the paper.
 
     Returns:
         Scalar: mean over the batch of ``max(0, (1 - 1/CR) - mean_{layers,heads,t} α̂)``.
@@ -281,6 +283,8 @@ def compression_loss(alpha_hat: torch.Tensor, target_cr: float | torch.Tensor,
         mean_alpha = (alpha_hat * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * alpha_hat.shape[1]
                                                             * alpha_hat.shape[2]).clamp_min(1)
     target_rate = 1.0 - 1.0 / torch.as_tensor(target_cr, dtype=alpha_hat.dtype, device=alpha_hat.device)
+    if two_sided:
+        return (target_rate - mean_alpha).abs().mean()
     return F.relu(target_rate - mean_alpha).mean()
 
 

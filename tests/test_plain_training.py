@@ -72,7 +72,8 @@ def test_gqa_uptraining_with_the_plain_method(gqa_model, corpus, tmp_path, capsy
     out = tmp_path / "up"
     assert cli(["retrofit", str(gqa_model), "--method", "plain", "--data", str(corpus), "--out", str(out),
                 "--target-cr", "2", "--seq-len", "64", "--micro-batch-size", "4", "--lr", "3e-3",
-                "--zero-out-steps", "2", "--retrofit-steps", "6", "--finetune-steps", "4", "--eval-every", "4",
+                "--zero-out-steps", "2", "--retrofit-steps", "6", "--finetune-steps", "4", "--hard-steps", "0",
+                "--eval-every", "4",
                 "--val-fraction", "0.1", "--token-cache", str(tmp_path / "tok"), "--no-progress",
                 "--no-tensorboard"]) == 0
     assert "a stock model" in capsys.readouterr().out

@@ -172,6 +172,18 @@ def test_paper_preset_and_explicit_settings():
             TrainConfig(model="m", data=["d"], out="o", **bad).validate()
 
 
+def test_two_sided_compression_loss_holds_the_target():
+    alpha = torch.zeros(2, 1, 1, 10)
+    alpha[0, ..., 1:9] = 1.0  # merge rate 0.8 (CR 5); the other row 0 (CR 1)
+    assert float(core.compression_loss(alpha, 4.0)) == pytest.approx(0.75 / 2)  # only the short row
+    assert float(core.compression_loss(alpha, 4.0, two_sided=True)) == pytest.approx((0.05 + 0.75) / 2)
+    objective = DMCObjective(TrainConfig(cr_dual_rate=2.0))
+    objective.after_step(objective.mode(StagePosition("finetune", 3, 10)), achieved_cr=5.0)  # overshoot
+    assert objective.log_multiplier > 0
+    paper = DMCObjective(TrainConfig(preset="paper"))
+    assert paper.cfg.cr_two_sided is False
+
+
 def test_dual_objective_state_round_trips():
     objective = DMCObjective(TrainConfig(cr_constraint="dual", cr_dual_rate=2.0))
     mode = objective.mode(StagePosition("retrofit", 50, 100))

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..baselines.eviction import EvictionPolicy
 from ..config import DMCConfig
+from ..hf.convert import fold_logit_scale
 from ..stats import CompressionStats
 from .cache import CacheLayout, OutOfPages, PagedKVCache
 from .eviction import EngineEviction
@@ -92,6 +93,8 @@ class LLM:
         if eviction is not None and (forced_period or not (plain or vanilla)):
             raise ValueError("eviction (H2O, TOVA) runs the model uncompressed, every token appending: pass a plain "
                              "model, or vanilla=True for a DMC model (and no forced_period)")
+        # The decode kernels read a = k[D-1] - c: a training-time logit scale goes into the weights.
+        fold_logit_scale(self.model)
         # forced_period drives the decisions, so even a plain model's weights run the DMC path.
         self.vanilla = (plain or vanilla) and not forced_period
         self.model.set_dmc_mode(vanilla=self.vanilla)

@@ -17,10 +17,10 @@ METHODS = ("dmc", "plain")
 
 # Recipe settings left unset (None) take their value from the preset: this project's recipe by
 # default, or "paper" = spec §5 exactly, what the paper's Llama-2 runs did (the project's levers off).
-RECIPE_DEFAULTS = {"logit_scale": 10.0, "cr_constraint": "dual", "noise_end": 0.0,
+RECIPE_DEFAULTS = {"logit_scale": 10.0, "cr_constraint": "dual", "cr_two_sided": True, "noise_end": 0.0,
                    "stages": ["zero-out", "retrofit", "finetune", "hard"]}
 PRESETS = {
-    "paper": {"logit_scale": 1.0, "cr_constraint": "hinge", "distill_weight": 0.0, "noise_end": 1.0,
+    "paper": {"logit_scale": 1.0, "cr_constraint": "hinge", "cr_two_sided": False, "distill_weight": 0.0, "noise_end": 1.0,
               "hard_steps": 0, "stages": ["zero-out", "retrofit", "finetune"]},
 }
 DISTILL_DIRECTIONS = ("forward", "reverse")
@@ -73,6 +73,8 @@ class TrainConfig:
             (that loss with a dual-ascent multiplier that grows while the achieved CR lags the
             schedule, so compression keeps up with the ramp). cr_dual_rate: log-weight step per
             unit of relative CR shortfall; cr_dual_max: the largest multiplier.
+        cr_two_sided: in the fine-tune and hard stages (fixed CR*) also penalise compressing more
+            than CR* (the paper's loss is one-sided: the realized CR could overshoot the target).
         max_head_cr, head_ceiling_weight: optional per-(layer, head) CR ceiling and its weight.
         distill_weight: weight of the KL to a frozen teacher's logits (None: 1 for method dmc, 0
             for plain); teacher: its HF directory (default: the input model, i.e. the original);
@@ -119,6 +121,7 @@ class TrainConfig:
     cr_constraint: str | None = None
     cr_dual_rate: float = 3.0
     cr_dual_max: float = 1e4
+    cr_two_sided: bool | None = None
     max_head_cr: float | None = None
     head_ceiling_weight: float = 1.0
     distill_weight: float | None = None

@@ -166,6 +166,8 @@ class DMCObjective(LMObjective):
         if mode.target_cr is None:  # zero-out: plain attention, no decisions
             return loss, out, parts
         cr_loss = out.compression_loss
+        if self.cfg.cr_two_sided and mode.stage in ("finetune", "hard"):  # hold the target, don't overshoot it
+            cr_loss = core.compression_loss(out.decisions, mode.target_cr, getattr(out, "valid", None), two_sided=True)
         loss = loss + self.cr_weight * cr_loss
         parts["cr_loss"] = cr_loss.detach()
         if self.cfg.max_head_cr is not None:
@@ -178,7 +180,11 @@ class DMCObjective(LMObjective):
         """Dual ascent on the CR constraint (``cr_constraint="dual"``), once per global step."""
         if self.cfg.cr_constraint != "dual" or mode.target_cr is None or achieved_cr is None:
             return {}
-        self.log_multiplier = core.cr_multiplier_update(self.log_multiplier, mode.target_cr, achieved_cr,
+        # With the two-sided loss at a fixed target, overshooting is a violation too.
+        achieved = achieved_cr
+        if self.cfg.cr_two_sided and mode.stage in ("finetune", "hard") and achieved_cr > mode.target_cr:
+            achieved = 2 * mode.target_cr - achieved_cr
+        self.log_multiplier = core.cr_multiplier_update(self.log_multiplier, mode.target_cr, achieved,
                                                         self.cfg.cr_dual_rate, math.log(self.cfg.cr_dual_max))
         return {"cr_loss_weight": self.cr_weight}
 

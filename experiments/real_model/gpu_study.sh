@@ -32,9 +32,8 @@ fi
 read -r -a DATA <<< "${DATA:-$SITE/sympy $SITE/pandas}"
 read -r -a HELDOUT <<< "${HELDOUT:-$STD/json $STD/http $STD/email $STD/asyncio}"
 read -r -a EVAL <<< "${EVAL:---eval-windows 32 --eval-batch-size 8}"
-read -r -a TRAIN <<< "${TRAIN_SETTINGS:-seq_len=1024 micro_batch_size=4 grad_accum=4 lr=3e-4 min_lr=3e-5 warmup_steps=10
-  zero_out_steps=40 retrofit_steps=240 finetune_steps=96 hard_steps=24 eval_every=100 eval_batches=4
-  save_every=100000} token_cache=$KEEP/tokens"
+TRAIN_DEFAULT="seq_len=1024 micro_batch_size=4 grad_accum=4 lr=3e-4 min_lr=3e-5 warmup_steps=10 zero_out_steps=30 retrofit_steps=180 finetune_steps=72 hard_steps=18 eval_every=100 eval_batches=4 save_every=100000"
+read -r -a TRAIN <<< "${TRAIN_SETTINGS:-$TRAIN_DEFAULT} token_cache=$KEEP/tokens"
 COMMON=("$MODEL" --data "${DATA[@]}" --heldout "${HELDOUT[@]}" "${EVAL[@]}")
 MAIN=("${COMMON[@]}" --out "$KEEP/study/main" --crs 2 4 8 --methods dmc plain h2o tova)
 
@@ -61,9 +60,7 @@ ABL=("${COMMON[@]}" --crs 4 --methods dmc)
 FT_NO_HARD=$(( $(printf '%s\n' "${TRAIN[@]}" | sed -n 's/^finetune_steps=//p') + $(printf '%s\n' "${TRAIN[@]}" | sed -n 's/^hard_steps=//p') ))
 launch abl-paper "${ABL[@]}" --out "$KEEP/study/abl-paper" --set "${TRAIN[@]}" preset=paper hard_steps=0 finetune_steps=$FT_NO_HARD; sleep 3
 launch abl-no-distill "${ABL[@]}" --out "$KEEP/study/abl-no-distill" --set "${TRAIN[@]}" distill_weight=0; sleep 3
-launch abl-no-anneal "${ABL[@]}" --out "$KEEP/study/abl-no-anneal" --set "${TRAIN[@]}" noise_end=1 hard_steps=0 finetune_steps=$FT_NO_HARD; sleep 3
-launch abl-hinge "${ABL[@]}" --out "$KEEP/study/abl-hinge" --set "${TRAIN[@]}" cr_constraint=hinge; sleep 3
-launch abl-scale1 "${ABL[@]}" --out "$KEEP/study/abl-scale1" --set "${TRAIN[@]}" logit_scale=1
+launch abl-no-anneal "${ABL[@]}" --out "$KEEP/study/abl-no-anneal" --set "${TRAIN[@]}" noise_end=1 hard_steps=0 finetune_steps=$FT_NO_HARD
 
 # Eviction baselines once every DMC run of the main study has a result (matched budgets need it);
 # the engine check once DMC 4x is written.
@@ -80,7 +77,7 @@ wait_for dmc2; wait_for dmc8
 stamp "all DMC runs of the main study finished"
 launch h2o "${MAIN[@]}" --set "${TRAIN[@]}" --only h2o; sleep 3
 launch tova "${MAIN[@]}" --set "${TRAIN[@]}" --only tova
-for name in plain h2o tova abl-paper abl-no-distill abl-no-anneal abl-hinge abl-scale1 engine; do
+for name in plain h2o tova abl-paper abl-no-distill abl-no-anneal engine; do
   [ -f "$LOGS/$name.pid" ] && wait_for $name
 done
 stamp "all runs finished; reports"
