@@ -3,6 +3,7 @@ the inference semantics of spec §2-§3 (the logit scale folds away; the hard st
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -221,3 +222,20 @@ def test_cr_histogram_bins():
     hist = cr_histogram([1.0, 1.1, 3.9, 4.0, 100.0])
     assert hist["1-1.25"] == 2 and hist["3-4"] == 1 and hist["4-6"] == 1 and hist[">=64"] == 1
     assert sum(hist.values()) == 5
+
+
+def test_per_head_diagnostics_reach_tensorboard_as_histograms(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dmc.train.metrics import MetricsLogger
+    logger = MetricsLogger(tmp_path, True, True, False, "dmc", {}, None)
+    logger.log(5, {"val_cr": 2.0, "head_cr": [1.0, 2.0, 4.0, 8.0], "logit_mean": [-1.0, 0.5, 1.0, 2.0],
+                   "head_cr_hist": {"1-1.25": 1}})
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"head_cr", "logit_mean"} <= set(events.Tags()["histograms"])
+    assert "head_cr/3" in events.Tags()["scalars"] and "val_cr" in events.Tags()["scalars"]
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["head_cr_hist"] == {"1-1.25": 1}

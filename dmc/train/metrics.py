@@ -7,6 +7,11 @@ import math
 import pathlib
 import warnings
 
+import torch
+
+
+HISTOGRAMS = ("head_cr", "logit_mean")
+
 
 class MetricsLogger:
     def __init__(self, run_dir: pathlib.Path, enabled: bool, tensorboard: bool, wandb: bool,
@@ -53,6 +58,9 @@ class MetricsLogger:
         if self.tb is not None:
             for key, value in scalars.items():
                 self.tb.add_scalar(key, value, step)
+            for key in HISTOGRAMS:  # per-head diagnostics: one histogram besides the per-head scalars
+                if isinstance(values.get(key), list) and values[key]:
+                    self.tb.add_histogram(key, torch.tensor(values[key], dtype=torch.float64), step)
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
 
