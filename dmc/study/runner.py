@@ -21,14 +21,11 @@ import time
 import torch
 
 from .evaluate import Evaluator, device_name
-from .settings import EVICTION, STUDY_FILE, Run, StudyError, StudySettings, check_heldout_apart, plain_run, \
+from .settings import STUDY_FILE, Run, StudyError, StudySettings, check_heldout_apart, plain_run, \
     runtime_fields
 
-START = time.time()
-
-
 def log(message: str) -> None:
-    print(f"[study {time.time() - START:6.0f}s] {message}", flush=True)
+    print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def write_json(path: pathlib.Path, value) -> None:
