@@ -279,8 +279,8 @@ class Shard:
         return len(self.offsets) - 1
 
     @classmethod
-    def load(cls, shard_dir: pathlib.Path) -> "Shard":
-        offsets = np.load(shard_dir / "offsets.npy")
+    def load(cls, shard_dir: pathlib.Path, offsets: np.ndarray | None = None) -> "Shard":
+        offsets = np.load(shard_dir / "offsets.npy") if offsets is None else offsets
         tokens = (np.memmap(shard_dir / "tokens.bin", dtype=np.uint32, mode="r") if offsets[-1] > 0
                   else np.zeros(0, np.uint32))
         return cls(tokens=tokens, offsets=offsets)
@@ -293,10 +293,15 @@ def _publish(tmp: pathlib.Path, shard_dir: pathlib.Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_status(directory: pathlib.Path, source: pathlib.Path, bad: str | None) -> None:
-    """``status.json``: the source and why it is not text (None: it is), replaced atomically."""
+def _write_status(directory: pathlib.Path, source: pathlib.Path, bad: str | None, atomic: bool = True) -> None:
+    """``status.json``: the source and why it is not text (None: it is); replaced atomically unless
+    ``directory`` is a shard's temporary directory, which nobody reads yet."""
+    status = json.dumps({"source": str(source), "bad": bad})
+    if not atomic:
+        (directory / "status.json").write_text(status)
+        return
     tmp = directory / f".status.json.{os.getpid()}"
-    tmp.write_text(json.dumps({"source": str(source), "bad": bad}))
+    tmp.write_text(status)
     os.replace(tmp, directory / "status.json")
 
 
@@ -339,6 +344,7 @@ class _ShardWriter:
         self.offsets = [0]
         self.tmp: pathlib.Path | None = None
         self.read = False  # every document of the file went to the encoder
+        self.queued = 0  # documents of it in batches not yet written
 
     def add(self, ids: list[int]) -> None:
         n = len(ids) + len(self.bos) + len(self.eos)
@@ -360,11 +366,11 @@ class _ShardWriter:
 
     def finish(self) -> Shard:
         self._spill()
-        np.save(self.tmp / "offsets.npy", np.asarray(self.offsets, dtype=np.int64))
-        (self.tmp / "source.txt").write_text(str(self.path))
-        _write_status(self.tmp, self.path, None)
+        offsets = np.asarray(self.offsets, dtype=np.int64)
+        np.save(self.tmp / "offsets.npy", offsets)
+        _write_status(self.tmp, self.path, None, atomic=False)
         _publish(self.tmp, self.shard_dir)
-        return Shard.load(self.shard_dir)
+        return Shard.load(self.shard_dir, offsets)
 
     def abandon(self) -> None:
         if self.tmp is not None:
@@ -374,7 +380,7 @@ class _ShardWriter:
 def _record_bad(path: pathlib.Path, shard_dir: pathlib.Path, reason: str) -> None:
     try:
         tmp = pathlib.Path(tempfile.mkdtemp(dir=shard_dir.parent, prefix=f".{shard_dir.name}."))
-        _write_status(tmp, path, reason)
+        _write_status(tmp, path, reason, atomic=False)
         _publish(tmp, shard_dir)
     except OSError:  # a read-only cache: found again next time
         pass
@@ -382,8 +388,12 @@ def _record_bad(path: pathlib.Path, shard_dir: pathlib.Path, reason: str) -> Non
 
 def _tokenize_missing(missing: list[tuple[int, pathlib.Path, pathlib.Path]], tokenizer, text_field: str,
                       on_bad_file: str, progress: bool) -> dict[int, Shard | str]:
-    """Tokenize (index, path, shard_dir) jobs into the cache, the documents of many files per call of
-    the encoder and a large file over many calls. Returns each index's shard, or why it is not text."""
+    """Tokenize (index, path, shard_dir) jobs into the cache: the documents of many files go to one
+    call of the encoder, a large file's over many. Each batch is encoded in a background thread (the
+    Rust encoder releases the GIL) while the next is read. Returns each index's shard, or why the
+    file is not text."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     encoder = Encoder(tokenizer)
@@ -392,46 +402,56 @@ def _tokenize_missing(missing: list[tuple[int, pathlib.Path, pathlib.Path]], tok
     bar = tqdm(total=sum(sizes), desc=f"tokenizing {len(missing)} file{'s' * (len(missing) > 1)}", unit="B",
                unit_scale=True, disable=not progress)
     done: dict[int, Shard | str] = {}
-    writers: list[_ShardWriter] = []  # files whose documents went to the batch, not yet published
-    docs: list[str] = []
+    writers: list[_ShardWriter] = []  # in file order, not yet published
+    docs: list[str] = []  # the batch being gathered, and whose each document is
     owners: list[_ShardWriter] = []
     chars = read_bytes = 0
+    in_flight = None  # (future ids, owners, bytes for the bar) of the batch being encoded
 
-    def flush() -> None:
-        nonlocal chars, read_bytes
-        for writer, ids in zip(owners, encoder(docs) if docs else []):
+    def collect(batch) -> None:
+        future, batch_owners, nbytes = batch
+        for writer, ids in zip(batch_owners, future.result(), strict=True):
             writer.add(ids)
-        docs.clear()
-        owners.clear()
-        bar.update(read_bytes)
-        chars = read_bytes = 0
-        while writers and writers[0].read:
+            writer.queued -= 1
+        bar.update(nbytes)
+        while writers and writers[0].read and not writers[0].queued:
             writer = writers.pop(0)
             done[writer.index] = writer.finish()
 
+    def flush() -> None:
+        nonlocal docs, owners, chars, read_bytes, in_flight
+        previous, in_flight = in_flight, (pool.submit(encoder, docs), owners, read_bytes)
+        docs, owners, chars, read_bytes = [], [], 0, 0
+        if previous is not None:  # written while the batch just submitted is encoded
+            collect(previous)
+
     try:
-        for (index, path, shard_dir), size in zip(missing, sizes):
-            writer = _ShardWriter(index, path, shard_dir, bos, eos)
-            writers.append(writer)
-            seen = 0  # bytes of the file counted on the bar (characters, up to its size)
-            try:
-                for doc in _documents(path, text_field):
-                    docs.append(doc)
-                    owners.append(writer)
-                    chars += len(doc)
-                    step = min(len(doc), size - seen)
-                    seen, read_bytes = seen + step, read_bytes + step
-                    if chars >= BATCH_CHARS:
-                        flush()
-            except BadFileError as e:
-                writers.remove(writer)  # the check comes before the first document: none of it is batched
-                _record_bad(path, shard_dir, e.reason)
-                if on_bad_file == "error":
-                    raise
-                done[index] = e.reason
-            writer.read = True
-            read_bytes += size - seen
-        flush()
+        with ThreadPoolExecutor(1, thread_name_prefix="dmc-encode") as pool:
+            for (index, path, shard_dir), size in zip(missing, sizes):
+                writer = _ShardWriter(index, path, shard_dir, bos, eos)
+                writers.append(writer)
+                seen = 0  # bytes of the file counted on the bar (characters, up to its size)
+                try:
+                    for doc in _documents(path, text_field):
+                        docs.append(doc)
+                        owners.append(writer)
+                        writer.queued += 1
+                        chars += len(doc)
+                        step = min(len(doc), size - seen)
+                        seen, read_bytes = seen + step, read_bytes + step
+                        if chars >= BATCH_CHARS:
+                            flush()
+                except BadFileError as e:
+                    writers.remove(writer)  # the check comes before the first document: none of it is batched
+                    _record_bad(path, shard_dir, e.reason)
+                    if on_bad_file == "error":
+                        raise
+                    done[index] = e.reason
+                writer.read = True
+                read_bytes += size - seen
+            flush()
+            batch, in_flight = in_flight, None
+            collect(batch)
     finally:
         bar.close()
         for writer in writers:
