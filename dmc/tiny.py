@@ -46,31 +46,30 @@ def write_tiny_model_dir(path: str | pathlib.Path, texts: list[str], vocab_size:
 
 def pretrain(model_dir: str | pathlib.Path, data: list[str], steps: int, seq_len: int = 128, batch_size: int = 8,
              lr: float = 3e-3, seed: int = 0, progress: bool = False, token_cache: str | None = None) -> list[float]:
-    """Plain next-token pretraining of the model in ``model_dir`` on ``data`` (AdamW, cosine);
-    saves it back in place. Returns the loss of every step."""
-    import math
+    """Plain next-token pretraining of the model in ``model_dir`` on ``data``, saved back in place.
 
-    import transformers
-    from tqdm.auto import tqdm
+    One run of the project's trainer (:class:`dmc.train.Retrofitter`, ``method="plain"``, a single
+    fine-tune stage: AdamW, a cosine from ``lr`` to ``lr / 10``, no validation split). Returns the
+    LM loss of every step."""
+    import contextlib
+    import io
+    import json
+    import os
+    import shutil
 
-    from .train.data import PackedData
+    from .train import Retrofitter, TrainConfig
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
-    rows = PackedData.from_sources(data, tokenizer, seq_len, val_fraction=0.0, seed=seed, cache_dir=token_cache,
-                                   progress=progress)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    losses = []
-    for step in tqdm(range(steps), desc="pretraining", disable=not progress):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        batch = rows.train_rows(list(range(step * batch_size, (step + 1) * batch_size)))
-        # stock attention has no document mask: the labels still skip each document's first token
-        loss = model(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.save_pretrained(model_dir)
-    return losses
+    model_dir = pathlib.Path(model_dir)
+    work = model_dir.with_name(f".{model_dir.name}.pretrain")  # the trainer writes a new directory: moved back
+    cfg = TrainConfig(model=str(model_dir), data=list(data), out=str(work), method="plain", stages=["finetune"],
+                      finetune_steps=steps, seq_len=seq_len, micro_batch_size=batch_size, lr=lr, min_lr=lr / 10,
+                      seed=seed, val_fraction=0.0, token_cache=token_cache, eval_every=steps + 1,
+                      save_every=steps + 1, keep_checkpoints=1, tensorboard=False, progress=progress, overwrite=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # its note that there is no validation split
+        trainer = Retrofitter(cfg)
+    trainer.run()
+    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines() if line]
+    for f in sorted((f for f in work.iterdir() if f.is_file()), key=lambda f: f.name == "config.json"):
+        os.replace(f, model_dir / f.name)  # config.json last: never a half-replaced model
+    shutil.rmtree(work)
+    return [r["lm_loss"] for r in records]
