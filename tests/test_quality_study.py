@@ -79,7 +79,7 @@ def test_smoke_pipeline_writes_the_report(smoke):
     meta = result["meta"]
     assert meta["from_scratch"]["corpus"]["held_out_files"] > 0 and meta["device"] and meta["commands"]
     markdown = (out / "results.md").read_text()
-    for text in ("## Goals", "## Setup", "| dmc@4 | DMC |", "plain continued training", "Skipped:",
+    for text in ("## Goals", "## Setup", "| dmc@4 | DMC |", "plain continued training", "Skipped or failed:",
                  "perplexity_vs_cr.png", "heads_dmc-8x.png"):
         assert text in markdown
     for name in ("perplexity_vs_cr.png", "heads_dmc-4x.png"):

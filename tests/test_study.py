@@ -65,7 +65,7 @@ def test_the_study_writes_every_row_and_the_meta(study, files):
     evictions = {(f"{m}@{cr}", kind) for m in ("h2o", "tova") for cr in (2, 4) for kind in ("nominal", "matched")}
     assert set(rows) == {("original", None), ("plain", None), ("dmc@2", None), ("dmc@4", None), ("gqa@2", None)} \
         | evictions
-    assert result["skipped"] == [{"run": "gqa@4", "reason": pytest.approx(result["skipped"][0]["reason"])}]
+    assert [(s["run"], s["status"]) for s in result["skipped"]] == [("gqa@4", "skipped")]
     assert "2 KV heads do not split into groups of 4" in result["skipped"][0]["reason"]
     assert result["pending"] == []
     for row in rows.values():
@@ -96,7 +96,7 @@ def test_the_study_writes_every_row_and_the_meta(study, files):
     assert meta["commands"][0].startswith("dmc study ") and "--crs 2 4" in meta["commands"][0]
     assert meta["settings"]["train"]["retrofit_steps"] == 1 and "progress" not in meta["settings"]["train"]
     markdown = (out / "results.md").read_text()
-    for text in ("| run | model | target CR", "| dmc@4 | DMC |", "vs plain", "Skipped:", "gqa@4",
+    for text in ("| run | model | target CR", "| dmc@4 | DMC |", "vs plain", "Skipped or failed:", "gqa@4",
                  "perplexity_vs_cr.png"):
         assert text in markdown
     assert (out / "perplexity_vs_cr.png").stat().st_size > 1000 and (out / "heads_dmc-4x.png").exists()
@@ -135,6 +135,26 @@ def test_only_report_only_resume_and_continue(files, tmp_path, capsys):
     assert rows[("h2o@2", "matched")]["budget"] == budget_for(WINDOW, rows[("dmc@2", None)]["realized_cr"])
     assert {p["run"] for p in result["pending"]} == {"original"}
     assert len(result["meta"]["commands"]) == 4  # --report-only runs nothing and is not recorded
+
+
+def test_a_diverged_training_is_reported_and_the_study_goes_on(files, tmp_path, monkeypatch, capsys):
+    from dmc.study.runner import Study
+    from dmc.train.trainer import TrainingDiverged
+
+    def diverge(self, run, method, source):
+        raise TrainingDiverged("the loss was not finite at steps 3, 4\n(details)")
+
+    monkeypatch.setattr(Study, "_train", diverge)
+    out = tmp_path / "s"
+    assert cli(_args(files, out, "--crs", "2", "--methods", "dmc", "h2o", "--only", "dmc", "h2o")) == 0
+    result, rows = _rows(out)
+    assert result["skipped"] == [{"run": "dmc@2", "status": "failed",
+                                  "reason": "training diverged: the loss was not finite at steps 3, 4"}]
+    assert set(rows) == {("h2o@2", "nominal")}  # no matched budget without a DMC row, nothing pending for it
+    assert [p["run"] for p in result["pending"]] == ["original"]
+    capsys.readouterr()
+    assert cli(_args(files, out, "--crs", "2", "--methods", "dmc", "h2o", "--only", "dmc")) == 0
+    assert "finished earlier, skipped" in capsys.readouterr().out
 
 
 def test_plain_runs_per_cr_when_the_plans_differ_and_only_picks_runs(files):

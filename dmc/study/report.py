@@ -36,8 +36,8 @@ def collect(root: pathlib.Path, study: dict) -> tuple[list[dict], list[dict], li
             pending.append({"run": run.name, "why": "not run yet (or running)"})
             continue
         rows += result["rows"]
-        if result["status"] == "skipped":
-            skipped.append({"run": run.name, "reason": result["reason"]})
+        if result["status"] in ("skipped", "failed"):
+            skipped.append({"run": run.name, "reason": result["reason"], "status": result["status"]})
         elif result["status"] == "partial":
             pending.append({"run": run.name, "why": result["waiting"]})
     for result in found.values():  # runs of settings no longer planned (e.g. another plain layout)
@@ -140,7 +140,7 @@ def render_markdown(result: dict, plots: list[str], plot_note: str | None) -> st
               "original KV heads / its own; H2O/TOVA: what the cache kept). *vs plain*: perplexity over plain "
               "continued training of the original on the same tokens. Train time: optimizer steps only."]
     if result["skipped"]:
-        lines += ["", "Skipped:"] + [f"- {s['run']}: {s['reason']}" for s in result["skipped"]]
+        lines += ["", "Skipped or failed:"] + [f"- {s['run']}: {s['reason']}" for s in result["skipped"]]
     if result["pending"]:
         lines += ["", "Pending (run `dmc study` again on this directory):"]
         lines += [f"- {p['run']}: {p['why']}" for p in result["pending"]]

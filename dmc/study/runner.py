@@ -112,7 +112,7 @@ class Study:
 
     def finished(self, run: Run) -> bool:
         result = self.result(run)
-        return result is not None and result["status"] in ("done", "skipped")
+        return result is not None and result["status"] in ("done", "skipped", "failed")
 
     @contextlib.contextmanager
     def _claim(self, run: Run):
@@ -143,6 +143,8 @@ class Study:
 
     # -------------------------------------------------------------------------- running
     def execute(self, runs: list[Run]) -> None:
+        from ..train.checkpoint import RunLockedError
+        from ..train.trainer import TrainingDiverged
         for i, run in enumerate(runs, 1):
             if self.finished(run):
                 log(f"({i}/{len(runs)}) {run.name}: finished earlier, skipped")
@@ -153,15 +155,22 @@ class Study:
                 log(f"({i}/{len(runs)}) {run.name}")
                 handler = {"original": self._original, "dmc": self._trained, "plain": self._trained,
                            "gqa": self._gqa, "h2o": self._eviction, "tova": self._eviction}[run.method]
-                result = handler(run)
+                try:
+                    result = handler(run)
+                except TrainingDiverged as e:  # an outcome of the study, not a reason to stop it
+                    result = {"status": "failed", "reason": f"training diverged: {str(e).splitlines()[0]}",
+                              "rows": []}
+                except RunLockedError as e:
+                    log(f"  {run.name}: {e}; left to it")
+                    continue
                 if result is not None:
                     write_json(self.run_dir(run) / "result.json", result)
                     for row in result.get("rows", []):
                         log(f"  → {row['run']}{' ' + row['budget_kind'] if 'budget_kind' in row else ''}: perplexity "
                             f"{row['perplexity']:.4g}, realized CR {row['realized_cr']:.3g}"
                             + (f", hard − relaxed {row['relaxed_gap']:+.4f} nats" if "relaxed_gap" in row else ""))
-                    if result["status"] == "skipped":
-                        log(f"  → skipped: {result['reason']}")
+                    if result["status"] in ("skipped", "failed"):
+                        log(f"  → {result['status']}: {result['reason']} (delete {self.run_dir(run)} to run it again)")
             _free_memory()
 
     @property
@@ -275,6 +284,8 @@ class Study:
             if dmc is not None and dmc["status"] == "done":
                 realized = dmc["rows"][0]["realized_cr"]
                 budgets["matched"] = (realized, budget_for(self.seq_len, realized))
+            elif dmc is not None:
+                log(f"  no budget matched to DMC: dmc@{run.cr:g} {dmc['status']} ({dmc.get('reason')})")
             else:
                 waiting = f"the budget matched to DMC waits for dmc@{run.cr:g}"
         for kind, (cr, budget) in budgets.items():
