@@ -119,7 +119,8 @@ def render_markdown(result: dict, plots: list[str], plot_note: str | None) -> st
              f"- **Model**: `{model['path']}` ({model['model_type']}, {model['layers']} layers, {model['heads']} "
              f"heads / {model['kv_heads']} KV heads of {model['head_dim']}).",
              f"- **Training data**: {', '.join(f'`{d}`' for d in meta['data'])}. **Held out**: "
-             f"{', '.join(f'`{d}`' for d in meta['heldout']['sources'])} ({meta['heldout']['files']} files).",
+             f"{', '.join(f'`{d}`' for d in meta['heldout']['sources'])} ({meta['heldout']['files']} file"
+             f"{'s' if meta['heldout']['files'] != 1 else ''}).",
              f"- **Evaluation**: up to {ev['max_windows']} windows of {ev['window_tokens']} held-out tokens, the same "
              f"for every model, {ev['dtype']}. DMC: through its compressed cache (hard decisions, as at inference); "
              "H2O/TOVA: token by token through the eviction cache, a budget of ⌈window / CR⌉ slots per KV head, at the "
