@@ -3,7 +3,7 @@ token cache, then a second run with the same tokenizer and data (cache hits), in
 tokens/s, with the CPU time of the process (all threads). The last line hashes the packed rows,
 so two versions of the pipeline can be checked for bit-identical output.
 
-    python benchmarks/tokenization.py --tokenizer DIR [--data DIR ...] [--module path/to/data.py]
+    python benchmarks/tokenization.py --tokenizer DIR [--data DIR ...] [--module path/to/data.py] [--cold-only]
 
 ``--module`` loads another version of dmc/train/data.py (e.g. an older commit's, written out with
 ``git show COMMIT:dmc/train/data.py > /tmp/data_old.py``) in place of the installed one.
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=[str(site / "sympy"), str(site / "pandas")])
     parser.add_argument("--module", help="a dmc/train/data.py to measure instead of the installed one")
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--cold-only", action="store_true", help="skip the second (cache hit) run")
     args = parser.parse_args()
     data_module = load_module(args.module)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
@@ -48,7 +49,7 @@ def main() -> None:
     print(f"{len(files)} files, {size / 1e6:.1f} MB; {os.cpu_count()} CPU cores; load average "
           f"{os.getloadavg()[0]:.1f}; module {args.module or data_module.__file__}")
     with tempfile.TemporaryDirectory() as cache:
-        for run in ("cold", "warm"):
+        for run in ("cold",) if args.cold_only else ("cold", "warm"):
             wall, cpu = time.perf_counter(), time.process_time()
             packed = data_module.PackedData.from_sources(args.data, tokenizer, args.seq_len, 0.01, 0,
                                                          cache_dir=cache, progress=False)
