@@ -168,7 +168,8 @@ def test_paper_preset_and_explicit_settings():
     with pytest.raises(ConfigError, match="unknown preset"):
         TrainConfig(preset="fast")
     for bad in ({"logit_scale": 0}, {"cr_constraint": "soft"}, {"noise_end": 2}, {"distill_direction": "up"},
-                {"distill_weight": 0, "lm_weight": 0}, {"max_head_cr": 1.0}, {"hard_steps": -1}):
+                {"distill_weight": 0, "lm_weight": 0}, {"max_head_cr": 1.0}, {"hard_steps": -1},
+                {"on_bad_file": "maybe"}):
         with pytest.raises(ConfigError):
             TrainConfig(model="m", data=["d"], out="o", **bad).validate()
 

@@ -50,6 +50,7 @@ _HELP = {
     "cr_constraint": "hinge (spec §4: fixed weight) or dual (a multiplier that grows while the CR lags)",
     "cr_dual_rate": "dual constraint: log-weight step per unit of relative CR shortfall",
     "cr_dual_max": "dual constraint: the largest multiplier",
+    "on_bad_file": "files that are not UTF-8 text (NUL bytes, invalid UTF-8): skip (named in a warning) or error",
     "cr_two_sided": "at fixed CR* (fine-tune, hard) also penalise compressing more than the target (the paper: no)",
     "max_head_cr": "optional CR ceiling per (layer, head) ('none': no ceiling)",
     "head_ceiling_weight": "weight of the per-head CR ceiling loss",

@@ -99,6 +99,7 @@ class TrainConfig:
     text_field: str = "text"
     val_fraction: float = 0.01
     token_cache: str | None = None
+    on_bad_file: str = "skip"  # files that are not UTF-8 text: "skip" (named in a warning) or "error"
     # batch
     micro_batch_size: int = 1
     grad_accum: int = 1
@@ -195,6 +196,8 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         self._validate_ranges()
+        if self.on_bad_file not in ("skip", "error"):
+            raise ConfigError(f"on_bad_file must be skip or error, got {self.on_bad_file!r}")
         self._validate_recipe()
 
     def _validate_types(self) -> None:
@@ -288,7 +291,7 @@ class TrainConfig:
     def training_identity(self) -> dict[str, Any]:
         """The settings that define a run (a different value = a different run)."""
         ignore = {"resume", "overwrite", "max_steps", "progress", "eval_every", "save_every", "keep_checkpoints",
-                  "tensorboard", "wandb", "wandb_project", "token_cache", "eval_batches", "nan_patience",
+                  "tensorboard", "wandb", "wandb_project", "token_cache", "on_bad_file", "eval_batches", "nan_patience",
                   "out"}  # a run directory that was moved or renamed is still the same run
         return {k: v for k, v in asdict(self).items() if k not in ignore}
 

@@ -117,7 +117,8 @@ class Retrofitter:
         self.tokenizer, self.model = self._load_model()
         seq_len = min(cfg.seq_len, getattr(self.model.config, "max_position_embeddings", cfg.seq_len))
         self.data = PackedData.from_sources(cfg.data, self.tokenizer, seq_len, cfg.val_fraction, cfg.seed,
-                                            cfg.text_field, cfg.token_cache, progress=self.rt.is_main)
+                                            cfg.text_field, cfg.token_cache, progress=self.rt.is_main,
+                                            on_bad_file=cfg.on_bad_file)
         if self.data.val_rows < self.rt.world and self.rt.is_main:
             print(f"note: the held-out split ({self.data.val_rows} rows of {seq_len} tokens) is too small to "
                   f"evaluate on {self.rt.world} process(es); raise --val-fraction to get validation loss")
