@@ -91,13 +91,14 @@ class LMObjective:
     def apply_mode(self, model, mode: StepMode) -> None:
         pass
 
-    def _forward(self, model, batch, mode: StepMode, generator):
+    def forward(self, model, batch, mode: StepMode, generator):
+        """(model output, LM loss) of one batch in ``mode`` (``"eval"``: the eval-mode forward)."""
         out = model(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids, use_cache=False)
         return out, out.loss
 
     def loss(self, model, batch, mode: StepMode, generator) -> tuple[torch.Tensor, object, dict]:
         """(loss to backpropagate, model output, {metric: scalar tensor summed over micro-steps})."""
-        out, lm_loss = self._forward(model, batch, mode, generator)
+        out, lm_loss = self.forward(model, batch, mode, generator)
         parts = {"lm_loss": lm_loss.detach()}
         loss = self.cfg.lm_weight * lm_loss if self.teacher is not None else lm_loss
         if self.teacher is not None:
@@ -108,7 +109,7 @@ class LMObjective:
         return loss, out, parts
 
     def eval_forward(self, model, batch):
-        return self._forward(model, batch, StepMode("eval"), None)
+        return self.forward(model, batch, StepMode("eval"), None)
 
     # state carried across steps (checkpointed)
     def after_step(self, mode: StepMode, achieved_cr: float | None) -> dict:
@@ -152,7 +153,7 @@ class DMCObjective(LMObjective):
     def cr_weight(self) -> float:
         return self.cfg.cr_loss_weight * math.exp(self.log_multiplier)
 
-    def _forward(self, model, batch, mode: StepMode, generator):
+    def forward(self, model, batch, mode: StepMode, generator):
         kwargs = {}
         if mode.stage != "eval":
             kwargs = dict(dmc_target_cr=mode.target_cr, dmc_generator=generator, dmc_noise_scale=mode.noise_scale,

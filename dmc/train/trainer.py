@@ -488,7 +488,7 @@ class Retrofitter:
                 tokens, slots = float(out.compression.tokens.sum()), float(out.compression.slots.sum())
                 diagnostics.add(out)
                 self.model.train()
-                relaxed_loss = float(self._autocast_forward(self.objective._forward, self.model, batch,
+                relaxed_loss = float(self._autocast_forward(self.objective.forward, self.model, batch,
                                                             relaxed_mode, generator)[1])
             sums += torch.tensor([float(lm_loss) * n, n, tokens, slots, relaxed_loss * n], dtype=torch.float64,
                                  device=self.rt.device)
