@@ -345,7 +345,7 @@ def _train_summary(out: pathlib.Path, tokens: int) -> dict:
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line]
     tokens_per_step = tokens / max(1, records[-1]["step"]) if records else 0
     seconds = sum(tokens_per_step / r["tokens_per_s"] for r in records if r.get("tokens_per_s"))
-    summary = {"tokens": tokens, "steps": records[-1]["step"] if records else 0, "train_seconds": round(seconds, 1)}
+    summary = {"tokens": tokens, "steps": records[-1]["step"] if records else 0, "train_seconds": round(seconds, 3)}
     last = records[-1] if records else {}
     for key in ("lm_loss", "achieved_cr", "val_loss", "val_loss_relaxed", "val_cr"):
         if isinstance(last.get(key), (int, float)):
