@@ -122,6 +122,27 @@ def test_head_ceiling_loss_penalises_only_heads_over_the_cap():
     assert float(core.head_ceiling_loss(alpha.detach(), max_head_cr=20.0)) == 0.0
 
 
+def test_head_ceiling_scales_with_the_dual_multiplier():
+    """A head over the ceiling is pushed down even when a grown multiplier pushes every head up."""
+    from types import SimpleNamespace
+    alpha = torch.zeros(1, 1, 2, 10)
+    alpha[:, 0, 0, 1:] = 1.0  # head 0: CR 10, over a ceiling of 4; head 1 keeps every token
+    alpha.requires_grad_(True)
+    cfg = TrainConfig(target_cr=4.0, max_head_cr=4.0, head_ceiling_weight=2.0, distill_weight=0)
+    objective = DMCObjective(cfg)
+    objective.forward = lambda *args: (SimpleNamespace(compression_loss=core.compression_loss(alpha, 4.0),
+                                                       decisions=alpha), torch.zeros((), requires_grad=True))
+    mode = objective.mode(StagePosition("retrofit", 99, 100))
+    for log_multiplier in (0.0, math.log(1e4)):
+        objective.log_multiplier = log_multiplier
+        alpha.grad = None
+        loss, _, parts = objective.loss(None, None, mode, None)
+        loss.backward()
+        assert float(parts["head_ceiling_loss"]) > 0
+        assert float(alpha.grad[0, 0, 0].sum()) > 0  # descent lowers the over-ceiling head's merges
+        assert float(alpha.grad[0, 0, 1].sum()) < 0  # and raises the other's
+
+
 def test_dual_ascent_multiplier_grows_while_behind_and_is_clipped():
     log_w = 0.0
     for _ in range(5):

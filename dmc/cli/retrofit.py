@@ -53,7 +53,7 @@ _HELP = {
     "on_bad_file": "files that are not UTF-8 text (NUL bytes, invalid UTF-8): skip (named in a warning) or error",
     "cr_two_sided": "at fixed CR* (fine-tune, hard) also penalise compressing more than the target (the paper: no)",
     "max_head_cr": "optional CR ceiling per (layer, head) ('none': no ceiling)",
-    "head_ceiling_weight": "weight of the per-head CR ceiling loss",
+    "head_ceiling_weight": "weight of the per-head CR ceiling loss, relative to the CR loss's current weight",
     "distill_weight": "weight of the KL to a frozen teacher ('none': 1 for dmc, 0 for plain)",
     "teacher": "HF directory of the distillation teacher ('none': the input model)",
     "distill_temperature": "softmax temperature of the distillation KL",

@@ -75,7 +75,9 @@ class TrainConfig:
             unit of relative CR shortfall; cr_dual_max: the largest multiplier.
         cr_two_sided: in the fine-tune and hard stages (fixed CR*) also penalise compressing more
             than CR* (the paper's loss is one-sided: the realized CR could overshoot the target).
-        max_head_cr, head_ceiling_weight: optional per-(layer, head) CR ceiling and its weight.
+        max_head_cr, head_ceiling_weight: optional per-(layer, head) CR ceiling and its weight,
+            relative to the CR loss's current weight (> 1: a head over the ceiling is pushed down
+            even while the whole model is pushed to compress more).
         distill_weight: weight of the KL to a frozen teacher's logits (None: 1 for method dmc, 0
             for plain); teacher: its HF directory (default: the input model, i.e. the original);
             distill_temperature, distill_direction ("forward" = KL(teacher‖student), "reverse").
@@ -124,7 +126,7 @@ class TrainConfig:
     cr_dual_max: float = 1e4
     cr_two_sided: bool | None = None
     max_head_cr: float | None = None
-    head_ceiling_weight: float = 1.0
+    head_ceiling_weight: float = 2.0
     distill_weight: float | None = None
     teacher: str | None = None
     distill_temperature: float = 1.0

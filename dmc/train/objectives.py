@@ -173,7 +173,10 @@ class DMCObjective(LMObjective):
         parts["cr_loss"] = cr_loss.detach()
         if self.cfg.max_head_cr is not None:
             ceiling = core.head_ceiling_loss(out.decisions, self.cfg.max_head_cr, getattr(out, "valid", None))
-            loss = loss + self.cfg.head_ceiling_weight * ceiling
+            # Relative to the CR loss's current weight: per (head, token) both losses have the same
+            # gradient scale, so at weight > 1 a head over the ceiling is pushed down however large
+            # the dual multiplier has grown (a fixed weight is outvoted by a grown multiplier).
+            loss = loss + self.cfg.head_ceiling_weight * self.cr_weight * ceiling
             parts["head_ceiling_loss"] = ceiling.detach()
         return loss, out, parts
 
