@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Round 2 of the real-model study of issue #12 on ONE GPU, detached from the device call that starts it:
+#   setsid bash experiments/real_model/gpu_round2.sh /root/keep > /root/keep/logs/orchestrator.log 2>&1 &
+# KEEP must hold smollm2.gguf and a copy of this repository in KEEP/repo; /root/site holds
+# transformers 5.23 and gguf. Same data, held-out set, token plan and evaluation as gpu_study.sh
+# (round 1), so its rows (defaults at 2x/4x/8x, plain, original) stay comparable; see
+# docs/results/real_round2/ for what came out.
+#
+# What it runs: eight DMC retrofits sharing the GPU, each changing the controller of the
+# compression (the dual-ascent rate, the per-head ceiling, hinge vs dual) or a default lever (the
+# logit scale, the LM loss next to distillation); then H2O and TOVA on the original at the 4x and
+# 8x budgets (the realized CRs of round 1 were within 5% of the targets).
+set -u
+KEEP=${1:-/root/keep}
+cd "$KEEP/repo"
+export PYTHONPATH=/root/site:$KEEP/repo PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=2 TOKENIZERS_PARALLELISM=true
+PY=python3
+LOGS=$KEEP/logs; mkdir -p "$LOGS" "$KEEP/study"
+SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+STD=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+MODEL=$KEEP/smollm2
+stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+
+if [ ! -f "$MODEL/config.json" ]; then
+  stamp "importing the GGUF"
+  $PY -m dmc.cli.main import-gguf "$KEEP/smollm2.gguf" --out "$MODEL" > "$LOGS/import.log" 2>&1 || { stamp "import failed"; exit 1; }
+fi
+
+read -r -a DATA <<< "${DATA:-$SITE/sympy $SITE/pandas}"
+read -r -a HELDOUT <<< "${HELDOUT:-$STD/json $STD/http $STD/email $STD/asyncio}"
+read -r -a EVAL <<< "${EVAL:---eval-windows 32 --eval-batch-size 8}"
+TRAIN_DEFAULT="seq_len=1024 micro_batch_size=4 grad_accum=4 lr=3e-4 min_lr=3e-5 warmup_steps=10 zero_out_steps=30 retrofit_steps=180 finetune_steps=72 hard_steps=18 eval_every=100 eval_batches=4 save_every=100000"
+read -r -a TRAIN <<< "${TRAIN_SETTINGS:-$TRAIN_DEFAULT} token_cache=$KEEP/tokens"
+COMMON=("$MODEL" --data "${DATA[@]}" --heldout "${HELDOUT[@]}" "${EVAL[@]}")
+
+# name | target CR | settings on top of the defaults
+VARIANTS=(
+  "d4-dual0.5|4|cr_dual_rate=0.5"
+  "d4-dual0.5-ceil8|4|cr_dual_rate=0.5 max_head_cr=8"
+  "d4-ceil8|4|max_head_cr=8"
+  "d4-hinge|4|cr_constraint=hinge"
+  "d4-scale1|4|logit_scale=1"
+  "d4-dual0.5-ceil8-kdonly|4|cr_dual_rate=0.5 max_head_cr=8 lm_weight=0"
+  "d8-dual0.5-ceil16|8|cr_dual_rate=0.5 max_head_cr=16"
+  "d2-dual0.5-ceil4|2|cr_dual_rate=0.5 max_head_cr=4"
+)
+VARIANTS=("${VARIANTS[@]:0:${MAX_VARIANTS:-${#VARIANTS[@]}}}")
+
+launch() {  # name, then dmc study arguments
+  local name=$1; shift
+  $PY -m dmc.cli.main study "$@" > "$LOGS/$name.log" 2>&1 &
+  echo $! > "$LOGS/$name.pid"
+  stamp "started $name (pid $!)"
+}
+launch_variant() {  # "name|cr|settings"
+  local name cr extra
+  IFS='|' read -r name cr extra <<< "$1"
+  read -r -a EXTRA <<< "$extra"
+  launch "$name" "${COMMON[@]}" --out "$KEEP/study/$name" --crs "$cr" --methods dmc --only "dmc@$cr" \
+    --set "${TRAIN[@]}" "${EXTRA[@]}"
+}
+wait_for() { while kill -0 "$(cat "$LOGS/$1.pid")" 2> /dev/null; do sleep 5; done; }
+
+# The first run tokenises the data into the shared token cache; the others start once it trains.
+launch_variant "${VARIANTS[0]}"
+first=${VARIANTS[0]%%|*}
+for _ in $(seq 600); do
+  ls "$KEEP"/study/"$first"/runs/*/model/run/metrics.jsonl > /dev/null 2>&1 && break
+  kill -0 "$(cat "$LOGS/$first.pid")" 2> /dev/null || break
+  sleep 1
+done
+stamp "first run is training (or stopped); starting the others"
+for v in "${VARIANTS[@]:1}"; do launch_variant "$v"; sleep 3; done
+for v in "${VARIANTS[@]}"; do wait_for "${v%%|*}"; done
+stamp "all DMC runs finished; eviction baselines"
+EVICT=("${COMMON[@]}" --out "$KEEP/study/evict" --crs 4 8 --methods h2o tova --eval-batch-size 32)
+for m in h2o tova; do for cr in 4 8; do launch "$m$cr" "${EVICT[@]}" --set "${TRAIN[@]}" --only "$m@$cr"; sleep 2; done; done
+for m in h2o tova; do for cr in 4 8; do wait_for "$m$cr"; done; done
+stamp "all runs finished; reports"
+for d in "$KEEP"/study/*; do
+  $PY -m dmc.cli.main study --out "$d" --report-only >> "$LOGS/report.log" 2>&1
+done
+touch "$KEEP/DONE"
+stamp "done"
