@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("retrofit", "import_megatron", "import_gguf", "gqa", "eval", "generate", "bench", "study")
+SUBCOMMANDS = ("retrofit", "import_megatron", "import_gguf", "gqa", "eval", "generate", "bench", "study", "serve")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -1,0 +1,91 @@
+"""``dmc serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) on the engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import signal
+import sys
+
+from ._engine_args import add_engine_arguments, describe_load_error, engine_kwargs, load_errors
+
+NAME = "serve"
+HELP = ("serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, streaming, "
+        "/health, /metrics) with continuous batching across clients")
+HELP_DEFAULTS = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--api-key", default=os.environ.get("DMC_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $DMC_API_KEY, else none)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model name clients send (default: the model directory's name)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="on SIGTERM, seconds running requests get to finish before they are aborted")
+    parser.add_argument("--max-body-mib", type=float, default=32.0, help="largest request body (413 above)")
+    parser.add_argument("--seed", type=int, default=0, help="draws the seeds of requests that give none")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="server log level (one line per request at info)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..serve import EngineLoop, Metrics, ServerConfig, build_app
+    except ImportError as exc:
+        print(f"dmc serve: needs FastAPI and uvicorn ({exc}); pip install 'dmc[serve]'", file=sys.stderr)
+        return 2
+    from ..engine import LLM
+
+    try:
+        kwargs = engine_kwargs(args)
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535, got {args.port}")
+        if not args.shutdown_timeout >= 0:
+            raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+        if not args.max_body_mib > 0:
+            raise ValueError(f"--max-body-mib must be > 0, got {args.max_body_mib}")
+    except ValueError as exc:
+        print(f"dmc serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = args.served_model_name or pathlib.Path(args.model).resolve().name
+    metrics = Metrics(name)
+    engine = EngineLoop(lambda: LLM(args.model, progress=False, seed=args.seed, **kwargs), metrics)
+    try:
+        engine.start()
+    except load_errors() as exc:
+        print(f"dmc serve: {describe_load_error(args.model, exc)}", file=sys.stderr)
+        return 2
+    llm = engine.llm
+    tokenizer = None
+    if llm.tokenizer is not None:  # the server's own copy: the engine thread decodes with the engine's
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    vocab = getattr(getattr(getattr(llm, "model", None), "config", None), "vocab_size", None) or 2**31
+    config = ServerConfig(model_name=name, tokenizer=tokenizer, max_model_len=llm.max_model_len, vocab_size=vocab,
+                          api_key=args.api_key, max_body_bytes=int(args.max_body_mib * 2**20))
+    app = build_app(engine, config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: refuse new requests at once
+            config.draining = True
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                                   timeout_graceful_shutdown=args.shutdown_timeout))
+    logging.getLogger("dmc.serve").info("serving %s as %r on http://%s:%d (max_model_len %d, %s pages free)",
+                                        args.model, name, args.host, args.port, llm.max_model_len,
+                                        engine.snapshot.get("free_pages"))
+    # uvicorn re-raises the signal that stopped it once it has shut down, under the handler found at start:
+    # a SIGTERM that shut the server down cleanly ends the process with status 0 (SIGINT still exits 130).
+    signal.signal(signal.SIGTERM, lambda sig, frame: None)
+    server.run()
+    engine.stop()
+    return 0

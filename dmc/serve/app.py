@@ -1,0 +1,428 @@
+"""The FastAPI app: OpenAI routes, errors, auth, health and metrics, one log line per request.
+
+Handlers tokenize, check and turn a request into engine requests (one per prompt and choice), give
+them to the :class:`~dmc.serve.engine_loop.EngineLoop` and read their deltas from an asyncio
+queue: non-streaming requests gather them into one response, streaming ones forward each as a
+server-sent event and end with ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.params import SamplingParams
+from .engine_loop import Delta, EngineLoop, RequestHandle
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, OtherPart, unsupported
+
+log = logging.getLogger("dmc.serve")
+
+
+@dataclass
+class ServerConfig:
+    """What the routes need besides the engine loop."""
+
+    model_name: str
+    tokenizer: object | None  # the server's own copy (the engine thread decodes with its own)
+    max_model_len: int
+    vocab_size: int
+    api_key: str | None = None
+    max_body_bytes: int = 32 * 2**20
+    draining: bool = False  # set on SIGTERM: new /v1 requests get 503
+    started: int = field(default_factory=lambda: int(time.time()))
+
+
+def build_app(engine: EngineLoop, config: ServerConfig) -> FastAPI:
+    """The ASGI app. The engine loop must be started; the app stops it at shutdown."""
+
+    async def lifespan(app):
+        yield
+        config.draining = True
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+
+    app = FastAPI(title="dmc OpenAI-compatible server", version="1", lifespan=lifespan)
+    app.state.config, app.state.engine = config, engine
+    tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dmc-tokenize")
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        message = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem(s))"
+        return JSONResponse(APIError(400, message, param=".".join(loc) or None).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "error"
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; see /docs for the API"
+        return JSONResponse(APIError(exc.status_code, message).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception):
+        log.exception("unhandled error in %s", request.url.path)
+        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}").body(), status_code=500)
+
+    app.add_middleware(_Gate, config=config)
+
+    # ------------------------------------------------------------------ plain routes
+    @app.get("/health")
+    async def health():
+        snapshot = dict(engine.snapshot)
+        status = "ok" if engine.alive and not config.draining else "shutting down" if config.draining else "dead"
+        return JSONResponse({"status": status, **snapshot}, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": config.started,
+                                            "owned_by": "dmc", "max_model_len": config.max_model_len}]}
+
+    # ------------------------------------------------------------------ generation routes
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        _check(body, config)
+        prompts = _prompt_list(body.prompt)
+        prompt_ids = await _run(tokenize_pool, lambda: [_tokenize(p, config) for p in prompts])
+        handles, sink = _handles(prompt_ids, body, body.max_tokens, config)
+        return await _respond(request, body, prompt_ids, handles, sink, engine, "cmpl", "text_completion",
+                              chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _check(body, config)
+        prompt_ids = await _run(tokenize_pool, lambda: [_chat_prompt(body, config)])
+        handles, sink = _handles(prompt_ids, body, body.max_completion_tokens or body.max_tokens, config)
+        return await _respond(request, body, prompt_ids, handles, sink, engine, "chatcmpl", "chat.completion",
+                              chat=True)
+
+    return app
+
+
+# ---------------------------------------------------------------------- request → engine requests
+async def _run(pool, fn):
+    return await asyncio.get_running_loop().run_in_executor(pool, fn)
+
+
+def _check(body, config: ServerConfig) -> None:
+    if body.model != config.model_name:
+        raise APIError(404, f"the model {body.model!r} does not exist; this server serves {config.model_name!r} "
+                            "(GET /v1/models)", param="model", code="model_not_found")
+    error = unsupported(body)
+    if error is not None:
+        raise error
+
+
+def _prompt_list(prompt) -> list:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty: give text, token ids, or a non-empty batch of either", param="prompt")
+    if isinstance(prompt[0], int):
+        return [prompt]
+    return list(prompt)
+
+
+def _tokenize(prompt, config: ServerConfig) -> list[int]:
+    if isinstance(prompt, str):
+        if config.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: give prompts as token ids", param="prompt")
+        ids = config.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    else:
+        ids = list(prompt)
+        if any(t >= config.vocab_size for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {config.vocab_size})", param="prompt")
+    if not ids:
+        raise APIError(400, "empty prompt: give at least one token", param="prompt")
+    return ids
+
+
+def _chat_prompt(body: ChatCompletionRequest, config: ServerConfig) -> list[int]:
+    tokenizer = config.tokenizer
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model's tokenizer has no chat template, so /v1/chat/completions cannot build a "
+                            "prompt; use /v1/completions, or add a chat_template to tokenizer_config.json",
+                       param="messages", code="no_chat_template")
+    messages = []
+    for i, message in enumerate(body.messages):
+        content = message.content
+        if isinstance(content, list):
+            if any(isinstance(part, OtherPart) for part in content):
+                raise APIError(400, "only text content parts are supported (this model reads text)",
+                               param=f"messages.{i}.content")
+            content = "".join(part.text for part in content)
+        messages.append({"role": message.role, "content": content or "",
+                         **({"name": message.name} if message.name else {})})
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
+                                             tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - jinja raise_exception, bad roles: the client's messages
+        raise APIError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise APIError(400, "the chat template gave an empty prompt", param="messages")
+    return ids
+
+
+def _handles(prompt_ids: list[list[int]], body, max_tokens: int | None, config: ServerConfig):
+    """One engine request per (prompt, choice), checked against the context; they share one queue."""
+    loop = asyncio.get_running_loop()
+    sink: asyncio.Queue = asyncio.Queue()
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    top_k = body.top_k if body.top_k and body.top_k > 0 else 0
+    handles = []
+    for p, ids in enumerate(prompt_ids):
+        room = config.max_model_len - len(ids)
+        wanted = max_tokens if max_tokens is not None else room
+        if room < 1 or wanted > room:
+            raise APIError(400, f"This model's maximum context length is {config.max_model_len} tokens. However, you "
+                                f"requested {len(ids) + wanted} tokens ({len(ids)} in the prompt, {wanted} for the "
+                                "completion). Please reduce the prompt or max_tokens.",
+                           param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+                           code="context_length_exceeded")
+        for j in range(body.n):
+            seed = None if body.seed is None else (body.seed + j + 2**63) % 2**64 - 2**63
+            params = SamplingParams(max_tokens=wanted, temperature=1.0 if body.temperature is None else body.temperature,
+                                    top_k=top_k, top_p=1.0 if body.top_p is None else body.top_p, seed=seed,
+                                    stop=stop, stop_token_ids=list(body.stop_token_ids or []),
+                                    ignore_eos=body.ignore_eos)
+            try:
+                params.validate()
+            except ValueError as exc:
+                raise APIError(400, str(exc)) from exc
+            handles.append(RequestHandle(p * body.n + j, ids, params, sink, loop))
+    return handles, sink
+
+
+# ---------------------------------------------------------------------- engine deltas → HTTP
+class _Choices:
+    """The choices of one HTTP request as their deltas arrive."""
+
+    def __init__(self, handles: list[RequestHandle], prompt_ids: list[list[int]]) -> None:
+        self.handles = handles
+        self.prompts = sum(len(ids) for ids in prompt_ids)  # once per prompt, whatever n
+        self.text = {h.index: [] for h in handles}
+        self.token_ids = {h.index: [] for h in handles}
+        self.final: dict[int, Delta] = {}
+
+    def add(self, delta: Delta) -> None:
+        self.text[delta.index].append(delta.text)
+        self.token_ids[delta.index].extend(delta.token_ids)
+        if delta.finished:
+            self.final[delta.index] = delta
+
+    @property
+    def done(self) -> bool:
+        return len(self.final) == len(self.handles)
+
+    def error(self) -> APIError | None:
+        for delta in self.final.values():
+            if delta.finish_reason == "shutdown":
+                return APIError(503, "the server is shutting down; retry on another replica", code="shutting_down")
+            if delta.finish_reason == "error":
+                status = 500 if (delta.error or "").startswith("engine error") else 400
+                return APIError(status, delta.error or "the engine refused this request")
+        return None
+
+    def usage(self) -> dict:
+        completion = sum(d.completion_tokens for d in self.final.values())
+        return {"prompt_tokens": self.prompts, "completion_tokens": completion,
+                "total_tokens": self.prompts + completion}
+
+    def compression(self) -> dict | None:
+        stats = [d.compression for d in self.final.values() if d.compression]
+        if not stats:
+            return None
+        # Each request's cr = its tokens x (layer, KV head) pairs / its slots: the overall figure is
+        # the ratio of the sums, sum(cr x slots) / sum(slots).
+        slots = sum(c["slots"] for c in stats)
+        return {"cr": sum(c["cr"] * c["slots"] for c in stats) / slots if slots else None, "slots": slots}
+
+    def log_fields(self) -> dict:
+        reasons = sorted({d.finish_reason for d in self.final.values()})
+        compression = self.compression()
+        ttfts = [h.first_token_at - h.arrival for h in self.handles if h.first_token_at is not None]
+        return {"choices": len(self.handles), **self.usage(), "finish": ",".join(reasons) or "-",
+                "cr": f"{compression['cr']:.2f}" if compression and compression["cr"] else "-",
+                "ttft": f"{min(ttfts):.3f}s" if ttfts else "-"}
+
+
+async def _respond(request: Request, body, prompt_ids, handles, sink, engine: EngineLoop, prefix: str, object_: str,
+                   chat: bool):
+    rid = f"{prefix}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    choices = _Choices(handles, prompt_ids)
+    request.state.dmc = {"id": rid}
+    engine.submit(handles)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _stream(rid, created, body.model, object_ + (".chunk" if chat else ""), chat, include_usage,
+                         choices, sink, request)
+        return _SSE(events, on_close=lambda: _abort_unfinished(engine, choices))
+    watcher = asyncio.create_task(_watch_disconnect(request, sink))
+    try:
+        while not choices.done:
+            delta = await sink.get()
+            if delta is None:  # the client went away: nobody to answer
+                _abort_unfinished(engine, choices)
+                request.state.dmc.update(finish="client gone")
+                return Response(status_code=499)
+            choices.add(delta)
+    finally:
+        watcher.cancel()
+        _abort_unfinished(engine, choices)
+    request.state.dmc.update(choices.log_fields())
+    error = choices.error()
+    if error is not None:
+        raise error
+    out = []
+    for index in sorted(choices.final):
+        final = choices.final[index]
+        text = "".join(choices.text[index])
+        choice = {"index": index, "finish_reason": final.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+            choice["token_ids"] = choices.token_ids[index]
+        choice["dmc_compression"] = final.compression
+        out.append(choice)
+    return {"id": rid, "object": object_, "created": created, "model": body.model, "choices": out,
+            "usage": choices.usage(), "dmc_compression": choices.compression()}
+
+
+def _abort_unfinished(engine: EngineLoop, choices: _Choices) -> None:
+    left = [h for h in choices.handles if h.index not in choices.final]
+    if left:
+        engine.abort(left)
+
+
+async def _watch_disconnect(request: Request, sink: asyncio.Queue, every: float = 0.25) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+    sink.put_nowait(None)
+
+
+async def _stream(rid, created, model, object_, chat, include_usage, choices: _Choices, sink, request):
+    def event(choice_list, usage=False, **extra) -> str:
+        chunk = {"id": rid, "object": object_, "created": created, "model": model, "choices": choice_list, **extra}
+        if include_usage:
+            chunk["usage"] = choices.usage() if usage else None
+        return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+
+    while not choices.done:
+        delta = await sink.get()
+        if delta is None:
+            continue
+        choices.add(delta)
+        if delta.finish_reason in ("error", "shutdown"):
+            error = choices.error()
+            yield f"data: {json.dumps(error.body())}\n\n"
+            continue
+        if delta.finish_reason == "aborted":
+            continue
+        choice = {"index": delta.index, "logprobs": None,
+                  "finish_reason": delta.finish_reason if delta.finished else None}
+        if chat:
+            if not (delta.text or delta.first or delta.finished):
+                continue  # nothing a chat client can show (text held back)
+            choice["delta"] = ({"role": "assistant", "content": delta.text} if delta.first
+                               else {"content": delta.text} if delta.text else {})
+        else:
+            choice["text"] = delta.text
+            choice["token_ids"] = delta.token_ids
+        if delta.finished:
+            choice["dmc_compression"] = delta.compression
+        yield event([choice])
+    request.state.dmc.update(choices.log_fields())
+    if include_usage:
+        yield event([], usage=True, dmc_compression=choices.compression())
+    yield "data: [DONE]\n\n"
+
+
+class _SSE(StreamingResponse):
+    """Server-sent events whose engine requests are aborted however the response ends (finished,
+    client disconnected, server cancelled it)."""
+
+    def __init__(self, events, on_close) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+# ---------------------------------------------------------------------- middleware
+class _Gate:
+    """Pure ASGI middleware (streaming-safe): for /v1 routes 503 while draining, 401 without the
+    API key, 413 for an oversized body; and one log line per request when its response ends."""
+
+    def __init__(self, app, config: ServerConfig) -> None:
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+        scope.setdefault("state", {})
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            error = self._refuse(scope)
+            if error is not None:
+                await JSONResponse(error.body(), status_code=error.status)(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            path = scope["path"]
+            fields = scope["state"].get("dmc") or {}
+            line = " ".join(f"{k}={v}" for k, v in fields.items())
+            level = logging.DEBUG if path in ("/health", "/metrics") else logging.INFO
+            log.log(level, "%s %s %s %.3fs %s", scope["method"], path, status[0] or "-",
+                    time.perf_counter() - start, line)
+
+    def _refuse(self, scope) -> APIError | None:
+        if not scope["path"].startswith("/v1/"):
+            return None
+        config = self.config
+        if config.draining:
+            return APIError(503, "the server is shutting down", code="shutting_down")
+        headers = dict(scope["headers"])
+        if config.api_key is not None:
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            if auth != f"Bearer {config.api_key}":
+                return APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer KEY'",
+                                code="invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            return APIError(413, f"request body of {int(length)} bytes is over the server's limit of "
+                                 f"{config.max_body_bytes}", code="request_too_large")
+        return None
