@@ -87,7 +87,7 @@ def cuda_time(fn, iters: int) -> float:
 
 # ----------------------------------------------------------------------------------- attention
 def bench_attention() -> list[dict]:
-    from dmc.engine.kernels import reference, triton_kernels
+    from dmc.kernels import reference, triton_kernels
 
     rows = []
     seqs, heads, d, p = 64, 32, 128, 16

@@ -94,6 +94,16 @@ def periodic_decisions(positions: torch.Tensor, period: int, heads: int,
     return force_append(alpha, starts)
 
 
+def inference_decisions(logits: torch.Tensor, starts: torch.Tensor | None = None,
+                        positions: torch.Tensor | None = None, forced_period: int = 0) -> torch.Tensor:
+    """The hard α of inference (spec §2): ``1[a > 0]`` forced to 0 at starts, or, with
+    ``forced_period > 0`` and ``positions`` ``[B, n]``, the benchmark driver
+    :func:`periodic_decisions`. ``logits`` ``[B, H, n]`` → fp32 ``[B, H, n]``."""
+    if forced_period > 0 and positions is not None:
+        return periodic_decisions(positions, forced_period, logits.shape[1], starts)
+    return hard_decisions(logits, starts)
+
+
 def logistic_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None,
                    device: torch.device | str | None = None) -> torch.Tensor:
     """G1 - G2 for G1, G2 ~ Gumbel(0, 1), i.e. standard logistic noise, in fp32."""
@@ -214,6 +224,17 @@ def next_window_state(alpha: torch.Tensor, terms: torch.Tensor, window: int | No
     return tail_terms * membership.unsqueeze(-1)
 
 
+def pool_with_prefix(alpha: torch.Tensor, terms: torch.Tensor, window: int | None,
+                     prefix: torch.Tensor | None) -> torch.Tensor:
+    """Pool a chunk given the cached window state ``prefix`` (``[B, H, P, C]``, α = 1 inside it:
+    the open group's last terms, already scaled to the group). Returns the chunk's sums."""
+    if prefix is None or prefix.shape[-2] == 0:
+        return window_pool(alpha, terms, window)
+    p = prefix.shape[-2]
+    alpha_all = torch.cat([alpha.new_ones(*alpha.shape[:-1], p), alpha], dim=-1)
+    return window_pool(alpha_all, torch.cat([prefix, terms], dim=-2), window)[..., p:, :]
+
+
 def normalise(sums: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split pooled sums [K, V, Z] into the running means (K/Z, V/Z).
 
@@ -224,15 +245,66 @@ def normalise(sums: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Te
     return k_sum / z, v_sum / z
 
 
+# --------------------------------------------------------------------------- §2/§3 slots
+# The slot rules of hard decisions, used by both caches, the engine's twins and the §3 mask. (The
+# Triton kernels restate them in their own language; the tests compare them with these.)
+def merges(alpha: torch.Tensor) -> torch.Tensor:
+    """Bool: the token merges into the slot before it (α > 0.5)."""
+    return alpha > 0.5
+
+
+def ends_slot(alpha: torch.Tensor) -> torch.Tensor:
+    """Bool ``[..., n]``: token j ends a slot (its state is kept) unless token j+1 merges into it.
+
+    The chunk's last token always ends one (it is the open slot until a later token merges)."""
+    nxt = torch.cat([alpha[..., 1:], torch.zeros_like(alpha[..., :1])], dim=-1)
+    return ~merges(nxt)
+
+
+def merges_into_last(first_alpha: torch.Tensor, lengths: torch.Tensor,
+                     first_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool ``[B, H]``: a chunk's first token merges into the last cached slot, which it then
+    overwrites (its partial state is superseded). ``first_alpha`` ``[B, H]``; ``lengths`` ``[B, H]``
+    slots held before the chunk (an empty head has no slot to merge into); ``first_valid`` ``[B]``
+    False where the first token is padding."""
+    merge = merges(first_alpha) & (lengths > 0)
+    if first_valid is not None:
+        merge = merge & first_valid[:, None]
+    return merge
+
+
+def slot_writes(alpha: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor | None = None):
+    """Where a chunk's tokens land among a head's slots (spec §2: append = new slot, merge =
+    overwrite the last).
+
+    Args:
+        alpha: hard decisions ``[B, H, n]`` (padding: 1).
+        lengths: slots held before the chunk ``[B, H]``.
+        valid: ``[B, n]`` bool, False for padding tokens, or None.
+
+    Returns:
+        ``(base, kept, slot, new_lengths)``: ``base`` ``[B, H]`` the first slot the chunk writes,
+        ``kept`` ``[B, H, n]`` the tokens whose state is kept (:func:`ends_slot`, real tokens only),
+        ``slot`` ``[B, H, n]`` the slot a kept token is written to (meaningless where not kept) and
+        ``new_lengths`` ``[B, H]``.
+    """
+    first_valid = None if valid is None else valid[:, 0]
+    base = lengths - merges_into_last(alpha[..., 0], lengths, first_valid).long()
+    kept = ends_slot(alpha)
+    if valid is not None:
+        kept = kept & valid[:, None, :]
+    slot = base[..., None] + kept.long().cumsum(-1) - 1
+    return base, kept, slot, base + kept.sum(-1)
+
+
 # --------------------------------------------------------------------------- §3/§4 attention
 def key_bias_from_hard(alpha: torch.Tensor) -> torch.Tensor:
-    """Per-key bias for hard α (spec §3): 0 if key j ends a slot (α_{j+1} = 0), else -inf.
+    """Per-key bias for hard α (spec §3): 0 if key j ends a slot (:func:`ends_slot`), else -inf.
 
     The last key's bias is 0 (it is the open slot). Applied to j < i only; j == i is always
     visible. ``[B, H, L]`` fp32.
     """
-    nxt = torch.cat([alpha[..., 1:], torch.zeros_like(alpha[..., :1])], dim=-1)
-    return torch.where(nxt > 0.5, float("-inf"), 0.0).to(torch.float32)
+    return torch.where(ends_slot(alpha), 0.0, float("-inf")).to(torch.float32)
 
 
 def key_bias_from_relaxed(relaxed: torch.Tensor, starts_forced: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The engine's Triton kernels against their PyTorch twins (dmc.engine.kernels.reference).
+"""The Triton kernels against their PyTorch twins (dmc.kernels.reference, built from dmc.core).
 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), set only while this
 module imports and runs them, so no other test module sees it.
@@ -10,8 +10,9 @@ import dataclasses
 import pytest
 import torch
 
-from dmc.engine.kernels import get_kernels
-from dmc.engine.kernels.reference import allocate_pages_ref, decode_update_ref, paged_decode_attention_ref
+from dmc.engine.cache import allocate_pages as allocate_pages_ref
+from dmc.engine.runner import decode_ops as get_kernels
+from dmc.kernels.reference import decode_update_ref, paged_decode_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 P = 16  # page size
@@ -57,7 +58,7 @@ def interpreter():
 
 pytest.importorskip("triton")
 with interpreter():
-    from dmc.engine.kernels import triton_kernels
+    from dmc.kernels import triton_kernels
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -262,7 +263,7 @@ def test_get_kernels_dispatch(monkeypatch):
 ])
 def test_chunk_states_matches_twin(window, prefix_len, dtype):
     """Prefill pooling: merges across block boundaries and into the prefix, padding (ω = 0, α = 1)."""
-    from dmc.engine.kernels.reference import chunk_states_ref
+    from dmc.kernels.reference import chunk_states_ref
     gen = torch.Generator().manual_seed(window + prefix_len)
     b, h, n, d = 2, 3, 45, 16
     k = torch.randn(b, n, h, d, generator=gen).transpose(1, 2)  # a strided view, like the model's

@@ -9,7 +9,7 @@ Per layer (layer-major, so one layer's tables are contiguous for the kernels):
 ``page_table [L, S+1, H, M]`` int32, ``lens [L, S+1, H]`` int32 slots, and the DMC window state:
 for a bounded window a ring of the open group's last W-1 raw keys/values (cache dtype) and
 importances (fp32), for an unbounded one the running sums (fp32); see
-:mod:`dmc.engine.kernels.reference`. Row S is a scratch row for the padding rows of a
+:mod:`dmc.kernels.reference`. Row S is a scratch row for the padding rows of a
 CUDA-graph bucket.
 
 The allocator lives on the device: a stack of free page ids and its size ``free_top``.
@@ -28,6 +28,57 @@ import torch
 
 from .. import core
 from ..hf.cache import DMCCache
+
+
+# --------------------------------------------------------------------------- cache operations
+# Pure tensor functions over the cache's tensors (no host sync), shared by the cache, its prefill
+# view, the decode step (the allocator) and the eviction baselines.
+def ring_terms(ring_kv: torch.Tensor, ring_w: torch.Tensor) -> torch.Tensor:
+    """The ring as weighted terms ``[..., R, 2D + 1]`` fp32: ``[ω k, ω v, ω]``."""
+    w = ring_w.unsqueeze(-1)
+    return torch.cat([w * ring_kv.float(), w], dim=-1)
+
+
+def gather_slots(k_pool, v_pool, page_table, lens, seq_ids, layer: int, page_size: int,
+                 num_slots: int | None = None):
+    """Each row's slots as padded tensors: keys, values ``[B, H, S_max, D]`` and a visibility mask
+    ``[B, H, S_max]`` (S_max = the longest head of the batch, one host sync; or ``num_slots`` when
+    the caller knows a bound: no sync, as a CUDA graph needs). ``v_pool=None``: keys only (values
+    None), for callers that only score the slots."""
+    rows = seq_ids.long().clamp_min(0)
+    length = lens[layer, rows].long() * (seq_ids >= 0)[:, None]  # [B, H]
+    s_max = num_slots or max(int(length.max()) if length.numel() else 0, 1)
+    slots = torch.arange(s_max, device=k_pool.device)
+    pages = page_table[layer, rows][..., slots // page_size].long()  # [B, H, S_max]
+    keys = k_pool[pages, slots % page_size]
+    values = None if v_pool is None else v_pool[pages, slots % page_size]
+    return keys, values, slots < length[..., None]
+
+
+def allocate_pages(lens, page_table, seq_ids, free_pages, free_top, page_size: int) -> None:
+    """Give a fresh page to every (layer, row, head) of the batch whose next slot's page is not
+    allocated yet (its table entry is the null page 0).
+
+    Keeps the invariant "page ``lens // P`` is allocated" after a step. ``free_pages``: the free
+    stack (int32), ``free_top``: a one-element int64 tensor, its size. All on the device, no host
+    sync: the count is taken with an exclusive cumsum. The caller keeps ``free_top`` above the
+    worst case (one page per row and head and layer).
+    """
+    active = seq_ids >= 0
+    # Skipped rows read and write back the cache's scratch row (the last one), never a real one.
+    rows = torch.where(active, seq_ids.long(), lens.shape[1] - 1)
+    length = lens[:, rows].long()  # [L, B, H]
+    layers = torch.arange(lens.shape[0], device=lens.device)[:, None, None]
+    heads = torch.arange(lens.shape[2], device=lens.device)[None, None, :]
+    index = (layers, rows[None, :, None], heads, (length // page_size).clamp_max(page_table.shape[-1] - 1))
+    current = page_table[index]
+    need = (current == 0) & active[None, :, None]  # page 0 = not allocated (a merge keeps lens)
+    flat = need.flatten()
+    order = flat.long().cumsum(0) - 1  # index of this row among the needy
+    take = (free_top - 1 - order).clamp(0, free_pages.shape[0] - 1)  # rows that need none read a dummy
+    fresh = free_pages[take].view_as(need)
+    page_table[index] = torch.where(need, fresh, current)
+    free_top -= flat.sum()
 
 
 class OutOfPages(RuntimeError):
@@ -132,10 +183,12 @@ class PagedKVCache:
             self.ring_w[:, row] = 0
         self.page_table[:, row] = 0
         # The ready page of every head: the decode step's allocator does exactly this.
-        from .kernels.reference import allocate_pages_ref
-        allocate_pages_ref(self.lens, self.page_table, torch.tensor([row], dtype=torch.int32, device=self.device),
-                           self.free_pages, self.free_top, self.layout.page_size)
+        self.allocate(torch.tensor([row], dtype=torch.int32, device=self.device))
         return row
+
+    def allocate(self, seq_ids: torch.Tensor) -> None:
+        """Top up pages after a decode step of rows ``seq_ids`` (-1: padding): :func:`allocate_pages`."""
+        allocate_pages(self.lens, self.page_table, seq_ids, self.free_pages, self.free_top, self.layout.page_size)
 
     def close_row(self, row: int) -> None:
         """Give a finished (or preempted) sequence's pages back; the row becomes free."""
@@ -206,7 +259,6 @@ class PagedKVCache:
         first), or its running sums ``[H, 1, 2D + 1]`` for an unbounded window."""
         if self.layout.unbounded:
             return self.ring[layer, row]
-        from .kernels.reference import ring_terms
         terms = ring_terms(self.ring_kv[layer, row], self.ring_w[layer, row])
         return terms.roll(-(seen % terms.shape[1]), dims=1)
 
@@ -252,8 +304,6 @@ class _LayerView:
         return self.cache.lens[self.layer, self.row].long()[None]  # [1, H]
 
     def visible_slots(self, alpha: torch.Tensor, valid: torch.Tensor, like: torch.Tensor):
-        from .kernels.reference import gather_slots
-
         cache, lens = self.cache, self.slot_lengths()
         if int(lens.max()) == 0:  # first chunk: no slot yet
             empty = like.new_zeros(1, lens.shape[1], 0, like.shape[-1])
@@ -262,23 +312,17 @@ class _LayerView:
         keys, values, _ = gather_slots(cache.k_pool, cache.v_pool, cache.page_table, cache.lens, row, self.layer,
                                        cache.layout.page_size)
         slots = torch.arange(keys.shape[-2], device=like.device)
-        merges_into_last = (alpha[..., 0] > 0.5) & valid[:, None, 0] & (lens > 0)
-        base = lens - merges_into_last.long()
+        base = lens - core.merges_into_last(alpha[..., 0], lens, valid[:, 0]).long()
         return keys.to(like.dtype), values.to(like.dtype), slots[None, None, :] < base[..., None]
 
     def commit(self, alpha, valid, k_bar, v_bar, prefix, terms, sums) -> None:
         """Scatter the chunk's kept states into pages (overwrite on merge, new slot on append)."""
         cache, p = self.cache, self.cache.layout.page_size
-        lens = self.slot_lengths()[0]  # [H]
-        a, n = alpha[0], alpha.shape[-1]
-        merges_into_last = (a[:, 0] > 0.5) & (lens > 0)
-        base = lens - merges_into_last.long()
-        next_alpha = torch.cat([a[:, 1:], a.new_zeros(a.shape[0], 1)], dim=-1)
-        kept = next_alpha < 0.5  # token j ends a slot unless j+1 merges into it
-        new_lens = base + kept.sum(-1)
+        n = alpha.shape[-1]
+        _, kept, slot, new_lens = core.slot_writes(alpha, self.slot_lengths())
+        kept, slot, new_lens = kept[0], slot[0].clamp_min(0), new_lens[0]  # [H, n], [H, n], [H]
         cache.grow(self.layer, self.row, new_lens)
         # Every token is scattered; those that do not end a slot go to the null page (never read).
-        slot = (base[:, None] + kept.long().cumsum(-1) - 1).clamp_min(0)  # [H, n]
         page = cache.page_table[self.layer, self.row].gather(1, slot // p).long()
         flat = torch.where(kept, page * p + slot % p, 0).flatten()
         d = k_bar.shape[-1]

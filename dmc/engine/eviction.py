@@ -31,8 +31,7 @@ from __future__ import annotations
 import torch
 
 from ..baselines.eviction import EvictionPolicy, keep_scores, kept_slots, slot_attention
-from .cache import CacheLayout, PagedKVCache, SequenceView, _LayerView
-from .kernels.reference import gather_slots
+from .cache import CacheLayout, PagedKVCache, SequenceView, _LayerView, gather_slots
 
 
 class EngineEviction:

@@ -13,15 +13,17 @@ per batch-size bucket.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..config import DMCConfig
 from ..hf.convert import dmc_config_from
 from ..hf.modeling import FAMILIES
-from .cache import PagedKVCache, SequenceView
+from ..kernels import get_kernels
+from .cache import PagedKVCache, SequenceView, allocate_pages
 from .eviction import EngineEviction
-from .kernels import get_kernels
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, bool]:
@@ -44,6 +46,12 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> tupl
     return model.to(device).eval(), vanilla
 
 
+def decode_ops(device: torch.device | str) -> SimpleNamespace:
+    """The decode step's operations on ``device``: the kernels (:func:`dmc.kernels.get_kernels`)
+    and the cache's page allocator (a few tensor ops, no kernel: the same everywhere)."""
+    return SimpleNamespace(**vars(get_kernels(device)), allocate_pages=allocate_pages)
+
+
 class ModelRunner:
     """Prefill and decode of one model over one :class:`PagedKVCache`."""
 
@@ -56,7 +64,7 @@ class ModelRunner:
         self.vanilla = vanilla
         self.forced_period = forced_period
         self.dmc = DMCConfig.from_dict(model.config.dmc)
-        self.kernels = get_kernels(cache.device)
+        self.kernels = decode_ops(cache.device)
         self.graph_buckets: list[int] = []  # batch sizes to capture (lazily, on first use)
         self.graphs: dict[int, _DecodeGraph] = {}
         self._graph_pool = None

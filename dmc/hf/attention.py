@@ -120,11 +120,10 @@ class DMCAttention(nn.Module):
         else:
             q, k, logits, importance = core.split_decision_channel(q, k, self.dmc.init_offset,
                                                                    self.dmc.logit_scale)
-            alpha = core.hard_decisions(logits, batch.starts)
             self.decision_logits = logits.detach()  # diagnostics: per-head logit statistics
-            if self.forced_period and kwargs.get("position_ids") is not None:
-                positions = kwargs["position_ids"].expand(b, n)
-                alpha = core.periodic_decisions(positions, self.forced_period, self.num_kv_heads, batch.starts)
+            positions = kwargs.get("position_ids")
+            alpha = core.inference_decisions(logits, batch.starts, None if positions is None else positions.expand(b, n),
+                                             self.forced_period)
         if batch.valid is not None:
             importance = importance * batch.valid[:, None, :]
             alpha = alpha.masked_fill(~batch.valid[:, None, :], 1.0)  # padding is transparent
@@ -184,11 +183,11 @@ class DMCAttention(nn.Module):
             v_bar, sums = v, terms
         elif q.is_cuda and window is not None and window > 1:
             # Fused Triton pooling: the fp32 terms of the whole chunk are never materialised.
-            from ..engine.kernels.triton_kernels import chunk_states
+            from ..kernels.triton_kernels import chunk_states  # here: triton is optional on a CPU
             k_bar, v_bar = chunk_states(k, v, importance, alpha, prefix, cos, sin, window)
             q = core.zero_last_channel(_rope_q(q, cos, sin))
         else:
-            sums = pool_with_prefix(alpha, core.weighted_terms(importance, k, v), window, prefix)
+            sums = core.pool_with_prefix(alpha, core.weighted_terms(importance, k, v), window, prefix)
             q, k_bar, v_bar = states_from_sums(q, sums, cos, sin)
         valid = batch.valid if batch.valid is not None else torch.ones_like(alpha[:, 0], dtype=torch.bool)
         old_k, old_v, old_visible = layer_cache.visible_slots(alpha, valid, k_bar)
@@ -257,17 +256,6 @@ def _compiled(name: str, fn, dynamic: bool | None = None):
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(fn, dynamic=dynamic)
     return _COMPILED[name]
-
-
-def pool_with_prefix(alpha: torch.Tensor, terms: torch.Tensor, window: int | None,
-                     prefix: torch.Tensor | None) -> torch.Tensor:
-    """Pool a chunk given the cached window state ``prefix`` ([B, H, P, C], α = 1 inside it:
-    the open group's last terms, already scaled to the group). Returns the chunk's sums."""
-    if prefix is None or prefix.shape[-2] == 0:
-        return core.window_pool(alpha, terms, window)
-    p = prefix.shape[-2]
-    alpha_all = torch.cat([alpha.new_ones(*alpha.shape[:-1], p), alpha], dim=-1)
-    return core.window_pool(alpha_all, torch.cat([prefix, terms], dim=-2), window)[..., p:, :]
 
 
 # ----------------------------------------------------------------------------- attention kernels

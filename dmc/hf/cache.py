@@ -91,14 +91,9 @@ class DMCCacheLayer(CacheLayerMixin):
         if self.keys is None:
             empty = like.new_zeros(b, h, 0, like.shape[-1])
             return empty, empty, torch.zeros(b, h, 0, dtype=torch.bool, device=alpha.device)
-        base = self.lengths - self._merges_into_last(alpha, valid).long()
+        base = self.lengths - core.merges_into_last(alpha[..., 0], self.lengths, valid[:, 0]).long()
         slots = torch.arange(self.keys.shape[-2], device=alpha.device)
         return self.keys, self.values, slots[None, None, :] < base[..., None]
-
-    def _merges_into_last(self, alpha: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if self.lengths is None:
-            return torch.zeros_like(alpha[..., 0], dtype=torch.bool)
-        return (alpha[..., 0] > 0.5) & valid[:, None, 0] & (self.lengths > 0)
 
     def commit(self, alpha, valid, k_bar, v_bar, prefix, terms, sums) -> None:
         """Write a chunk: overwrite on merge, new slot on append; then the new window state.
@@ -112,12 +107,9 @@ class DMCCacheLayer(CacheLayerMixin):
         b, h, n = alpha.shape
         d = k_bar.shape[-1]
         lengths = self.lengths if self.lengths is not None else alpha.new_zeros(b, h, dtype=torch.long)
-        base = lengths - self._merges_into_last(alpha, valid).long()
-        next_alpha = torch.cat([alpha[..., 1:], alpha.new_zeros(b, h, 1)], dim=-1)
-        kept = valid[:, None, :] & (next_alpha < 0.5)  # token j ends a slot unless j+1 merges into it
-        new_lengths = base + kept.sum(-1)
+        _, kept, slot, new_lengths = core.slot_writes(alpha, lengths, valid)
         size = int(new_lengths.max())
-        slot = torch.where(kept, base[..., None] + kept.cumsum(-1) - 1, size)  # size = scratch slot
+        slot = torch.where(kept, slot, size)  # size = scratch slot
         index = slot[..., None].expand(b, h, n, d)
         old = 0 if self.keys is None else self.keys.shape[-2]
         new_keys = k_bar.new_zeros(b, h, size + 1, d)

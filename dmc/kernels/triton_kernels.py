@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import core
+from .. import core
 
 # Paged attention tiling: slots per inner iteration (a whole number of pages; half for D > 128, to
 # keep the [slots, D] tiles in registers) and the most splits of one head's pages. Tuning knobs for

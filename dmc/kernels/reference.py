@@ -1,6 +1,9 @@
-"""PyTorch twins of the engine's Triton kernels: the CPU path and the tests' reference.
+"""PyTorch twins of the Triton kernels: the CPU path and the tests' reference.
 
-Cache layout (see :mod:`dmc.engine.cache`): one page pool shared by every layer and KV head,
+Each twin is built from :mod:`dmc.core` (decisions, pooling, slot rules), so a kernel that agrees
+with its twin computes the rules of core. They depend on nothing else of dmc.
+
+Cache layout (owned by :mod:`dmc.engine.cache`): one page pool shared by every layer and KV head,
 ``k_pool``/``v_pool`` ``[num_pages, P, D]`` with one head per page; per layer, a page table
 ``[L, S, H, M]`` (int32, page ids; S = sequence rows, M = pages a head may hold), slot counts
 ``lens`` ``[L, S, H]`` (int32) and the DMC window state.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ... import core
+from .. import core
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -28,12 +31,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
-
-
-def ring_terms(ring_kv: torch.Tensor, ring_w: torch.Tensor) -> torch.Tensor:
-    """The ring as weighted terms ``[..., R, 2D + 1]`` fp32: ``[ω k, ω v, ω]``."""
-    w = ring_w.unsqueeze(-1)
-    return torch.cat([w * ring_kv.float(), w], dim=-1)
 
 
 def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_pool, page_table, lens, ring,
@@ -65,14 +62,11 @@ def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_poo
     if vanilla:
         alpha = torch.zeros(b, h, device=q.device)
         weight = torch.ones(b, h, device=q.device)
-    else:
-        logits = kf[..., -1] - init_offset
-        weight = torch.sigmoid(qf[..., -1].view(b, h, hq // h).mean(-1) + init_offset) + core.IMPORTANCE_FLOOR
-        alpha = (logits > 0).float()
-        if forced_period > 0:
-            alpha = (t % forced_period != 0).float()[:, None].expand(b, h)
-        alpha = alpha.masked_fill((t == 0)[:, None], 0.0)
-        qf, kf = core.zero_last_channel(qf), core.zero_last_channel(kf)
+    else:  # the decision channel of one token per row: a chunk of length 1 (spec §1-§2)
+        qs, ks, logits, importance = core.split_decision_channel(qf[:, :, None], kf[:, :, None], init_offset)
+        alpha = core.inference_decisions(logits, starts=(t == 0)[:, None], positions=t[:, None],
+                                         forced_period=forced_period)[..., 0]
+        weight, qf, kf = importance[..., 0], qs[:, :, 0], ks[:, :, 0]
     alpha = alpha * active[:, None]
     terms = core.weighted_terms(weight, kf, vf)  # [B, H, 2D+1]
 
@@ -84,7 +78,8 @@ def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_poo
         state = sums[:, :, None].clone()
     else:
         kv_state, w_state = ring_kv[layer, rows].clone(), ring_w[layer, rows] * alpha[..., None]
-        sums = terms + a * ring_terms(ring_kv[layer, rows], ring_w[layer, rows]).sum(2)
+        w = ring_w[layer, rows].unsqueeze(-1)  # the ring's weighted terms [ω k, ω v, ω]
+        sums = terms + a * torch.cat([w * ring_kv[layer, rows].float(), w], dim=-1).sum(2)
         here = t % w_state.shape[2]
         kv_state[torch.arange(b), :, here] = torch.cat([kf, vf], -1).to(ring_kv.dtype)
         w_state[torch.arange(b), :, here] = weight
@@ -96,8 +91,7 @@ def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_poo
         k_bar, q_rot = core.zero_last_channel(k_bar), core.zero_last_channel(q_rot)
 
     old = lens[layer, rows].long()  # [B, H]
-    merge = (alpha > 0.5) & (old > 0)
-    slot = torch.where(merge, old - 1, old)
+    slot = old - core.merges_into_last(alpha, old).long()  # a merge overwrites the last slot
     page = page_table[layer, rows[:, None], torch.arange(h, device=q.device)[None], slot // page_size].long()
     sel = active[:, None].expand(b, h)
     k_pool[page[sel], (slot % page_size)[sel]] = k_bar[sel].to(k_pool.dtype)
@@ -113,22 +107,6 @@ def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_poo
     return q_rot.to(q.dtype), alpha
 
 
-def gather_slots(k_pool, v_pool, page_table, lens, seq_ids, layer: int, page_size: int,
-                 num_slots: int | None = None):
-    """Each row's slots as padded tensors: keys, values ``[B, H, S_max, D]`` and a visibility mask
-    ``[B, H, S_max]`` (S_max = the longest head of the batch, one host sync; or ``num_slots`` when
-    the caller knows a bound: no sync, as a CUDA graph needs). ``v_pool=None``: keys only (values
-    None), for callers that only score the slots."""
-    rows = seq_ids.long().clamp_min(0)
-    length = lens[layer, rows].long() * (seq_ids >= 0)[:, None]  # [B, H]
-    s_max = num_slots or max(int(length.max()) if length.numel() else 0, 1)
-    slots = torch.arange(s_max, device=k_pool.device)
-    pages = page_table[layer, rows][..., slots // page_size].long()  # [B, H, S_max]
-    keys = k_pool[pages, slots % page_size]
-    values = None if v_pool is None else v_pool[pages, slots % page_size]
-    return keys, values, slots < length[..., None]
-
-
 def paged_decode_attention_ref(q, k_pool, v_pool, page_table, lens, seq_ids, layer: int, scale: float,
                                page_size: int) -> torch.Tensor:
     """Attention of one query per row over its heads' slots (GQA: G query heads per KV head).
@@ -136,7 +114,13 @@ def paged_decode_attention_ref(q, k_pool, v_pool, page_table, lens, seq_ids, lay
     ``q``: rotated queries ``[B, H*G, D]``. Returns ``[B, H*G, D]`` (zeros on skipped rows).
     """
     b, hq, d = q.shape
-    keys, values, visible = gather_slots(k_pool, v_pool, page_table, lens, seq_ids, layer, page_size)
+    # Each row's slots, padded to the longest head of the batch: slot s of a head lives in page
+    # table[s // P] at offset s % P (the layout's one addressing rule, as the kernel reads it).
+    rows = seq_ids.long().clamp_min(0)
+    length = lens[layer, rows].long() * (seq_ids >= 0)[:, None]  # [B, H]
+    slots = torch.arange(max(int(length.max()) if length.numel() else 0, 1), device=k_pool.device)
+    pages = page_table[layer, rows][..., slots // page_size].long()  # [B, H, S_max]
+    keys, values, visible = k_pool[pages, slots % page_size], v_pool[pages, slots % page_size], slots < length[..., None]
     groups = hq // keys.shape[1]
     qg = q.float().view(b, keys.shape[1], groups, d)
     scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys.float()) * scale
@@ -144,32 +128,6 @@ def paged_decode_attention_ref(q, k_pool, v_pool, page_table, lens, seq_ids, lay
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no slot → 0
     out = torch.einsum("bhgs,bhsd->bhgd", probs, values.float())
     return out.reshape(b, hq, d).to(q.dtype)
-
-
-def allocate_pages_ref(lens, page_table, seq_ids, free_pages, free_top, page_size: int) -> None:
-    """Give a fresh page to every (layer, row, head) of the batch whose next slot's page is not
-    allocated yet (its table entry is the null page 0).
-
-    Keeps the invariant "page ``lens // P`` is allocated" after a step. ``free_pages``: the free
-    stack (int32), ``free_top``: a one-element int64 tensor, its size. All on the device, no host
-    sync: the count is taken with an exclusive cumsum. The caller keeps ``free_top`` above the
-    worst case (one page per row and head and layer).
-    """
-    active = seq_ids >= 0
-    # Skipped rows read and write back the cache's scratch row (the last one), never a real one.
-    rows = torch.where(active, seq_ids.long(), lens.shape[1] - 1)
-    length = lens[:, rows].long()  # [L, B, H]
-    layers = torch.arange(lens.shape[0], device=lens.device)[:, None, None]
-    heads = torch.arange(lens.shape[2], device=lens.device)[None, None, :]
-    index = (layers, rows[None, :, None], heads, (length // page_size).clamp_max(page_table.shape[-1] - 1))
-    current = page_table[index]
-    need = (current == 0) & active[None, :, None]  # page 0 = not allocated (a merge keeps lens)
-    flat = need.flatten()
-    order = flat.long().cumsum(0) - 1  # index of this row among the needy
-    take = (free_top - 1 - order).clamp(0, free_pages.shape[0] - 1)  # rows that need none read a dummy
-    fresh = free_pages[take].view_as(need)
-    page_table[index] = torch.where(need, fresh, current)
-    free_top -= flat.sum()
 
 
 def chunk_states_ref(k, v, importance, alpha, prefix, cos, sin, window: int):
@@ -185,9 +143,7 @@ def chunk_states_ref(k, v, importance, alpha, prefix, cos, sin, window: int):
         ``(k̄, v̄)`` ``[B, H, n, D]`` in k's dtype: windowed weighted means, k̄ rotated (in fp32) at
         each token's position with channel D-1 zeroed.
     """
-    from ...hf.attention import pool_with_prefix
-
-    sums = pool_with_prefix(alpha, core.weighted_terms(importance, k, v), window, prefix)
+    sums = core.pool_with_prefix(alpha, core.weighted_terms(importance, k, v), window, prefix)
     k_bar, v_bar = core.normalise(sums, k.shape[-1])
     k_bar = core.zero_last_channel(rope(k_bar, cos.float()[:, None], sin.float()[:, None]))
     return k_bar.to(k.dtype), v_bar.to(k.dtype)
