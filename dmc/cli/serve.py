@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pathlib
 import signal
 import sys
 
@@ -55,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dmc serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    name = args.served_model_name or pathlib.Path(args.model).resolve().name
+    name = args.served_model_name or os.path.basename(os.path.abspath(args.model))
     metrics = Metrics(name)
     engine = EngineLoop(lambda: LLM(args.model, progress=False, seed=args.seed, **kwargs), metrics)
     try:

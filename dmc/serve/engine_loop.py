@@ -198,12 +198,16 @@ class EngineLoop:
         output_ids, text, reason, error, compression, preemptions = _state(request)
         new_ids = output_ids[handle.sent_tokens:]
         m, model = self.metrics, self.metrics.model
-        if new_ids:
+        if new_ids:  # a step can bring two tokens (the prefill's and the decode's): each gets an ITL sample
+            gaps = len(new_ids)
             if handle.first_token_at is None:
                 handle.first_token_at = now
                 m.ttft.labels(model).observe(now - handle.arrival)
+                gaps, gap = gaps - 1, 0.0
             else:
-                m.itl.labels(model).observe(now - handle.last_token_at)
+                gap = (now - handle.last_token_at) / gaps
+            for _ in range(gaps):
+                m.itl.labels(model).observe(gap)
             handle.last_token_at = now
             m.generation_tokens.labels(model).inc(len(new_ids))
         finished = reason is not None

@@ -39,6 +39,9 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("dmc_request_latency_seconds", "arrival to last token", label,
                              buckets=LATENCY_BUCKETS, registry=r)
+        for metric in (self.running, self.waiting, self.running_peak, self.prompt_tokens, self.generation_tokens,
+                       self.preemptions, self.ttft, self.itl, self.e2e):
+            metric.labels(model_name)  # exported (as 0) before the first request
         self._tokens = self._slots = 0
         self._peak = 0
 
