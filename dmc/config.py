@@ -8,6 +8,14 @@ from typing import Any
 ATTN_IMPLEMENTATIONS = ("auto", "flex", "dense", "sdpa")
 
 
+def is_dmc(obj: Any) -> bool:
+    """True for a DMC model (``dmc_llama``, ``dmc_mistral``, ``dmc_qwen2``, ``dmc_qwen3``), its config,
+    or its ``model_type`` string; False for stock models and anything else."""
+    if not isinstance(obj, str):
+        obj = getattr(getattr(obj, "config", obj), "model_type", None)
+    return isinstance(obj, str) and obj.startswith("dmc_")
+
+
 @dataclass
 class DMCConfig:
     """Settings of Dynamic Memory Compression (spec §1-§4).

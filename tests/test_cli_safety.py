@@ -18,6 +18,7 @@ import torch
 from conftest import dmc_model
 
 import dmc
+import dmc.engine.cache as engine_cache
 import dmc.engine.llm as engine_llm
 from dmc.cli.main import main
 from dmc.tiny import train_tokenizer, write_tiny_model_dir
@@ -459,7 +460,7 @@ def test_help_texts_show_defaults(command, capsys):
 def test_cpu_pool_is_sized_from_available_memory(tmp_path, monkeypatch, capsys):
     """A model whose one full-length sequence needs more than the old fixed 256 MiB now runs on CPU."""
     model = write_tiny_model_dir(tmp_path / "long", TEXTS, vocab_size=300, max_positions=600_000)
-    monkeypatch.setattr(engine_llm, "_available_host_memory", lambda: 2 * 2**30)
+    monkeypatch.setattr(engine_cache, "_available_host_memory", lambda: 2 * 2**30)
     assert main(["generate", str(model), "--prompt", "def", "--max-tokens", "2", "--ignore-eos", "--json",
                  "--device", "cpu", "--max-num-seqs", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["finish_reason"] == "length"
@@ -467,13 +468,13 @@ def test_cpu_pool_is_sized_from_available_memory(tmp_path, monkeypatch, capsys):
     layout = llm.cache.layout
     assert layout.max_model_len == 600_000
     pool = layout.num_pages * layout.page_bytes(llm.dtype)
-    assert 256 * 2**20 < pool <= min(engine_llm.CPU_KV_CACHE_CAP, 0.4 * 2 * 2**30)
+    assert 256 * 2**20 < pool <= min(engine_cache.CPU_KV_CACHE_CAP, 0.4 * 2 * 2**30)
     assert layout.num_pages == layout.rows * layout.pages_per_head + 1  # no more than one sequence can use
 
 
 def test_cpu_pool_error_names_the_flags_that_help(tmp_path, monkeypatch, capsys):
     model = write_tiny_model_dir(tmp_path / "long", TEXTS, vocab_size=300, max_positions=600_000)
-    monkeypatch.setattr(engine_llm, "_available_host_memory", lambda: 200 * 2**20)
+    monkeypatch.setattr(engine_cache, "_available_host_memory", lambda: 200 * 2**20)
     assert main(["generate", str(model), "--prompt", "def", "--device", "cpu", "--max-num-seqs", "1"]) == 2
     line = _one_line_error(capsys.readouterr().err, "dmc generate:")
     assert "not enough memory for the KV cache" in line and "on CPU: 40% of the memory available" in line

@@ -173,6 +173,5 @@ class EvictionCache(DMCCache):
     """A cache of at most ``policy.budget`` slots per (layer, sequence, KV head)."""
 
     def __init__(self, config, policy: EvictionPolicy) -> None:
-        super().__init__(config)
-        self.layers = [EvictionCacheLayer(policy) for _ in range(config.num_hidden_layers)]
+        super().__init__(config, layer_factory=lambda layer_idx: EvictionCacheLayer(policy))
         self.policy = policy

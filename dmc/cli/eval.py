@@ -16,6 +16,8 @@ import pathlib
 import sys
 import tempfile
 
+from ..config import is_dmc as dmc_model
+
 NAME = "eval"
 HELP = ("evaluate a local HF model (DMC or plain): held-out perplexity in full-sequence mode and, for DMC, "
         "through the compressed cache and in training mode (relaxed decisions); realized CR per layer/head "
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     except load_errors() as e:
         print(f"error: {describe_load_error(args.model, e)}", file=sys.stderr)
         return 2
-    is_dmc = hasattr(model.config, "dmc")
+    is_dmc = dmc_model(model)
     report: dict = {"model": str(args.model), "dmc": getattr(model.config, "dmc", None), "seq_len": args.seq_len,
                     "complete": False}
     failures: list[str] = []

@@ -6,5 +6,7 @@
 from .cache import CacheLayout, OutOfPages, PagedKVCache
 from .llm import LLM
 from .params import RequestOutput, SamplingParams
+from .scheduler import Request, RequestStatus
 
-__all__ = ["LLM", "CacheLayout", "OutOfPages", "PagedKVCache", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CacheLayout", "OutOfPages", "PagedKVCache", "Request", "RequestOutput", "RequestStatus",
+           "SamplingParams"]

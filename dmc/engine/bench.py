@@ -59,7 +59,7 @@ def measure_throughput(llm, prompt_len: int, gen_len: int, max_requests: int | N
     with tqdm(total=count * prompt_len, desc="prefill", unit="tok", disable=not progress) as bar:
         while llm.scheduler.waiting:
             running = len(llm.scheduler.running)
-            llm._admit([], limit=1)
+            llm._prefill_admitted(limit=1)
             if len(llm.scheduler.running) == running:
                 break  # the next one does not fit (or failed)
             bar.update(prompt_len)

@@ -21,13 +21,16 @@ one step (one page per live head) and frees a sequence's pages when it finishes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .. import core
-from ..hf.cache import DMCCache
+from ..hf.cache import DMCCache, SlotCacheLayer
 
 
 # --------------------------------------------------------------------------- cache operations
@@ -128,6 +131,109 @@ class CacheLayout:
         size = torch.empty((), dtype=dtype).element_size()
         state = self.ring_width * (2 * self.head_dim * size + 4) + (4 * (2 * self.head_dim + 1) if self.unbounded else 0)
         return self.rows * (4 * (self.pages_per_head + 1) + state)
+
+
+    @classmethod
+    def plan(cls, config, *, dtype: torch.dtype, device: torch.device, max_model_len: int, max_num_seqs: int,
+             window: int | None, vanilla: bool, utilization: float, kv_bytes: int | None, prefill_chunk: int,
+             slot_cap: int | None = None, row_extra_bytes=lambda layout: 0) -> "CacheLayout":
+        """The layout of an engine's cache for an HF model ``config``: as many pages as the memory
+        left for them holds (MemoryError, naming the settings that help, when not one sequence fits).
+
+        Args:
+            kv_bytes: bytes for the page pool; None: on CUDA what ``utilization`` of the GPU leaves
+                after weights and activations, on CPU what ``max_num_seqs`` sequences can use, at most
+                ``CPU_KV_CACHE_FRACTION`` of the memory available and ``CPU_KV_CACHE_CAP`` bytes.
+            slot_cap: the eviction budget (a head keeps at most that many slots), or None.
+            row_extra_bytes: fixed bytes per sequence row beyond the tables (eviction's slot state).
+        """
+        shape = cls(config.num_hidden_layers, config.num_key_value_heads, head_dim(config), 0, max_num_seqs,
+                    max_model_len, window, vanilla)
+        device = torch.device(device)
+        tables = (shape.sequence_bytes(dtype) + row_extra_bytes(shape)) * (max_num_seqs + 1)
+        page_bytes = shape.page_bytes(dtype)
+        one_sequence = shape.rows * shape.pages_per_head
+        if slot_cap is not None:  # a prompt chunk beside the kept slots (the prefill's peak), a step's page
+            peak = min(max_model_len, slot_cap + prefill_chunk)
+            one_sequence = shape.rows * (math.ceil(peak / shape.page_size) + 2)
+        kv_given = kv_bytes is not None
+        if not kv_given:
+            kv_bytes = _free_memory(config, device, max_num_seqs, utilization, prefill_chunk)
+            if device.type != "cuda":  # no more than max_num_seqs sequences can use at once
+                kv_bytes = min(kv_bytes, tables + (max_num_seqs * one_sequence + 1) * page_bytes)
+        pages = (kv_bytes - tables) // page_bytes
+        if pages < one_sequence + 1:
+            raise MemoryError(
+                f"not enough memory for the KV cache: one sequence of max_model_len={max_model_len} tokens "
+                f"needs {_gib(one_sequence * page_bytes)} (plus {_gib(tables)} of tables for "
+                f"max_num_seqs={max_num_seqs}), {_gib(max(kv_bytes, 0))} is available for the cache"
+                f"{_pool_source(device, kv_given)}; at least {_gib((one_sequence + 1) * page_bytes + tables)} is "
+                f"needed. {_memory_advice(device, kv_given, tables > one_sequence * page_bytes / 4)}")
+        return dataclasses.replace(shape, num_pages=int(pages))
+
+
+# --------------------------------------------------------------------------- memory planning
+# CPU page pool (no kv_cache_memory given): at most this share of MemAvailable and this many bytes.
+CPU_KV_CACHE_FRACTION = 0.4
+CPU_KV_CACHE_CAP = 4 * 2**30
+
+
+def head_dim(config) -> int:
+    """D of an HF config: ``config.head_dim`` where the family sets it (Qwen3), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _free_memory(config, device: torch.device, max_num_seqs: int, utilization: float, prefill_chunk: int) -> int:
+    if device.type != "cuda":
+        return int(min(CPU_KV_CACHE_CAP, CPU_KV_CACHE_FRACTION * _available_host_memory()))
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free
+    # Activations: a prefill chunk (hidden, MLP, fp32 pooling terms) and the decode logits.
+    hidden, inter = config.hidden_size, config.intermediate_size
+    heads, d = config.num_key_value_heads, head_dim(config)
+    prefill = prefill_chunk * (24 * hidden + 4 * inter + 24 * heads * (2 * d + 1)) * 4
+    decode = max_num_seqs * config.vocab_size * 4 * 6
+    return int(total * utilization - used - 1.5 * (prefill + decode) - 2**30)
+
+
+def _pool_source(device: torch.device, kv_given: bool) -> str:
+    if kv_given:
+        return " (kv_cache_memory, --kv-cache-memory-gib)"
+    if device.type == "cuda":
+        return " (gpu_memory_utilization, --gpu-memory-utilization, less weights and activations)"
+    return (f" (on CPU: {CPU_KV_CACHE_FRACTION:.0%} of the memory available after loading the model, at "
+            f"most {_gib(CPU_KV_CACHE_CAP)})")
+
+
+def _memory_advice(device: torch.device, kv_given: bool, tables_matter: bool) -> str:
+    fixes = ["lower max_model_len (--max-model-len)"]
+    if tables_matter:
+        fixes.append("max_num_seqs (--max-num-seqs)")
+    if device.type == "cuda" and not kv_given:
+        fixes.append("raise gpu_memory_utilization (--gpu-memory-utilization)")
+    fixes.append("give the cache more memory with kv_cache_memory (--kv-cache-memory-gib)"
+                 if device.type != "cuda" or kv_given
+                 else "set kv_cache_memory (--kv-cache-memory-gib)")
+    return "Either " + ", or ".join(fixes) + "."
+
+
+def _available_host_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (free physical memory where that file is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 256 * 2**20
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 class PagedKVCache:
@@ -281,15 +387,19 @@ class SequenceView(DMCCache):
     prefill runs the model's own DMC attention (exact chunked prefill, spec §7.4) and writes
     the slots straight into pages."""
 
-    def __init__(self, cache: PagedKVCache, row: int, seen: int) -> None:
-        super().__init__(num_layers=cache.layout.num_layers, window=cache.layout.window)
-        self.layers = [_LayerView(cache, row, layer, seen) for layer in range(cache.layout.num_layers)]
+    def __init__(self, cache: PagedKVCache, row: int, seen: int,
+                 layer_factory: Callable[[int], SlotCacheLayer] | None = None) -> None:
+        """``layer_factory(layer)`` builds each layer's view (default :class:`_LayerView`)."""
+        if layer_factory is None:
+            def layer_factory(layer: int) -> SlotCacheLayer:
+                return _LayerView(cache, row, layer, seen)
+        super().__init__(num_layers=cache.layout.num_layers, window=cache.layout.window, layer_factory=layer_factory)
         self.positions = torch.tensor([seen], device=cache.device)
         self.seen_tokens = seen
 
 
-class _LayerView:
-    """Implements what :class:`~dmc.hf.attention.DMCAttention` asks of a cache layer."""
+class _LayerView(SlotCacheLayer):
+    """One layer of one sequence of the paged cache, as :class:`~dmc.hf.cache.SlotCacheLayer`."""
 
     def __init__(self, cache: PagedKVCache, row: int, layer: int, seen: int) -> None:
         self.cache, self.row, self.layer, self.seen = cache, row, layer, seen

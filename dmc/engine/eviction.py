@@ -56,9 +56,7 @@ class EngineEviction:
     # ------------------------------------------------------------------ prefill
     def sequence_view(self, row: int, seen: int) -> SequenceView:
         """The prefill view of a row whose layers cut the slots to the budget after each chunk."""
-        view = SequenceView(self.cache, row, seen)
-        view.layers = [_EvictingLayerView(self, row, layer, seen) for layer in range(len(view.layers))]
-        return view
+        return SequenceView(self.cache, row, seen, lambda layer: _EvictingLayerView(self, row, layer, seen))
 
     def after_prefill(self, layer: int, row: int, seen: int, old_lens: torch.Tensor, q: torch.Tensor, scale: float,
                       valid: torch.Tensor) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import random
 from collections.abc import Iterator, Sequence
 
@@ -23,9 +21,12 @@ from .scheduler import CompressionEstimate, Request, Scheduler
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-# CPU page pool (no kv_cache_memory given): at most this share of MemAvailable and this many bytes.
-CPU_KV_CACHE_FRACTION = 0.4
-CPU_KV_CACHE_CAP = 4 * 2**30
+OUT_OF_MEMORY_PREFILL = ("this request needs more KV-cache memory than the engine has; lower max_tokens (--max-tokens) "
+                         "or max_model_len (--max-model-len), or give the cache more memory (kv_cache_memory, "
+                         "--kv-cache-memory-gib)")
+OUT_OF_MEMORY_DECODING = ("out of KV-cache memory while decoding a single sequence; lower max_tokens (--max-tokens) "
+                          "or max_model_len (--max-model-len), or give the cache more memory (kv_cache_memory, "
+                          "--kv-cache-memory-gib)")
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 1024)
 
 
@@ -117,15 +118,19 @@ class LLM:
         self._rng = random.Random(seed)
         self._progress = progress
 
-        self.cache = PagedKVCache(self._layout(config, max_num_seqs, gpu_memory_utilization, kv_cache_memory),
-                                  self.dtype, self.device)
+        layout = CacheLayout.plan(
+            config, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
+            max_num_seqs=max_num_seqs, window=self.dmc.window, vanilla=self.vanilla,
+            utilization=gpu_memory_utilization, kv_bytes=kv_cache_memory, prefill_chunk=prefill_chunk,
+            slot_cap=self._slot_cap,
+            row_extra_bytes=(lambda shape: 0) if eviction is None else (
+                lambda shape: EngineEviction.sequence_bytes(shape, eviction)))
+        self.cache = PagedKVCache(layout, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.cache, vanilla=self.vanilla, forced_period=forced_period,
                                   eviction=None if eviction is None else EngineEviction(eviction, self.cache))
         prior = 1.0 if self.vanilla else float(forced_period or self.dmc.target_cr or 1.0)
-        layout = self.cache.layout
-        self.scheduler = Scheduler(layout.rows, layout.page_size, layout.pages_per_head, max_num_seqs,
-                                   CompressionEstimate(prior, admission_margin), slot_cap=self._slot_cap,
-                                   prefill_chunk=prefill_chunk)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, CompressionEstimate(prior, admission_margin),
+                                   slot_cap=self._slot_cap, prefill_chunk=prefill_chunk)
         self._next_id = 0
         self.initial_free_pages = self.cache.free_page_count()
         if cuda_graphs:
@@ -173,60 +178,56 @@ class LLM:
         ``RequestOutput.request_id``). Returns False when it had already finished."""
         if isinstance(request, int):
             request_id = request
-            request = next((r for r in (*self.scheduler.waiting, *self.scheduler.running) if r.id == request_id),
-                           None)
+            request = self.scheduler.get(request_id)
             if request is None:
                 if not 0 <= request_id < self._next_id:
                     raise ValueError(f"no request has id {request_id} (ids so far: 0 .. {self._next_id - 1})")
                 return False  # finished already
-        if request.finished:
-            return False
-        if request in self.scheduler.waiting:
-            self.scheduler.waiting.remove(request)
-        self._release(request)
-        request.finish_reason = "aborted"
-        return True
+        return self.scheduler.abort(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------------ one engine step
     def step(self) -> list[Request]:
         """Admit what fits (prefill), then decode one token for every running request.
         Returns the requests that changed."""
-        changed: list[Request] = []
-        self._admit(changed)
-        self._decode(changed)
+        changed = self._prefill_admitted()  # schedule, prefill, postprocess the admitted
+        batch, starved = self.scheduler.schedule_decode()
+        if starved is not None:
+            self.scheduler.finish(starved, "error", OUT_OF_MEMORY_DECODING)
+            changed.append(starved)
+        if batch:
+            changed += self._postprocess(batch, self._decode(batch))
         return changed
 
-    def _admit(self, changed: list[Request], limit: int | None = None) -> None:
-        """Prefill waiting requests while they fit (at most ``limit`` of them)."""
+    def _prefill_admitted(self, limit: int | None = None) -> list[Request]:
+        """Prefill the waiting requests the scheduler admits (at most ``limit`` of them), each with its
+        first token sampled. Returns the requests that changed."""
+        changed: list[Request] = []
         sched = self.scheduler
-        while sched.waiting and (limit is None or limit > 0) and sched.can_admit(sched.waiting[0], self.cache.free_page_count(),
-                                                self.cache.free_row_count()):
-            request = sched.waiting.popleft()
-            if limit is not None:
-                limit -= 1
+        admitted = 0
+        while limit is None or admitted < limit:
+            request = sched.admit()
+            if request is None:
+                break
+            admitted += 1
             try:
                 logits = self._prefill(request)
             except OutOfPages:
-                self._release(request)
-                if not sched.running:
-                    self._fail(request, "this request needs more KV-cache memory than the engine has; lower "
-                                        "max_tokens (--max-tokens) or max_model_len (--max-model-len), or give "
-                                        "the cache more memory (kv_cache_memory, --kv-cache-memory-gib)")
+                if sched.running == [request]:  # alone, and still too large: it can never run
+                    sched.finish(request, "error", OUT_OF_MEMORY_PREFILL)
                     changed.append(request)
                 else:
-                    sched.waiting.appendleft(request)
+                    sched.requeue(request)
                 break
-            sched.running.append(request)
             if self.eviction is None:  # with eviction the cap, not a ratio, bounds the pages
                 slots = self.cache.lens[:, request.row].sum().item()
                 sched.estimate.observe(request.seen * self.cache.layout.rows, slots)
             token = sample(logits[None], SamplingBatch.build([request.params], [request.seed],
                                                              [len(request.output_ids)], self.device))
-            self._append(request, int(token.item()))
-            changed.append(request)
+            changed += self._postprocess([request], token)
+        return changed
 
     def _prefill(self, request: Request) -> torch.Tensor:
         request.row = self.cache.open_row()
@@ -238,34 +239,24 @@ class LLM:
             request.seen += len(chunk)
         return logits
 
-    def _decode(self, changed: list[Request]) -> None:
-        sched = self.scheduler
-        batch = [r for r in sched.running if not r.finished]
-        while batch and (self.cache.free_page_count()
-                         < self.cache.step_worst_case([r.row for r in batch], self._slot_cap)):
-            victim = sched.preemption_victim()
-            if victim is None:
-                self._fail(batch[0], "out of KV-cache memory while decoding a single sequence; lower "
-                                     "max_tokens (--max-tokens) or max_model_len (--max-model-len), or give the "
-                                     "cache more memory (kv_cache_memory, --kv-cache-memory-gib)")
-                changed.append(batch[0])
-                return
-            self._preempt(victim)
-            batch = [r for r in sched.running if not r.finished]
-        if not batch:
-            return
+    def _decode(self, batch: list[Request]) -> torch.Tensor:
+        """One decode step of ``batch``: the sampled tokens ``[B]``."""
         device = self.device
         tokens = torch.tensor([r.output_ids[-1] for r in batch], dtype=torch.long, device=device)
         positions = torch.tensor([r.seen for r in batch], dtype=torch.int32, device=device)
         rows = torch.tensor([r.row for r in batch], dtype=torch.int32, device=device)
         logits = self.runner.decode(tokens, positions, rows)
+        for request in batch:
+            request.seen += 1
         sampling = SamplingBatch.build([r.params for r in batch], [r.seed for r in batch],
                                        [len(r.output_ids) for r in batch], device)
-        new = sample(logits, sampling).tolist()
-        for request, token in zip(batch, new):
-            request.seen += 1
-            self._append(request, token)
-            changed.append(request)
+        return sample(logits, sampling)
+
+    def _postprocess(self, requests: list[Request], tokens: torch.Tensor) -> list[Request]:
+        """Append each request's new token; finish those that hit a stop or their length."""
+        for request, token in zip(requests, tokens.tolist()):
+            self._append(request, int(token))
+        return list(requests)
 
     # ------------------------------------------------------------------ request lifecycle
     def _submit(self, prompts, params) -> list[Request]:
@@ -285,9 +276,9 @@ class LLM:
                 p.validate()
                 request.prompt_ids = self._tokenize(prompt)
             except ValueError as exc:
-                self._fail(request, str(exc))
+                self.scheduler.finish(request, "error", str(exc))
             else:
-                self.scheduler.waiting.append(request)
+                self.scheduler.add(request)
             requests.append(request)
         return requests
 
@@ -330,25 +321,7 @@ class LLM:
         slots = self.cache.lens[:, request.row].double()[:, None, :]  # [L, 1, H]
         stats = CompressionStats(tokens=torch.full_like(slots, request.seen), slots=slots)
         request.compression = {"tokens": request.seen, "slots": int(slots.sum()), **stats.summary()}
-        self._release(request)
-        request.finish_reason = reason
-
-    def _release(self, request: Request) -> None:
-        if request in self.scheduler.running:
-            self.scheduler.running.remove(request)
-        if request.row is not None:
-            self.cache.close_row(request.row)
-            request.row = None
-        request.seen = 0
-
-    def _preempt(self, request: Request) -> None:
-        self._release(request)
-        request.preemptions += 1
-        self.scheduler.waiting.appendleft(request)
-
-    def _fail(self, request: Request, message: str) -> None:
-        self._release(request)
-        request.error, request.finish_reason = message, "error"
+        self.scheduler.finish(request, reason)
 
     def _output(self, request: Request, delta: bool = False) -> RequestOutput:
         out = RequestOutput(request_id=request.id, prompt=request.prompt, prompt_token_ids=request.prompt_ids,
@@ -366,65 +339,6 @@ class LLM:
     def _slot_cap(self) -> int | None:
         """Slots a head keeps between steps (the eviction budget), None when unbounded."""
         return None if self.eviction is None else self.eviction.budget
-
-    def _layout(self, config, max_num_seqs: int, utilization: float, kv_bytes: int | None) -> CacheLayout:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = CacheLayout(config.num_hidden_layers, config.num_key_value_heads, head_dim, 0, max_num_seqs,
-                            self.max_model_len, self.dmc.window, self.vanilla)
-        row_bytes = shape.sequence_bytes(self.dtype)
-        if self.eviction is not None:
-            row_bytes += EngineEviction.sequence_bytes(shape, self.eviction)
-        tables = row_bytes * (max_num_seqs + 1)
-        page_bytes = shape.page_bytes(self.dtype)
-        one_sequence = shape.rows * shape.pages_per_head
-        if self.eviction is not None:  # a prompt chunk beside the kept slots (the prefill's peak), a step's page
-            peak = min(self.max_model_len, self.eviction.budget + self.prefill_chunk)
-            one_sequence = shape.rows * (math.ceil(peak / shape.page_size) + 2)
-        kv_given = kv_bytes is not None
-        if not kv_given:
-            kv_bytes = self._free_memory(config, max_num_seqs, utilization)
-            if self.device.type != "cuda":  # no more than max_num_seqs sequences can use at once
-                kv_bytes = min(kv_bytes, tables + (max_num_seqs * one_sequence + 1) * page_bytes)
-        pages = (kv_bytes - tables) // page_bytes
-        if pages < one_sequence + 1:
-            raise MemoryError(
-                f"not enough memory for the KV cache: one sequence of max_model_len={self.max_model_len} tokens "
-                f"needs {_gib(one_sequence * page_bytes)} (plus {_gib(tables)} of tables for "
-                f"max_num_seqs={max_num_seqs}), {_gib(max(kv_bytes, 0))} is available for the cache"
-                f"{self._pool_source(kv_given)}; at least {_gib((one_sequence + 1) * page_bytes + tables)} is "
-                f"needed. {self._memory_advice(kv_given, tables > one_sequence * page_bytes / 4)}")
-        return dataclasses.replace(shape, num_pages=int(pages))
-
-    def _pool_source(self, kv_given: bool) -> str:
-        if kv_given:
-            return " (kv_cache_memory, --kv-cache-memory-gib)"
-        if self.device.type == "cuda":
-            return " (gpu_memory_utilization, --gpu-memory-utilization, less weights and activations)"
-        return (f" (on CPU: {CPU_KV_CACHE_FRACTION:.0%} of the memory available after loading the model, at "
-                f"most {_gib(CPU_KV_CACHE_CAP)})")
-
-    def _memory_advice(self, kv_given: bool, tables_matter: bool) -> str:
-        fixes = ["lower max_model_len (--max-model-len)"]
-        if tables_matter:
-            fixes.append("max_num_seqs (--max-num-seqs)")
-        if self.device.type == "cuda" and not kv_given:
-            fixes.append("raise gpu_memory_utilization (--gpu-memory-utilization)")
-        fixes.append("give the cache more memory with kv_cache_memory (--kv-cache-memory-gib)"
-                     if self.device.type != "cuda" or kv_given
-                     else "set kv_cache_memory (--kv-cache-memory-gib)")
-        return "Either " + ", or ".join(fixes) + "."
-
-    def _free_memory(self, config, max_num_seqs: int, utilization: float) -> int:
-        if self.device.type != "cuda":
-            return int(min(CPU_KV_CACHE_CAP, CPU_KV_CACHE_FRACTION * _available_host_memory()))
-        free, total = torch.cuda.mem_get_info(self.device)
-        used = total - free
-        # Activations: a prefill chunk (hidden, MLP, fp32 pooling terms) and the decode logits.
-        hidden, inter = config.hidden_size, config.intermediate_size
-        heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-        prefill = self.prefill_chunk * (24 * hidden + 4 * inter + 24 * heads * (2 * head_dim + 1)) * 4
-        decode = max_num_seqs * config.vocab_size * 4 * 6
-        return int(total * utilization - used - 1.5 * (prefill + decode) - 2**30)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -444,22 +358,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) "
                              "are visible")
     return resolved
-
-
-def _available_host_memory() -> int:
-    """MemAvailable of /proc/meminfo in bytes (free physical memory where that file is missing)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import os
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 256 * 2**20
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -486,7 +384,3 @@ def _eos_ids(config, tokenizer) -> set[int]:
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"

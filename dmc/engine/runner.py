@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..config import DMCConfig
+from ..config import DMCConfig, is_dmc
 from ..hf.convert import dmc_config_from
 from ..hf.modeling import FAMILIES
 from ..kernels import get_kernels
@@ -31,7 +31,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> tupl
     into the DMC class of its family in vanilla mode (every token appends): the like-for-like
     baseline. Returns ``(model, vanilla)``."""
     config = AutoConfig.from_pretrained(model_dir)
-    vanilla = not config.model_type.startswith("dmc_")
+    vanilla = not is_dmc(config)
     if vanilla:
         family = next((f for f in FAMILIES if f.model_type == config.model_type), None)
         if family is None:

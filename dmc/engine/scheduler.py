@@ -1,4 +1,9 @@
-"""Continuous batching: who waits, who runs, who is admitted, who is preempted.
+"""Continuous batching: the request lifecycle (waiting → running → finished), admission and
+preemption.
+
+The scheduler owns every request's status and the cache rows they hold: ``add`` queues a request,
+``admit`` hands out the next one that fits, ``preempt`` gives a running request's pages back and
+queues it first again, ``finish``/``abort`` end it. The engine (``LLM``) only runs the model.
 
 Admission uses the compression *observed* so far (a running mean of tokens per slot, divided
 by a safety margin), never worst-case CR 1 memory: that is where DMC's batch-size gain comes
@@ -8,11 +13,19 @@ from. When compression turns out worse than estimated, the newest running reques
 
 from __future__ import annotations
 
+import enum
 import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from .cache import PagedKVCache
 from .params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued (new, or preempted: it will be prefilled again)
+    RUNNING = "running"  # holds a cache row: prefilled, decoding
+    FINISHED = "finished"  # ended; ``finish_reason`` says why (stop, length, aborted, error)
 
 
 @dataclass
@@ -25,6 +38,7 @@ class Request:
     params: SamplingParams
     seed: int
     output_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
     row: int | None = None  # sequence row of the cache while running
     seen: int = 0  # tokens in the cache
     finish_reason: str | None = None
@@ -37,7 +51,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.status is RequestStatus.FINISHED
 
     @property
     def total_tokens(self) -> int:
@@ -70,14 +84,17 @@ class CompressionEstimate:
 
 
 class Scheduler:
-    """Waiting and running queues and the page budget arithmetic."""
+    """The waiting and running queues, the requests' status, and the page budget arithmetic over
+    one :class:`PagedKVCache` (whose rows it opens and closes)."""
 
-    def __init__(self, rows_per_sequence: int, page_size: int, max_pages_per_head: int, max_num_seqs: int,
-                 estimate: CompressionEstimate, slot_cap: int | None = None, prefill_chunk: int = 0) -> None:
+    def __init__(self, cache: PagedKVCache, max_num_seqs: int, estimate: CompressionEstimate,
+                 slot_cap: int | None = None, prefill_chunk: int = 0) -> None:
+        layout = cache.layout
+        self.cache = cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.rows = rows_per_sequence  # (layer, KV head) pairs of one sequence
-        self.page_size = page_size
+        self.rows = layout.rows  # (layer, KV head) pairs of one sequence
+        self.page_size = layout.page_size
         self.max_num_seqs = max_num_seqs
         self.estimate = estimate
         # Eviction baselines: a head never keeps more than slot_cap slots after a prefill chunk or a
@@ -86,8 +103,81 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         # No sequence ever holds more (max_model_len slots and the ready page): admission never asks
         # for more than this, so the smallest pool the engine accepts runs the longest prompt.
-        self.max_pages = rows_per_sequence * max_pages_per_head
+        self.max_pages = layout.rows * layout.pages_per_head
 
+    # ------------------------------------------------------------------ lifecycle
+    def add(self, request: Request) -> None:
+        """Queue a new request."""
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def admit(self) -> Request | None:
+        """The next waiting request if it fits now (it becomes running; the caller opens its cache
+        row and prefills it, and calls :meth:`requeue` or :meth:`finish` if that runs out of pages),
+        else None."""
+        if not self.waiting or not self.can_admit(self.waiting[0], self.cache.free_page_count(),
+                                                  self.cache.free_row_count()):
+            return None
+        request = self.waiting.popleft()
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        return request
+
+    def requeue(self, request: Request) -> None:
+        """Put a request whose prefill did not fit back at the head of the queue (not a preemption)."""
+        self._release(request)
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    def preempt(self, request: Request) -> None:
+        """Free a running request's pages; it waits first in line and is recomputed when readmitted."""
+        self.requeue(request)
+        request.preemptions += 1
+
+    def finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        """End a request (stop, length, aborted, error): it leaves the queues and frees its pages."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status, request.finish_reason, request.error = RequestStatus.FINISHED, reason, error
+
+    def abort(self, request: Request) -> bool:
+        """Finish a waiting or running request "aborted"; False when it had already finished."""
+        if request.finished:
+            return False
+        self.finish(request, "aborted")
+        return True
+
+    def get(self, request_id: int) -> Request | None:
+        """The unfinished request with this id, or None."""
+        return next((r for r in (*self.waiting, *self.running) if r.id == request_id), None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule_decode(self) -> tuple[list[Request], Request | None]:
+        """``(batch, starved)``: the requests to decode this step, preempting the newest running ones
+        until the step's worst case fits the free pages; ``starved`` is a lone request that cannot fit
+        even so (the caller fails it), else None."""
+        batch = list(self.running)
+        while batch and (self.cache.free_page_count()
+                         < self.cache.step_worst_case([r.row for r in batch], self.slot_cap)):
+            victim = self.preemption_victim()
+            if victim is None:
+                return [], batch[0]
+            self.preempt(victim)
+            batch = list(self.running)
+        return batch, None
+
+    def _release(self, request: Request) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        if request.row is not None:
+            self.cache.close_row(request.row)
+            request.row = None
+        request.seen = 0
+
+    # ------------------------------------------------------------------ page arithmetic
     def pages_for(self, tokens: int, capped: bool = True) -> int:
         """Estimated pages for a sequence of ``tokens`` at the estimated CR (+ the ready page)."""
         slots = tokens / self.estimate.ratio
@@ -108,7 +198,7 @@ class Scheduler:
 
     def can_admit(self, request: Request, free_pages: int, free_rows: int) -> bool:
         """Admit when the request's expected pages fit beside what the running ones will still take.
-        (Each decode step separately checks its exact worst case; see ``LLM._decode``.)"""
+        (Each decode step separately checks its exact worst case: :meth:`schedule_decode`.)"""
         if len(self.running) >= self.max_num_seqs or free_rows == 0:
             return False
         if not self.running:

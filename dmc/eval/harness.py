@@ -26,6 +26,7 @@ try:
 except ImportError as e:  # lm-eval (and accelerate, which HFLM needs) come with the eval extra
     raise ImportError(f"dmc.eval.harness needs lm-eval with its HF backend ({e}): pip install 'dmc[eval]'") from e
 
+from ..config import is_dmc
 from ..hf.cache import DMCCache
 from ..stats import CompressionStats
 
@@ -45,7 +46,7 @@ class DMCLM(HFLM):
         import dmc  # noqa: F401 - registers the DMC model types with transformers' Auto classes
         super().__init__(pretrained=pretrained, backend=backend, **kwargs)
         config = self.model.config
-        self.is_dmc = hasattr(config, "dmc")
+        self.is_dmc = is_dmc(config)
         self._shape = (config.num_hidden_layers, config.num_key_value_heads)
         self._tallies: dict[tuple[str, str], torch.Tensor] = {}  # (task, request type) -> [2, layers, H]
         self._tally: torch.Tensor | None = None  # the tally being filled: tokens, slots per (layer, head)

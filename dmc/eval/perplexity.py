@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import is_dmc as dmc_model
 from ..stats import CompressionStats
 
 
@@ -85,7 +86,7 @@ def perplexity(model, tokenizer, texts, seq_len: int = 1024, mode: str = "full",
     """
     if mode not in ("full", "cache", "relaxed"):
         raise ValueError(f"mode must be 'full', 'cache' or 'relaxed', got {mode!r}")
-    is_dmc = hasattr(model.config, "dmc")
+    is_dmc = dmc_model(model)
     if mode != "full" and not is_dmc:
         raise ValueError(f"mode={mode!r} measures a DMC model's compression; this is a plain model")
     device = next(model.parameters()).device

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..config import is_dmc
 from ..stats import CompressionStats
 from .perplexity import PerplexityResult, window_batches
 from .recall import check_probe, make_trial
@@ -29,7 +30,7 @@ CacheFactory = Callable[[int], object]  # context length in tokens -> a fresh, e
 
 
 def _check_model(model) -> None:
-    if not hasattr(getattr(model, "config", None), "dmc"):
+    if not is_dmc(model):
         raise ValueError("streaming evaluation needs a model of the DMC families (a DMC model, or "
                          "dmc.convert(stock) with set_dmc_mode(vanilla=True) for eviction): they position "
                          "tokens from the cache, which stock models do not")

@@ -197,8 +197,7 @@ class DMCAttention(nn.Module):
         else:
             out = cached_attend(q, old_k, old_v, old_visible, k_bar, v_bar, new_bias, self.scaling)
         layer_cache.commit(alpha, valid, k_bar, v_bar, prefix, terms, sums)
-        if hasattr(layer_cache, "after_attention"):  # cache policies that score slots (eviction baselines)
-            layer_cache.after_attention(q, self.scaling, valid)
+        layer_cache.after_attention(q, self.scaling, valid)  # cache policies that score slots (eviction)
         return out
 
 

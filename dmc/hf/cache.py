@@ -13,6 +13,9 @@ Besides the slots each head keeps its window state: the last W-1 weighted terms
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -20,7 +23,37 @@ from .. import core
 from ..config import DMCConfig
 
 
-class DMCCacheLayer(CacheLayerMixin):
+class SlotCacheLayer(Protocol):
+    """What :class:`~dmc.hf.attention.DMCAttention` asks of one layer of a cache: the contract of
+    :class:`DMCCacheLayer`, the engine's paged view and the eviction baselines' layers.
+
+    Shapes: ``alpha`` hard decisions ``[B, H, n]`` (padding: 1), ``valid`` ``[B, n]`` bool, states
+    ``[B, H, n, D]``, window terms ``[B, H, ·, 2D + 1]`` fp32.
+    """
+
+    def window_prefix(self, terms: torch.Tensor) -> torch.Tensor:
+        """The window state to pool a new chunk with ``[B, H, P, 2D + 1]`` (P = 0 for an empty cache)."""
+        ...
+
+    def visible_slots(self, alpha: torch.Tensor, valid: torch.Tensor,
+                      like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cached keys, values ``[B, H, S, D]`` (dtype of ``like``) and the bool ``[B, H, S]`` of those
+        the chunk's queries may see (all but a last slot its first token merges into)."""
+        ...
+
+    def commit(self, alpha: torch.Tensor, valid: torch.Tensor, k_bar: torch.Tensor, v_bar: torch.Tensor,
+               prefix: torch.Tensor, terms: torch.Tensor, sums: torch.Tensor | None) -> None:
+        """Write the chunk: its kept states become slots (:func:`dmc.core.slot_writes`) and the window
+        state moves on (:func:`dmc.core.next_window_state`)."""
+        ...
+
+    def after_attention(self, q: torch.Tensor, scale: float, valid: torch.Tensor) -> None:
+        """Called once the chunk's attention is done (``q`` its rotated queries): cache policies that
+        score slots (the eviction baselines) evict here. No-op by default."""
+        return None
+
+
+class DMCCacheLayer(CacheLayerMixin, SlotCacheLayer):
     """Slots and window state of one layer. ``keys``/``values``: ``[B, H, S, D]`` (rotated,
     channel D-1 zeroed); ``lengths``: ``[B, H]`` slots kept per head; ``window_state``:
     ``[B, H, P, 2D + 1]`` fp32 with P = W - 1 (or 1 running sum when W is None)."""
@@ -133,13 +166,19 @@ class DMCCache(Cache):
     :meth:`slot_counts` the slots each head really keeps.
     """
 
-    def __init__(self, config=None, *, num_layers: int | None = None, window: int | None = 12) -> None:
+    def __init__(self, config=None, *, num_layers: int | None = None, window: int | None = 12,
+                 layer_factory: Callable[[int], SlotCacheLayer] | None = None) -> None:
+        """``layer_factory(layer_idx)`` builds each layer (default: a :class:`DMCCacheLayer` of the
+        model's window); caches with another storage or policy pass theirs."""
         if config is not None:
             num_layers = config.num_hidden_layers
             window = DMCConfig.from_dict(getattr(config, "dmc", None)).window
         if num_layers is None:
             raise ValueError("DMCCache needs the model config (DMCCache(model.config)) or num_layers=")
-        super().__init__(layers=[DMCCacheLayer(window) for _ in range(num_layers)])
+        if layer_factory is None:
+            def layer_factory(layer_idx: int) -> SlotCacheLayer:
+                return DMCCacheLayer(window)
+        super().__init__(layers=[layer_factory(i) for i in range(num_layers)])
         self.seen_tokens = 0
         self.positions: torch.Tensor | None = None
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import core
-from ..config import DMCConfig
+from ..config import DMCConfig, is_dmc
 from ..hf.convert import (UnsupportedModelError, convert, fold_logit_scale, set_logit_scale,
                           supported_architectures, zero_decision_channels)
 from ..hf.modeling import FAMILIES, compile_decoder_layers
@@ -81,10 +81,6 @@ def noise_generator(seed: int, step: int, rank: int, micro: int, device: torch.d
     """The Gumbel noise of one micro-step: a function of (seed, step, rank, micro-step)."""
     mixed = (seed * 1_000_003 + step) * 1_009 + rank * 101 + micro
     return torch.Generator(device=device).manual_seed(mixed % (2**63 - 1))
-
-
-def _dmc_model_type(model_type: str) -> bool:
-    return any(f.dmc_config_class.model_type == model_type for f in FAMILIES)
 
 
 class Retrofitter:
@@ -250,7 +246,7 @@ class Retrofitter:
             raise ConfigError(f"cannot read {path / 'config.json'} ({_one_line(e)}); copy the model directory "
                               "again or fix the file") from None
         supported = [f.model_type for f in FAMILIES]
-        if base_config.model_type not in supported and not _dmc_model_type(base_config.model_type):
+        if base_config.model_type not in supported and not is_dmc(base_config.model_type):
             raise ConfigError(f"{cfg.model} holds a {base_config.model_type!r} model; DMC supports "
                               f"{', '.join(supported_architectures())}")
         try:
@@ -259,7 +255,7 @@ class Retrofitter:
             raise ConfigError(f"could not load the tokenizer of {cfg.model} ({e}); save it beside the model "
                               "with tokenizer.save_pretrained(DIR)") from e
         if self.plain:
-            if _dmc_model_type(base_config.model_type):
+            if is_dmc(base_config.model_type):
                 raise ConfigError(f"{cfg.model} holds a DMC model; --method plain trains stock models (e.g. the "
                                   "output of `dmc gqa`): pass one, or use --method dmc")
             # Stock attention: HF masks packed documents apart from the per-document position_ids.
@@ -269,7 +265,7 @@ class Retrofitter:
         model = _load_weights(path)
         settings = DMCConfig(window=cfg.window, init_offset=cfg.init_offset, temperature=cfg.temperature,
                              target_cr=cfg.target_cr, attn_implementation=cfg.attn_implementation)
-        if _dmc_model_type(base_config.model_type):
+        if is_dmc(base_config.model_type):
             model.config.dmc = settings.to_dict()
             for layer in model.model.layers:
                 layer.self_attn.dmc = settings
@@ -378,7 +374,7 @@ class Retrofitter:
             return None
         path = cfg.teacher or cfg.model
         config = transformers.AutoConfig.from_pretrained(path)
-        if _dmc_model_type(config.model_type):
+        if is_dmc(config.model_type):
             if cfg.teacher is None and cfg.distill_weight is None:
                 if self.rt.is_main:
                     print(f"note: {cfg.model} is already a DMC model; no distillation (pass --teacher ORIGINAL_DIR)")
