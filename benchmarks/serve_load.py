@@ -6,6 +6,8 @@ the server's peak concurrency (polled from /metrics), naming the device.
     python benchmarks/serve_load.py --model DIR --server-args "--max-num-seqs 256" \\
         --clients 64 --requests 256 --prompt-lens 128,512,2048 --gen-lens 64,256 \\
         --label "DMC 4x" --out docs/benchmarks.md
+    # random weights (e.g. the Llama-2-7B shape of benchmarks/throughput.py): add --forced-cr R to
+    # --server-args so that every head compresses at CR R, as `dmc bench --forced-cr` does.
     # or load a server that runs already:
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key KEY --out result.json
 

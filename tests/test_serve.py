@@ -456,6 +456,24 @@ def test_fuzz_openapi_schema(server):
 
 
 # ---------------------------------------------------------------------- shutdown (stops the module's server)
+def test_forced_cr_compresses_every_head_at_that_ratio(model_dir, tmp_path):
+    """`--forced-cr` (benchmarks on random weights, as `dmc bench`): every head keeps one slot per r
+    tokens, so the response's realized CR is r; a negative value is a one-line error."""
+    bad = subprocess.run([sys.executable, "-m", "dmc.cli.main", "serve", model_dir, "--forced-cr", "-1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--forced-cr must be 0 (off) or an integer CR >= 1" in bad.stderr
+    srv = ServerProcess(model_dir, tmp_path / "forced.log", "--device", "cpu", "--max-model-len", "256",
+                        "--forced-cr", "4")
+    try:
+        out = httpx.post(f"{srv.url}/v1/completions", timeout=120, json={
+            "model": pathlib.Path(model_dir).name, "prompt": list(range(5, 69)), "max_tokens": 65,
+            "temperature": 0, "ignore_eos": True}).json()
+        cr = out["choices"][0]["dmc_compression"]
+        assert cr["tokens"] == 64 + 64 and cr["cr"] == pytest.approx(4.0, rel=0.05)
+    finally:
+        assert srv.stop() == 0
+
+
 def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits(server):
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as c:

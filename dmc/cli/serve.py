@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, seconds running requests get to finish before they are aborted")
     parser.add_argument("--max-body-mib", type=float, default=32.0, help="largest request body (413 above)")
     parser.add_argument("--seed", type=int, default=0, help="draws the seeds of requests that give none")
+    parser.add_argument("--forced-cr", type=int, default=0,
+                        help="benchmarks only: force every head to compress at this integer CR (a model with random "
+                             "weights, as in `dmc bench`); 0 = off")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="server log level (one line per request at info)")
 
@@ -50,13 +53,16 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
         if not args.max_body_mib > 0:
             raise ValueError(f"--max-body-mib must be > 0, got {args.max_body_mib}")
+        if args.forced_cr < 0:
+            raise ValueError(f"--forced-cr must be 0 (off) or an integer CR >= 1, got {args.forced_cr}")
     except ValueError as exc:
         print(f"dmc serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.served_model_name or os.path.basename(os.path.abspath(args.model))
     metrics = Metrics(name)
-    engine = EngineLoop(lambda: LLM(args.model, progress=False, seed=args.seed, **kwargs), metrics)
+    engine = EngineLoop(lambda: LLM(args.model, progress=False, seed=args.seed,
+                                     forced_period=args.forced_cr, **kwargs), metrics)
     try:
         engine.start()
     except load_errors() as exc:
