@@ -72,7 +72,9 @@ class TrainConfig:
         cr_constraint: "hinge" (spec §4: the one-sided loss with a fixed weight) or "dual"
             (that loss with a dual-ascent multiplier that grows while the achieved CR lags the
             schedule, so compression keeps up with the ramp). cr_dual_rate: log-weight step per
-            unit of relative CR shortfall; cr_dual_max: the largest multiplier.
+            unit of relative CR shortfall (0.5: on SmolLM2-135M at 4x the realized CR landed closer to the
+            target than at 3, same perplexity, and the multiplier peaked at 86 instead of its cap;
+            docs/retrofit-recipe.md); cr_dual_max: the largest multiplier.
         cr_two_sided: in the fine-tune and hard stages (fixed CR*) also penalise compressing more
             than CR* (the paper's loss is one-sided: the realized CR could overshoot the target).
         max_head_cr, head_ceiling_weight: optional per-(layer, head) CR ceiling and its weight,
@@ -122,7 +124,7 @@ class TrainConfig:
     # recipe levers (issue #12; the "paper" preset turns them off)
     logit_scale: float | None = None
     cr_constraint: str | None = None
-    cr_dual_rate: float = 3.0
+    cr_dual_rate: float = 0.5
     cr_dual_max: float = 1e4
     cr_two_sided: bool | None = None
     max_head_cr: float | None = None
