@@ -28,6 +28,31 @@ class PerplexityResult:
         return math.exp(min(self.loss, 50.0))
 
 
+class PerplexityAccumulator:
+    """Sums of a perplexity over batches of windows: summed NLL (nats), predicted tokens, windows,
+    and the compression of each batch (concatenated over the batch dimension)."""
+
+    def __init__(self) -> None:
+        self.nll, self.predicted, self.windows = 0.0, 0, 0
+        self._tokens: list[torch.Tensor] = []
+        self._slots: list[torch.Tensor] = []
+
+    def add(self, nll: float, ids: torch.Tensor, stats: CompressionStats | None = None) -> None:
+        """One batch of windows ``ids`` ``[B, seq_len]`` whose predictions summed to ``nll``."""
+        self.nll += float(nll)
+        self.predicted += ids[:, 1:].numel()
+        self.windows += len(ids)
+        if stats is not None:
+            self._tokens.append(stats.tokens.cpu())
+            self._slots.append(stats.slots.cpu())
+
+    def result(self) -> PerplexityResult:
+        compression = (CompressionStats(tokens=torch.cat(self._tokens, dim=1), slots=torch.cat(self._slots, dim=1))
+                       if self._tokens else None)
+        return PerplexityResult(loss=self.nll / self.predicted, tokens=self.predicted, windows=self.windows,
+                                compression=compression)
+
+
 def token_windows(tokenizer, texts, seq_len: int, max_windows: int | None = None):
     """Non-overlapping windows of ``seq_len`` tokens over each text (tails shorter than that are
     dropped), at most ``max_windows`` in all."""
@@ -95,22 +120,18 @@ def perplexity(model, tokenizer, texts, seq_len: int = 1024, mode: str = "full",
     was_training = model.training
     model.train(mode == "relaxed")
     try:
-        nll, predicted, windows, tokens, slots = 0.0, 0, 0, [], []
+        acc = PerplexityAccumulator()
         for ids in window_batches(tokenizer, texts, seq_len, max_windows, batch_size, f"perplexity ({mode})",
                                   progress):
             ids = ids.to(device)
             out = model(ids, use_cache=mode == "cache", **extra)
             logits = out.logits[:, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                           ids[:, 1:].reshape(-1), reduction="sum"))
-            predicted += ids[:, 1:].numel()
-            windows += len(ids)
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                    reduction="sum")
+            stats = None
             if is_dmc:
                 stats = (CompressionStats.from_cache(out.past_key_values) if mode == "cache" else out.compression)
-                tokens.append(stats.tokens.cpu())
-                slots.append(stats.slots.cpu())
+            acc.add(float(nll), ids, stats)
     finally:
         model.train(was_training)
-    compression = (CompressionStats(tokens=torch.cat(tokens, dim=1), slots=torch.cat(slots, dim=1))
-                   if tokens else None)
-    return PerplexityResult(loss=nll / predicted, tokens=predicted, windows=windows, compression=compression)
+    return acc.result()

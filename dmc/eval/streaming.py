@@ -23,7 +23,7 @@ import torch
 
 from ..config import is_dmc
 from ..stats import CompressionStats
-from .perplexity import PerplexityResult, window_batches
+from .perplexity import PerplexityAccumulator, PerplexityResult, window_batches
 from .recall import check_probe, make_trial
 
 CacheFactory = Callable[[int], object]  # context length in tokens -> a fresh, empty cache
@@ -76,7 +76,7 @@ def streaming_perplexity(model, tokenizer, texts, cache_factory: CacheFactory, s
     """
     _check_model(model)
     device = next(model.parameters()).device
-    nll, predicted, windows, tokens, slots = 0.0, 0, 0, [], []
+    acc = PerplexityAccumulator()
     for ids in window_batches(tokenizer, texts, seq_len, max_windows, batch_size, "perplexity (streamed)", progress):
         ids = ids.to(device)
         cache = cache_factory(seq_len)
@@ -90,14 +90,8 @@ def streaming_perplexity(model, tokenizer, texts, cache_factory: CacheFactory, s
                                                        reduction="sum").double()
 
         stream(model, ids, cache, prefill if prefill is not None else default_prefill(cache), on_logits=score)
-        nll += float(total)
-        predicted += ids[:, 1:].numel()
-        windows += len(ids)
-        stats = CompressionStats.from_cache(cache)
-        tokens.append(stats.tokens.cpu())
-        slots.append(stats.slots.cpu())
-    return PerplexityResult(loss=nll / predicted, tokens=predicted, windows=windows,
-                            compression=CompressionStats(tokens=torch.cat(tokens, 1), slots=torch.cat(slots, 1)))
+        acc.add(float(total), ids, CompressionStats.from_cache(cache))
+    return acc.result()
 
 
 @torch.no_grad()
