@@ -15,9 +15,8 @@ vanilla mode (every token appends a slot); each (layer, sequence, KV head) holds
 - **Decode**: the step appends the token (slot ``budget`` at most, in the page the head already
   holds) and the paged kernel attends over the ``budget + 1`` slots; then the slots are scored with
   a plain PyTorch softmax over the gathered keys (the Triton attention kernel does not output
-  probabilities: this gathers every key once more and is the slow part of an eviction step, about
-  6x a DMC step at the same CR on an H100 with a 7B shape, batch 64, budget 384: benchmarks/eviction_step.py, measured when
-  values were gathered too; keys only since, not re-measured), and
+  probabilities: this gathers every key once more and is the slow part of an eviction step; its
+  measured cost: docs/benchmarks.md, "History"), and
   each head over the budget moves its last slot into the victim's place and drops its count by one.
   The order of slots does not matter to attention (keys are stored rotated). Fixed shapes and no
   host sync, so the step is still captured in CUDA graphs.
