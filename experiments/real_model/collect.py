@@ -65,6 +65,19 @@ def cr_lag(study: pathlib.Path, run: str) -> dict:
             "ramp_points": [[r["step"], round(r["target_cr"], 3), round(r["achieved_cr"], 3)] for r in marks]}
 
 
+def dmc_row(study: pathlib.Path) -> dict | None:
+    """The DMC row of a one-run study directory, with its CR lag and last per-head diagnostics."""
+    result = read(study / "results.json")
+    row = next((slim(r) for r in (result or {}).get("rows", []) if r["method"] == "dmc"), None)
+    if row is None:
+        return None
+    run = f"dmc-{row['target_cr']:g}x"
+    row.update(cr_lag(study, run))
+    diag = last_eval(study, run)
+    row.update({k: diag[k] for k in ("head_cr_min", "head_cr_max", "head_cr_hist") if k in diag})
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="the unpacked results.tgz (holds study/, logs/)")
@@ -96,17 +109,10 @@ def main() -> int:
     if reference:
         ablation.append({"variant": "main recipe (all levers)", **reference})
     for name, what in ABLATIONS.items():
-        result = read(root / "study" / name / "results.json")
-        if result is None:
-            ablation.append({"variant": what, "status": "not finished"})
-            continue
-        dmc = next((slim(r) for r in result["rows"] if r["method"] == "dmc"), None)
+        dmc = dmc_row(root / "study" / name)
         if dmc is None:
             ablation.append({"variant": what, "status": "not finished"})
             continue
-        dmc.update(cr_lag(root / "study" / name, "dmc-4x"))
-        diag = last_eval(root / "study" / name, "dmc-4x")
-        dmc.update({k: diag[k] for k in ("head_cr_min", "head_cr_max", "head_cr_hist") if k in diag})
         plain = next((r for r in rows if r["method"] == "plain"), None)
         if plain:
             dmc["ratio_to_plain"] = dmc["perplexity"] / plain["perplexity"]

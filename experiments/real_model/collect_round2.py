@@ -18,7 +18,7 @@ import shutil
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from collect import cr_lag, last_eval, read, render, slim  # noqa: E402
+from collect import dmc_row, read, render, slim  # noqa: E402
 
 VARIANTS = {  # round-2 study directory -> (ablation label, the round-1 label it replaces, if any)
     "d4-dual0.5": ("dual-ascent rate 0.5 instead of 3", None),
@@ -31,18 +31,6 @@ VARIANTS = {  # round-2 study directory -> (ablation label, the round-1 label it
 }
 OTHER_CRS = {"d2-dual0.5-ceil4": "DMC 2x, dual rate 0.5 + per-head ceiling 4",
              "d8-dual0.5-ceil16": "DMC 8x, dual rate 0.5 + per-head ceiling 16"}
-
-
-def dmc_row(study: pathlib.Path) -> dict | None:
-    result = read(study / "results.json")
-    row = next((slim(r) for r in (result or {}).get("rows", []) if r["method"] == "dmc"), None)
-    if row is None:
-        return None
-    run = f"dmc-{row['target_cr']:g}x"
-    row.update(cr_lag(study, run))
-    diag = last_eval(study, run)
-    row.update({k: diag[k] for k in ("head_cr_min", "head_cr_max", "head_cr_hist") if k in diag})
-    return row
 
 
 def copy_raw(root: pathlib.Path, dest: pathlib.Path) -> None:
