@@ -14,35 +14,9 @@
 # library's json, http, email and asyncio packages (whole packages, never trained on).
 set -u
 KEEP=${1:-/root/keep}
-cd "$KEEP/repo"
-export PYTHONPATH=/root/site:$KEEP/repo PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=2 TOKENIZERS_PARALLELISM=true
-PY=python3
-LOGS=$KEEP/logs; mkdir -p "$LOGS" "$KEEP/study"
-SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-STD=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
-MODEL=$KEEP/smollm2
-stamp() { echo "[$(date +%H:%M:%S)] $*"; }
-
-if [ ! -f "$MODEL/config.json" ]; then
-  stamp "importing the GGUF"
-  $PY -m dmc.cli.main import-gguf "$KEEP/smollm2.gguf" --out "$MODEL" > "$LOGS/import.log" 2>&1 || { stamp "import failed"; exit 1; }
-fi
-
-# A smoke test on CPU overrides these (DATA, HELDOUT, EVAL, TRAIN_SETTINGS as space-separated words).
-read -r -a DATA <<< "${DATA:-$SITE/sympy $SITE/pandas}"
-read -r -a HELDOUT <<< "${HELDOUT:-$STD/json $STD/http $STD/email $STD/asyncio}"
-read -r -a EVAL <<< "${EVAL:---eval-windows 32 --eval-batch-size 8}"
-TRAIN_DEFAULT="seq_len=1024 micro_batch_size=4 grad_accum=4 lr=3e-4 min_lr=3e-5 warmup_steps=10 zero_out_steps=30 retrofit_steps=180 finetune_steps=72 hard_steps=18 eval_every=100 eval_batches=4 save_every=100000"
-read -r -a TRAIN <<< "${TRAIN_SETTINGS:-$TRAIN_DEFAULT} token_cache=$KEEP/tokens"
-COMMON=("$MODEL" --data "${DATA[@]}" --heldout "${HELDOUT[@]}" "${EVAL[@]}")
+. "$(dirname "$0")/common.sh"
 MAIN=("${COMMON[@]}" --out "$KEEP/study/main" --crs 2 4 8 --methods dmc plain h2o tova)
 
-launch() {  # name, then dmc study arguments
-  local name=$1; shift
-  $PY -m dmc.cli.main study "$@" > "$LOGS/$name.log" 2>&1 &
-  echo $! > "$LOGS/$name.pid"
-  stamp "started $name (pid $!)"
-}
 
 # The first run tokenises the data into the shared token cache; the others start once it trains.
 launch dmc4 "${MAIN[@]}" --set "${TRAIN[@]}" --only dmc@4
@@ -64,7 +38,6 @@ launch abl-no-anneal "${ABL[@]}" --out "$KEEP/study/abl-no-anneal" --set "${TRAI
 
 # Eviction baselines once every DMC run of the main study has a result (matched budgets need it);
 # the engine check once DMC 4x is written.
-wait_for() { while kill -0 "$(cat "$LOGS/$1.pid")" 2> /dev/null; do sleep 5; done; }
 wait_for dmc4
 stamp "dmc@4 finished"
 if [ -f "$KEEP/study/main/runs/dmc-4x/model/config.json" ]; then
