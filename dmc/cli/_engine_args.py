@@ -1,4 +1,4 @@
-"""Engine options shared by ``dmc generate`` and ``dmc bench``, and checks shared with ``dmc eval``."""
+"""Engine options shared by ``dmc generate``, ``dmc bench`` and ``dmc serve``, and checks shared with ``dmc eval``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,18 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "ceil(n / c)")
     parser.add_argument("--eviction-recent", type=int, default=None,
                         help="H2O's protected recent window (default: half the budget)")
+
+
+def add_forced_cr_argument(parser: argparse.ArgumentParser) -> None:
+    """``--forced-cr`` of ``dmc bench`` and ``dmc serve`` (benchmarks on random weights)."""
+    parser.add_argument("--forced-cr", type=int, default=0,
+                        help="benchmarks only: force every head to compress at this integer CR (random weights); "
+                             "0 = off")
+
+
+def check_forced_cr(forced_cr: int) -> None:
+    if forced_cr < 0:
+        raise ValueError(f"--forced-cr must be 0 (off) or an integer CR >= 1, got {forced_cr}")
 
 
 def check_model_dir(model: str) -> None:

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from ._engine_args import add_engine_arguments, describe_load_error, engine_kwargs, load_errors
+from ._engine_args import (add_engine_arguments, add_forced_cr_argument, check_forced_cr, describe_load_error,
+                           engine_kwargs, load_errors)
 
 NAME = "bench"
 HELP = ("measure the engine's decode throughput on a local model: random prompts, greedy generation, the "
@@ -20,9 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-len", type=int, default=1024, help="tokens generated for every prompt, >= 2")
     parser.add_argument("--measure-steps", type=int, default=1024,
                         help="average over the last N decode steps (at most half of them)")
-    parser.add_argument("--forced-cr", type=int, default=0,
-                        help="benchmarks only: force every head to compress at this integer CR (random weights); "
-                             "0 = off")
+    add_forced_cr_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -36,8 +35,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--prompt-len must be >= 1 and --gen-len >= 2")
         if args.measure_steps < 1:
             raise ValueError(f"--measure-steps must be >= 1, got {args.measure_steps}")
-        if args.forced_cr < 0:
-            raise ValueError(f"--forced-cr must be 0 (off) or an integer CR >= 1, got {args.forced_cr}")
+        check_forced_cr(args.forced_cr)
         if kwargs["max_model_len"] is None:
             kwargs["max_model_len"] = args.prompt_len + args.gen_len
         elif args.prompt_len + args.gen_len > kwargs["max_model_len"]:

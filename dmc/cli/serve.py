@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 
-from ._engine_args import add_engine_arguments, describe_load_error, engine_kwargs, load_errors
+from ._engine_args import (add_engine_arguments, add_forced_cr_argument, check_forced_cr, describe_load_error,
+                           engine_kwargs, load_errors)
 
 NAME = "serve"
 HELP = ("serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, streaming, "
@@ -28,9 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, seconds running requests get to finish before they are aborted")
     parser.add_argument("--max-body-mib", type=float, default=32.0, help="largest request body (413 above)")
     parser.add_argument("--seed", type=int, default=0, help="draws the seeds of requests that give none")
-    parser.add_argument("--forced-cr", type=int, default=0,
-                        help="benchmarks only: force every head to compress at this integer CR (a model with random "
-                             "weights, as in `dmc bench`); 0 = off")
+    add_forced_cr_argument(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="server log level (one line per request at info)")
 
@@ -53,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
         if not args.max_body_mib > 0:
             raise ValueError(f"--max-body-mib must be > 0, got {args.max_body_mib}")
-        if args.forced_cr < 0:
-            raise ValueError(f"--forced-cr must be 0 (off) or an integer CR >= 1, got {args.forced_cr}")
+        check_forced_cr(args.forced_cr)
     except ValueError as exc:
         print(f"dmc serve: {exc}", file=sys.stderr)
         return 2
