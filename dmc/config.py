@@ -35,6 +35,11 @@ class DMCConfig:
             move s times faster at the model's learning rate. :func:`dmc.hf.convert.fold_logit_scale`
             multiplies it into the k weights and resets it to 1, which the trainer does before
             saving, so released models and the engine always see s = 1.
+        merge_delay: w, the most recent tokens of every head kept exact (0 in the paper). With w > 0 a
+            token's decision takes effect only when it is w tokens old: the cache holds the DMC slots of
+            the tokens older than w plus the last w tokens as they are, and query t attends to both
+            (the delayed window of DMS, Łańcucki et al. 2025, applied to DMC's merges). The window's
+            tokens count as slots in every CR. Not in the DMC paper, so 0 keeps its semantics.
     """
 
     window: int | None = 12
@@ -44,8 +49,11 @@ class DMCConfig:
     attn_implementation: str = "auto"
     compile_pooling: bool = True
     logit_scale: float = 1.0
+    merge_delay: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.merge_delay, int) or isinstance(self.merge_delay, bool) or self.merge_delay < 0:
+            raise ValueError(f"DMC merge_delay must be an integer >= 0 (0 = the paper), got {self.merge_delay!r}")
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"DMC window must be a positive integer or None, got {self.window!r}")
         if self.temperature <= 0:

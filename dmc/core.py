@@ -333,9 +333,73 @@ def dense_bias(key_bias: torch.Tensor, doc_ids: torch.Tensor | None = None) -> t
     return bias.masked_fill(~allowed, float("-inf"))
 
 
+# --------------------------------------------------------------------------- delayed merging (option)
+# ``merge_delay`` w > 0 (DMCConfig): query i sees the raw keys of its last w tokens (i-w, i] and the DMC
+# states of the tokens older than that, as §3 sees them from position i-w: the state at i-w (its
+# open slot) and every earlier state that ends a slot. w = 0 is §3 exactly (no raw keys).
+def delayed_pooled_bias(query_cols: torch.Tensor, key_cols: torch.Tensor, key_bias: torch.Tensor,
+                        delay: int) -> torch.Tensor:
+    """Bias ``[B, H, n, m]`` of queries (columns ``query_cols`` ``[n]``) on pooled states (columns
+    ``key_cols`` ``[m]``, per-key bias ``key_bias`` ``[B, H, m]``: training's log(1 - α̃_{j+1}) or
+    §3's 0/-inf): 0 at the open slot (key column = query column - w), ``key_bias`` before it,
+    -inf after it. With w = 0 and the same columns this is :func:`dense_bias`."""
+    horizon = query_cols[:, None] - delay
+    below = key_cols[None, :] < horizon
+    allowed = below | (key_cols[None, :] == horizon)
+    bias = torch.where(below, key_bias[..., None, :], 0.0)
+    return bias.masked_fill(~allowed, float("-inf"))
+
+
+def delayed_raw_visible(query_cols: torch.Tensor, key_cols: torch.Tensor, delay: int) -> torch.Tensor:
+    """Bool ``[n, r]``: query column i sees the raw key of column j iff i - w < j <= i."""
+    rel = query_cols[:, None] - key_cols[None, :]
+    return (rel >= 0) & (rel < delay)
+
+
+def delayed_dense_bias(key_bias: torch.Tensor, delay: int, doc_ids: torch.Tensor | None = None,
+                       pad_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The (B, H, L, 2L) bias of a full sequence with delayed merging, keys ordered [pooled states,
+    raw keys]; ``pad_bias`` ``[B, H, L]`` (0/-inf: padding) is added to both. The O(L²) reference form."""
+    length = key_bias.shape[-1]
+    cols = torch.arange(length, device=key_bias.device)
+    pooled = delayed_pooled_bias(cols, cols, key_bias, delay)
+    raw = torch.where(delayed_raw_visible(cols, cols, delay), 0.0, float("-inf")).to(pooled.dtype)
+    raw = raw.expand_as(pooled)
+    if pad_bias is not None:  # padding keys hidden, a raw one except from itself (no empty row: no NaN)
+        pooled = pooled + pad_bias[..., None, :]
+        raw = torch.where(cols[:, None] == cols[None, :], raw, raw + pad_bias[..., None, :])
+    bias = torch.cat([pooled, raw], dim=-1)
+    if doc_ids is not None:
+        same_doc = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
+        bias = bias.masked_fill(~torch.cat([same_doc, same_doc], dim=-1), float("-inf"))
+    return bias
+
+
+def delayed_merge_rate(target_cr: float | torch.Tensor, length: int, delay: int) -> float | torch.Tensor:
+    """The merge rate that gives ``target_cr`` over a sequence of ``length`` tokens when its last
+    ``delay`` tokens are kept raw: slots = w + (L - w)(1 - rate) = L / CR. ``1 - 1/CR`` at w = 0."""
+    if delay == 0:
+        return 1.0 - 1.0 / target_cr
+    if delay >= length or not length / target_cr > delay:
+        raise ValueError(f"merge_delay {delay} leaves no room for compression: a {length}-token sequence at "
+                         f"CR {float(target_cr):g} keeps {length / float(target_cr):.0f} slots; use a merge_delay "
+                         f"below that (or a longer sequence)")
+    return 1.0 - (length / target_cr - delay) / (length - delay)
+
+
+def delayed_cr(mean_alpha: float | torch.Tensor, length: int, delay: int) -> float | torch.Tensor:
+    """CR of a ``length``-token sequence whose tokens merge at rate ``mean_alpha``, the last ``delay``
+    kept raw: ``L / (w + (L - w)(1 - rate))`` (:func:`cr_from_alpha` at w = 0)."""
+    if delay == 0:
+        return cr_from_alpha(mean_alpha)
+    w = min(delay, length)
+    return length / (w + (length - w) * (1 - mean_alpha))
+
+
 # --------------------------------------------------------------------------- §4/§5 loss, schedules
 def compression_loss(alpha_hat: torch.Tensor, target_cr: float | torch.Tensor,
-                     valid: torch.Tensor | None = None, two_sided: bool = False) -> torch.Tensor:
+                     valid: torch.Tensor | None = None, two_sided: bool = False,
+                     merge_delay: int = 0) -> torch.Tensor:
     """One-sided compression loss (spec §4).
 
     Args:
@@ -344,6 +408,8 @@ def compression_loss(alpha_hat: torch.Tensor, target_cr: float | torch.Tensor,
         valid: optional ``[B, L]`` bool of real (non-padding) tokens.
         two_sided: penalise compressing more than the target too (``|(1 - 1/CR) - mean α̂|``): at a
             fixed target a one-sided loss lets the merge rate overshoot; not in the paper.
+        merge_delay: w of delayed merging: the target rate is the one that gives CR over the row's
+            length with its last w tokens raw (:func:`delayed_merge_rate`).
 
     Returns:
         Scalar: mean over the batch of ``max(0, (1 - 1/CR) - mean_{layers,heads,t} α̂)``.
@@ -354,7 +420,8 @@ def compression_loss(alpha_hat: torch.Tensor, target_cr: float | torch.Tensor,
         w = valid[:, None, None, :].to(alpha_hat.dtype)
         mean_alpha = (alpha_hat * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * alpha_hat.shape[1]
                                                             * alpha_hat.shape[2]).clamp_min(1)
-    target_rate = 1.0 - 1.0 / torch.as_tensor(target_cr, dtype=alpha_hat.dtype, device=alpha_hat.device)
+    target_rate = delayed_merge_rate(torch.as_tensor(target_cr, dtype=alpha_hat.dtype, device=alpha_hat.device),
+                                     alpha_hat.shape[-1], merge_delay)
     if two_sided:
         return (target_rate - mean_alpha).abs().mean()
     return F.relu(target_rate - mean_alpha).mean()

@@ -1,7 +1,8 @@
 """Compression statistics: realized CR overall, per layer and per head.
 
 CR is tokens seen per slot kept. Aggregates are ratios of sums (Σ tokens / Σ slots), which is
-what memory follows and equals ``1 / (1 - mean α)`` over the same tokens (spec §7.5).
+what memory follows and equals ``1 / (1 - mean α)`` over the same tokens (spec §7.5); with a
+merge delay w the last w tokens of each head are slots whatever they decided.
 """
 
 from __future__ import annotations
@@ -26,14 +27,20 @@ class CompressionStats:
         return cls(tokens=tokens, slots=slots)
 
     @classmethod
-    def from_decisions(cls, decisions: torch.Tensor, valid: torch.Tensor | None = None) -> "CompressionStats":
+    def from_decisions(cls, decisions: torch.Tensor, valid: torch.Tensor | None = None,
+                       merge_delay: int = 0) -> "CompressionStats":
         """From hard decisions ``[B, num_layers, H, L]`` of a forward pass (1 = merge).
 
         Every real token that does not merge opens a slot; ``valid`` ``[B, L]`` excludes padding.
+        With ``merge_delay`` w the last w token columns are kept raw (one slot each, whatever they
+        decided): what the cache holds after this forward.
         """
         alpha = decisions.detach().double()
         if valid is None:
             valid = torch.ones(alpha.shape[0], alpha.shape[-1], dtype=torch.bool, device=alpha.device)
+        if merge_delay:
+            alpha = alpha.clone()
+            alpha[..., -merge_delay:] = 0.0  # still raw: a slot each
         w = valid[:, None, None, :].double()
         slots = ((1 - alpha) * w).sum(-1).permute(1, 0, 2)
         tokens = w.sum(-1).expand(-1, alpha.shape[1], alpha.shape[2]).permute(1, 0, 2)

@@ -106,6 +106,11 @@ class LLM:
         self.tokenizer = tokenizer
         config = self.model.config
         self.dmc = DMCConfig.from_dict(config.dmc)
+        if self.dmc.merge_delay and not self.vanilla:
+            raise ValueError(f"this model merges with a delay (merge_delay = {self.dmc.merge_delay}), which the engine's "
+                             "paged cache and kernels do not implement yet: run it through Hugging Face instead "
+                             "(transformers' generate() with dmc.DMCCache, `dmc eval`), or load it with vanilla=True "
+                             "for its uncompressed form")
         self.max_model_len = int(max_model_len if max_model_len is not None else config.max_position_embeddings)
         if max_num_seqs < 1 or prefill_chunk < 1 or not -1 < admission_margin:
             raise ValueError("max_num_seqs and prefill_chunk must be >= 1 and admission_margin > -1")

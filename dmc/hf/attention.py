@@ -111,7 +111,10 @@ class DMCAttention(nn.Module):
                 q, k, v, noise, batch.starts, batch.valid, cos, sin, self.dmc.init_offset, self.dmc.temperature,
                 self.dmc.window, self.dmc.logit_scale, batch.hard)
             self.decisions = alpha_hat
-            out = self._attend(q, k_bar, v_bar, key_bias, batch)
+            if self.dmc.merge_delay:
+                out = self._attend_delayed(q, k_bar, v_bar, *raw_states(k, v, cos, sin), key_bias, batch)
+            else:
+                out = self._attend(q, k_bar, v_bar, key_bias, batch)
             return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), None
 
         if batch.vanilla:
@@ -129,7 +132,10 @@ class DMCAttention(nn.Module):
             alpha = alpha.masked_fill(~batch.valid[:, None, :], 1.0)  # padding is transparent
         self.decisions = alpha
 
-        if past_key_values is not None:
+        if past_key_values is not None and self.dmc.merge_delay and not batch.vanilla:
+            out = self._attend_cached_delayed(q, k, v, alpha, importance, cos, sin,
+                                              past_key_values.layers[self.layer_idx], batch)
+        elif past_key_values is not None:
             out = self._attend_cached(q, k, v, alpha, importance, cos, sin,
                                       past_key_values.layers[self.layer_idx], batch)
         else:
@@ -147,11 +153,87 @@ class DMCAttention(nn.Module):
             states = pooled_states
             if q.is_cuda and self.dmc.compile_pooling:
                 states = _compiled("pooled_states", pooled_states)
+            k_raw, v_raw = raw_states(k, v, cos, sin)
             q, k_bar, v_bar = states(q, k, v, alpha, importance, cos, sin, self.dmc.window)
             key_bias = core.key_bias_from_hard(alpha)
         if batch.valid is not None:
             key_bias = key_bias.masked_fill(~batch.valid[:, None, :], float("-inf"))
+        if self.dmc.merge_delay and not batch.vanilla:
+            return self._attend_delayed(q, k_bar, v_bar, k_raw, v_raw, key_bias, batch)
         return self._attend(q, k_bar, v_bar, key_bias, batch)
+
+    def _attend_delayed(self, q, k_bar, v_bar, k_raw, v_raw, key_bias, batch: DMCBatch) -> torch.Tensor:
+        """Full-sequence attention with delayed merging (``merge_delay`` w > 0): over the pooled states
+        as seen from w tokens back and the raw keys of the last w tokens (:func:`dmc.core.delayed_dense_bias`)."""
+        delay = self.dmc.merge_delay
+        pad_bias = None
+        if batch.valid is not None:
+            pad_bias = torch.zeros_like(key_bias).masked_fill(~batch.valid[:, None, :], float("-inf"))
+        impl = self.dmc.attn_implementation
+        if impl == "auto":
+            impl = "flex" if q.is_cuda else "dense"
+        if impl == "flex" and pad_bias is None:
+            if batch.block_mask is None:  # one per forward, shared by all layers
+                batch.block_mask = delayed_block_mask(batch.document_ids, q.shape[0], q.shape[-2], delay, q.device)
+            return flex_attend_delayed(q, k_bar, v_bar, k_raw, v_raw, key_bias, delay, self.scaling, batch.block_mask)
+        bias = core.delayed_dense_bias(key_bias, delay, batch.document_ids, pad_bias)
+        keys, values = torch.cat([k_bar, k_raw], dim=-2), torch.cat([v_bar, v_raw], dim=-2)
+        if impl == "sdpa":  # inference only: 0/-inf bias as a boolean mask
+            groups = q.shape[1] // k_bar.shape[1]
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=_expand_kv(bias == 0, groups),
+                                                  scale=self.scaling, enable_gqa=groups > 1)
+        return biased_attend(q, keys, values, bias, self.scaling)
+
+    def _attend_cached_delayed(self, q, k, v, alpha, importance, cos, sin, layer_cache, batch: DMCBatch):
+        """A chunk on top of a cache with delayed merging (``merge_delay`` w > 0).
+
+        The cache keeps the last w token columns raw (:attr:`DMCCacheLayer.pending`: pre-RoPE k with
+        channel D-1 zeroed, v, α, ω, validity and RoPE angles). The chunk's tokens join them; the oldest
+        leave the window, in order, and go through exactly the DMC path of :meth:`_attend_cached` (they
+        merge or append, with their own positions). The chunk's queries then attend over the earlier
+        slots, the leaving tokens' states (as §3 sees them from w tokens back) and the raw keys of their
+        last w tokens. Columns are relative to the first pending one.
+        """
+        if not hasattr(layer_cache, "pending"):
+            raise ValueError(f"{type(layer_cache).__name__} cannot hold a model with merge_delay > 0: use the "
+                             "model's own DMCCache")
+        delay, window = self.dmc.merge_delay, self.dmc.window
+        b, _, n = alpha.shape
+        valid = batch.valid if batch.valid is not None else torch.ones(b, n, dtype=torch.bool, device=alpha.device)
+        chunk = {"k": k, "v": v, "alpha": alpha, "importance": importance, "valid": valid, "cos": cos, "sin": sin}
+        both = chunk if layer_cache.pending is None else {
+            name: torch.cat([layer_cache.pending[name], x], dim=PENDING_DIMS[name]) for name, x in chunk.items()}
+        total = both["valid"].shape[1]
+        first_query = total - n
+        leaving = max(0, total - delay)
+        cols = torch.arange(total, device=alpha.device)
+        q = core.zero_last_channel(_rope_q(q, cos, sin))
+        k_raw, v_raw = raw_states(both["k"], both["v"], both["cos"], both["sin"])
+        # A padding query still sees its own raw key (no row of the mask is empty: no NaN to spread).
+        own = cols[None, :] == cols[first_query:, None]
+        raw_mask = core.delayed_raw_visible(cols[first_query:], cols, delay)[None, None] & (
+            both["valid"][:, None, None, :] | own)
+        keys, values, masks = [k_raw], [v_raw], [raw_mask.expand(b, k.shape[1], n, total)]
+        if leaving:
+            out = {name: x.narrow(PENDING_DIMS[name], 0, leaving) for name, x in both.items()}
+            a_l, w_l, valid_l = out["alpha"], out["importance"], out["valid"]
+            tail = 1 if window is None else max(1, min(window - 1, leaving))
+            terms = core.weighted_terms(w_l[..., -tail:], out["k"][..., -tail:, :], out["v"][..., -tail:, :])
+            prefix = layer_cache.window_prefix(terms)
+            sums = core.pool_with_prefix(a_l, core.weighted_terms(w_l, out["k"], out["v"]), window, prefix)
+            k_bar, v_bar = pooled_keys(sums, out["cos"], out["sin"], q.dtype)
+            old_k, old_v, old_visible = layer_cache.visible_slots(a_l, valid_l, k_bar)
+            new_bias = core.key_bias_from_hard(a_l).masked_fill(~valid_l[:, None, :], float("-inf"))
+            pooled = (core.delayed_pooled_bias(cols[first_query:], cols[:leaving], new_bias, delay) == 0) & (
+                valid_l[:, None, None, :])
+            old_mask = old_visible[..., None, :].expand(*old_visible.shape[:2], n, -1)
+            keys, values, masks = [old_k, k_bar] + keys, [old_v, v_bar] + values, [old_mask, pooled] + masks
+            layer_cache.commit(a_l, valid_l, k_bar, v_bar, prefix, terms, sums)
+        layer_cache.pending = {name: x.narrow(PENDING_DIMS[name], leaving, total - leaving) for name, x in both.items()}
+        groups = q.shape[1] // k.shape[1]
+        keys, values = _expand_kv(torch.cat(keys, dim=-2), groups), _expand_kv(torch.cat(values, dim=-2), groups)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=_expand_kv(torch.cat(masks, dim=-1), groups),
+                                              scale=self.scaling)
 
     def _attend(self, q, k_bar, v_bar, key_bias, batch: DMCBatch) -> torch.Tensor:
         impl = self.dmc.attn_implementation
@@ -203,6 +285,24 @@ class DMCAttention(nn.Module):
 
 def _rope_q(q, cos, sin):
     return q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+
+
+# Token dimension of each entry of a delayed cache's pending window (see DMCCacheLayer.pending).
+PENDING_DIMS = {"k": 2, "v": 2, "alpha": 2, "importance": 2, "valid": 1, "cos": 1, "sin": 1}
+
+
+def raw_states(k, v, cos, sin):
+    """The raw (unmerged) keys and values of delayed merging: k with channel D-1 zeroed before and
+    after RoPE at its own position (spec §1), v as is."""
+    k = core.zero_last_channel(k)
+    return core.zero_last_channel(_rope_q(k, cos, sin)), v
+
+
+def pooled_keys(sums, cos, sin, dtype):
+    """Running means (K/Z, V/Z) of pooled sums as the cache stores them: k̄ rotated at its token's
+    position, channel D-1 zeroed (the key half of :func:`states_from_sums`)."""
+    k_bar, v_bar = core.normalise(sums, (sums.shape[-1] - 1) // 2)
+    return core.zero_last_channel(_rope_q(k_bar.to(dtype), cos, sin)), v_bar.to(dtype)
 
 
 def pooled_states(q, k, v, alpha, importance, cos, sin, window: int | None):
@@ -260,6 +360,53 @@ def _compiled(name: str, fn, dynamic: bool | None = None):
 # ----------------------------------------------------------------------------- attention kernels
 def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def biased_attend(q, k, v, bias, scale) -> torch.Tensor:
+    """Eager attention with a materialised bias ``[B, H, Lq, Lk]`` (per KV head), softmax in fp32."""
+    groups = q.shape[1] // k.shape[1]
+    scores = torch.matmul(q.float(), _expand_kv(k, groups).float().transpose(-1, -2)) * scale + _expand_kv(bias, groups)
+    return torch.matmul(torch.softmax(scores, dim=-1), _expand_kv(v, groups).float()).to(q.dtype)
+
+
+def _split_delayed(kv_idx, length: int):
+    """Keys of delayed merging are [pooled states (L), raw keys (L)]: (is pooled, token column)."""
+    pooled = kv_idx < length
+    return pooled, torch.where(pooled, kv_idx, kv_idx - length)
+
+
+def delayed_block_mask(document_ids, batch: int, length: int, delay: int, device):
+    """FlexAttention block mask of delayed merging (the visibility of :func:`dmc.core.delayed_dense_bias`):
+    pooled state j iff j <= i - w, raw key j iff i - w < j <= i, within documents when given."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        pooled, j = _split_delayed(kv_idx, length)
+        ok = torch.where(pooled, j <= q_idx - delay, (j <= q_idx) & (j > q_idx - delay))
+        if document_ids is not None:
+            ok = ok & (document_ids[b, q_idx] == document_ids[b, j])
+        return ok
+
+    return create_block_mask(mask_mod, batch if document_ids is not None else None, None, length, 2 * length,
+                             device=device)
+
+
+def flex_attend_delayed(q, k_bar, v_bar, k_raw, v_raw, key_bias, delay: int, scale, block_mask) -> torch.Tensor:
+    """FlexAttention form of delayed merging: keys [pooled states, raw keys] (2L), the visibility as the
+    block mask of :func:`delayed_block_mask`, the training bias log(1 - α̃_{j+1}) of pooled states before
+    the open slot as a ``score_mod`` (O(L) extra memory, gradients reaching α through ``key_bias``)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    groups = q.shape[1] // k_bar.shape[1]
+    length = q.shape[-2]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        pooled, j = _split_delayed(kv_idx, length)
+        return score + torch.where(pooled & (j < q_idx - delay), key_bias[b, h // groups, j], 0.0)
+
+    fn = _compiled("flex_attention", flex_attention, dynamic=False) if q.is_cuda else flex_attention
+    return fn(q, torch.cat([k_bar, k_raw], dim=-2), torch.cat([v_bar, v_raw], dim=-2), score_mod=score_mod,
+              block_mask=block_mask, scale=scale, enable_gqa=groups > 1)
 
 
 def dense_attend(q, k, v, key_bias, document_ids, scale) -> torch.Tensor:

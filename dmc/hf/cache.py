@@ -66,6 +66,9 @@ class DMCCacheLayer(CacheLayerMixin, SlotCacheLayer):
         self.window = window
         self.lengths: torch.Tensor | None = None
         self.window_state: torch.Tensor | None = None
+        # Delayed merging (merge_delay w > 0): the last w token columns, not yet merged or appended.
+        # Written by DMCAttention; names and token dims in dmc.hf.attention.PENDING_DIMS.
+        self.pending: dict[str, torch.Tensor] | None = None
 
     # -- transformers' layer interface ------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -86,10 +89,18 @@ class DMCCacheLayer(CacheLayerMixin, SlotCacheLayer):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.lengths = self.window_state = None
+        self.keys = self.values = self.lengths = self.window_state = self.pending = None
         self.is_initialized = False
 
+    def pending_slots(self) -> torch.Tensor | int:
+        """Raw tokens held by each head ``[B, H]`` (delayed merging; 0 otherwise): they count as slots."""
+        if self.pending is None:
+            return 0
+        return self.pending["valid"].sum(-1, keepdim=True).expand_as(self.pending["alpha"][..., 0])
+
     def _select(self, index: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.pending = {k: t.index_select(0, index.to(t.device)) for k, t in self.pending.items()}
         if self.keys is None:
             return
         for name in ("keys", "values", "lengths", "window_state"):
@@ -103,8 +114,9 @@ class DMCCacheLayer(CacheLayerMixin, SlotCacheLayer):
         self._select(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.keys is not None:
-            self._select(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
+        like = self.keys if self.keys is not None else (None if self.pending is None else self.pending["valid"])
+        if like is not None:
+            self._select(torch.arange(like.shape[0], device=like.device).repeat_interleave(repeats))
 
     # -- DMC state transitions ----------------------------------------------------------------
     def state_width(self) -> int:
@@ -197,10 +209,17 @@ class DMCCache(Cache):
         self.positions = self.real_tokens_seen(valid.shape[0], valid.device) + valid.sum(-1)
 
     def slot_counts(self) -> torch.Tensor:
-        """Slots each head really keeps: LongTensor ``[num_layers, B, num_kv_heads]``."""
-        if self.layers[0].lengths is None:
+        """Slots each head really keeps: LongTensor ``[num_layers, B, num_kv_heads]`` (with delayed
+        merging, the raw tokens of the window included)."""
+        first = self.layers[0]
+        if first.lengths is None and getattr(first, "pending", None) is None:
             raise ValueError("the cache is empty: run the model on some tokens first")
-        return torch.stack([layer.lengths for layer in self.layers])
+        counts = []
+        for layer in self.layers:
+            pending = layer.pending_slots() if hasattr(layer, "pending_slots") else 0
+            lengths = layer.lengths if layer.lengths is not None else torch.zeros_like(pending)
+            counts.append(lengths + pending)
+        return torch.stack(counts)
 
     def _select(self, index: torch.Tensor) -> None:
         if self.positions is not None:

@@ -247,7 +247,8 @@ class DMCForCausalLMMixin:
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if target_cr is not None and not self.model.dmc_vanilla:
-            cr_loss = core.compression_loss(outputs.decisions, target_cr, outputs.valid)
+            cr_loss = core.compression_loss(outputs.decisions, target_cr, outputs.valid,
+                                             merge_delay=self.dmc_config.merge_delay)
         loss = lm_loss
         if lm_loss is not None and cr_loss is not None and self.training:
             loss = lm_loss + cr_loss
@@ -259,7 +260,8 @@ class DMCForCausalLMMixin:
             compression_loss=cr_loss,
             target_cr=target_cr,
             decisions=outputs.decisions,
-            compression=CompressionStats.from_decisions(outputs.decisions, outputs.valid),
+            compression=CompressionStats.from_decisions(outputs.decisions, outputs.valid,
+                                                         self.dmc_config.merge_delay if past_key_values is None else 0),
             decision_logits=outputs.decision_logits,
         )
 

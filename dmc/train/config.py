@@ -17,10 +17,10 @@ METHODS = ("dmc", "plain")
 
 # Recipe settings left unset (None) take their value from the preset: this project's recipe by
 # default, or "paper" = spec §5 exactly, what the paper's Llama-2 runs did (the project's levers off).
-RECIPE_DEFAULTS = {"logit_scale": 10.0, "cr_constraint": "dual", "cr_two_sided": True, "noise_end": 0.0,
+RECIPE_DEFAULTS = {"logit_scale": 10.0, "cr_constraint": "dual", "cr_two_sided": True, "noise_end": 0.0, "merge_delay": 0,
                    "stages": ["zero-out", "retrofit", "finetune", "hard"]}
 PRESETS = {
-    "paper": {"logit_scale": 1.0, "cr_constraint": "hinge", "cr_two_sided": False, "distill_weight": 0.0, "noise_end": 1.0,
+    "paper": {"merge_delay": 0, "logit_scale": 1.0, "cr_constraint": "hinge", "cr_two_sided": False, "distill_weight": 0.0, "noise_end": 1.0,
               "hard_steps": 0, "stages": ["zero-out", "retrofit", "finetune"]},
 }
 DISTILL_DIRECTIONS = ("forward", "reverse")
@@ -90,6 +90,10 @@ class TrainConfig:
             (hard decisions and the §3 mask), so training ends on the loss inference sees
             (None: a quarter of finetune_steps).
         temperature: the Gumbel-sigmoid τ of the relaxed decisions (not a sampling temperature).
+        merge_delay: w, the last w tokens of every head kept exact, a token merging only once it is
+            w tokens old (DMS's delayed window applied to merges; 0 = the paper; see
+            :class:`dmc.DMCConfig`). Saved with the model: it is inference semantics. The window counts
+            in the CR, so it must stay below seq_len / target_cr.
     """
 
     model: str = ""
@@ -136,6 +140,7 @@ class TrainConfig:
     lm_weight: float = 1.0
     noise_end: float | None = None
     hard_steps: int | None = None
+    merge_delay: int | None = None
     # DMC
     window: int | None = 12
     init_offset: float = 5.0
@@ -245,9 +250,14 @@ class TrainConfig:
         from ..config import DMCConfig
         try:
             DMCConfig(window=self.window, init_offset=self.init_offset, temperature=self.temperature,
-                      target_cr=self.target_cr, attn_implementation=self.attn_implementation)
+                      target_cr=self.target_cr, attn_implementation=self.attn_implementation,
+                      merge_delay=self.merge_delay)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.method == "dmc" and self.merge_delay and not self.seq_len / self.target_cr > self.merge_delay:
+            raise ConfigError(f"merge_delay {self.merge_delay} keeps more raw tokens than CR {self.target_cr:g} allows "
+                              f"in a {self.seq_len}-token row ({self.seq_len / self.target_cr:.0f} slots): use a "
+                              f"merge_delay below that, a longer seq_len or a lower target CR")
 
     def _validate_recipe(self) -> None:
         if not self.logit_scale > 0:

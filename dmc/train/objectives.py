@@ -168,7 +168,8 @@ class DMCObjective(LMObjective):
             return loss, out, parts
         cr_loss = out.compression_loss
         if self.cfg.cr_two_sided and mode.stage in ("finetune", "hard"):  # hold the target, don't overshoot it
-            cr_loss = core.compression_loss(out.decisions, mode.target_cr, getattr(out, "valid", None), two_sided=True)
+            cr_loss = core.compression_loss(out.decisions, mode.target_cr, getattr(out, "valid", None), two_sided=True,
+                                             merge_delay=self.cfg.merge_delay)
         loss = loss + self.cr_weight * cr_loss
         parts["cr_loss"] = cr_loss.detach()
         if self.cfg.max_head_cr is not None:

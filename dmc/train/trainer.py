@@ -264,7 +264,8 @@ class Retrofitter:
             return tokenizer, model
         model = _load_weights(path)
         settings = DMCConfig(window=cfg.window, init_offset=cfg.init_offset, temperature=cfg.temperature,
-                             target_cr=cfg.target_cr, attn_implementation=cfg.attn_implementation)
+                             target_cr=cfg.target_cr, attn_implementation=cfg.attn_implementation,
+                             merge_delay=cfg.merge_delay)
         if is_dmc(base_config.model_type):
             model.config.dmc = settings.to_dict()
             for layer in model.model.layers:
@@ -428,8 +429,10 @@ class Retrofitter:
             achieved = None
             if per_layer is not None:
                 per_layer = all_reduce_sum(per_layer, self.rt) / (totals[-1] / per_layer.numel())
-                achieved = float(core.cr_from_alpha(float(totals[-2] / totals[-1])))
-                values["per_layer_cr"] = [round(float(core.cr_from_alpha(float(a))), 4) for a in per_layer]
+                # The training estimate over a row of seq_len tokens, its last merge_delay kept raw.
+                delay, length = cfg.merge_delay, cfg.seq_len
+                achieved = float(core.delayed_cr(float(totals[-2] / totals[-1]), length, delay))
+                values["per_layer_cr"] = [round(float(core.delayed_cr(float(a), length, delay)), 4) for a in per_layer]
             values["achieved_cr"] = achieved if achieved is not None else 1.0
             values["cr_weight"] = self.objective.cr_weight
             values["noise_scale"] = mode.noise_scale
