@@ -377,14 +377,15 @@ def delayed_dense_bias(key_bias: torch.Tensor, delay: int, doc_ids: torch.Tensor
 
 def delayed_merge_rate(target_cr: float | torch.Tensor, length: int, delay: int) -> float | torch.Tensor:
     """The merge rate that gives ``target_cr`` over a sequence of ``length`` tokens when its last
-    ``delay`` tokens are kept raw: slots = w + (L - w)(1 - rate) = L / CR. ``1 - 1/CR`` at w = 0."""
+    ``delay`` tokens are kept raw: slots = w + (L - w)(1 - rate) = L / CR. ``1 - 1/CR`` at w = 0.
+    A sequence too short for the target (L / CR <= w) gets rate 1: merge all that can merge (the
+    trainer refuses such settings up front; this keeps a short evaluation window from failing)."""
     if delay == 0:
         return 1.0 - 1.0 / target_cr
-    if delay >= length or not length / target_cr > delay:
-        raise ValueError(f"merge_delay {delay} leaves no room for compression: a {length}-token sequence at "
-                         f"CR {float(target_cr):g} keeps {length / float(target_cr):.0f} slots; use a merge_delay "
-                         f"below that (or a longer sequence)")
-    return 1.0 - (length / target_cr - delay) / (length - delay)
+    if delay >= length:
+        return 1.0
+    rate = 1.0 - (length / target_cr - delay) / (length - delay)
+    return rate.clamp(max=1.0) if isinstance(rate, torch.Tensor) else min(1.0, rate)
 
 
 def delayed_cr(mean_alpha: float | torch.Tensor, length: int, delay: int) -> float | torch.Tensor:

@@ -112,6 +112,11 @@ class Retrofitter:
         cfg = self.cfg
         self.tokenizer, self.model = self._load_model()
         seq_len = min(cfg.seq_len, getattr(self.model.config, "max_position_embeddings", cfg.seq_len))
+        if not self.plain and cfg.merge_delay and not seq_len / cfg.target_cr > cfg.merge_delay:
+            raise ConfigError(f"merge_delay {cfg.merge_delay} keeps more raw tokens than CR {cfg.target_cr:g} allows in "
+                              f"the model's {seq_len}-token rows ({seq_len / cfg.target_cr:.0f} slots): use a "
+                              "merge_delay below that or a lower target CR")
+        self.seq_len = seq_len
         self.data = PackedData.from_sources(cfg.data, self.tokenizer, seq_len, cfg.val_fraction, cfg.seed,
                                             cfg.text_field, cfg.token_cache, progress=self.rt.is_main,
                                             on_bad_file=cfg.on_bad_file)
@@ -430,7 +435,7 @@ class Retrofitter:
             if per_layer is not None:
                 per_layer = all_reduce_sum(per_layer, self.rt) / (totals[-1] / per_layer.numel())
                 # The training estimate over a row of seq_len tokens, its last merge_delay kept raw.
-                delay, length = cfg.merge_delay, cfg.seq_len
+                delay, length = cfg.merge_delay, self.seq_len
                 achieved = float(core.delayed_cr(float(totals[-2] / totals[-1]), length, delay))
                 values["per_layer_cr"] = [round(float(core.delayed_cr(float(a), length, delay)), 4) for a in per_layer]
             values["achieved_cr"] = achieved if achieved is not None else 1.0

@@ -18,5 +18,5 @@ while :; do
   sleep 10
 done
 cd "$KEEP" && tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude=checkpoints --exclude=tensorboard \
-  --exclude='*.pt' study logs $(ls engine_check.json DONE 2> /dev/null)
+  --exclude='*.pt' study logs $(ls engine_check.json DONE TRAINED benchmarks.md 2> /dev/null)
 ls -la "$OUT"
