@@ -61,6 +61,8 @@ _HELP = {
     "lm_weight": "weight of the LM cross-entropy (0: distillation only)",
     "noise_end": "Gumbel noise scale reached at the end of the fine-tune (1 = the paper's constant noise)",
     "hard_steps": "length of the hard stage (inference forward, no noise) ('none': a quarter of finetune-steps)",
+    "merge_delay": "keep the last N tokens of every head raw; a token merges once it is N old (0 = the paper; "
+                   "'none': min(32, a quarter of the slots of a seq-len row at the target CR))",
     "window": "DMC window W: most tokens one slot averages ('none': unbounded)",
     "init_offset": "c, the decision logit offset at the start (merges start rare: sigma(-5) ~ 0.007)",
     "temperature": "tau of the Gumbel-sigmoid relaxation of the decisions during training (not a sampling "

@@ -17,7 +17,7 @@ METHODS = ("dmc", "plain")
 
 # Recipe settings left unset (None) take their value from the preset: this project's recipe by
 # default, or "paper" = spec §5 exactly, what the paper's Llama-2 runs did (the project's levers off).
-RECIPE_DEFAULTS = {"logit_scale": 10.0, "cr_constraint": "dual", "cr_two_sided": True, "noise_end": 0.0, "merge_delay": 0,
+RECIPE_DEFAULTS = {"logit_scale": 10.0, "cr_constraint": "dual", "cr_two_sided": True, "noise_end": 0.0,
                    "stages": ["zero-out", "retrofit", "finetune", "hard"]}
 PRESETS = {
     "paper": {"merge_delay": 0, "logit_scale": 1.0, "cr_constraint": "hinge", "cr_two_sided": False, "distill_weight": 0.0, "noise_end": 1.0,
@@ -29,6 +29,17 @@ CR_CONSTRAINTS = ("hinge", "dual")
 
 # Attention implementations that train (DMCConfig's "sdpa" gives no gradient to the decisions).
 TRAIN_ATTN_IMPLEMENTATIONS = ("auto", "flex", "dense")
+
+
+# Delayed merging by default (merge_delay None): 32 raw tokens, or a quarter of the slots a row keeps at the
+# target CR when that is less. Measured on SmolLM2-135M (docs/retrofit-recipe.md, round 3): 32 at 2x, 4x and
+# 8x on 1024-token rows (where 32 <= a quarter of the slots) met every quality target of issue #12.
+MERGE_DELAY_CAP = 32
+
+
+def auto_merge_delay(seq_len: int, target_cr: float) -> int:
+    """The default merge delay: ``min(32, slots / 4)`` with ``slots = seq_len / target_cr``."""
+    return max(0, min(MERGE_DELAY_CAP, int(seq_len / target_cr) // 4))
 
 
 class ConfigError(ValueError):
@@ -91,9 +102,10 @@ class TrainConfig:
             (None: a quarter of finetune_steps).
         temperature: the Gumbel-sigmoid τ of the relaxed decisions (not a sampling temperature).
         merge_delay: w, the last w tokens of every head kept exact, a token merging only once it is
-            w tokens old (DMS's delayed window applied to merges; 0 = the paper; see
-            :class:`dmc.DMCConfig`). Saved with the model: it is inference semantics. The window counts
-            in the CR, so it must stay below seq_len / target_cr.
+            w tokens old (DMS's delayed window applied to merges; 0 = the paper and the "paper" preset;
+            see :class:`dmc.DMCConfig`). None (default): :func:`auto_merge_delay`, min(32, a quarter
+            of the slots of a seq_len row at target_cr). Saved with the model: it is inference
+            semantics. The window counts in the CR, so it must stay below seq_len / target_cr.
     """
 
     model: str = ""
@@ -171,6 +183,9 @@ class TrainConfig:
         for key, value in chosen.items():
             if getattr(self, key) is None:  # explicit settings win over the preset
                 setattr(self, key, list(value) if isinstance(value, list) else value)
+        if self.merge_delay is None and isinstance(self.seq_len, int) and isinstance(self.target_cr, (int, float)) \
+                and self.target_cr >= 1:
+            self.merge_delay = auto_merge_delay(self.seq_len, self.target_cr)
         if isinstance(self.data, str):
             self.data = [self.data]
         self.stages = [s.strip() for s in (self.stages.split(",") if isinstance(self.stages, str) else self.stages)]

@@ -143,7 +143,9 @@ def render(quality: dict, ablation: list[dict], engine: dict | None) -> str:
              "| method | target CR | realized CR | perplexity | vs plain | vs original | tokens | relaxed gap (nats) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        label = r["method"] + (f" ({r['budget_kind']} budget {r.get('budget')})" if "budget_kind" in r else "")
+        label = (r["method"] + (f", merge_delay {r['merge_delay']}" if r.get("merge_delay") else "")
+                 + (f" ({r['budget_kind']} budget {r.get('budget')})" if "budget_kind" in r else "")
+                 + (f", round {r['round']}" if r.get("round") else ""))
         lines.append(f"| {label} | {_f(r.get('target_cr'), 'g')} | {_f(r.get('realized_cr'), '.3f')} | "
                      f"{_f(r.get('perplexity'), '.3f')} | {_f(r.get('ratio_to_plain'), '.3f')} | "
                      f"{_f(r.get('ratio_to_original'), '.3f')} | {_f((r.get('tokens') or 0) / 1e6, '.2f')}M | "
