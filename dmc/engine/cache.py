@@ -12,6 +12,13 @@ importances (fp32), for an unbounded one the running sums (fp32); see
 :mod:`dmc.kernels.reference`. Row S is a scratch row for the padding rows of a
 CUDA-graph bucket.
 
+Delayed merging (``merge_delay`` w > 0): every head also keeps its last w tokens raw, outside the
+pages, in a ring preallocated per row like the window state (``delay_kv``, ``delay_aw``,
+``delay_rope``; counted in :meth:`CacheLayout.sequence_bytes`): what attention needs (the raw key,
+rotated with the token's RoPE tables) and what the DMC update needs when the token is w old and
+leaves (pre-RoPE k, v, α, ω). Those tokens count as slots (:meth:`PagedKVCache.slot_counts`); the
+prefill view exposes the ring as the HF cache's ``pending`` window.
+
 The allocator lives on the device: a stack of free page ids and its size ``free_top``.
 Invariant between steps: page ``lens // P`` of every live head is allocated, so a decode step
 can always write its slot; after the step one page is popped for each head whose page just
@@ -101,6 +108,12 @@ class CacheLayout:
     window: int | None = 12
     vanilla: bool = False
     page_size: int = 16
+    merge_delay: int = 0
+
+    @property
+    def delay_width(self) -> int:
+        """w: raw tokens each head holds outside its pages (delayed merging; 0 when off or vanilla)."""
+        return 0 if self.vanilla else self.merge_delay
 
     @property
     def pages_per_head(self) -> int:
@@ -127,16 +140,18 @@ class CacheLayout:
         return self.window is None and not self.vanilla
 
     def sequence_bytes(self, dtype: torch.dtype) -> int:
-        """Fixed bytes per sequence row: page table, lens and window state."""
+        """Fixed bytes per sequence row: page table, lens, window state and the delayed-merging ring
+        (per head w raw k, v and fp32 α, ω; per row w RoPE cos, sin)."""
         size = torch.empty((), dtype=dtype).element_size()
         state = self.ring_width * (2 * self.head_dim * size + 4) + (4 * (2 * self.head_dim + 1) if self.unbounded else 0)
-        return self.rows * (4 * (self.pages_per_head + 1) + state)
+        state += self.delay_width * (2 * self.head_dim * size + 8)
+        return self.rows * (4 * (self.pages_per_head + 1) + state) + self.delay_width * 2 * self.head_dim * size
 
 
     @classmethod
     def plan(cls, config, *, dtype: torch.dtype, device: torch.device, max_model_len: int, max_num_seqs: int,
              window: int | None, vanilla: bool, utilization: float, kv_bytes: int | None, prefill_chunk: int,
-             slot_cap: int | None = None, row_extra_bytes=lambda layout: 0) -> "CacheLayout":
+             slot_cap: int | None = None, row_extra_bytes=lambda layout: 0, merge_delay: int = 0) -> "CacheLayout":
         """The layout of an engine's cache for an HF model ``config``: as many pages as the memory
         left for them holds (MemoryError, naming the settings that help, when not one sequence fits).
 
@@ -146,9 +161,10 @@ class CacheLayout:
                 ``CPU_KV_CACHE_FRACTION`` of the memory available and ``CPU_KV_CACHE_CAP`` bytes.
             slot_cap: the eviction budget (a head keeps at most that many slots), or None.
             row_extra_bytes: fixed bytes per sequence row beyond the tables (eviction's slot state).
+            merge_delay: w of delayed merging (its raw ring is fixed per-row memory, counted in the tables).
         """
         shape = cls(config.num_hidden_layers, config.num_key_value_heads, head_dim(config), 0, max_num_seqs,
-                    max_model_len, window, vanilla)
+                    max_model_len, window, vanilla, merge_delay=merge_delay)
         device = torch.device(device)
         tables = (shape.sequence_bytes(dtype) + row_extra_bytes(shape)) * (max_num_seqs + 1)
         page_bytes = shape.page_bytes(dtype)
@@ -260,6 +276,13 @@ class PagedKVCache:
         width, ring_rows = max(layout.ring_width, 1), rows if layout.ring_width else 1
         self.ring_kv = torch.zeros(lay, ring_rows, h, width, 2 * d, dtype=dtype, device=self.device)
         self.ring_w = torch.zeros(lay, ring_rows, h, width, dtype=torch.float32, device=self.device)
+        # Delayed merging (merge_delay w > 0): the last w tokens of every head, token t at index t % w, as
+        # what the DMC update needs when it leaves: pre-RoPE k (channel D-1 zeroed) and v, fp32 α and ω;
+        # and per row their RoPE tables (attention rotates the raw keys with them, as the HF path does).
+        delay, delay_rows = max(layout.delay_width, 1), rows if layout.delay_width else 1
+        self.delay_kv = torch.zeros(lay, delay_rows, h, delay, 2 * d, dtype=dtype, device=self.device)
+        self.delay_aw = torch.zeros(lay, delay_rows, h, delay, 2, dtype=torch.float32, device=self.device)
+        self.delay_rope = torch.zeros(delay_rows, delay, 2, d, dtype=dtype, device=self.device)
         # Free stack: ids 1..num_pages-1; free_top = how many are on it.
         self.free_pages = torch.arange(1, layout.num_pages, dtype=torch.int32, device=self.device)
         self.free_top = torch.tensor([layout.num_pages - 1], dtype=torch.int64, device=self.device)
@@ -272,6 +295,16 @@ class PagedKVCache:
 
     def free_row_count(self) -> int:
         return len(self._free_rows)
+
+    def raw_held(self, seen: int) -> int:
+        """Raw tokens each head of a row that has seen ``seen`` tokens holds in its delay ring (0 without
+        delayed merging): they have not been merged or appended yet."""
+        return min(seen, self.layout.delay_width)
+
+    def slot_counts(self, row: int, seen: int) -> torch.Tensor:
+        """Slots each head of a row keeps ``[L, H]`` (long): its pages' slots plus, with delayed merging,
+        the raw tokens of its window (they count as slots, as in :meth:`dmc.hf.cache.DMCCache.slot_counts`)."""
+        return self.lens[:, row].long() + self.raw_held(seen)
 
     # ------------------------------------------------------------------ rows
     def open_row(self) -> int:
@@ -287,6 +320,10 @@ class PagedKVCache:
         if self.layout.ring_width:
             self.ring_kv[:, row] = 0
             self.ring_w[:, row] = 0
+        if self.layout.delay_width:
+            self.delay_kv[:, row] = 0
+            self.delay_aw[:, row] = 0
+            self.delay_rope[row] = 0
         self.page_table[:, row] = 0
         # The ready page of every head: the decode step's allocator does exactly this.
         self.allocate(torch.tensor([row], dtype=torch.int32, device=self.device))
@@ -404,11 +441,50 @@ class _LayerView(SlotCacheLayer):
     def __init__(self, cache: PagedKVCache, row: int, layer: int, seen: int) -> None:
         self.cache, self.row, self.layer, self.seen = cache, row, layer, seen
         self.window = cache.layout.window
+        # Delayed merging: of the ``seen`` tokens, the last ``held`` are raw (the delay ring) and the
+        # ``committed`` ones went through DMC (the pages and the window state). Without it, committed = seen.
+        self.held = cache.raw_held(seen)
+        self.committed = seen - self.held
+        self._pending: dict[str, torch.Tensor] | None = None  # the ring gathered once (the attention reads it often)
+
+    @property
+    def pending(self) -> dict[str, torch.Tensor] | None:
+        """The delay ring as :attr:`dmc.hf.cache.DMCCacheLayer.pending` (batch of 1, oldest first; names
+        and token dims in :data:`dmc.hf.attention.PENDING_DIMS`), or None when it holds nothing."""
+        if self.held == 0:
+            return None
+        if self._pending is None:
+            self._pending = self._gather_pending()
+        return self._pending
+
+    def _gather_pending(self) -> dict[str, torch.Tensor]:
+        cache, d = self.cache, self.cache.layout.head_dim
+        index = torch.arange(self.committed, self.committed + self.held, device=cache.device) % cache.layout.delay_width
+        kv = cache.delay_kv[self.layer, self.row][:, index][None]  # [1, H, m, 2D]
+        aw = cache.delay_aw[self.layer, self.row][:, index][None]  # [1, H, m, 2]
+        rope = cache.delay_rope[self.row][index][None]  # [1, m, 2, D]
+        return {"k": kv[..., :d], "v": kv[..., d:], "alpha": aw[..., 0], "importance": aw[..., 1],
+                "valid": torch.ones(1, self.held, dtype=torch.bool, device=cache.device),
+                "cos": rope[:, :, 0], "sin": rope[:, :, 1]}
+
+    @pending.setter
+    def pending(self, value: dict[str, torch.Tensor]) -> None:
+        """Store the window left after a chunk: its tokens follow the ``committed`` ones (the DMC attention
+        sets it after :meth:`commit`); a batch of 1 without padding (the engine never pads a prefill)."""
+        cache = self.cache
+        held = value["valid"].shape[1]
+        index = torch.arange(self.committed, self.committed + held, device=cache.device) % cache.layout.delay_width
+        cache.delay_kv[self.layer, self.row][:, index] = torch.cat([value["k"][0], value["v"][0]], -1).to(cache.dtype)
+        cache.delay_aw[self.layer, self.row][:, index] = torch.stack(
+            [value["alpha"][0], value["importance"][0]], -1).float()
+        if self.layer == cache.layout.num_layers - 1:  # one table per row: earlier layers of this forward read it
+            cache.delay_rope[self.row][index] = torch.stack([value["cos"][0], value["sin"][0]], 1).to(cache.dtype)
+        self.held, self._pending = held, None
 
     def window_prefix(self, terms: torch.Tensor) -> torch.Tensor:
-        if self.cache.layout.vanilla or self.seen == 0:
+        if self.cache.layout.vanilla or self.committed == 0:
             return terms[..., :0, :]
-        return self.cache.window_prefix(self.layer, self.row, self.seen)[None]
+        return self.cache.window_prefix(self.layer, self.row, self.committed)[None]
 
     def slot_lengths(self) -> torch.Tensor:
         return self.cache.lens[self.layer, self.row].long()[None]  # [1, H]
@@ -442,7 +518,8 @@ class _LayerView(SlotCacheLayer):
         if not cache.layout.vanilla:
             width = cache.layout.ring_width
             state = core.next_window_state(alpha, terms, self.window, _pad_prefix(prefix, width), sums)
-            cache.set_window_state(self.layer, self.row, self.seen + n, state[0])
+            cache.set_window_state(self.layer, self.row, self.committed + n, state[0])
+        self.committed += n
 
 
 def _pad_prefix(prefix: torch.Tensor, width: int) -> torch.Tensor:

@@ -63,6 +63,10 @@ class LLM:
             DMC one with ``vanilla=True`` (a DMC model that merges is refused). Decode steps are
             slower than plain ones (the slots' attention probabilities are recomputed in PyTorch).
         seed: draws the seeds of requests that do not give one.
+
+    A model with delayed merging (``merge_delay`` > 0 in its DMC config) runs exactly (the HF path's
+    semantics: the last w tokens of every head raw, counted as slots in ``compression``), but its decode
+    step is the PyTorch one on every device, without CUDA graphs (:mod:`dmc.engine.runner`).
     """
 
     def __init__(self, model, *, tokenizer=None, dtype: str | torch.dtype = "auto", device: str | None = None,
@@ -106,11 +110,6 @@ class LLM:
         self.tokenizer = tokenizer
         config = self.model.config
         self.dmc = DMCConfig.from_dict(config.dmc)
-        if self.dmc.merge_delay and not self.vanilla:
-            raise ValueError(f"this model merges with a delay (merge_delay = {self.dmc.merge_delay}), which the engine's "
-                             "paged cache and kernels do not implement yet: run it through Hugging Face instead "
-                             "(transformers' generate() with dmc.DMCCache, `dmc eval`), or load it with vanilla=True "
-                             "for its uncompressed form")
         self.max_model_len = int(max_model_len if max_model_len is not None else config.max_position_embeddings)
         if max_num_seqs < 1 or prefill_chunk < 1 or not -1 < admission_margin:
             raise ValueError("max_num_seqs and prefill_chunk must be >= 1 and admission_margin > -1")
@@ -129,7 +128,7 @@ class LLM:
             utilization=gpu_memory_utilization, kv_bytes=kv_cache_memory, prefill_chunk=prefill_chunk,
             slot_cap=self._slot_cap,
             row_extra_bytes=(lambda shape: 0) if eviction is None else (
-                lambda shape: EngineEviction.sequence_bytes(shape, eviction)))
+                lambda shape: EngineEviction.sequence_bytes(shape, eviction)), merge_delay=self.dmc.merge_delay)
         self.cache = PagedKVCache(layout, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.cache, vanilla=self.vanilla, forced_period=forced_period,
                                   eviction=None if eviction is None else EngineEviction(eviction, self.cache))
@@ -227,8 +226,10 @@ class LLM:
                     sched.requeue(request)
                 break
             if self.eviction is None:  # with eviction the cap, not a ratio, bounds the pages
+                # Pages hold the tokens that went through DMC; a delayed model's raw window is fixed memory.
                 slots = self.cache.lens[:, request.row].sum().item()
-                sched.estimate.observe(request.seen * self.cache.layout.rows, slots)
+                committed = request.seen - self.cache.raw_held(request.seen)
+                sched.estimate.observe(committed * self.cache.layout.rows, slots)
             token = sample(logits[None], SamplingBatch.build([request.params], [request.seed],
                                                              [len(request.output_ids)], self.device))
             changed += self._postprocess([request], token)
@@ -323,7 +324,7 @@ class LLM:
             self._finish(request, reason)
 
     def _finish(self, request: Request, reason: str) -> None:
-        slots = self.cache.lens[:, request.row].double()[:, None, :]  # [L, 1, H]
+        slots = self.cache.slot_counts(request.row, request.seen).double()[:, None, :]  # [L, 1, H], raw window incl.
         stats = CompressionStats(tokens=torch.full_like(slots, request.seen), slots=slots)
         request.compression = {"tokens": request.seen, "slots": int(slots.sum()), **stats.summary()}
         self.scheduler.finish(request, reason)

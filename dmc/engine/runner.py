@@ -9,6 +9,15 @@ The decode step is the engine's own layer loop: the model's norms, projections a
 paged split-K attention (then, for the H2O/TOVA baselines, :mod:`dmc.engine.eviction`); after
 the last layer the allocator tops up pages. Without host syncs it is captured in CUDA graphs, one
 per batch-size bucket.
+
+Delayed merging (``merge_delay`` w > 0): every head also holds its last w tokens raw, in the cache's
+delay ring. A decode step puts the new token there; the token it replaces (w older) goes through the
+DMC update with its own α, ω and position; the query attends over the slots and the raw keys in one
+softmax. Those steps have no Triton kernel yet: delayed models decode with the PyTorch twins
+(:func:`dmc.kernels.reference.delayed_decode_update_ref`, ``delayed_decode_attention_ref``) on every
+device and without CUDA graphs (their attention syncs with the host for the longest head). Prefill is
+the HF path's own ``_attend_cached_delayed`` over the :class:`SequenceView`, which reads and writes
+the ring as its ``pending`` window.
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ class ModelRunner:
         self.vanilla = vanilla
         self.forced_period = forced_period
         self.dmc = DMCConfig.from_dict(model.config.dmc)
+        self.delay = cache.layout.delay_width  # merge_delay w (0: off, or vanilla)
         self.kernels = decode_ops(cache.device)
         self.graph_buckets: list[int] = []  # batch sizes to capture (lazily, on first use)
         self.graphs: dict[int, _DecodeGraph] = {}
@@ -102,19 +112,31 @@ class ModelRunner:
         b = hidden.shape[0]
         cos, sin = self.base.rotary_emb(hidden[:, None], positions.long()[:, None])
         cos, sin = cos[:, 0], sin[:, 0]
+        if self.delay:
+            leave_cos, leave_sin = self._enter_delay_ring(hidden, cos, sin, positions, seq_ids)
         for index, layer in enumerate(self.base.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
             q = _heads(attn.q_proj, attn.q_norm, x, attn.head_dim)
             key = _heads(attn.k_proj, attn.k_norm, x, attn.head_dim)
             value = attn.v_proj(x).view(b, -1, attn.head_dim)
-            q_rot, _ = k.decode_update(
-                q, key, value, cos, sin, seq_ids, positions, index, cache.k_pool, cache.v_pool, cache.page_table,
-                cache.lens, cache.ring, cache.ring_kv, cache.ring_w, init_offset=self.dmc.init_offset,
-                window=self.dmc.window,
-                vanilla=self.vanilla, page_size=cache.layout.page_size, forced_period=self.forced_period)
-            out = k.paged_decode_attention(q_rot, cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids,
-                                           index, attn.scaling, cache.layout.page_size)
+            if self.delay:  # PyTorch on every device (see the module docstring)
+                q_rot, _ = k.delayed_decode_update(
+                    q, key, value, cos, sin, leave_cos, leave_sin, seq_ids, positions, index, cache.k_pool,
+                    cache.v_pool, cache.page_table, cache.lens, cache.ring, cache.ring_kv, cache.ring_w,
+                    cache.delay_kv, cache.delay_aw, init_offset=self.dmc.init_offset, window=self.dmc.window,
+                    page_size=cache.layout.page_size, forced_period=self.forced_period)
+                out = k.delayed_decode_attention(q_rot, cache.k_pool, cache.v_pool, cache.page_table, cache.lens,
+                                                 seq_ids, positions, index, attn.scaling, cache.layout.page_size,
+                                                 cache.delay_kv, cache.delay_rope)
+            else:
+                q_rot, _ = k.decode_update(
+                    q, key, value, cos, sin, seq_ids, positions, index, cache.k_pool, cache.v_pool, cache.page_table,
+                    cache.lens, cache.ring, cache.ring_kv, cache.ring_w, init_offset=self.dmc.init_offset,
+                    window=self.dmc.window,
+                    vanilla=self.vanilla, page_size=cache.layout.page_size, forced_period=self.forced_period)
+                out = k.paged_decode_attention(q_rot, cache.k_pool, cache.v_pool, cache.page_table, cache.lens,
+                                               seq_ids, index, attn.scaling, cache.layout.page_size)
             if self.eviction is not None:
                 self.eviction.after_decode(index, q_rot, seq_ids, positions, attn.scaling)
             hidden = hidden + attn.o_proj(out.reshape(b, -1))
@@ -124,11 +146,22 @@ class ModelRunner:
                          cache.layout.page_size)
         return logits
 
+    def _enter_delay_ring(self, hidden, cos, sin, positions, seq_ids):
+        """Delayed merging, once per step (the tables are per row, not per layer): the new tokens' RoPE
+        tables go into their rows' delay ring; returns those of the tokens that leave it (w older, clamped
+        at position 0 where none leaves), ``[B, D]`` each."""
+        cache = self.cache
+        leave_cos, leave_sin = self.base.rotary_emb(hidden[:, None], (positions.long() - self.delay).clamp_min(0)[:, None])
+        rows = torch.where(seq_ids >= 0, seq_ids.long(), cache.scratch_row)  # padding rows: the scratch row
+        cache.delay_rope[rows, positions.long() % self.delay] = torch.stack([cos, sin], 1).to(cache.dtype)
+        return leave_cos[:, 0], leave_sin[:, 0]
+
     # ------------------------------------------------------------------ CUDA graphs
     def use_cuda_graphs(self, batch_sizes: list[int]) -> None:
         """Replay the decode step from CUDA graphs, one per batch-size bucket, each captured the
-        first time a batch needs it; padding rows (seq id -1) fill a batch up to its bucket."""
-        if self.cache.device.type == "cuda":
+        first time a batch needs it; padding rows (seq id -1) fill a batch up to its bucket.
+        Not for delayed merging: its PyTorch decode step syncs with the host (it stays eager)."""
+        if self.cache.device.type == "cuda" and not self.delay:
             self.graph_buckets = sorted(batch_sizes)
 
 

@@ -56,17 +56,43 @@ def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_poo
     b, hq, d = q.shape
     h = k.shape[1]
     active = seq_ids >= 0
-    rows = seq_ids.long().clamp_min(0)
-    t = pos.long()
     qf, kf, vf = q.float(), k.float(), v.float()
     if vanilla:
         alpha = torch.zeros(b, h, device=q.device)
         weight = torch.ones(b, h, device=q.device)
-    else:  # the decision channel of one token per row: a chunk of length 1 (spec §1-§2)
-        qs, ks, logits, importance = core.split_decision_channel(qf[:, :, None], kf[:, :, None], init_offset)
-        alpha = core.inference_decisions(logits, starts=(t == 0)[:, None], positions=t[:, None],
-                                         forced_period=forced_period)[..., 0]
-        weight, qf, kf = importance[..., 0], qs[:, :, 0], ks[:, :, 0]
+    else:
+        qf, kf, alpha, weight = _decisions(qf, kf, pos, init_offset, forced_period)
+    alpha = alpha * active[:, None]
+    commit_token_ref(kf, vf, alpha, weight, cos, sin, seq_ids, pos, layer, k_pool, v_pool, page_table, lens, ring,
+                     ring_kv, ring_w, window=window, vanilla=vanilla, page_size=page_size)
+    q_rot = rope(qf, cos.float()[:, None], sin.float()[:, None])
+    if not vanilla:
+        q_rot = core.zero_last_channel(q_rot)
+    return q_rot.to(q.dtype), alpha
+
+
+def _decisions(qf, kf, pos, init_offset: float, forced_period: int):
+    """The decision channel of one token per row: a chunk of length 1 (spec §1-§2). fp32 ``q`` ``[B, H*G, D]``,
+    ``k`` ``[B, H, D]`` → ``(q, k)`` with channel D-1 zeroed, α and ω ``[B, H]``."""
+    t = pos.long()
+    qs, ks, logits, importance = core.split_decision_channel(qf[:, :, None], kf[:, :, None], init_offset)
+    alpha = core.inference_decisions(logits, starts=(t == 0)[:, None], positions=t[:, None],
+                                     forced_period=forced_period)[..., 0]
+    return qs[:, :, 0], ks[:, :, 0], alpha, importance[..., 0]
+
+
+def commit_token_ref(kf, vf, alpha, weight, cos, sin, seq_ids, pos, layer: int, k_pool, v_pool, page_table, lens,
+                     ring, ring_kv, ring_w, *, window: int | None, vanilla: bool, page_size: int) -> None:
+    """One token per row through the DMC update (spec §2): window sums, RoPE at its position, slot write
+    (a merge overwrites the last slot, an append opens one), window state. ``kf``, ``vf`` ``[B, H, D]`` fp32
+    (k before RoPE, channel D-1 zeroed unless vanilla), its decisions ``alpha`` and importances ``weight``
+    ``[B, H]``, RoPE tables ``[B, D]`` and positions ``pos`` ``[B]`` of the token; rows with seq id -1 are
+    skipped. The second half of :func:`decode_update_ref`; delayed merging runs it on the token that leaves
+    the delay ring (:func:`delayed_decode_update_ref`)."""
+    b, h, d = kf.shape
+    active = seq_ids >= 0
+    rows = seq_ids.long().clamp_min(0)
+    t = pos.long()
     alpha = alpha * active[:, None]
     terms = core.weighted_terms(weight, kf, vf)  # [B, H, 2D+1]
 
@@ -84,15 +110,13 @@ def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_poo
         kv_state[torch.arange(b), :, here] = torch.cat([kf, vf], -1).to(ring_kv.dtype)
         w_state[torch.arange(b), :, here] = weight
     k_bar, v_bar = core.normalise(sums, d)
-    cos_, sin_ = cos.float()[:, None], sin.float()[:, None]
-    k_bar = rope(k_bar, cos_, sin_)
-    q_rot = rope(qf, cos_, sin_)
+    k_bar = rope(k_bar, cos.float()[:, None], sin.float()[:, None])
     if not vanilla:
-        k_bar, q_rot = core.zero_last_channel(k_bar), core.zero_last_channel(q_rot)
+        k_bar = core.zero_last_channel(k_bar)
 
     old = lens[layer, rows].long()  # [B, H]
     slot = old - core.merges_into_last(alpha, old).long()  # a merge overwrites the last slot
-    page = page_table[layer, rows[:, None], torch.arange(h, device=q.device)[None], slot // page_size].long()
+    page = page_table[layer, rows[:, None], torch.arange(h, device=kf.device)[None], slot // page_size].long()
     sel = active[:, None].expand(b, h)
     k_pool[page[sel], (slot % page_size)[sel]] = k_bar[sel].to(k_pool.dtype)
     v_pool[page[sel], (slot % page_size)[sel]] = v_bar[sel].to(v_pool.dtype)
@@ -104,7 +128,70 @@ def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_poo
     else:
         ring_kv[layer, rows[active]] = kv_state[active]
         ring_w[layer, rows[active]] = w_state[active]
+
+
+# --------------------------------------------------------------------------- delayed merging
+# merge_delay w > 0 (DMCConfig): every head also keeps its last w tokens raw, token t at index t % w of
+# ``delay_kv`` ``[L, S, H, w, 2D]`` (k before RoPE with channel D-1 zeroed, v; cache dtype) and ``delay_aw``
+# ``[L, S, H, w, 2]`` (fp32 α and ω, decided when the token came in), with the RoPE tables of those tokens in
+# ``delay_rope`` ``[S, w, 2, D]`` (cos, sin; one per row, written by the caller). Those twins have no Triton
+# kernel yet: delayed models run them on every device.
+def delayed_decode_update_ref(q, k, v, cos, sin, leave_cos, leave_sin, seq_ids, pos, layer: int, k_pool, v_pool,
+                              page_table, lens, ring, ring_kv, ring_w, delay_kv, delay_aw, *, init_offset: float,
+                              window: int | None, page_size: int, forced_period: int = 0
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoding step of one layer with delayed merging: token ``pos`` decides (α, ω) and enters the delay
+    ring; the token it replaces there, ``pos - w`` (if ``pos >= w``), leaves and goes through the DMC update
+    with its own α, ω and RoPE tables ``leave_cos``/``leave_sin`` ``[B, D]`` (:func:`commit_token_ref`).
+    Arguments otherwise as :func:`decode_update_ref`. Returns ``(q_rot, alpha)`` of the new token."""
+    b, hq, d = q.shape
+    h, delay = k.shape[1], delay_kv.shape[3]
+    active = seq_ids >= 0
+    qf, kf, alpha, weight = _decisions(q.float(), k.float(), pos, init_offset, forced_period)
+    alpha = alpha * active[:, None]
+    # Skipped rows read and write the scratch row (the last one), never a real one.
+    rows = torch.where(active, seq_ids.long(), delay_kv.shape[1] - 1)[:, None]
+    here = (pos.long() % delay)[:, None]
+    heads = torch.arange(h, device=q.device)[None]
+    raw, raw_aw = delay_kv[layer][rows, heads, here], delay_aw[layer][rows, heads, here]  # [B, H, 2D], [B, H, 2]
+    leaving = torch.where(pos >= delay, seq_ids, -1)
+    commit_token_ref(raw[..., :d].float(), raw[..., d:].float(), raw_aw[..., 0], raw_aw[..., 1], leave_cos,
+                     leave_sin, leaving, pos - delay, layer, k_pool, v_pool, page_table, lens, ring, ring_kv, ring_w,
+                     window=window, vanilla=False, page_size=page_size)
+    delay_kv[layer][rows, heads, here] = torch.cat([kf, v.float()], -1).to(delay_kv.dtype)
+    delay_aw[layer][rows, heads, here] = torch.stack([alpha, weight], -1)
+    q_rot = core.zero_last_channel(rope(qf, cos.float()[:, None], sin.float()[:, None]))
     return q_rot.to(q.dtype), alpha
+
+
+def delayed_decode_attention_ref(q, k_pool, v_pool, page_table, lens, seq_ids, pos, layer: int, scale: float,
+                                 page_size: int, delay_kv, delay_rope) -> torch.Tensor:
+    """Attention of one query per row with delayed merging: over its heads' slots (the tokens older than
+    the window, as :func:`paged_decode_attention_ref`) and the raw keys of its last ``min(pos + 1, w)``
+    tokens, rotated at their own positions with channel D-1 zeroed (as ``dmc.hf.attention.raw_states``),
+    in one softmax. ``q`` rotated ``[B, H*G, D]``; ``pos`` ``[B]`` the query's position (its token is in
+    the ring already). Returns ``[B, H*G, D]`` (zeros on skipped rows)."""
+    b, hq, d = q.shape
+    active = seq_ids >= 0
+    rows = seq_ids.long().clamp_min(0)
+    length = lens[layer, rows].long() * active[:, None]  # [B, H]
+    slots = torch.arange(max(int(length.max()) if length.numel() else 0, 1), device=k_pool.device)
+    pages = page_table[layer, rows][..., slots // page_size].long()  # [B, H, S_max]
+    keys, values, visible = k_pool[pages, slots % page_size], v_pool[pages, slots % page_size], slots < length[..., None]
+    raw, tables = delay_kv[layer, rows], delay_rope[rows]  # [B, H, w, 2D], [B, w, 2, D]
+    raw_k = core.zero_last_channel(rope(raw[..., :d], tables[:, None, :, 0], tables[:, None, :, 1]))
+    delay = raw.shape[2]
+    raw_visible = (torch.arange(delay, device=q.device)[None] <= pos.long()[:, None]) & active[:, None]  # [B, w]
+    keys = torch.cat([keys.float(), raw_k.float()], dim=2)
+    values = torch.cat([values.float(), raw[..., d:].float()], dim=2)
+    visible = torch.cat([visible, raw_visible[:, None].expand(-1, keys.shape[1], -1)], dim=-1)
+    groups = hq // keys.shape[1]
+    qg = q.float().view(b, keys.shape[1], groups, d)
+    scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys) * scale
+    scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # skipped rows → 0
+    out = torch.einsum("bhgs,bhsd->bhgd", probs, values)
+    return out.reshape(b, hq, d).to(q.dtype)
 
 
 def paged_decode_attention_ref(q, k_pool, v_pool, page_table, lens, seq_ids, layer: int, scale: float,
