@@ -276,7 +276,10 @@ def test_clear_errors(tiny_model, tmp_path, token_cache):
     assert "not a Hugging Face model directory" in error(model=str(tmp_path), out=str(tmp_path / "e4"))
     # an output directory holding a different run
     Retrofitter(_config(tiny_model, tmp_path / "run1", token_cache, max_steps=1)).run()
-    assert "holds a different run (settings differ: target_cr)" in error(out=str(tmp_path / "run1"), target_cr=3.0)
+    # (the default merge_delay follows the target CR, so it differs too)
+    assert "holds a different run (settings differ: merge_delay, target_cr)" in error(out=str(tmp_path / "run1"),
+                                                                                     target_cr=3.0)
+    assert "holds a different run (settings differ: lr)" in error(out=str(tmp_path / "run1"), lr=1e-2)
     assert "pass --resume" in error(out=str(tmp_path / "run1"))
     assert "nothing to resume" in error(out=str(tmp_path / "fresh"), resume=True)
     (tmp_path / "junk").mkdir()

@@ -76,6 +76,10 @@ def _document_starts(document_ids: torch.Tensor) -> torch.Tensor:
 class DMCModelMixin:
     """Decoder loop of a DMC base model (embeddings → DMC decoder layers → norm)."""
 
+    def __init__(self, config) -> None:
+        super().__init__(config)  # the family's base model, then its attention replaced by DMC's
+        self._install_dmc_attention()
+
     def _install_dmc_attention(self) -> None:
         for layer in self.layers:
             layer.self_attn = DMCAttention(layer.self_attn, self.config)
@@ -267,86 +271,6 @@ class DMCForCausalLMMixin:
 
 
 # ------------------------------------------------------------------------------- the families
-@strict(accept_kwargs=True)
-class DMCLlamaConfig(LlamaConfig):
-    model_type = "dmc_llama"
-    dmc: dict | None = None
-
-
-@strict(accept_kwargs=True)
-class DMCMistralConfig(MistralConfig):
-    model_type = "dmc_mistral"
-    dmc: dict | None = None
-
-
-@strict(accept_kwargs=True)
-class DMCQwen2Config(Qwen2Config):
-    model_type = "dmc_qwen2"
-    dmc: dict | None = None
-
-
-@strict(accept_kwargs=True)
-class DMCQwen3Config(Qwen3Config):
-    model_type = "dmc_qwen3"
-    dmc: dict | None = None
-
-
-class DMCLlamaModel(DMCModelMixin, LlamaModel):
-    config_class = DMCLlamaConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_dmc_attention()
-
-
-class DMCMistralModel(DMCModelMixin, MistralModel):
-    config_class = DMCMistralConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_dmc_attention()
-
-
-class DMCQwen2Model(DMCModelMixin, Qwen2Model):
-    config_class = DMCQwen2Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_dmc_attention()
-
-
-class DMCQwen3Model(DMCModelMixin, Qwen3Model):
-    config_class = DMCQwen3Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_dmc_attention()
-
-
-class DMCLlamaForCausalLM(DMCForCausalLMMixin, LlamaForCausalLM):
-    config_class = DMCLlamaConfig
-    _family_causal_lm_class = LlamaForCausalLM
-    _dmc_base_model_class = DMCLlamaModel
-
-
-class DMCMistralForCausalLM(DMCForCausalLMMixin, MistralForCausalLM):
-    config_class = DMCMistralConfig
-    _family_causal_lm_class = MistralForCausalLM
-    _dmc_base_model_class = DMCMistralModel
-
-
-class DMCQwen2ForCausalLM(DMCForCausalLMMixin, Qwen2ForCausalLM):
-    config_class = DMCQwen2Config
-    _family_causal_lm_class = Qwen2ForCausalLM
-    _dmc_base_model_class = DMCQwen2Model
-
-
-class DMCQwen3ForCausalLM(DMCForCausalLMMixin, Qwen3ForCausalLM):
-    config_class = DMCQwen3Config
-    _family_causal_lm_class = Qwen3ForCausalLM
-    _dmc_base_model_class = DMCQwen3Model
-
-
 @dataclass(frozen=True)
 class Family:
     """A supported architecture: its stock classes and their DMC counterparts."""
@@ -359,11 +283,31 @@ class Family:
     dmc_causal_lm_class: type
 
 
+def _dmc_family(model_type: str, config_class: type, model_class: type, causal_lm_class: type) -> Family:
+    """The DMC config, base model and causal LM of one family, subclassing its stock classes and named as
+    if written out (``DMCLlamaConfig``, ``DMCLlamaModel``, ``DMCLlamaForCausalLM``): the names are what
+    saved configs record under ``architectures`` and what ``from dmc.hf.modeling import ...`` finds."""
+    prefix = "DMC" + model_class.__name__.removesuffix("Model")
+
+    def make(name: str, bases: tuple, namespace: dict) -> type:
+        cls = type(name, bases, {"__module__": __name__, "__qualname__": name, **namespace})
+        globals()[name] = cls
+        return cls
+
+    config = make(f"{prefix}Config", (config_class,), {"model_type": f"dmc_{model_type}", "dmc": None,
+                                                        "__annotations__": {"dmc": "dict | None"}})
+    config = globals()[config.__name__] = strict(accept_kwargs=True)(config)
+    model = make(f"{prefix}Model", (DMCModelMixin, model_class), {"config_class": config})
+    causal = make(f"{prefix}ForCausalLM", (DMCForCausalLMMixin, causal_lm_class),
+                  {"config_class": config, "_family_causal_lm_class": causal_lm_class, "_dmc_base_model_class": model})
+    return Family(model_type, config_class, causal_lm_class, config, model, causal)
+
+
 FAMILIES = (
-    Family("llama", LlamaConfig, LlamaForCausalLM, DMCLlamaConfig, DMCLlamaModel, DMCLlamaForCausalLM),
-    Family("mistral", MistralConfig, MistralForCausalLM, DMCMistralConfig, DMCMistralModel, DMCMistralForCausalLM),
-    Family("qwen2", Qwen2Config, Qwen2ForCausalLM, DMCQwen2Config, DMCQwen2Model, DMCQwen2ForCausalLM),
-    Family("qwen3", Qwen3Config, Qwen3ForCausalLM, DMCQwen3Config, DMCQwen3Model, DMCQwen3ForCausalLM),
+    _dmc_family("llama", LlamaConfig, LlamaModel, LlamaForCausalLM),
+    _dmc_family("mistral", MistralConfig, MistralModel, MistralForCausalLM),
+    _dmc_family("qwen2", Qwen2Config, Qwen2Model, Qwen2ForCausalLM),
+    _dmc_family("qwen3", Qwen3Config, Qwen3Model, Qwen3ForCausalLM),
 )
 
 
