@@ -9,7 +9,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..baselines.eviction import EvictionPolicy
-from ..config import DMCConfig
 from ..hf.convert import fold_logit_scale
 from ..stats import CompressionStats
 from .cache import CacheLayout, OutOfPages, PagedKVCache
@@ -37,7 +36,7 @@ class LLM:
     Args:
         model: an HF model directory (safetensors) with its tokenizer, or an already loaded DMC
             causal LM (then pass ``tokenizer`` if you want text in and out). A loaded model is used
-            in place: the engine sets its DMC mode and its attention layers' prefill setting.
+            in place: the engine sets its DMC runtime (``model.set_dmc_mode``: mode, prefill attention).
         dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16", "float16", "float32".
         device: "cuda" if available, else "cpu".
         max_model_len: longest sequence (prompt + generation); default the model's context.
@@ -102,14 +101,13 @@ class LLM:
         fold_logit_scale(self.model)
         # forced_period drives the decisions, so even a plain model's weights run the DMC path.
         self.vanilla = (plain or vanilla) and not forced_period
-        self.model.set_dmc_mode(vanilla=self.vanilla)
         if prefill_attention == "auto":
             prefill_attention = "flex" if self.device.type == "cuda" else "sdpa"
-        for layer in self.model.model.layers:  # prefill attention (the decode step has its own kernels)
-            layer.self_attn.dmc.attn_implementation = prefill_attention
+        # The model's one runtime: its mode and the prefill attention (the decode step has its own kernels).
+        self.model.set_dmc_mode(vanilla=self.vanilla, attn_implementation=prefill_attention)
         self.tokenizer = tokenizer
         config = self.model.config
-        self.dmc = DMCConfig.from_dict(config.dmc)
+        self.dmc = self.model.dmc_config
         self.max_model_len = int(max_model_len if max_model_len is not None else config.max_position_embeddings)
         if max_num_seqs < 1 or prefill_chunk < 1 or not -1 < admission_margin:
             raise ValueError("max_num_seqs and prefill_chunk must be >= 1 and admission_margin > -1")

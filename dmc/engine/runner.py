@@ -72,15 +72,12 @@ class ModelRunner:
         self.eviction = eviction  # H2O/TOVA: cut to a budget after prefill chunks and decode steps
         self.vanilla = vanilla
         self.forced_period = forced_period
-        self.dmc = DMCConfig.from_dict(model.config.dmc)
+        self.dmc = model.dmc_config
         self.delay = cache.layout.delay_width  # merge_delay w (0: off, or vanilla)
         self.kernels = decode_ops(cache.device)
         self.graph_buckets: list[int] = []  # batch sizes to capture (lazily, on first use)
         self.graphs: dict[int, _DecodeGraph] = {}
         self._graph_pool = None
-        if forced_period:
-            for layer in self.base.layers:
-                layer.self_attn.forced_period = forced_period
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
@@ -90,7 +87,8 @@ class ModelRunner:
         self.cache.check_room(len(token_ids))
         view = SequenceView(self.cache, row, seen) if self.eviction is None else self.eviction.sequence_view(row, seen)
         ids = torch.tensor([token_ids], device=self.cache.device)
-        out = self.model(input_ids=ids, past_key_values=view, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, past_key_values=view, use_cache=True, logits_to_keep=1,
+                         dmc_forced_period=self.forced_period)
         return out.logits[0, -1].float()
 
     # ------------------------------------------------------------------ decode

@@ -21,6 +21,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotat
 
 from .. import core
 from ..config import DMCConfig
+from .runtime import DMCRuntime
 
 
 @dataclass
@@ -35,6 +36,8 @@ class DMCBatch:
         channel_scale: multiplier of q[D-1] and k[D-1] in vanilla mode (zero-out stage).
         noise: training-mode logistic noise ``[layers, B, H, n]``, drawn once per forward so that
             activation checkpointing recomputes a layer with the same noise.
+        forced_period: benchmarks only (the engine's ``forced_period``): > 0 replaces the decision
+            channel by α_t = 1[t % period != 0], so random weights compress at exactly CR = period.
         hard: training with the inference forward: hard decisions ``1[a > 0]`` (no noise) for the
             pooling and the §3 mask, so the training loss is the inference loss; the decisions
             still get gradients through the pooling and the compression loss (straight-through).
@@ -47,14 +50,19 @@ class DMCBatch:
     channel_scale: float = 1.0
     noise: torch.Tensor | None = None
     hard: bool = False
+    forced_period: int = 0
     block_mask: object = None  # FlexAttention's mask, built by the first layer that needs it
 
 
 class DMCAttention(nn.Module):
     """Drop-in replacement for ``LlamaAttention``/``MistralAttention``/``Qwen2Attention``/
-    ``Qwen3Attention`` that computes DMC (see module docstring)."""
+    ``Qwen3Attention`` that computes DMC (see module docstring).
 
-    def __init__(self, base: nn.Module, config) -> None:
+    The DMC settings are read from ``runtime``, the :class:`~dmc.hf.runtime.DMCRuntime` of the model
+    (one object shared by all its layers; without one, the layer gets its own from ``config.dmc``).
+    """
+
+    def __init__(self, base: nn.Module, config, runtime: DMCRuntime | None = None) -> None:
         super().__init__()
         self.layer_idx = base.layer_idx
         self.head_dim = base.head_dim
@@ -64,14 +72,16 @@ class DMCAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
         self.q_norm = getattr(base, "q_norm", None)  # Qwen3: per-head RMSNorm before RoPE
         self.k_norm = getattr(base, "k_norm", None)
-        self.dmc = DMCConfig.from_dict(config.dmc)
+        self.runtime = runtime if runtime is not None else DMCRuntime.from_dmc_dict(config.dmc)
         # This forward's α (training: straight-through α̂), [B, H, n], collected by the model.
         # An attribute, not a kwarg: FSDP2 rebuilds forward inputs when it casts them.
         self.decisions: torch.Tensor | None = None
         self.decision_logits: torch.Tensor | None = None  # eval mode: a = s·k[D-1] - c, [B, H, n]
-        # Benchmarks only (dmc.engine's forced_period): α_t = 1[t % period != 0] replaces the
-        # decision channel, so random weights compress at exactly CR = period.
-        self.forced_period = 0
+
+    @property
+    def dmc(self) -> DMCConfig:
+        """The model's DMC config (parsed once, shared by every layer)."""
+        return self.runtime.config
 
     def _heads(self, proj: nn.Linear, norm: nn.Module | None, hidden: torch.Tensor,
                channel_scale: float = 1.0) -> torch.Tensor:
@@ -104,7 +114,7 @@ class DMCAttention(nn.Module):
 
         if training and not batch.vanilla:
             states = training_states
-            if q.is_cuda and self.dmc.compile_pooling:
+            if q.is_cuda and self.runtime.compile_pooling:
                 states = _compiled("training_states", training_states)
             noise = None if batch.noise is None else batch.noise[self.layer_idx]
             q, k_bar, v_bar, alpha_hat, key_bias = states(
@@ -126,7 +136,7 @@ class DMCAttention(nn.Module):
             self.decision_logits = logits.detach()  # diagnostics: per-head logit statistics
             positions = kwargs.get("position_ids")
             alpha = core.inference_decisions(logits, batch.starts, None if positions is None else positions.expand(b, n),
-                                             self.forced_period)
+                                             batch.forced_period)
         if batch.valid is not None:
             importance = importance * batch.valid[:, None, :]
             alpha = alpha.masked_fill(~batch.valid[:, None, :], 1.0)  # padding is transparent
@@ -151,7 +161,7 @@ class DMCAttention(nn.Module):
             key_bias = torch.zeros_like(alpha)
         else:
             states = pooled_states
-            if q.is_cuda and self.dmc.compile_pooling:
+            if q.is_cuda and self.runtime.compile_pooling:
                 states = _compiled("pooled_states", pooled_states)
             k_raw, v_raw = raw_states(k, v, cos, sin)
             q, k_bar, v_bar = states(q, k, v, alpha, importance, cos, sin, self.dmc.window)
@@ -169,7 +179,7 @@ class DMCAttention(nn.Module):
         pad_bias = None
         if batch.valid is not None:
             pad_bias = torch.zeros_like(key_bias).masked_fill(~batch.valid[:, None, :], float("-inf"))
-        impl = self.dmc.attn_implementation
+        impl = self.runtime.attn_implementation
         if impl == "auto":
             impl = "flex" if q.is_cuda else "dense"
         if impl == "flex" and pad_bias is None:
@@ -236,7 +246,7 @@ class DMCAttention(nn.Module):
                                               scale=self.scaling)
 
     def _attend(self, q, k_bar, v_bar, key_bias, batch: DMCBatch) -> torch.Tensor:
-        impl = self.dmc.attn_implementation
+        impl = self.runtime.attn_implementation
         if impl == "auto":
             impl = "flex" if q.is_cuda else "dense"
         if impl == "dense":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from ..config import DMCConfig
+from .attention import DMCAttention
 from .modeling import FAMILIES, Family
 
 
@@ -23,7 +26,7 @@ def family_of(model: nn.Module) -> Family:
             return family
     if any(isinstance(model, f.dmc_causal_lm_class) for f in FAMILIES):
         raise UnsupportedModelError(f"{type(model).__name__} is already a DMC model; change its settings "
-                                    "in model.config.dmc or convert the original model")
+                                    "with model.set_dmc_config / set_dmc_mode or convert the original model")
     raise UnsupportedModelError(
         f"DMC does not support {type(model).__name__}; supported architectures: "
         f"{', '.join(supported_architectures())} (MHA or GQA). Load one with "
@@ -41,7 +44,8 @@ def _check_attention(config) -> None:
 
 
 def dmc_config_from(base_config, dmc: DMCConfig, family: Family):
-    """The DMC config of a family: the base config's values plus ``dmc``."""
+    """The DMC config of a family: the base config's values plus ``dmc`` (its semantics: the runtime
+    settings are not part of a model's config)."""
     values = base_config.to_dict()
     for key in ("model_type", "transformers_version", "architectures", "auto_map"):
         values.pop(key, None)
@@ -64,13 +68,15 @@ def convert(model: nn.Module, config: DMCConfig | None = None) -> nn.Module:
     """
     family = family_of(model)
     _check_attention(model.config)
-    dmc_config = dmc_config_from(model.config, config or DMCConfig(), family)
+    config = config or DMCConfig()
+    dmc_config = dmc_config_from(model.config, config, family)
     if getattr(model.config, "sliding_window", None) is not None and family.model_type == "mistral":
         import warnings
         warnings.warn(f"the model's sliding window ({model.config.sliding_window}) is dropped: DMC attention "
                       "spans every kept slot", stacklevel=2)
     with torch.device("meta"):
         new = family.dmc_causal_lm_class(dmc_config)
+    new.set_dmc_mode(**config.runtime_settings())  # attn_implementation, compile_pooling: not saved
     copies: dict[int, torch.Tensor] = {}  # keep tied weights tied
 
     def copy(t: torch.Tensor) -> torch.Tensor:
@@ -132,14 +138,14 @@ def set_logit_scale(model: nn.Module, scale: float) -> nn.Module:
 
     The rows of k_proj (and its bias) producing channel D-1 are rescaled; for Qwen3, whose k is
     RMS-normalised per head after the projection, the k_norm weight of channel D-1 is. In place on
-    an unsharded DMC causal LM.
+    an unsharded DMC causal LM; the model's one DMC config (:meth:`set_dmc_config`) gets the new s.
     """
     old = float((getattr(model.config, "dmc", None) or {}).get("logit_scale", 1.0))
     if old == scale:
         return model
     factor = old / scale
     for module in model.modules():
-        if not (hasattr(module, "k_proj") and hasattr(module, "dmc") and hasattr(module, "head_dim")):
+        if not isinstance(module, DMCAttention):
             continue
         norm = getattr(module, "k_norm", None)
         if norm is not None:
@@ -148,8 +154,7 @@ def set_logit_scale(model: nn.Module, scale: float) -> nn.Module:
             module.k_proj.weight.view(-1, module.head_dim, module.k_proj.weight.shape[-1])[:, -1] *= factor
             if module.k_proj.bias is not None:
                 module.k_proj.bias.view(-1, module.head_dim)[:, -1] *= factor
-        module.dmc = DMCConfig.from_dict({**module.dmc.to_dict(), "logit_scale": scale})
-    model.config.dmc = {**model.config.dmc, "logit_scale": scale}
+    model.set_dmc_config(replace(model.dmc_config, logit_scale=scale))
     return model
 
 

@@ -25,6 +25,7 @@ from ..config import DMCConfig
 from ..stats import CompressionStats
 from .attention import DMCAttention, DMCBatch
 from .cache import DMCCache
+from .runtime import DMCRuntime
 
 @dataclass
 class DMCModelOutput(BaseModelOutputWithPast):
@@ -74,17 +75,43 @@ def _document_starts(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 class DMCModelMixin:
-    """Decoder loop of a DMC base model (embeddings → DMC decoder layers → norm)."""
+    """Decoder loop of a DMC base model (embeddings → DMC decoder layers → norm).
+
+    ``dmc_runtime`` (a :class:`~dmc.hf.runtime.DMCRuntime`) is the one object holding the model's DMC
+    config (parsed once) and its mode; every attention layer reads it by reference."""
 
     def __init__(self, config) -> None:
         super().__init__(config)  # the family's base model, then its attention replaced by DMC's
         self._install_dmc_attention()
 
     def _install_dmc_attention(self) -> None:
+        # Runtime settings an older config.dmc still holds (attn_implementation, compile_pooling) become
+        # the initial runtime and leave config.dmc, so that they are not saved again.
+        self.dmc_runtime = DMCRuntime.from_dmc_dict(self.config.dmc)
+        self.config.dmc = self.dmc_runtime.config.to_dict()
         for layer in self.layers:
-            layer.self_attn = DMCAttention(layer.self_attn, self.config)
-        self.dmc_vanilla = False
-        self.dmc_channel_scale = 1.0
+            layer.self_attn = DMCAttention(layer.self_attn, self.config, self.dmc_runtime)
+
+    @property
+    def dmc_config(self) -> DMCConfig:
+        """The DMC config every layer reads (``config.dmc``, parsed once)."""
+        return self.dmc_runtime.config
+
+    def set_dmc_config(self, config: DMCConfig) -> None:
+        """Replace the model's DMC semantics (window, offset, logit scale, merge delay, ...): ``config.dmc``
+        and the parsed config all layers read. Its runtime fields are ignored: see ``set_dmc_mode``."""
+        self.dmc_runtime.config = DMCConfig.from_dict(config.to_dict())
+        self.config.dmc = self.dmc_runtime.config.to_dict()
+
+    def set_dmc_mode(self, vanilla: bool = False, channel_scale: float = 1.0, *,
+                     attn_implementation: str | None = None, compile_pooling: bool | None = None) -> None:
+        """See :meth:`DMCForCausalLMMixin.set_dmc_mode`."""
+        changes = dict(vanilla=vanilla, channel_scale=channel_scale)
+        if attn_implementation is not None:
+            changes["attn_implementation"] = attn_implementation
+        if compile_pooling is not None:
+            changes["compile_pooling"] = compile_pooling
+        self.dmc_runtime.update(**changes)
 
     def forward(
         self,
@@ -98,6 +125,7 @@ class DMCModelMixin:
         dmc_generator: torch.Generator | None = None,
         dmc_noise_scale: float = 1.0,
         dmc_hard: bool = False,
+        dmc_forced_period: int = 0,
         **kwargs: Any,
     ) -> DMCModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
@@ -134,14 +162,16 @@ class DMCModelMixin:
         if position_ids is None:
             position_ids = real_before.clamp_min(0)
 
+        runtime = self.dmc_runtime
         noise = None
-        if self.training and not self.dmc_vanilla and not dmc_hard and dmc_noise_scale > 0:
+        if self.training and not runtime.vanilla and not dmc_hard and dmc_noise_scale > 0:
             shape = (self.config.num_hidden_layers, b, self.config.num_key_value_heads, n)
             noise = core.logistic_noise(shape, dmc_generator, device=device)
             if dmc_noise_scale != 1.0:
                 noise = noise * dmc_noise_scale
-        batch = DMCBatch(valid=valid, starts=starts, document_ids=document_ids, vanilla=self.dmc_vanilla,
-                         channel_scale=self.dmc_channel_scale, noise=noise, hard=dmc_hard)
+        batch = DMCBatch(valid=valid, starts=starts, document_ids=document_ids, vanilla=runtime.vanilla,
+                         channel_scale=runtime.channel_scale, noise=noise, hard=dmc_hard,
+                         forced_period=dmc_forced_period)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers[: self.config.num_hidden_layers]:
@@ -199,13 +229,29 @@ class DMCForCausalLMMixin:
 
     @property
     def dmc_config(self) -> DMCConfig:
-        return DMCConfig.from_dict(self.config.dmc)
+        """The DMC config every layer reads (``config.dmc``, parsed once)."""
+        return self.model.dmc_runtime.config
 
-    def set_dmc_mode(self, vanilla: bool = False, channel_scale: float = 1.0) -> None:
+    @property
+    def dmc_runtime(self) -> DMCRuntime:
+        """The model's mode and runtime settings (:class:`~dmc.hf.runtime.DMCRuntime`), one object."""
+        return self.model.dmc_runtime
+
+    def set_dmc_config(self, config: DMCConfig) -> None:
+        """Replace the model's DMC semantics (window, offset, logit scale, merge delay, ...): ``config.dmc``
+        and the parsed config all layers read. Its runtime fields are ignored: see :meth:`set_dmc_mode`."""
+        self.model.set_dmc_config(config)
+
+    def set_dmc_mode(self, vanilla: bool = False, channel_scale: float = 1.0, *,
+                     attn_implementation: str | None = None, compile_pooling: bool | None = None) -> None:
         """``vanilla=True``: plain attention (every token appends, channel D-1 kept and multiplied
-        by ``channel_scale``), used by the zero-out stage and as the like-for-like baseline."""
-        self.model.dmc_vanilla = vanilla
-        self.model.dmc_channel_scale = channel_scale
+        by ``channel_scale``), used by the zero-out stage and as the like-for-like baseline.
+
+        ``attn_implementation`` ("auto", "flex", "dense", "sdpa") and ``compile_pooling``, when given,
+        change those runtime settings too (None: unchanged). All of it is the model's one
+        :attr:`dmc_runtime`; nothing is saved with the model."""
+        self.model.set_dmc_mode(vanilla, channel_scale, attn_implementation=attn_implementation,
+                                compile_pooling=compile_pooling)
 
     def forward(
         self,
@@ -222,6 +268,7 @@ class DMCForCausalLMMixin:
         dmc_generator: torch.Generator | None = None,
         dmc_noise_scale: float = 1.0,
         dmc_hard: bool = False,
+        dmc_forced_period: int = 0,
         **kwargs: Any,
     ) -> DMCCausalLMOutput:
         """As the family's forward, plus:
@@ -235,12 +282,14 @@ class DMCForCausalLMMixin:
                 ends with the decisions inference will take).
             dmc_hard: train with the inference forward (hard decisions, §3 mask; see
                 :class:`~dmc.hf.attention.DMCBatch`).
+            dmc_forced_period: benchmarks only (the engine's ``forced_period``): > 0 replaces the
+                decision channel by α_t = 1[t % period != 0] (eval and cached forwards).
         """
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             document_ids=document_ids, dmc_generator=dmc_generator, dmc_noise_scale=dmc_noise_scale,
-            dmc_hard=dmc_hard,
+            dmc_hard=dmc_hard, dmc_forced_period=dmc_forced_period,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -250,7 +299,7 @@ class DMCForCausalLMMixin:
         lm_loss = cr_loss = None
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        if target_cr is not None and not self.model.dmc_vanilla:
+        if target_cr is not None and not self.model.dmc_runtime.vanilla:
             cr_loss = core.compression_loss(outputs.decisions, target_cr, outputs.valid,
                                              merge_delay=self.dmc_config.merge_delay)
         loss = lm_loss

@@ -19,7 +19,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -272,13 +272,12 @@ class Retrofitter:
                              target_cr=cfg.target_cr, attn_implementation=cfg.attn_implementation,
                              merge_delay=cfg.merge_delay)
         if is_dmc(base_config.model_type):
-            model.config.dmc = settings.to_dict()
-            for layer in model.model.layers:
-                layer.self_attn.dmc = settings
+            model.set_dmc_config(settings)
+            model.set_dmc_mode(**settings.runtime_settings())
             set_logit_scale(model, cfg.logit_scale)  # same decisions, rows rescaled for the training lr
         else:
             # A fresh conversion: the rows of channel D-1 are zeroed (zero-out) before any decision counts.
-            settings = DMCConfig.from_dict({**settings.to_dict(), "logit_scale": cfg.logit_scale})
+            settings = replace(settings, logit_scale=cfg.logit_scale)
             try:
                 model = convert(model, settings)
             except UnsupportedModelError as e:
@@ -475,7 +474,7 @@ class Retrofitter:
     def _evaluate(self) -> dict:
         # DMC runs also measure the same batches in training mode (relaxed decisions with noise from
         # a fixed seed): val_loss_relaxed - val_loss is what inference's hard decisions cost.
-        dmc = self.objective.dmc and not self.model.model.dmc_vanilla
+        dmc = self.objective.dmc and not self.model.model.dmc_runtime.vanilla
         generator = torch.Generator(self.rt.device).manual_seed(self.cfg.seed + 1) if dmc else None
         relaxed_mode = StepMode("relaxed", target_cr=self.cfg.target_cr)
         sums = torch.zeros(5, dtype=torch.float64, device=self.rt.device)  # loss·n, n, tokens, slots, relaxed·n
@@ -626,7 +625,7 @@ class Retrofitter:
             fold_logit_scale(final)  # the saved model reads a = k[D-1] - c, as the paper's and the engine's
             self._write_summary()
             if not self.plain:
-                final.config.dmc = {**final.config.dmc, "target_cr": self.cfg.target_cr}
+                final.set_dmc_config(replace(final.dmc_config, target_cr=self.cfg.target_cr))
             tmp = self.out / ".model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             final.save_pretrained(tmp)
