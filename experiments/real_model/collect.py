@@ -126,6 +126,14 @@ def main() -> int:
     return 0
 
 
+def write_with_section(out: pathlib.Path, text: str, lines: list[str]) -> None:
+    """Write real_quality.md: ``text`` (from :func:`render`) with a round's section before its Commands."""
+    marker = "\n## Commands"
+    text = text.replace(marker, "\n".join(lines) + marker, 1)
+    (out / "real_quality.md").write_text(text)
+    print(text)
+
+
 def _f(value, fmt):
     return "–" if value is None else format(value, fmt)
 

@@ -18,7 +18,7 @@ import shutil
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from collect import dmc_row, read, render, slim  # noqa: E402
+from collect import dmc_row, read, render, slim, write_with_section  # noqa: E402
 
 VARIANTS = {  # round-2 study directory -> (ablation label, the round-1 label it replaces, if any)
     "d4-dual0.5": ("dual-ascent rate 0.5 instead of 3", None),
@@ -114,10 +114,7 @@ def main() -> int:
                      f"{r.get('head_cr_min', 0):.2f}–{r.get('head_cr_max', 0):.2f} |")
     lines += ["", "Round 2 (H2O/TOVA rows, the ablation rows of round 2 and this section) ran from "
               "`experiments/real_model/gpu_round2.sh`; its reports, metrics and logs are in `real_round2/`.", ""]
-    marker = "\n## Commands"
-    text = text.replace(marker, "\n".join(lines) + marker, 1)
-    (out / "real_quality.md").write_text(text)
-    print(text)
+    write_with_section(out, text, lines)
     return 0
 
 

@@ -19,7 +19,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from collect import dmc_row, read, render, slim  # noqa: E402
+from collect import dmc_row, read, render, slim, write_with_section  # noqa: E402
 from collect_round2 import copy_raw  # noqa: E402
 
 ABLATION = {  # round-3 study directory at 4x -> label
@@ -147,10 +147,7 @@ def main() -> int:
                          f"{r.get('max_shortfall_vs_ramp', 0):.1%} | {r.get('head_cr_min', 0):.2f}–{r.get('head_cr_max', 0):.2f} |")
     lines += ["", "Round 3 ran from `experiments/real_model/gpu_round3.sh`; its reports, metrics and logs are in "
               "`real_round3/`." + (f" {args.note}." if args.note else ""), ""]
-    marker = "\n## Commands"
-    text = text.replace(marker, "\n".join(lines) + marker, 1)
-    (out / "real_quality.md").write_text(text)
-    print(text)
+    write_with_section(out, text, lines)
     return 0
 
 

@@ -30,3 +30,23 @@ launch() {  # name, then dmc study arguments
   stamp "started $name (pid $!)"
 }
 wait_for() { while kill -0 "$(cat "$LOGS/$1.pid")" 2> /dev/null; do sleep 5; done; }
+
+# Round scripts list DMC variants as "name|target CR|settings on top of the defaults", one study each.
+launch_variant() {  # "name|cr|settings"
+  local name cr extra
+  IFS='|' read -r name cr extra <<< "$1"
+  read -r -a EXTRA <<< "$extra"
+  launch "$name" "${COMMON[@]}" --out "$KEEP/study/$name" --crs "$cr" --methods dmc --only "dmc@$cr" \
+    --set "${TRAIN[@]}" "${EXTRA[@]}"
+}
+launch_variants() {  # the variants given: the first tokenises into the shared token cache, the others start once it trains
+  local first=${1%%|*}
+  launch_variant "$1"; shift
+  for _ in $(seq 600); do
+    ls "$KEEP"/study/"$first"/runs/*/model/run/metrics.jsonl > /dev/null 2>&1 && break
+    kill -0 "$(cat "$LOGS/$first.pid")" 2> /dev/null || break
+    sleep 1
+  done
+  stamp "first run is training (or stopped); starting the others"
+  for v in "$@"; do launch_variant "$v"; sleep 3; done
+}

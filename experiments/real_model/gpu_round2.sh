@@ -27,24 +27,7 @@ VARIANTS=(
 )
 VARIANTS=("${VARIANTS[@]:0:${MAX_VARIANTS:-${#VARIANTS[@]}}}")
 
-launch_variant() {  # "name|cr|settings"
-  local name cr extra
-  IFS='|' read -r name cr extra <<< "$1"
-  read -r -a EXTRA <<< "$extra"
-  launch "$name" "${COMMON[@]}" --out "$KEEP/study/$name" --crs "$cr" --methods dmc --only "dmc@$cr" \
-    --set "${TRAIN[@]}" "${EXTRA[@]}"
-}
-
-# The first run tokenises the data into the shared token cache; the others start once it trains.
-launch_variant "${VARIANTS[0]}"
-first=${VARIANTS[0]%%|*}
-for _ in $(seq 600); do
-  ls "$KEEP"/study/"$first"/runs/*/model/run/metrics.jsonl > /dev/null 2>&1 && break
-  kill -0 "$(cat "$LOGS/$first.pid")" 2> /dev/null || break
-  sleep 1
-done
-stamp "first run is training (or stopped); starting the others"
-for v in "${VARIANTS[@]:1}"; do launch_variant "$v"; sleep 3; done
+launch_variants "${VARIANTS[@]}"
 for v in "${VARIANTS[@]}"; do wait_for "${v%%|*}"; done
 stamp "all DMC runs finished; eviction baselines"
 EVICT=("${COMMON[@]}" --out "$KEEP/study/evict" --crs 4 8 --methods h2o tova --eval-batch-size 32)

@@ -23,14 +23,6 @@ VARIANTS=(
 VARIANTS=("${VARIANTS[@]:0:${MAX_VARIANTS:-${#VARIANTS[@]}}}")
 EVICT_AFTER=(${EVICT_AFTER:-d4-w32 d2-w32 d8-w32})
 
-launch_variant() {  # "name|cr|settings"
-  local name cr extra
-  IFS='|' read -r name cr extra <<< "$1"
-  read -r -a EXTRA <<< "$extra"
-  launch "$name" "${COMMON[@]}" --out "$KEEP/study/$name" --crs "$cr" --methods dmc --only "dmc@$cr" \
-    --set "${TRAIN[@]}" "${EXTRA[@]}"
-}
-
 evict_after() {  # "name|cr|settings": once its DMC run is done, H2O and TOVA in the same study (matched budget)
   local name cr extra
   IFS='|' read -r name cr extra <<< "$1"
@@ -43,15 +35,7 @@ evict_after() {  # "name|cr|settings": once its DMC run is done, H2O and TOVA in
   wait_for "h2o-$name"; wait_for "tova-$name"
 }
 
-launch_variant "${VARIANTS[0]}"
-first=${VARIANTS[0]%%|*}
-for _ in $(seq 600); do  # the first run tokenises into the shared token cache; the others start once it trains
-  ls "$KEEP"/study/"$first"/runs/*/model/run/metrics.jsonl > /dev/null 2>&1 && break
-  kill -0 "$(cat "$LOGS/$first.pid")" 2> /dev/null || break
-  sleep 1
-done
-stamp "first run is training (or stopped); starting the others"
-for v in "${VARIANTS[@]:1}"; do launch_variant "$v"; sleep 3; done
+launch_variants "${VARIANTS[@]}"
 WAITERS=()
 for v in "${VARIANTS[@]}"; do
   for e in "${EVICT_AFTER[@]}"; do
