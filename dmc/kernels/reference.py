@@ -171,13 +171,10 @@ def delayed_decode_attention_ref(q, k_pool, v_pool, page_table, lens, seq_ids, p
     tokens, rotated at their own positions with channel D-1 zeroed (as ``dmc.hf.attention.raw_states``),
     in one softmax. ``q`` rotated ``[B, H*G, D]``; ``pos`` ``[B]`` the query's position (its token is in
     the ring already). Returns ``[B, H*G, D]`` (zeros on skipped rows)."""
-    b, hq, d = q.shape
+    d = q.shape[-1]
     active = seq_ids >= 0
     rows = seq_ids.long().clamp_min(0)
-    length = lens[layer, rows].long() * active[:, None]  # [B, H]
-    slots = torch.arange(max(int(length.max()) if length.numel() else 0, 1), device=k_pool.device)
-    pages = page_table[layer, rows][..., slots // page_size].long()  # [B, H, S_max]
-    keys, values, visible = k_pool[pages, slots % page_size], v_pool[pages, slots % page_size], slots < length[..., None]
+    keys, values, visible = _row_slots(k_pool, v_pool, page_table, lens, seq_ids, layer, page_size)
     raw, tables = delay_kv[layer, rows], delay_rope[rows]  # [B, H, w, 2D], [B, w, 2, D]
     raw_k = core.zero_last_channel(rope(raw[..., :d], tables[:, None, :, 0], tables[:, None, :, 1]))
     delay = raw.shape[2]
@@ -185,12 +182,30 @@ def delayed_decode_attention_ref(q, k_pool, v_pool, page_table, lens, seq_ids, p
     keys = torch.cat([keys.float(), raw_k.float()], dim=2)
     values = torch.cat([values.float(), raw[..., d:].float()], dim=2)
     visible = torch.cat([visible, raw_visible[:, None].expand(-1, keys.shape[1], -1)], dim=-1)
+    return _grouped_attention(q, keys, values, visible, scale)
+
+
+def _row_slots(k_pool, v_pool, page_table, lens, seq_ids, layer: int, page_size: int):
+    """Each row's slots, padded to the longest head of the batch: keys, values ``[B, H, S_max, D]`` and
+    the bool ``[B, H, S_max]`` of the real ones. Slot s of a head lives in page table[s // P] at offset
+    s % P (the layout's one addressing rule, as the kernel reads it); skipped rows have none."""
+    rows = seq_ids.long().clamp_min(0)
+    length = lens[layer, rows].long() * (seq_ids >= 0)[:, None]  # [B, H]
+    slots = torch.arange(max(int(length.max()) if length.numel() else 0, 1), device=k_pool.device)
+    pages = page_table[layer, rows][..., slots // page_size].long()  # [B, H, S_max]
+    return k_pool[pages, slots % page_size], v_pool[pages, slots % page_size], slots < length[..., None]
+
+
+def _grouped_attention(q, keys, values, visible, scale: float) -> torch.Tensor:
+    """One query per row over per-KV-head keys (GQA: G query heads per KV head), fp32 softmax; rows that
+    see nothing give 0. ``q`` ``[B, H*G, D]``, keys/values ``[B, H, S, D]``, ``visible`` ``[B, H, S]``."""
+    b, hq, d = q.shape
     groups = hq // keys.shape[1]
     qg = q.float().view(b, keys.shape[1], groups, d)
-    scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys) * scale
+    scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys.float()) * scale
     scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # skipped rows → 0
-    out = torch.einsum("bhgs,bhsd->bhgd", probs, values)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key → 0
+    out = torch.einsum("bhgs,bhsd->bhgd", probs, values.float())
     return out.reshape(b, hq, d).to(q.dtype)
 
 
@@ -200,21 +215,8 @@ def paged_decode_attention_ref(q, k_pool, v_pool, page_table, lens, seq_ids, lay
 
     ``q``: rotated queries ``[B, H*G, D]``. Returns ``[B, H*G, D]`` (zeros on skipped rows).
     """
-    b, hq, d = q.shape
-    # Each row's slots, padded to the longest head of the batch: slot s of a head lives in page
-    # table[s // P] at offset s % P (the layout's one addressing rule, as the kernel reads it).
-    rows = seq_ids.long().clamp_min(0)
-    length = lens[layer, rows].long() * (seq_ids >= 0)[:, None]  # [B, H]
-    slots = torch.arange(max(int(length.max()) if length.numel() else 0, 1), device=k_pool.device)
-    pages = page_table[layer, rows][..., slots // page_size].long()  # [B, H, S_max]
-    keys, values, visible = k_pool[pages, slots % page_size], v_pool[pages, slots % page_size], slots < length[..., None]
-    groups = hq // keys.shape[1]
-    qg = q.float().view(b, keys.shape[1], groups, d)
-    scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys.float()) * scale
-    scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no slot → 0
-    out = torch.einsum("bhgs,bhsd->bhgd", probs, values.float())
-    return out.reshape(b, hq, d).to(q.dtype)
+    keys, values, visible = _row_slots(k_pool, v_pool, page_table, lens, seq_ids, layer, page_size)
+    return _grouped_attention(q, keys, values, visible, scale)
 
 
 def chunk_states_ref(k, v, importance, alpha, prefix, cos, sin, window: int):
