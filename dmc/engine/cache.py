@@ -450,7 +450,7 @@ class _LayerView(SlotCacheLayer):
     @property
     def pending(self) -> dict[str, torch.Tensor] | None:
         """The delay ring as :attr:`dmc.hf.cache.DMCCacheLayer.pending` (batch of 1, oldest first; names
-        and token dims in :data:`dmc.hf.attention.PENDING_DIMS`), or None when it holds nothing."""
+        and token dims in :data:`dmc.hf.cache.PENDING_DIMS`), or None when it holds nothing."""
         if self.held == 0:
             return None
         if self._pending is None:

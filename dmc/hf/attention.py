@@ -21,6 +21,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotat
 
 from .. import core
 from ..config import DMCConfig
+from .cache import PENDING_DIMS
 from .runtime import DMCRuntime
 
 
@@ -207,7 +208,7 @@ class DMCAttention(nn.Module):
         if not hasattr(layer_cache, "pending"):
             raise ValueError(f"{type(layer_cache).__name__} cannot hold a model with merge_delay > 0: use the "
                              "model's own DMCCache")
-        delay, window = self.dmc.merge_delay, self.dmc.window
+        delay = self.dmc.merge_delay
         b, _, n = alpha.shape
         valid = batch.valid if batch.valid is not None else torch.ones(b, n, dtype=torch.bool, device=alpha.device)
         chunk = {"k": k, "v": v, "alpha": alpha, "importance": importance, "valid": valid, "cos": cos, "sin": sin}
@@ -226,12 +227,11 @@ class DMCAttention(nn.Module):
         keys, values, masks = [k_raw], [v_raw], [raw_mask.expand(b, k.shape[1], n, total)]
         if leaving:
             out = {name: x.narrow(PENDING_DIMS[name], 0, leaving) for name, x in both.items()}
-            a_l, w_l, valid_l = out["alpha"], out["importance"], out["valid"]
-            tail = 1 if window is None else max(1, min(window - 1, leaving))
-            terms = core.weighted_terms(w_l[..., -tail:], out["k"][..., -tail:, :], out["v"][..., -tail:, :])
-            prefix = layer_cache.window_prefix(terms)
-            sums = core.pool_with_prefix(a_l, core.weighted_terms(w_l, out["k"], out["v"]), window, prefix)
-            k_bar, v_bar = pooled_keys(sums, out["cos"], out["sin"], q.dtype)
+            a_l, valid_l = out["alpha"], out["valid"]
+            # The PyTorch pooling, as measured in round 3 (the fused kernel is untried here on a GPU).
+            k_bar, v_bar, prefix, terms, sums = self._pool_on_cache(out["k"], out["v"], a_l, out["importance"],
+                                                                    out["cos"], out["sin"], layer_cache, q.dtype,
+                                                                    fused=False)
             old_k, old_v, old_visible = layer_cache.visible_slots(a_l, valid_l, k_bar)
             new_bias = core.key_bias_from_hard(a_l).masked_fill(~valid_l[:, None, :], float("-inf"))
             pooled = (core.delayed_pooled_bias(cols[first_query:], cols[:leaving], new_bias, delay) == 0) & (
@@ -262,25 +262,30 @@ class DMCAttention(nn.Module):
             batch.block_mask = causal_block_mask(batch.document_ids, q.shape[0], q.shape[-2], q.device)
         return flex_attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling, batch.block_mask)
 
-    def _attend_cached(self, q, k, v, alpha, importance, cos, sin, layer_cache, batch: DMCBatch) -> torch.Tensor:
+    def _pool_on_cache(self, k, v, alpha, importance, cos, sin, layer_cache, dtype, fused: bool):
+        """A chunk's DMC states on top of a cache's window state (spec §2, §7.4): ``(k̄, v̄, prefix, terms,
+        sums)`` with k̄ rotated at each token's position and channel D-1 zeroed; ``terms`` are those of the
+        chunk's last W-1 tokens (all the next window state needs) and ``sums`` None on the fused path.
+        ``fused``: the Triton pooling (CUDA, bounded window), which never materialises the chunk's terms."""
         window = self.dmc.window
-        # The window state after the chunk needs the weighted terms of its last W-1 tokens only.
-        tail = 1 if window is None else max(1, min(window - 1, k.shape[-2]))
-        terms = core.weighted_terms(importance[..., -tail:], k[..., -tail:, :], v[..., -tail:, :])
-        prefix = layer_cache.window_prefix(terms)
-        sums = None
-        if batch.vanilla:
-            # α = 0 everywhere: each slot is the token's own key and value, channel D-1 kept.
-            q, k_bar = apply_rotary_pos_emb(q, k, cos, sin)
-            v_bar, sums = v, terms
-        elif q.is_cuda and window is not None and window > 1:
-            # Fused Triton pooling: the fp32 terms of the whole chunk are never materialised.
+        terms, prefix = _window_terms(k, v, importance, window, layer_cache)
+        if fused and window is not None and window > 1:
             from ..kernels.triton_kernels import chunk_states  # here: triton is optional on a CPU
             k_bar, v_bar = chunk_states(k, v, importance, alpha, prefix, cos, sin, window)
-            q = core.zero_last_channel(_rope_q(q, cos, sin))
+            return k_bar, v_bar, prefix, terms, None
+        sums = core.pool_with_prefix(alpha, core.weighted_terms(importance, k, v), window, prefix)
+        return (*pooled_keys(sums, cos, sin, dtype), prefix, terms, sums)
+
+    def _attend_cached(self, q, k, v, alpha, importance, cos, sin, layer_cache, batch: DMCBatch) -> torch.Tensor:
+        if batch.vanilla:
+            # α = 0 everywhere: each slot is the token's own key and value, channel D-1 kept.
+            terms, prefix = _window_terms(k, v, importance, self.dmc.window, layer_cache)
+            q, k_bar = apply_rotary_pos_emb(q, k, cos, sin)
+            v_bar, sums = v, terms
         else:
-            sums = core.pool_with_prefix(alpha, core.weighted_terms(importance, k, v), window, prefix)
-            q, k_bar, v_bar = states_from_sums(q, sums, cos, sin)
+            k_bar, v_bar, prefix, terms, sums = self._pool_on_cache(k, v, alpha, importance, cos, sin, layer_cache,
+                                                                    q.dtype, fused=q.is_cuda)
+            q = core.zero_last_channel(_rope_q(q, cos, sin))
         valid = batch.valid if batch.valid is not None else torch.ones_like(alpha[:, 0], dtype=torch.bool)
         old_k, old_v, old_visible = layer_cache.visible_slots(alpha, valid, k_bar)
         new_bias = core.key_bias_from_hard(alpha).masked_fill(~valid[:, None, :], float("-inf"))
@@ -297,8 +302,12 @@ def _rope_q(q, cos, sin):
     return q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
 
 
-# Token dimension of each entry of a delayed cache's pending window (see DMCCacheLayer.pending).
-PENDING_DIMS = {"k": 2, "v": 2, "alpha": 2, "importance": 2, "valid": 1, "cos": 1, "sin": 1}
+def _window_terms(k, v, importance, window: int | None, layer_cache):
+    """The weighted terms of a chunk's last W-1 tokens (all the window state after it needs) and the
+    cache's window state before it: ``(terms, prefix)``."""
+    tail = 1 if window is None else max(1, min(window - 1, k.shape[-2]))
+    terms = core.weighted_terms(importance[..., -tail:], k[..., -tail:, :], v[..., -tail:, :])
+    return terms, layer_cache.window_prefix(terms)
 
 
 def raw_states(k, v, cos, sin):
@@ -310,7 +319,7 @@ def raw_states(k, v, cos, sin):
 
 def pooled_keys(sums, cos, sin, dtype):
     """Running means (K/Z, V/Z) of pooled sums as the cache stores them: k̄ rotated at its token's
-    position, channel D-1 zeroed (the key half of :func:`states_from_sums`)."""
+    position, channel D-1 zeroed (what :func:`states_from_sums` returns beside the rotated queries)."""
     k_bar, v_bar = core.normalise(sums, (sums.shape[-1] - 1) // 2)
     return core.zero_last_channel(_rope_q(k_bar.to(dtype), cos, sin)), v_bar.to(dtype)
 
@@ -324,9 +333,8 @@ def pooled_states(q, k, v, alpha, importance, cos, sin, window: int | None):
 def states_from_sums(q, sums, cos, sin):
     """Running means (K/Z, V/Z) of pooled sums, k̄ rotated at each token's position (the position
     of the last token merged into its slot), channel D-1 zeroed again after RoPE (spec §1-§2)."""
-    k_bar, v_bar = core.normalise(sums, q.shape[-1])
-    q, k_bar = apply_rotary_pos_emb(q, k_bar.to(q.dtype), cos, sin)
-    return core.zero_last_channel(q), core.zero_last_channel(k_bar), v_bar.to(q.dtype)
+    k_bar, v_bar = pooled_keys(sums, cos, sin, q.dtype)
+    return core.zero_last_channel(_rope_q(q, cos, sin)), k_bar, v_bar
 
 
 def training_states(q, k, v, noise, starts, valid, cos, sin, init_offset: float, temperature: float,

@@ -23,6 +23,12 @@ from .. import core
 from ..config import DMCConfig
 
 
+# Delayed merging (merge_delay w > 0): what DMCCacheLayer.pending holds for its last w token columns, and
+# the token dimension of each: pre-RoPE k (channel D-1 zeroed) and v, hard α, importance ω, validity, and
+# the columns' RoPE tables.
+PENDING_DIMS = {"k": 2, "v": 2, "alpha": 2, "importance": 2, "valid": 1, "cos": 1, "sin": 1}
+
+
 class SlotCacheLayer(Protocol):
     """What :class:`~dmc.hf.attention.DMCAttention` asks of one layer of a cache: the contract of
     :class:`DMCCacheLayer`, the engine's paged view and the eviction baselines' layers.
@@ -67,7 +73,7 @@ class DMCCacheLayer(CacheLayerMixin, SlotCacheLayer):
         self.lengths: torch.Tensor | None = None
         self.window_state: torch.Tensor | None = None
         # Delayed merging (merge_delay w > 0): the last w token columns, not yet merged or appended.
-        # Written by DMCAttention; names and token dims in dmc.hf.attention.PENDING_DIMS.
+        # Written by DMCAttention; names and token dims in PENDING_DIMS.
         self.pending: dict[str, torch.Tensor] | None = None
 
     # -- transformers' layer interface ------------------------------------------------------
