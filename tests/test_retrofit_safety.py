@@ -295,6 +295,8 @@ def test_nan_patience_tolerates_that_many_more_steps(work, tmp_path):
     (["--save-every", "0"], "save_every must be >= 1"),
     (["--attn-implementation", "foo"], "attn_implementation must be one of auto, flex, dense"),
     (["--window", "0"], "window must be a positive integer"),
+    (["--merge-delay", "-1"], "merge_delay must be an integer >= 0"),
+    (["--merge-delay", "100000"], "merge_delay 100000 keeps more raw tokens than CR"),
     (["--temperature", "0"], "temperature must be > 0"),
     (["--zero-out-steps", "-5"], "zero_out_steps must be >= 0"),
     (["--finetune-steps", "-1"], "finetune_steps must be >= 0"),

@@ -269,10 +269,18 @@ class TrainConfig:
                       merge_delay=self.merge_delay)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.method == "dmc" and self.merge_delay and not self.seq_len / self.target_cr > self.merge_delay:
-            raise ConfigError(f"merge_delay {self.merge_delay} keeps more raw tokens than CR {self.target_cr:g} allows "
-                              f"in a {self.seq_len}-token row ({self.seq_len / self.target_cr:.0f} slots): use a "
-                              f"merge_delay below that, a longer seq_len or a lower target CR")
+        self.check_merge_delay(self.seq_len)
+
+    def check_merge_delay(self, seq_len: int, model_capped: bool = False) -> None:
+        """The raw tokens of delayed merging count as slots, so they must stay below what a row of ``seq_len``
+        tokens keeps at the target CR. ``model_capped``: seq_len is the model's context, not the setting."""
+        if self.method != "dmc" or not self.merge_delay or seq_len / self.target_cr > self.merge_delay:
+            return
+        rows, fix = ((f"the model's {seq_len}-token rows", "") if model_capped else
+                     (f"a {seq_len}-token row", ", a longer seq_len"))
+        raise ConfigError(f"merge_delay {self.merge_delay} keeps more raw tokens than CR {self.target_cr:g} allows in "
+                          f"{rows} ({seq_len / self.target_cr:.0f} slots): use a merge_delay below that{fix} or a "
+                          "lower target CR")
 
     def _validate_recipe(self) -> None:
         if not self.logit_scale > 0:

@@ -112,10 +112,7 @@ class Retrofitter:
         cfg = self.cfg
         self.tokenizer, self.model = self._load_model()
         seq_len = min(cfg.seq_len, getattr(self.model.config, "max_position_embeddings", cfg.seq_len))
-        if not self.plain and cfg.merge_delay and not seq_len / cfg.target_cr > cfg.merge_delay:
-            raise ConfigError(f"merge_delay {cfg.merge_delay} keeps more raw tokens than CR {cfg.target_cr:g} allows in "
-                              f"the model's {seq_len}-token rows ({seq_len / cfg.target_cr:.0f} slots): use a "
-                              "merge_delay below that or a lower target CR")
+        cfg.check_merge_delay(seq_len, model_capped=seq_len < cfg.seq_len)
         self.seq_len = seq_len
         self.data = PackedData.from_sources(cfg.data, self.tokenizer, seq_len, cfg.val_fraction, cfg.seed,
                                             cfg.text_field, cfg.token_cache, progress=self.rt.is_main,
