@@ -3,7 +3,7 @@
 # the helpers that start and wait for `dmc study` processes.
 cd "$KEEP/repo"
 export PYTHONPATH=/root/site:$KEEP/repo PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=2 TOKENIZERS_PARALLELISM=true
-PY=python3
+PY=${PY:-python3}
 LOGS=$KEEP/logs; mkdir -p "$LOGS" "$KEEP/study"
 SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 STD=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')

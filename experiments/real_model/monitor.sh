@@ -6,7 +6,7 @@ while :; do
   now=$(date +%s)
   if [ $((now - last)) -ge 60 ] || [ -f "$KEEP/DONE" ]; then
     last=$now
-    echo "=== $(date +%H:%M:%S)"; tail -4 "$KEEP/logs/orchestrator.log"
+    echo "=== $(date +%H:%M:%S)"; tail -4 "$KEEP/logs/orchestrator.log"; tail -2 "$KEEP/logs/scratch.log" 2> /dev/null
     for f in "$KEEP"/logs/*.log; do
       n=$(basename "$f" .log); [ "$n" = orchestrator ] && continue
       echo "$n: $(tr '\r' '\n' < "$f" | grep -v '^\s*$' | tail -1 | cut -c1-150)"
@@ -18,5 +18,7 @@ while :; do
   sleep 10
 done
 cd "$KEEP" && tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude=checkpoints --exclude=tensorboard \
-  --exclude='*.pt' study logs $(ls engine_check.json DONE TRAINED benchmarks.md 2> /dev/null)
+  --exclude='*.pt' --exclude='*.npy' --exclude='*.bin' --exclude=tokens \
+  $(ls -d study logs engine_check.json DONE TRAINED benchmarks.md serve_real.md kv_fp8 scratch_out scratch/study \
+     scratch/base/pretrain.json bench 2> /dev/null)
 ls -la "$OUT"
