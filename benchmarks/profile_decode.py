@@ -1,0 +1,156 @@
+"""Where a decode step's time goes at large batch (issue #15): the engine on the Llama-2-7B-shaped
+benchmark model (benchmarks/throughput.py's ``build_model``, random bf16 weights, decisions forced to
+CR r), one GPU.
+
+For each (CR, batch): fill the batch (prompt ``--prompt-len`` tokens each, generation long enough
+never to finish), then
+
+- time ``--steps`` decode steps as the engine runs them (CUDA graphs on): wall ms per step;
+- profile the same number of steps without CUDA graphs (``torch.profiler``, CUDA activity): GPU time
+  per step by kernel group (weight GEMMs, DMC update, paged attention, allocator, sampling, the rest)
+  and the host's share (wall − GPU busy).
+
+Writes ``OUT/profile_decode.json`` and a Markdown section into ``OUT/../benchmarks.md``-style file
+``OUT/profile_decode.md`` (GPU named, command recorded)::
+
+    python benchmarks/profile_decode.py --out docs/throughput_runs [--configs 1:51 4:201 8:390]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+GROUPS = (  # kernel-name fragment -> group; first match wins (names are lower-cased)
+    ("decode_update", "DMC update (Triton)"), ("delayed", "DMC update (Triton)"),
+    ("attention_split", "paged attention (Triton)"), ("attention_reduce", "paged attention (Triton)"),
+    ("gemm", "weight GEMMs"), ("gemv", "weight GEMMs"), ("cutlass", "weight GEMMs"), ("sm90", "weight GEMMs"),
+    ("nvjet", "weight GEMMs"), ("cumsum", "allocator"), ("scan", "allocator"),
+    ("softmax", "sampling / logits"), ("argmax", "sampling / logits"), ("topk", "sampling / logits"),
+    ("sort", "sampling / logits"), ("multinomial", "sampling / logits"), ("exponential", "sampling / logits"),
+    ("rms", "norms / elementwise"), ("elementwise", "norms / elementwise"), ("vectorized", "norms / elementwise"),
+    ("reduce", "norms / elementwise"), ("index", "gather / scatter"), ("scatter", "gather / scatter"),
+    ("gather", "gather / scatter"), ("copy", "copies"), ("memcpy", "copies"), ("memset", "copies"),
+)
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    return next((g for frag, g in GROUPS if frag in low), "other")
+
+
+def fill(llm, batch: int, prompt_len: int, steps: int) -> None:
+    """Admit ``batch`` requests and step until all are decoding."""
+    import dmc
+    params = dmc.SamplingParams(max_tokens=10 * steps + 64, ignore_eos=True, temperature=0.0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(batch):
+        llm.add_request(torch.randint(3, 32000, (prompt_len,), generator=gen).tolist(), params)
+    for _ in range(4 * batch + prompt_len):  # bounded: a batch that does not fit must not hang the run
+        if len(llm.scheduler.running) >= batch and not llm.scheduler.waiting and not any(
+                r.prefilling for r in llm.scheduler.running):
+            return
+        llm.step()
+    raise SystemExit(f"only {len(llm.scheduler.running)} of {batch} requests run at once: the batch does not fit")
+
+
+def timed_steps(llm, steps: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        llm.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def profiled_steps(llm, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            llm.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps * 1e3
+    groups: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            us = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
+            groups[group_of(evt.name)] = groups.get(group_of(evt.name), 0.0) + us
+            kernels[evt.name] = kernels.get(evt.name, 0.0) + us
+    gpu = sum(groups.values()) / steps / 1e3
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return {"wall_ms": wall, "gpu_ms": gpu, "host_ms": max(wall - gpu, 0.0),
+            "groups_ms": {g: v / steps / 1e3 for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [[name[:90], v / steps / 1e3] for name, v in top]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/throughput_runs")
+    parser.add_argument("--configs", nargs="+", default=["1:51", "4:201", "8:390"], help="CR:batch")
+    parser.add_argument("--prompt-len", type=int, default=2048)
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--label", default="", help="names this run in the report (e.g. before/after a change)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/profile_decode.py needs a CUDA GPU")
+    import dmc
+    from throughput import build_model, free_model
+    model = build_model(dmc_model=True)
+    rows = []
+    for spec in args.configs:
+        cr, batch = (int(x) for x in spec.split(":"))
+        kwargs = dict(vanilla=True) if cr == 1 else dict(forced_period=cr)
+        row = {"cr": cr, "batch": batch, "prompt_len": args.prompt_len, "context": args.context}
+        for graphs in (True, False):
+            llm = dmc.LLM(model, max_model_len=args.context, max_num_seqs=batch, admission_margin=0.0,
+                          progress=False, cuda_graphs=graphs, **kwargs)
+            fill(llm, batch, args.prompt_len, args.steps)
+            timed_steps(llm, 3)  # warm-up (graph capture, autotuning)
+            if graphs:
+                row["graph_step_ms"] = timed_steps(llm, args.steps)
+            else:
+                row["eager"] = profiled_steps(llm, args.steps)
+            del llm
+            free_model()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "label": args.label,
+            "command": "python " + " ".join(sys.argv)}
+    name = "profile_decode" + (f"_{args.label}" if args.label else "")
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"# Decode-step profile ({meta['gpu']}{', ' + args.label if args.label else ''})", "",
+             f"Written by `{meta['command']}` (torch {meta['torch']}). Llama-2-7B shape, bf16, random weights, "
+             f"decisions forced to CR r; prompt {args.prompt_len} tokens per sequence. Graph step: the engine as it "
+             f"runs (CUDA graphs); the rest: the same steps eager under torch.profiler (GPU time per step by kernel "
+             f"group; host = wall − GPU busy).", "",
+             "| CR | batch | graph step ms | eager wall ms | GPU ms | host ms | " + " | ".join(
+                 g for g in dict.fromkeys(g for _, g in GROUPS)) + " | other |",
+             "|" + "---|" * (6 + len(dict.fromkeys(g for _, g in GROUPS)) + 1)]
+    for r in rows:
+        e = r["eager"]
+        cells = [f"{e['groups_ms'].get(g, 0.0):.2f}" for g in dict.fromkeys(g for _, g in GROUPS)]
+        lines.append(f"| {r['cr']} | {r['batch']} | {r['graph_step_ms']:.2f} | {e['wall_ms']:.2f} | {e['gpu_ms']:.2f} | "
+                     f"{e['host_ms']:.2f} | " + " | ".join(cells) + f" | {e['groups_ms'].get('other', 0.0):.2f} |")
+    for r in rows:
+        lines += ["", f"Top kernels, CR {r['cr']}, batch {r['batch']} (ms per step):", ""]
+        lines += [f"- {v:.3f} `{k}`" for k, v in r["eager"]["top_kernels_ms"]]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
