@@ -25,7 +25,7 @@ class ThroughputResult:
     tokens_per_s: float  # output tokens/s over the measured steps
     step_ms: float  # mean decode step time over the measured steps
     measured_steps: int
-    prefill_tokens_per_s: float  # prompt tokens/s of the admission (prefill) phase
+    prefill_tokens_per_s: float  # prompt tokens/s of the admission (prefill) phase, batched prefill steps
     realized_cr: float  # tokens per slot kept, over all finished requests
     peak_memory_gib: float
     kv_pool_gib: float
@@ -55,14 +55,15 @@ def measure_throughput(llm, prompt_len: int, gen_len: int, max_requests: int | N
     requests = [llm.add_request(p, params) for p in prompts]
     _sync(llm)
     start = time.perf_counter()
-    # the first wave: every request that fits is prefilled (one at a time, for the progress bar)
+    # the first wave: every request that fits is prefilled, in the engine's prefill steps (batched:
+    # several prompts' chunks share each step's prefill_chunk tokens), no decode step in between
     with tqdm(total=count * prompt_len, desc="prefill", unit="tok", disable=not progress) as bar:
-        while llm.scheduler.waiting:
-            running = len(llm.scheduler.running)
-            llm._prefill_admitted(limit=1)
-            if len(llm.scheduler.running) == running:
+        while llm.scheduler.waiting or any(r.prefilling for r in llm.scheduler.running):
+            fed = sum(r.seen for r in requests)
+            llm._prefill_step()
+            if sum(r.seen for r in requests) == fed:
                 break  # the next one does not fit (or failed)
-            bar.update(prompt_len)
+            bar.update(sum(r.seen for r in requests) - fed)
     _sync(llm)
     prefill_s = time.perf_counter() - start
     admitted = len(llm.scheduler.running)

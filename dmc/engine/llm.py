@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..baselines.eviction import EvictionPolicy
 from ..hf.convert import fold_logit_scale
 from ..stats import CompressionStats
-from .cache import CacheLayout, OutOfPages, PagedKVCache
+from .cache import CacheLayout, PagedKVCache
 from .eviction import EngineEviction
 from .params import RequestOutput, SamplingParams
 from .runner import ModelRunner, load_model
@@ -49,7 +49,8 @@ class LLM:
             ``CPU_KV_CACHE_CAP`` bytes.
         admission_margin: admit assuming the observed CR divided by (1 + margin).
         cuda_graphs: capture the decode step in batch-size buckets (CUDA only).
-        prefill_chunk: longest prompt chunk fed at once (longer prompts are prefilled in chunks).
+        prefill_chunk: prompt tokens prefilled per engine step, in one forward: the chunks of several
+            requests share it (a longer prompt is prefilled in chunks over several steps).
         prefill_attention: attention of a prompt's first chunk: "auto" (flex on CUDA, sdpa on CPU),
             "flex" (FlexAttention with the DMC mask, compiled once per power-of-two length bucket),
             "sdpa" (a boolean DMC mask, no compilation, slower) or "dense".
@@ -192,9 +193,10 @@ class LLM:
 
     # ------------------------------------------------------------------ one engine step
     def step(self) -> list[Request]:
-        """Admit what fits (prefill), then decode one token for every running request.
-        Returns the requests that changed."""
-        changed = self._prefill_admitted()  # schedule, prefill, postprocess the admitted
+        """One engine step: schedule, prefill a batch of prompt chunks (admitting what fits), decode one
+        token for every running request that is past its prefill, postprocess. Returns the requests
+        that changed."""
+        changed = self._prefill_step()
         batch, starved = self.scheduler.schedule_decode()
         if starved is not None:
             self.scheduler.finish(starved, "error", OUT_OF_MEMORY_DECODING)
@@ -203,45 +205,52 @@ class LLM:
             changed += self._postprocess(batch, self._decode(batch))
         return changed
 
-    def _prefill_admitted(self, limit: int | None = None) -> list[Request]:
-        """Prefill the waiting requests the scheduler admits (at most ``limit`` of them), each with its
-        first token sampled. Returns the requests that changed."""
+    def _prefill_step(self) -> list[Request]:
+        """This step's batched prefill: the chunks the scheduler picks (requests already prefilling go on,
+        then newly admitted ones; ``prefill_chunk`` tokens in all), in one forward. A request whose whole
+        feed is now in the cache gets its first token sampled. Returns the requests that changed.
+
+        With eviction (H2O, TOVA) the chunks run one per forward, each scheduled after the one before
+        has been cut to the budget: a batch would hold every chunk's pages at once, uncut."""
         changed: list[Request] = []
-        sched = self.scheduler
-        admitted = 0
-        while limit is None or admitted < limit:
-            request = sched.admit()
-            if request is None:
+        budget = self.prefill_chunk
+        while budget > 0:
+            chunks, starved = self.scheduler.schedule_prefill(budget, None if self.eviction is None else 1)
+            if starved is not None:
+                self.scheduler.finish(starved, "error", OUT_OF_MEMORY_PREFILL)
+                changed.append(starved)
+            if not chunks:
                 break
-            admitted += 1
-            try:
-                logits = self._prefill(request)
-            except OutOfPages:
-                if sched.running == [request]:  # alone, and still too large: it can never run
-                    sched.finish(request, "error", OUT_OF_MEMORY_PREFILL)
-                    changed.append(request)
-                else:
-                    sched.requeue(request)
+            changed += self._prefill_chunks(chunks)
+            budget -= sum(size for _, size in chunks)
+            if self.eviction is None:
                 break
-            if self.eviction is None:  # with eviction the cap, not a ratio, bounds the pages
-                # Pages hold the tokens that went through DMC; a delayed model's raw window is fixed memory.
-                slots = self.cache.lens[:, request.row].sum().item()
-                committed = request.seen - self.cache.raw_held(request.seen)
-                sched.estimate.observe(committed * self.cache.layout.rows, slots)
-            token = sample(logits[None], SamplingBatch.build([request.params], [request.seed],
-                                                             [len(request.output_ids)], self.device))
-            changed += self._postprocess([request], token)
         return changed
 
-    def _prefill(self, request: Request) -> torch.Tensor:
-        request.row = self.cache.open_row()
-        feed = request.to_feed()
-        logits = None
-        for start in range(0, len(feed), self.prefill_chunk):
-            chunk = feed[start:start + self.prefill_chunk]
-            logits = self.runner.prefill(request.row, chunk, request.seen)
-            request.seen += len(chunk)
-        return logits
+    def _prefill_chunks(self, chunks: list[tuple[Request, int]]) -> list[Request]:
+        """Feed ``(request, tokens)`` chunks in one forward; sample the first token of each request whose
+        feed is now all in the cache (those are returned)."""
+        sched = self.scheduler
+        requests = [r for r, _ in chunks]
+        feeds = [r.to_feed()[r.seen:r.seen + size] for r, size in chunks]
+        logits = self.runner.prefill_batch([r.row for r in requests], feeds, [r.seen for r in requests])
+        done = []
+        for i, (request, size) in enumerate(chunks):
+            request.seen += size
+            if request.prefill_left == 0:
+                sched.prefilled(request)
+                done.append(i)
+                if self.eviction is None:  # with eviction the cap, not a ratio, bounds the pages
+                    # Pages hold the tokens that went through DMC; a delayed model's raw window is fixed memory.
+                    slots = self.cache.lens[:, request.row].sum().item()
+                    committed = request.seen - self.cache.raw_held(request.seen)
+                    sched.estimate.observe(committed * self.cache.layout.rows, slots)
+        if not done:
+            return []
+        finished = [requests[i] for i in done]
+        tokens = sample(logits[done], SamplingBatch.build([r.params for r in finished], [r.seed for r in finished],
+                                                         [len(r.output_ids) for r in finished], self.device))
+        return self._postprocess(finished, tokens)
 
     def _decode(self, batch: list[Request]) -> torch.Tensor:
         """One decode step of ``batch``: the sampled tokens ``[B]``."""

@@ -22,16 +22,18 @@ the ring as its ``pending`` window.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..config import DMCConfig, is_dmc
+from ..hf.attention import DMCBatch
 from ..hf.convert import dmc_config_from
 from ..hf.modeling import FAMILIES
 from ..kernels import get_kernels
-from .cache import PagedKVCache, SequenceView, allocate_pages
+from .cache import OutOfPages, PagedKVCache, SequenceView, allocate_pages
 from .eviction import EngineEviction
 
 
@@ -90,6 +92,45 @@ class ModelRunner:
         out = self.model(input_ids=ids, past_key_values=view, use_cache=True, logits_to_keep=1,
                          dmc_forced_period=self.forced_period)
         return out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def prefill_batch(self, rows: list[int], chunks: list[list[int]], seen: list[int]) -> torch.Tensor:
+        """Feed ``chunks[i]`` to sequence ``rows[i]`` (which holds ``seen[i]`` tokens), all in one forward;
+        returns the logits after each chunk's last token ``[B, V]`` (fp32).
+
+        The chunks are packed back to back in one row (no padding): norms, projections and MLPs run once
+        over all their tokens; each layer's attention runs per chunk on its sequence's cache view
+        (:meth:`dmc.hf.attention.DMCAttention.forward_packed`), the code :meth:`prefill` runs, so the
+        cache ends exactly as if each chunk had been prefilled alone (spec §7.4). Raises OutOfPages
+        unless every chunk fits even if nothing merges."""
+        cache = self.cache
+        sizes = [len(c) for c in chunks]
+        need = cache.layout.rows * sum(math.ceil(n / cache.layout.page_size) for n in sizes)
+        if cache.free_page_count() < need:
+            raise OutOfPages(f"a prefill batch of {sum(sizes)} tokens ({len(sizes)} chunks) may need {need} pages, "
+                             f"{cache.free_page_count()} free")
+        device = cache.device
+        ids = torch.tensor([[t for c in chunks for t in c]], device=device)
+        positions = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(seen, sizes)])[None]
+        ends = torch.tensor(sizes, device=device).cumsum(0)
+        segments = list(zip((ends - torch.tensor(sizes, device=device)).tolist(), ends.tolist()))
+        views = [SequenceView(cache, row, s) if self.eviction is None else self.eviction.sequence_view(row, s)
+                 for row, s in zip(rows, seen)]
+        runtime = self.model.dmc_runtime
+        batches = []
+        for s, n in zip(seen, sizes):
+            starts = torch.zeros(1, n, dtype=torch.bool, device=device)
+            starts[0, 0] = s == 0  # a sequence's first token always appends
+            batches.append(DMCBatch(starts=starts, vanilla=runtime.vanilla, channel_scale=runtime.channel_scale,
+                                    forced_period=self.forced_period))
+        hidden = self.base.embed_tokens(ids)
+        cos, sin = self.base.rotary_emb(hidden, positions)
+        for index, layer in enumerate(self.base.layers):
+            x = layer.input_layernorm(hidden)
+            hidden = hidden + layer.self_attn.forward_packed(x, (cos, sin), positions, segments,
+                                                             [view.layers[index] for view in views], batches)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.model.lm_head(self.base.norm(hidden[0, ends - 1])).float()
 
     # ------------------------------------------------------------------ decode
     @torch.inference_mode()

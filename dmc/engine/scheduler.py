@@ -41,6 +41,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     row: int | None = None  # sequence row of the cache while running
     seen: int = 0  # tokens in the cache
+    prefilling: bool = False  # running, its prompt (to_feed()) not all in the cache yet
     finish_reason: str | None = None
     error: str | None = None
     compression: dict | None = None
@@ -61,6 +62,11 @@ class Request:
     def to_feed(self) -> list[int]:
         """What a (re)admitted request prefills: its prompt and everything it generated."""
         return self.prompt_ids + self.output_ids
+
+    @property
+    def prefill_left(self) -> int:
+        """Tokens of its feed a prefilling request has not fed yet (0 once decoding)."""
+        return len(self.to_feed()) - self.seen if self.prefilling else 0
 
 
 class CompressionEstimate:
@@ -112,16 +118,74 @@ class Scheduler:
         self.waiting.append(request)
 
     def admit(self) -> Request | None:
-        """The next waiting request if it fits now (it becomes running; the caller opens its cache
-        row and prefills it, and calls :meth:`requeue` or :meth:`finish` if that runs out of pages),
-        else None."""
+        """The next waiting request if it fits now (it becomes running and prefilling; the caller opens
+        its cache row and prefills it, and calls :meth:`requeue` or :meth:`finish` if that runs out of
+        pages), else None."""
         if not self.waiting or not self.can_admit(self.waiting[0], self.cache.free_page_count(),
                                                   self.cache.free_row_count()):
             return None
         request = self.waiting.popleft()
         request.status = RequestStatus.RUNNING
+        request.prefilling = True
         self.running.append(request)
         return request
+
+    def schedule_prefill(self, budget: int,
+                         max_chunks: int | None = None) -> tuple[list[tuple[Request, int]], Request | None]:
+        """``(chunks, starved)``: this step's prefill batch, ``(request, tokens)`` pairs that share a
+        budget of ``budget`` tokens, and a lone request whose next chunk cannot fit even in an otherwise
+        empty cache (the caller fails it), else None.
+
+        Requests already prefilling continue first (oldest first, so a long prompt goes on chunk by
+        chunk); the budget left admits waiting requests (admission as in :meth:`can_admit`), whose rows
+        are opened here; at most ``max_chunks`` chunks in all. Every chunk fits the free pages even if nothing
+        merges; a chunk that does not waits for a later step (when no request is decoding, the newest
+        running one is preempted so that the older ones can go on)."""
+        chunks: list[tuple[Request, int]] = []
+        free = self.cache.free_page_count()
+        for request in [r for r in self.running if r.prefilling]:
+            size = self._chunk_size(request.prefill_left, budget)
+            if size == 0 or len(chunks) == max_chunks:
+                return chunks, None
+            need = self.chunk_pages(size)
+            if need > free:
+                if len(self.running) == 1:
+                    return chunks, request
+                if not chunks and all(r.prefilling for r in self.running):
+                    self.preempt(self.running[-1])
+                return chunks, None
+            chunks.append((request, size))
+            budget, free = budget - size, free - need
+        while budget > 0 and len(chunks) != max_chunks and self.waiting:
+            request = self.waiting[0]
+            size = self._chunk_size(len(request.to_feed()), budget)
+            if size == 0:
+                break
+            need = self.rows + self.chunk_pages(size)  # the first page of every head, then the chunk
+            if need > free:
+                if not self.running:  # alone in an empty cache: it can never run
+                    self.waiting.popleft()
+                    return chunks, request
+                break
+            if self.admit() is None:
+                break
+            request.row = self.cache.open_row()
+            chunks.append((request, size))
+            budget, free = budget - size, free - need
+        return chunks, None
+
+    def _chunk_size(self, left: int, budget: int) -> int:
+        """A request's next chunk: what is left of its feed, at most the budget. With eviction a chunk is
+        never cut by the budget (0: it waits for the next step): the budget cuts the cache after every
+        chunk, so a prompt is fed in the chunks of ``prefill_chunk`` tokens it would get alone."""
+        if self.slot_cap is None:
+            return min(left, budget)
+        size = min(left, self.prefill_chunk or left)
+        return size if size <= budget else 0
+
+    def prefilled(self, request: Request) -> None:
+        """A request's whole feed is in the cache: it decodes from now on."""
+        request.prefilling = False
 
     def requeue(self, request: Request) -> None:
         """Put a request whose prefill did not fit back at the head of the queue (not a preemption)."""
@@ -159,14 +223,14 @@ class Scheduler:
         """``(batch, starved)``: the requests to decode this step, preempting the newest running ones
         until the step's worst case fits the free pages; ``starved`` is a lone request that cannot fit
         even so (the caller fails it), else None."""
-        batch = list(self.running)
+        batch = [r for r in self.running if not r.prefilling]
         while batch and (self.cache.free_page_count()
                          < self.cache.step_worst_case([r.row for r in batch], self.slot_cap)):
             victim = self.preemption_victim()
             if victim is None:
                 return [], batch[0]
             self.preempt(victim)
-            batch = list(self.running)
+            batch = [r for r in self.running if not r.prefilling]
         return batch, None
 
     def _release(self, request: Request) -> None:
@@ -176,8 +240,13 @@ class Scheduler:
             self.cache.close_row(request.row)
             request.row = None
         request.seen = 0
+        request.prefilling = False
 
     # ------------------------------------------------------------------ page arithmetic
+    def chunk_pages(self, tokens: int) -> int:
+        """Pages a prefill chunk of ``tokens`` may take if nothing merges (:meth:`PagedKVCache.check_room`)."""
+        return self.rows * math.ceil(tokens / self.page_size)
+
     def pages_for(self, tokens: int, capped: bool = True) -> int:
         """Estimated pages for a sequence of ``tokens`` at the estimated CR (+ the ready page)."""
         slots = tokens / self.estimate.ratio

@@ -128,6 +128,42 @@ class DMCAttention(nn.Module):
                 out = self._attend(q, k_bar, v_bar, key_bias, batch)
             return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), None
 
+        layer_cache = None if past_key_values is None else past_key_values.layers[self.layer_idx]
+        out = self._inference(q, k, v, cos, sin, kwargs.get("position_ids"), layer_cache, batch)
+        out = out.transpose(1, 2).reshape(b, n, -1)
+        return self.o_proj(out), None
+
+    def forward_packed(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                       position_ids: torch.Tensor, segments: list[tuple[int, int]], layer_caches: list,
+                       batches: list[DMCBatch]) -> torch.Tensor:
+        """Inference over several sequences' chunks packed in one row (the engine's batched prefill).
+
+        ``hidden_states`` ``[1, N, hidden]`` holds the chunks back to back; segment s is the token range
+        ``segments[s]`` of one sequence, on top of its own cache layer ``layer_caches[s]``, with its own
+        :class:`DMCBatch` (starts, mode). The projections run once over all N tokens; decisions, pooling,
+        the DMC mask and the cache writes run per segment, through exactly the code a chunk fed alone
+        takes (:meth:`_inference`), so the caches end as if each chunk had been fed alone.
+        Returns the attention output after ``o_proj``, ``[1, N, hidden]``.
+        """
+        first = batches[0]
+        scale = first.channel_scale if first.vanilla else 1.0
+        q = self._heads(self.q_proj, self.q_norm, hidden_states, scale)
+        k = self._heads(self.k_proj, self.k_norm, hidden_states, scale)
+        v = self._heads(self.v_proj, None, hidden_states)
+        cos, sin = position_embeddings
+        outs = []
+        for (start, end), layer_cache, batch in zip(segments, layer_caches, batches):
+            s = slice(start, end)
+            outs.append(self._inference(q[:, :, s], k[:, :, s], v[:, :, s], cos[:, s], sin[:, s],
+                                        position_ids[:, s], layer_cache, batch))
+        self.decisions = self.decision_logits = None  # per segment; nothing collects them here
+        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        return self.o_proj(out.transpose(1, 2).reshape(1, hidden_states.shape[1], -1))
+
+    def _inference(self, q, k, v, cos, sin, positions, layer_cache, batch: DMCBatch) -> torch.Tensor:
+        """Hard decisions, then the cached (``layer_cache`` given) or full-sequence attention of eval mode.
+        ``q``, ``k``, ``v`` ``[B, heads, n, D]`` pre-RoPE; returns ``[B, H*G, n, D]`` before ``o_proj``."""
+        b, _, n, _ = k.shape
         if batch.vanilla:
             alpha = torch.zeros(b, self.num_kv_heads, n, device=q.device)
             importance = torch.ones_like(alpha)
@@ -135,7 +171,6 @@ class DMCAttention(nn.Module):
             q, k, logits, importance = core.split_decision_channel(q, k, self.dmc.init_offset,
                                                                    self.dmc.logit_scale)
             self.decision_logits = logits.detach()  # diagnostics: per-head logit statistics
-            positions = kwargs.get("position_ids")
             alpha = core.inference_decisions(logits, batch.starts, None if positions is None else positions.expand(b, n),
                                              batch.forced_period)
         if batch.valid is not None:
@@ -143,16 +178,11 @@ class DMCAttention(nn.Module):
             alpha = alpha.masked_fill(~batch.valid[:, None, :], 1.0)  # padding is transparent
         self.decisions = alpha
 
-        if past_key_values is not None and self.dmc.merge_delay and not batch.vanilla:
-            out = self._attend_cached_delayed(q, k, v, alpha, importance, cos, sin,
-                                              past_key_values.layers[self.layer_idx], batch)
-        elif past_key_values is not None:
-            out = self._attend_cached(q, k, v, alpha, importance, cos, sin,
-                                      past_key_values.layers[self.layer_idx], batch)
-        else:
-            out = self._attend_full(q, k, v, alpha, importance, cos, sin, batch)
-        out = out.transpose(1, 2).reshape(b, n, -1)
-        return self.o_proj(out), None
+        if layer_cache is not None and self.dmc.merge_delay and not batch.vanilla:
+            return self._attend_cached_delayed(q, k, v, alpha, importance, cos, sin, layer_cache, batch)
+        if layer_cache is not None:
+            return self._attend_cached(q, k, v, alpha, importance, cos, sin, layer_cache, batch)
+        return self._attend_full(q, k, v, alpha, importance, cos, sin, batch)
 
     def _attend_full(self, q, k, v, alpha, importance, cos, sin, batch: DMCBatch) -> torch.Tensor:
         """Full-sequence eval (hard decisions, spec §3) or vanilla attention."""
