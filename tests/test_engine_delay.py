@@ -1,11 +1,15 @@
 """The engine (dmc.LLM) with delayed merging (``merge_delay`` w > 0) against the HF path: same greedy
 tokens as ``generate()`` with the DMC cache, same slot counts (the raw window counted), chunked prefill
-leaving exactly the state of token-by-token decoding, no page leaks. fp32, merges happening."""
+leaving exactly the state of token-by-token decoding, no page leaks. fp32, merges happening. The decode
+step's Triton kernels (dmc.kernels.triton_delayed, run here in Triton's interpreter) against the twins."""
+
+import contextlib
 
 import pytest
 import torch
 from conftest import dmc_model
 from test_engine import _assert_no_leak, _engine, _prompts, _row_state
+from test_kernels import interpreter
 
 import dmc
 from dmc.engine.cache import CacheLayout, SequenceView
@@ -49,13 +53,47 @@ def test_greedy_and_slots_equal_hf_generate(family, window, delay):
     _assert_no_leak(llm)
 
 
-@pytest.mark.parametrize("window,delay", [(4, 3), (None, 8)])
-def test_chunked_prefill_equals_token_by_token(window, delay):
+@contextlib.contextmanager
+def triton_decode(on: bool):
+    """Engines built inside pick the Triton kernels (DMC_FORCE_TRITON=1, in the interpreter on a CPU)."""
+    if not on:
+        yield
+        return
+    with interpreter(), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DMC_FORCE_TRITON", "1")
+        yield
+
+
+@pytest.mark.parametrize("family,window,delay", [("qwen2", None, 3), ("qwen3", 12, 8)])
+def test_triton_decode_equals_twins_and_hf_generate(family, window, delay):
+    """The delayed decode step through Triton: the same greedy tokens and compression as the twins' engine
+    and as HF generate, and the same cache afterwards (slots, window state, delay ring)."""
+    model = dmc_model(family, window=window, merge_delay=delay)
+    prompts = _prompts((11, 2, 17), seed=delay)
+    params = dmc.SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    engine = dict(prefill_chunk=7, max_model_len=32)  # few pages per head: few splits to interpret
+    twin = _engine(model, **engine)
+    with triton_decode(True):
+        fast = _engine(model, **engine)
+        assert fast.runner.kernels.delayed_decode_update.__module__ == "dmc.kernels.triton_delayed"
+        outs = fast.generate(prompts, params)
+    for prompt, out, ref in zip(prompts, outs, twin.generate(prompts, params)):
+        assert out.token_ids == ref.token_ids == _hf_generate(model, prompt, 10)[0]
+        assert out.compression == ref.compression
+    assert max(o.compression["merge_rate"] for o in outs) > 0.2
+    _assert_no_leak(fast)
+
+
+@pytest.mark.parametrize("window,delay,fast", [(4, 3, False), (None, 8, False), (4, 3, True)])
+def test_chunked_prefill_equals_token_by_token(window, delay, fast):
     """The exact-state guarantee with a delay: a prompt prefilled in chunks (some smaller than w) leaves the
-    slots, window state and raw ring of token-by-token decoding, and per-head counts equal the HF cache's."""
+    slots, window state and raw ring of token-by-token decoding (the twins', or Triton's with ``fast``), and
+    per-head counts equal the HF cache's."""
     model = dmc_model("qwen2", window=window, merge_delay=delay)
     prompt = _prompts((45,), seed=delay)[0]
-    chunked, stepwise = _engine(model), _engine(model)
+    chunked = _engine(model, max_model_len=48)
+    with triton_decode(fast):
+        stepwise = _engine(model, max_model_len=48)
     a = chunked.cache.open_row()
     seen = 0
     for size in (7, 2, 1, 13, 22):
@@ -64,9 +102,10 @@ def test_chunked_prefill_equals_token_by_token(window, delay):
     assert seen == len(prompt)
     b = stepwise.cache.open_row()
     stepwise.runner.prefill(b, prompt[:1], 0)
-    for t in range(1, len(prompt)):  # the engine's decode step, one token at a time
-        stepwise.runner.decode(torch.tensor([prompt[t]]), torch.tensor([t], dtype=torch.int32),
-                               torch.tensor([b], dtype=torch.int32))
+    with triton_decode(fast):
+        for t in range(1, len(prompt)):  # the engine's decode step, one token at a time
+            stepwise.runner.decode(torch.tensor([prompt[t]]), torch.tensor([t], dtype=torch.int32),
+                                   torch.tensor([b], dtype=torch.int32))
     (la, ka, va), (lb, kb, vb) = _row_state(chunked, a), _row_state(stepwise, b)
     assert torch.equal(la, lb) and int(la.max()) > 16  # crosses a page boundary
     assert 0.2 < 1 - la.sum() / ((len(prompt) - delay) * la.numel()) < 0.8
@@ -117,14 +156,15 @@ def test_delay_ring_is_counted_in_memory_planning_and_vanilla_has_none():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_delayed_engine_equals_hf_generate():
-    """On CUDA a delayed model decodes with the PyTorch twins, eager (no CUDA graphs): same tokens."""
-    model = dmc_model("qwen2", window=12, merge_delay=8).cuda()
+@pytest.mark.parametrize("window,delay", [(12, 8), (None, 3), (4, 32)])
+def test_gpu_delayed_engine_equals_hf_generate(window, delay):
+    """On CUDA a delayed model decodes with the Triton kernels in CUDA graphs: same tokens as HF generate."""
+    model = dmc_model("qwen2", window=window, merge_delay=delay).cuda()
     prompts = _prompts(LENGTHS)
     llm = dmc.LLM(model, device="cuda", dtype=torch.float32, max_model_len=128, max_num_seqs=8, progress=False,
                   kv_cache_memory=64 * 2**20, prefill_chunk=7)
     outs = llm.generate(prompts, GREEDY)
-    assert not llm.runner.graphs
+    assert llm.runner.graphs  # the delayed step was captured
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
             ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=STEPS, do_sample=False,

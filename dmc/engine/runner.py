@@ -13,9 +13,9 @@ per batch-size bucket.
 Delayed merging (``merge_delay`` w > 0): every head also holds its last w tokens raw, in the cache's
 delay ring. A decode step puts the new token there; the token it replaces (w older) goes through the
 DMC update with its own α, ω and position; the query attends over the slots and the raw keys in one
-softmax. Those steps have no Triton kernel yet: delayed models decode with the PyTorch twins
-(:func:`dmc.kernels.reference.delayed_decode_update_ref`, ``delayed_decode_attention_ref``) on every
-device and without CUDA graphs (their attention syncs with the host for the longest head). Prefill is
+softmax. On CUDA those are the kernels of :mod:`dmc.kernels.triton_delayed` (no host sync, so the step
+is captured in CUDA graphs like any other); elsewhere their PyTorch twins
+(:func:`dmc.kernels.reference.delayed_decode_update_ref`, ``delayed_decode_attention_ref``). Prefill is
 the HF path's own ``_attend_cached_delayed`` over the :class:`SequenceView`, which reads and writes
 the ring as its ``pending`` window.
 """
@@ -159,7 +159,7 @@ class ModelRunner:
             q = _heads(attn.q_proj, attn.q_norm, x, attn.head_dim)
             key = _heads(attn.k_proj, attn.k_norm, x, attn.head_dim)
             value = attn.v_proj(x).view(b, -1, attn.head_dim)
-            if self.delay:  # PyTorch on every device (see the module docstring)
+            if self.delay:
                 q_rot, _ = k.delayed_decode_update(
                     q, key, value, cos, sin, leave_cos, leave_sin, seq_ids, positions, index, cache.k_pool,
                     cache.v_pool, cache.page_table, cache.lens, cache.ring, cache.ring_kv, cache.ring_w,
@@ -188,7 +188,7 @@ class ModelRunner:
     def _enter_delay_ring(self, hidden, cos, sin, positions, seq_ids):
         """Delayed merging, once per step (the tables are per row, not per layer): the new tokens' RoPE
         tables go into their rows' delay ring; returns those of the tokens that leave it (w older, clamped
-        at position 0 where none leaves), ``[B, D]`` each."""
+        at position 0 where none leaves), ``[B, D]`` each. Tensor ops only (no host sync: capturable)."""
         cache = self.cache
         leave_cos, leave_sin = self.base.rotary_emb(hidden[:, None], (positions.long() - self.delay).clamp_min(0)[:, None])
         rows = torch.where(seq_ids >= 0, seq_ids.long(), cache.scratch_row)  # padding rows: the scratch row
@@ -198,9 +198,9 @@ class ModelRunner:
     # ------------------------------------------------------------------ CUDA graphs
     def use_cuda_graphs(self, batch_sizes: list[int]) -> None:
         """Replay the decode step from CUDA graphs, one per batch-size bucket, each captured the
-        first time a batch needs it; padding rows (seq id -1) fill a batch up to its bucket.
-        Not for delayed merging: its PyTorch decode step syncs with the host (it stays eager)."""
-        if self.cache.device.type == "cuda" and not self.delay:
+        first time a batch needs it; padding rows (seq id -1) fill a batch up to its bucket (delayed
+        merging included: its padding rows write only the cache's scratch row)."""
+        if self.cache.device.type == "cuda":
             self.graph_buckets = sorted(batch_sizes)
 
 
