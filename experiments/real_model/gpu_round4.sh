@@ -16,7 +16,7 @@ set -u
 KEEP=${1:-/root/keep}
 . "$(dirname "$0")/common.sh"
 
-VARIANTS=("d4|4|" "d8|8|")
+read -r -a VARIANTS <<< "${ROUND4_VARIANTS:-d4|4| d8|8|}"  # "name|cr|settings" words
 evict_after() {  # "name|cr|settings": once its DMC run is done, H2O and TOVA in the same study
   local name cr extra
   IFS='|' read -r name cr extra <<< "$1"
