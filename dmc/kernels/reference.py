@@ -26,6 +26,38 @@ import torch
 from .. import core
 
 
+# --------------------------------------------------------------------------- FP8 pages
+# kv_cache_dtype="fp8": the pools hold e4m3 (torch.float8_e4m3fn) and every layer has a k and a v scale
+# (``k_scale``, ``v_scale`` fp32 ``[L]``; None = 1.0): stored = clamp(x / scale, ±448) cast to e4m3, read =
+# fp32(stored) * scale. Only the pages are quantised; the DMC window state (ring, sums) and the delayed-merging
+# ring stay in fp32 / the model dtype, and a merge rewrites the last slot from that exact state.
+FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype == torch.float8_e4m3fn
+
+
+def quantise(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` as pool elements of ``dtype``: a plain cast, or for fp8 ``clamp(x / scale, ±448)`` rounded to
+    nearest even (a scalar ``scale`` tensor or None = 1)."""
+    if not is_fp8(dtype):
+        return x.to(dtype)
+    x = x.float() if scale is None else x.float() / scale
+    return x.clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def dequantise(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Pool elements as values: fp8 → ``fp32(x) * scale``; any other dtype unchanged."""
+    if not is_fp8(x.dtype):
+        return x
+    return x.float() if scale is None else x.float() * scale
+
+
+def _scale(scales: torch.Tensor | None, layer: int) -> torch.Tensor | None:
+    return None if scales is None else scales[layer]
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE (HF convention): ``x * cos + rotate_half(x) * sin``; cos/sin broadcast."""
     half = x.shape[-1] // 2
@@ -36,7 +68,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_pool, page_table, lens, ring,
                       ring_kv, ring_w, *,
                       init_offset: float, window: int | None, vanilla: bool, page_size: int,
-                      forced_period: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      forced_period: int = 0, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step of one layer for a batch: decisions, window sums, RoPE, slot write.
 
     Args:
@@ -48,6 +81,7 @@ def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_poo
         init_offset: c. window: W or None. vanilla: plain attention (α = 0, ω = 1, channel
             D-1 kept). page_size: P. forced_period: benchmarks only; > 0 replaces the decision
             channel by α_t = 1[t % period != 0] (every head compresses at CR = period).
+        k_scale, v_scale: per-layer fp32 scales ``[L]`` of fp8 pools (None = 1.0; ignored otherwise).
 
     Returns:
         ``(q_rot, alpha)``: rotated queries ``[B, H*G, D]`` (channel D-1 zeroed unless vanilla)
@@ -64,7 +98,8 @@ def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_poo
         qf, kf, alpha, weight = _decisions(qf, kf, pos, init_offset, forced_period)
     alpha = alpha * active[:, None]
     commit_token_ref(kf, vf, alpha, weight, cos, sin, seq_ids, pos, layer, k_pool, v_pool, page_table, lens, ring,
-                     ring_kv, ring_w, window=window, vanilla=vanilla, page_size=page_size)
+                     ring_kv, ring_w, window=window, vanilla=vanilla, page_size=page_size, k_scale=k_scale,
+                     v_scale=v_scale)
     q_rot = rope(qf, cos.float()[:, None], sin.float()[:, None])
     if not vanilla:
         q_rot = core.zero_last_channel(q_rot)
@@ -82,13 +117,15 @@ def _decisions(qf, kf, pos, init_offset: float, forced_period: int):
 
 
 def commit_token_ref(kf, vf, alpha, weight, cos, sin, seq_ids, pos, layer: int, k_pool, v_pool, page_table, lens,
-                     ring, ring_kv, ring_w, *, window: int | None, vanilla: bool, page_size: int) -> None:
+                     ring, ring_kv, ring_w, *, window: int | None, vanilla: bool, page_size: int,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """One token per row through the DMC update (spec §2): window sums, RoPE at its position, slot write
     (a merge overwrites the last slot, an append opens one), window state. ``kf``, ``vf`` ``[B, H, D]`` fp32
     (k before RoPE, channel D-1 zeroed unless vanilla), its decisions ``alpha`` and importances ``weight``
     ``[B, H]``, RoPE tables ``[B, D]`` and positions ``pos`` ``[B]`` of the token; rows with seq id -1 are
     skipped. The second half of :func:`decode_update_ref`; delayed merging runs it on the token that leaves
-    the delay ring (:func:`delayed_decode_update_ref`)."""
+    the delay ring (:func:`delayed_decode_update_ref`). fp8 pools: only the written slot is quantised; the sums
+    come from the fp32 window state, so a merge rewrites the slot from exact values (no error builds up)."""
     b, h, d = kf.shape
     active = seq_ids >= 0
     rows = seq_ids.long().clamp_min(0)
@@ -118,8 +155,8 @@ def commit_token_ref(kf, vf, alpha, weight, cos, sin, seq_ids, pos, layer: int, 
     slot = old - core.merges_into_last(alpha, old).long()  # a merge overwrites the last slot
     page = page_table[layer, rows[:, None], torch.arange(h, device=kf.device)[None], slot // page_size].long()
     sel = active[:, None].expand(b, h)
-    k_pool[page[sel], (slot % page_size)[sel]] = k_bar[sel].to(k_pool.dtype)
-    v_pool[page[sel], (slot % page_size)[sel]] = v_bar[sel].to(v_pool.dtype)
+    k_pool[page[sel], (slot % page_size)[sel]] = quantise(k_bar[sel], k_pool.dtype, _scale(k_scale, layer))
+    v_pool[page[sel], (slot % page_size)[sel]] = quantise(v_bar[sel], v_pool.dtype, _scale(v_scale, layer))
     lens[layer, rows[active]] = (slot + 1)[active].to(lens.dtype)
     if vanilla:
         pass
@@ -138,7 +175,8 @@ def commit_token_ref(kf, vf, alpha, weight, cos, sin, seq_ids, pos, layer: int, 
 # kernel yet: delayed models run them on every device.
 def delayed_decode_update_ref(q, k, v, cos, sin, leave_cos, leave_sin, seq_ids, pos, layer: int, k_pool, v_pool,
                               page_table, lens, ring, ring_kv, ring_w, delay_kv, delay_aw, *, init_offset: float,
-                              window: int | None, page_size: int, forced_period: int = 0
+                              window: int | None, page_size: int, forced_period: int = 0,
+                              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """A decoding step of one layer with delayed merging: token ``pos`` decides (α, ω) and enters the delay
     ring; the token it replaces there, ``pos - w`` (if ``pos >= w``), leaves and goes through the DMC update
@@ -157,7 +195,7 @@ def delayed_decode_update_ref(q, k, v, cos, sin, leave_cos, leave_sin, seq_ids, 
     leaving = torch.where(pos >= delay, seq_ids, -1)
     commit_token_ref(raw[..., :d].float(), raw[..., d:].float(), raw_aw[..., 0], raw_aw[..., 1], leave_cos,
                      leave_sin, leaving, pos - delay, layer, k_pool, v_pool, page_table, lens, ring, ring_kv, ring_w,
-                     window=window, vanilla=False, page_size=page_size)
+                     window=window, vanilla=False, page_size=page_size, k_scale=k_scale, v_scale=v_scale)
     delay_kv[layer][rows, heads, here] = torch.cat([kf, v.float()], -1).to(delay_kv.dtype)
     delay_aw[layer][rows, heads, here] = torch.stack([alpha, weight], -1)
     q_rot = core.zero_last_channel(rope(qf, cos.float()[:, None], sin.float()[:, None]))
@@ -165,7 +203,8 @@ def delayed_decode_update_ref(q, k, v, cos, sin, leave_cos, leave_sin, seq_ids, 
 
 
 def delayed_decode_attention_ref(q, k_pool, v_pool, page_table, lens, seq_ids, pos, layer: int, scale: float,
-                                 page_size: int, delay_kv, delay_rope) -> torch.Tensor:
+                                 page_size: int, delay_kv, delay_rope, k_scale: torch.Tensor | None = None,
+                                 v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per row with delayed merging: over its heads' slots (the tokens older than
     the window, as :func:`paged_decode_attention_ref`) and the raw keys of its last ``min(pos + 1, w)``
     tokens, rotated at their own positions with channel D-1 zeroed (as ``dmc.hf.attention.raw_states``),
@@ -174,7 +213,7 @@ def delayed_decode_attention_ref(q, k_pool, v_pool, page_table, lens, seq_ids, p
     d = q.shape[-1]
     active = seq_ids >= 0
     rows = seq_ids.long().clamp_min(0)
-    keys, values, visible = _row_slots(k_pool, v_pool, page_table, lens, seq_ids, layer, page_size)
+    keys, values, visible = _row_slots(k_pool, v_pool, page_table, lens, seq_ids, layer, page_size, k_scale, v_scale)
     raw, tables = delay_kv[layer, rows], delay_rope[rows]  # [B, H, w, 2D], [B, w, 2, D]
     raw_k = core.zero_last_channel(rope(raw[..., :d], tables[:, None, :, 0], tables[:, None, :, 1]))
     delay = raw.shape[2]
@@ -185,15 +224,18 @@ def delayed_decode_attention_ref(q, k_pool, v_pool, page_table, lens, seq_ids, p
     return _grouped_attention(q, keys, values, visible, scale)
 
 
-def _row_slots(k_pool, v_pool, page_table, lens, seq_ids, layer: int, page_size: int):
+def _row_slots(k_pool, v_pool, page_table, lens, seq_ids, layer: int, page_size: int, k_scale=None, v_scale=None):
     """Each row's slots, padded to the longest head of the batch: keys, values ``[B, H, S_max, D]`` and
     the bool ``[B, H, S_max]`` of the real ones. Slot s of a head lives in page table[s // P] at offset
-    s % P (the layout's one addressing rule, as the kernel reads it); skipped rows have none."""
+    s % P (the layout's one addressing rule, as the kernel reads it); skipped rows have none. fp8 pools come
+    back dequantised (fp32)."""
     rows = seq_ids.long().clamp_min(0)
     length = lens[layer, rows].long() * (seq_ids >= 0)[:, None]  # [B, H]
     slots = torch.arange(max(int(length.max()) if length.numel() else 0, 1), device=k_pool.device)
     pages = page_table[layer, rows][..., slots // page_size].long()  # [B, H, S_max]
-    return k_pool[pages, slots % page_size], v_pool[pages, slots % page_size], slots < length[..., None]
+    keys = dequantise(k_pool[pages, slots % page_size], _scale(k_scale, layer))
+    values = dequantise(v_pool[pages, slots % page_size], _scale(v_scale, layer))
+    return keys, values, slots < length[..., None]
 
 
 def _grouped_attention(q, keys, values, visible, scale: float) -> torch.Tensor:
@@ -210,12 +252,14 @@ def _grouped_attention(q, keys, values, visible, scale: float) -> torch.Tensor:
 
 
 def paged_decode_attention_ref(q, k_pool, v_pool, page_table, lens, seq_ids, layer: int, scale: float,
-                               page_size: int) -> torch.Tensor:
+                               page_size: int, k_scale: torch.Tensor | None = None,
+                               v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per row over its heads' slots (GQA: G query heads per KV head).
 
-    ``q``: rotated queries ``[B, H*G, D]``. Returns ``[B, H*G, D]`` (zeros on skipped rows).
+    ``q``: rotated queries ``[B, H*G, D]``. Returns ``[B, H*G, D]`` (zeros on skipped rows). fp8 pools are
+    read as ``fp32 * k_scale[layer]`` / ``v_scale[layer]`` (None = 1.0).
     """
-    keys, values, visible = _row_slots(k_pool, v_pool, page_table, lens, seq_ids, layer, page_size)
+    keys, values, visible = _row_slots(k_pool, v_pool, page_table, lens, seq_ids, layer, page_size, k_scale, v_scale)
     return _grouped_attention(q, keys, values, visible, scale)
 
 

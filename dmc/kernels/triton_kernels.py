@@ -7,6 +7,10 @@ data-independent shapes, so a decode step built from them can be captured in a C
 Cache tensors (pools, page table, lens, ring) are updated in place and must be contiguous; the
 kernels index them from their shapes, which makes the page stride a compile-time constant (aligned,
 vectorised loads). q/k/v may be strided views of a projection output (last dim contiguous).
+
+FP8 pools (``torch.float8_e4m3fn``, ``kv_cache_dtype="fp8"``): the update stores ``clamp(x / scale, ±448)``
+as e4m3, attention reads e4m3 (exact in the query dtype) and applies the per-layer scales to the scores and
+the output; ``k_scale``/``v_scale`` fp32 ``[L]`` (None = 1.0), as the twins define.
 """
 
 from __future__ import annotations
@@ -39,6 +43,34 @@ def _rope(x, cos, sin, side):
     lo = tl.sum(tl.where(side == 0, x, 0.0), axis=1, keep_dims=True)
     hi = tl.sum(tl.where(side == 0, 0.0, x), axis=1, keep_dims=True)
     return x * cos + tl.where(side == 0, -hi, lo) * sin
+
+
+@triton.jit
+def _fp8_grid(x):
+    """fp32 ``x`` (|x| <= 448) rounded to the nearest e4m3 value, ties to even, so the cast to e4m3 that
+    follows is exact. On the GPU this equals the hardware cast; it is here because Triton's CPU interpreter
+    rounds fp32 → e4m3 wrongly where rounding carries into the exponent (7.99 → 4 instead of 8).
+    Normals: round the fp32 mantissa to 3 bits (the carry moves into the exponent); subnormals (below
+    2^-6): to multiples of 2^-9 by adding and subtracting 1.5·2^14 (whose fp32 ulp is 2^-9)."""
+    bits = x.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    subnormal = (x + 24576.0) - 24576.0
+    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _to_pool(x, scale_ptr, layer, dtype: tl.constexpr, FP8: tl.constexpr):
+    """fp32 ``x`` as pool elements: a cast, or for fp8 ``clamp(x / scale[layer], ±448)`` as e4m3 (the twin's
+    :func:`.reference.quantise`)."""
+    if FP8:
+        x = x / tl.load(scale_ptr + layer)
+        x = _fp8_grid(tl.minimum(tl.maximum(x, -448.0), 448.0))
+    return x.to(dtype)
+
+
+def _scales(scale: torch.Tensor | None, layer: int, device) -> torch.Tensor:
+    """A per-layer scale vector for the kernels (None: ones, a data-independent allocation)."""
+    return torch.ones(layer + 1, dtype=torch.float32, device=device) if scale is None else scale
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +150,7 @@ def _decode_update_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, seq_ptr, pos_pt
                           ROWS: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                           D: tl.constexpr, M: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
                           PAGE_SIZE: tl.constexpr, VANILLA: tl.constexpr, UNBOUNDED: tl.constexpr,
-                          FLOOR: tl.constexpr):
+                          FLOOR: tl.constexpr, k_scale_ptr=None, v_scale_ptr=None, FP8: tl.constexpr = False):
     """One (batch row, KV head): decision, rotated queries, window sums, slot write and lens bump.
 
     Head vectors are ``[N, 2, D/2]`` tiles (see :func:`_rope`). A padding row (seq id -1) only
@@ -175,15 +207,17 @@ def _decode_update_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, seq_ptr, pos_pt
     slot = tl.where((alpha > 0.5) & (old > 0), old - 1, old)  # merge: overwrite the last slot
     page = tl.load(table_ptr + head.to(tl.int64) * M + slot // PAGE_SIZE)
     at = page.to(tl.int64) * (PAGE_SIZE * D) + (slot % PAGE_SIZE) * D + dims
-    tl.store(k_pool_ptr + at, k_rot.to(k_pool_ptr.dtype.element_ty))
-    tl.store(v_pool_ptr + at, v_bar.to(v_pool_ptr.dtype.element_ty))
+    # Only this slot is quantised: on a merge it is rewritten from the fp32 sums, never read back.
+    tl.store(k_pool_ptr + at, _to_pool(k_rot, k_scale_ptr, layer, k_pool_ptr.dtype.element_ty, FP8))
+    tl.store(v_pool_ptr + at, _to_pool(v_bar, v_scale_ptr, layer, v_pool_ptr.dtype.element_ty, FP8))
     tl.store(lens_ptr + head, slot + 1)
 
 
 def decode_update(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_pool, page_table, lens, ring, ring_kv,
                   ring_w, *,
                   init_offset: float, window: int | None, vanilla: bool, page_size: int,
-                  forced_period: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  forced_period: int = 0, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`.reference.decode_update_ref` (same arguments and results)."""
     b, hq, d = q.shape
     h = k.shape[1]
@@ -199,7 +233,9 @@ def decode_update(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_pool, p
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ROWS=lens.shape[1], H=h, G=hq // h, G_PAD=triton.next_power_of_2(hq // h), D=d,
         M=page_table.shape[-1], R=width, R_PAD=triton.next_power_of_2(width), PAGE_SIZE=page_size,
-        VANILLA=vanilla, UNBOUNDED=window is None, FLOOR=core.IMPORTANCE_FLOOR, num_warps=1)
+        VANILLA=vanilla, UNBOUNDED=window is None, FLOOR=core.IMPORTANCE_FLOOR,
+        k_scale_ptr=_scales(k_scale, layer, q.device), v_scale_ptr=_scales(v_scale, layer, q.device),
+        FP8=k_pool.dtype == torch.float8_e4m3fn, num_warps=1)
     return q_rot, alpha
 
 
@@ -209,14 +245,16 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
                             layer, scale_log2, stride_qb, stride_qh,
                             ROWS: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                             D: tl.constexpr, M: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGES: tl.constexpr,
-                            SPLITS: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+                            SPLITS: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                            k_scale_ptr=None, v_scale_ptr=None, FP8: tl.constexpr = False):
     """Stage 1, one (batch row, KV head, split): the G queries of the group over a contiguous share
     of the head's pages, online softmax in fp32 (log2 domain).
 
     The head's length is read here, so the grid does not depend on it: a split past the head's end
     only writes lse = -inf. Each iteration loads PAGES whole pages as one
     ``[PAGES·P, D]`` tile. GQA groups (G > 1) use tensor-core dots with the queries padded to 16 rows;
-    MHA (G = 1) a multiply-and-sum in fp32 on the CUDA cores.
+    MHA (G = 1) a multiply-and-sum in fp32 on the CUDA cores. FP8 pools: e4m3 is converted to the
+    query dtype (exactly), the layer's k scale folds into the score scale and its v scale into the output.
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -239,6 +277,8 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
+    if FP8:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr + layer)
     for p in range(first, end, PAGES):
         slot = p * PAGE_SIZE + tok
         valid = slot < length
@@ -246,6 +286,9 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
         at = page[:, None] * (PAGE_SIZE * D) + (slot % PAGE_SIZE)[:, None] * D + d[None, :]
         keys = tl.load(k_pool_ptr + at, mask=valid[:, None], other=0.0)
         values = tl.load(v_pool_ptr + at, mask=valid[:, None], other=0.0)
+        if FP8:
+            keys = keys.to(q_ptr.dtype.element_ty)
+            values = values.to(q_ptr.dtype.element_ty)
         if USE_DOT:
             scores = tl.dot(q.to(keys.dtype), tl.trans(keys), input_precision=PRECISION)
         else:
@@ -264,6 +307,8 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if FP8:
+        out = out * tl.load(v_scale_ptr + layer)
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     row = (b * H * G + h * G + g) * SPLITS + split  # [G_PAD] index into [B, Hq, SPLITS]
     tl.store(part_out_ptr + row[:, None] * D + d[None, :], out, mask=(g < G)[:, None] & seen[:, None])
@@ -305,7 +350,8 @@ def default_splits(max_pages: int, rows: int = ROWS_PER_WAVE) -> int:
 def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: int, scale: float,
                            page_size: int, *, num_splits: int | None = None, block_tokens: int | None = None,
                            num_warps: int = 4, num_stages: int | None = None,
-                           use_dot: bool | None = None) -> torch.Tensor:
+                           use_dot: bool | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of :func:`.reference.paged_decode_attention_ref` (same arguments and result).
 
     ``num_splits`` (default :func:`default_splits`) only trades parallelism for reduction work. The
@@ -324,12 +370,15 @@ def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: 
     use_dot = True if use_dot is None else use_dot
     pages = _pages_per_iteration(d, page_size) if block_tokens is None else max(1, block_tokens // page_size)
     extra = {} if num_stages is None else {"num_stages": num_stages}
+    fp8 = k_pool.dtype == torch.float8_e4m3fn
+    exact = (q.dtype if fp8 else k_pool.dtype) == torch.float32
     _attention_split_kernel[(b, h, splits)](
         q, k_pool, v_pool, page_table, lens, seq_ids, part_out, part_lse, layer, scale * 1.4426950408889634,
         q.stride(0), q.stride(1),
         ROWS=lens.shape[1], H=h, G=g, G_PAD=max(16, triton.next_power_of_2(g)) if use_dot else 1, D=d,
         M=page_table.shape[-1], PAGE_SIZE=page_size, PAGES=pages,
-        SPLITS=splits, USE_DOT=use_dot, PRECISION="ieee" if k_pool.dtype == torch.float32 else "tf32",
+        SPLITS=splits, USE_DOT=use_dot, PRECISION="ieee" if exact else "tf32",
+        k_scale_ptr=_scales(k_scale, layer, q.device), v_scale_ptr=_scales(v_scale, layer, q.device), FP8=fp8,
         num_warps=num_warps, **extra)
     _attention_reduce_kernel[(b * hq,)](part_out, part_lse, out, D=d, SPLITS=splits,
                                         SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1)
