@@ -165,10 +165,19 @@ def main() -> int:
     ablation = (read(out / "real_ablation.json") or {}).get("rows", [])
     round3 = kept_section(out / "real_quality.md", "## Round 3")
     text = render(quality, ablation, {k: v for k, v in engine_doc.items() if k != "round4"})
-    lines = round3 + ["", "## Round 4: the default recipe at 4x and 8x, matched H2O/TOVA, a distillation control", "",
-                      "DMC rows of round 4 are `dmc retrofit` with no lever on the command line (the default picks "
-                      "merge_delay 32 at 4x and 8x); H2O and TOVA ran in the same studies, at the budget matched to "
-                      "each row's realized CR. The targets of issue #12 on the newest rows (2x: round 3):", ""]
+    crs = sorted(r["target_cr"] for r in new if r["method"] == "dmc")
+    evicted = sorted({r["target_cr"] for r in new if r["method"] in ("h2o", "tova")})
+    lines = round3 + ["", "## Round 4: the default recipe, and a distillation control", "",
+                      f"DMC rows of round 4 ({', '.join(f'{cr:g}x' for cr in crs) or 'none'}) are `dmc retrofit` "
+                      "with no lever on the command line (the default picks merge_delay 32 there). "
+                      + (f"H2O and TOVA ran in the same studies at {', '.join(f'{cr:g}x' for cr in evicted)}, at the "
+                         "budget matched to the row's realized CR. " if evicted else
+                         "No H2O/TOVA row of round 4 finished: the eviction rows below are earlier rounds'. ")
+                      + ("The control is plain continued training plus distillation from the original "
+                         f"(distill_weight=1, as DMC has), same tokens: perplexity {control['perplexity']:.3f} "
+                         f"({control['ratio_to_plain']:.3f}× plain LM-only, {control['ratio_to_original']:.3f}× the "
+                         "original). " if control else "")
+                      + "The targets of issue #12 on the newest row at each CR:", ""]
     lines += targets(quality["rows"], plain, control)
     if check is not None:
         lines += ["", "The engine on round 4's DMC 4x model (delayed merging):", ""]
