@@ -36,9 +36,11 @@ class ThroughputResult:
 
 
 def measure_throughput(llm, prompt_len: int, gen_len: int, max_requests: int | None = None,
-                       measure_steps: int = 1024, seed: int = 0, progress: bool = True) -> ThroughputResult:
-    """Run one wave of same-length requests through ``llm`` and time its decode steps. ValueError
-    when the settings cannot give a measurement (a prompt that does not fit, no decode step)."""
+                       measure_steps: int = 1024, seed: int = 0, progress: bool = True,
+                       warmup: bool = True) -> ThroughputResult:
+    """Run one wave of same-length requests through ``llm`` and time its prefill and decode steps (after
+    one warm-up request of the same length, unless ``warmup`` is False). ValueError when the settings
+    cannot give a measurement (a prompt that does not fit, no decode step)."""
     if prompt_len < 1 or gen_len < 2 or measure_steps < 1:
         raise ValueError(f"prompt_len must be >= 1, gen_len >= 2 and measure_steps >= 1; got {prompt_len}, "
                          f"{gen_len}, {measure_steps}")
@@ -52,6 +54,8 @@ def measure_throughput(llm, prompt_len: int, gen_len: int, max_requests: int | N
     params = SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)
     if llm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(llm.device)
+    if warmup:  # compiles the prefill attention of this prompt length (the stock SDPA number is warm too)
+        llm.generate([prompts[0]], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
     requests = [llm.add_request(p, params) for p in prompts]
     _sync(llm)
     start = time.perf_counter()
