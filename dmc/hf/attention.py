@@ -212,7 +212,7 @@ class DMCAttention(nn.Module):
             pad_bias = torch.zeros_like(key_bias).masked_fill(~batch.valid[:, None, :], float("-inf"))
         impl = self.runtime.attn_implementation
         if impl == "auto":
-            impl = "flex" if q.is_cuda else "dense"
+            impl = _auto_attention(q)
         if impl == "flex" and pad_bias is None:
             if batch.block_mask is None:  # one per forward, shared by all layers
                 batch.block_mask = delayed_block_mask(batch.document_ids, q.shape[0], q.shape[-2], delay, q.device)
@@ -278,7 +278,7 @@ class DMCAttention(nn.Module):
     def _attend(self, q, k_bar, v_bar, key_bias, batch: DMCBatch) -> torch.Tensor:
         impl = self.runtime.attn_implementation
         if impl == "auto":
-            impl = "flex" if q.is_cuda else "dense"
+            impl = _auto_attention(q)
         if impl == "dense":
             return dense_attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling)
         if impl == "sdpa":
@@ -326,6 +326,16 @@ class DMCAttention(nn.Module):
         layer_cache.commit(alpha, valid, k_bar, v_bar, prefix, terms, sums)
         layer_cache.after_attention(q, self.scaling, valid)  # cache policies that score slots (eviction)
         return out
+
+
+
+# FlexAttention's compiled kernel needs a head dimension of at least 16 (inductor: "NYI: embedding
+# dimension ... must be at least 16"); "auto" takes the dense form below that (tiny test models).
+FLEX_MIN_HEAD_DIM = 16
+
+
+def _auto_attention(q: torch.Tensor) -> str:
+    return "flex" if q.is_cuda and q.shape[-1] >= FLEX_MIN_HEAD_DIM else "dense"
 
 
 def _rope_q(q, cos, sin):
