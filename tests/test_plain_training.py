@@ -135,3 +135,47 @@ def test_packed_rows_restart_positions_per_document(corpus, gqa_model, tmp_path)
     for pos, docs in zip(batch.position_ids, batch.document_ids):
         starts = torch.cat([torch.tensor([True]), docs[1:] != docs[:-1]])
         assert torch.all(pos[starts][1:] == 0) and torch.all(pos[~starts] == pos.roll(1)[~starts] + 1)
+
+
+def test_a_custom_objective_and_callbacks_plug_into_the_one_loop(gqa_model, corpus, tmp_path):
+    """The trainer asks its objective for every method-specific decision: a new objective needs no
+    change to the loop; callbacks see every step and can stop the run (a time budget) at a checkpoint."""
+    from dmc.train.objectives import LMObjective
+
+    class LogitNorm(LMObjective):
+        label = "custom"
+
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.stage_ends = []
+
+        def loss(self, model, batch, mode, generator):
+            loss, out, parts = super().loss(model, batch, mode, generator)
+            parts["logit_norm"] = out.logits.detach().float().pow(2).mean()
+            return loss, out, parts
+
+        def step_sums(self, out, mode):
+            return {"rows": torch.tensor(float(out.logits.shape[0]), dtype=torch.float64)}
+
+        def step_values(self, mode, sums, seq_len):
+            return {"rows_seen": float(sums["rows"])}
+
+        def on_stage_end(self, model, stage):
+            self.stage_ends.append(stage)
+
+    def budget(trainer, step, values):  # stands for a time budget running out after step 3
+        seen.append((step, values["stage"]))
+        trainer.stop_requested = step >= 3
+
+    seen = []
+    cfg = _config(gqa_model, tmp_path / "custom", corpus, tmp_path / "tok", grad_accum=2)
+    objective = LogitNorm(cfg)
+    trainer = Retrofitter(cfg, objective=objective, callbacks=[budget])
+    assert trainer.objective is objective
+    assert trainer.run() is None  # stopped early, like --max-steps
+    assert seen == [(1, "zero-out"), (2, "zero-out"), (3, "retrofit")]
+    assert objective.stage_ends == ["zero-out"]
+    records = _records(tmp_path / "custom")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["rows_seen"] == 8.0 and r["logit_norm"] > 0 for r in records)  # 2 micro-steps of 4 rows
+    assert (tmp_path / "custom" / "run" / "checkpoints" / "step_00000003").is_dir()  # resumable where it stopped

@@ -269,6 +269,7 @@ class DMCForCausalLMMixin:
         dmc_noise_scale: float = 1.0,
         dmc_hard: bool = False,
         dmc_forced_period: int = 0,
+        dmc_two_sided: bool = False,
         **kwargs: Any,
     ) -> DMCCausalLMOutput:
         """As the family's forward, plus:
@@ -284,6 +285,9 @@ class DMCForCausalLMMixin:
                 :class:`~dmc.hf.attention.DMCBatch`).
             dmc_forced_period: benchmarks only (the engine's ``forced_period``): > 0 replaces the
                 decision channel by α_t = 1[t % period != 0] (eval and cached forwards).
+            dmc_two_sided: the compression loss also penalises compressing more than the target
+                (:func:`~dmc.core.compression_loss`); the trainer's fixed-CR stages ask for it here,
+                so that the loss is computed once.
         """
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -300,7 +304,7 @@ class DMCForCausalLMMixin:
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if target_cr is not None and not self.model.dmc_runtime.vanilla:
-            cr_loss = core.compression_loss(outputs.decisions, target_cr, outputs.valid,
+            cr_loss = core.compression_loss(outputs.decisions, target_cr, outputs.valid, two_sided=dmc_two_sided,
                                              merge_delay=self.dmc_config.merge_delay)
         loss = lm_loss
         if lm_loss is not None and cr_loss is not None and self.training:

@@ -1,7 +1,12 @@
 """What a training step optimises: one object per method, so the trainer has a single loop.
 
+An objective owns every decision that differs between methods: which model it loads and saves, the
+mode and loss of a step, the noise it draws, what happens at the end of a stage, the numbers it adds
+to the step's metrics and the evaluation, and the end-of-run report. :class:`Retrofitter
+<dmc.train.trainer.Retrofitter>` takes any object with this interface (``objective=``).
+
 - :class:`LMObjective` (``method="plain"``): next-token cross-entropy of a stock model (continued
-  training, GQA up-training), optionally plus distillation.
+  training, GQA up-training), optionally plus distillation; its hooks are no-ops.
 - :class:`DMCObjective` (``method="dmc"``): the retrofit of spec §4-§5: LM loss, distillation from a
   frozen teacher, the compression loss with a fixed weight (paper) or a dual-ascent multiplier, an
   optional per-head CR ceiling; the stage decides the mode (zero-out: plain attention with μ(s);
@@ -14,13 +19,19 @@ trainer all-reduces, so the logged values are the same on one GPU and many.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import pathlib
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from .. import core
-from .config import TrainConfig
+from ..config import DMCConfig, is_dmc
+from ..hf.convert import UnsupportedModelError, convert, set_logit_scale, zero_decision_channels
+from ..hf.modeling import FAMILIES
+from .config import ConfigError, TrainConfig
+from .diagnostics import HeadDiagnostics, format_summary
+from .distributed import Runtime, all_reduce_sum
 
 
 @dataclass
@@ -32,6 +43,12 @@ class StepMode:
     noise_scale: float = 1.0
     hard: bool = False
     channel_scale: float | None = None  # zero-out: μ(s), plain attention
+
+
+def noise_generator(seed: int, step: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
+    """The Gumbel noise of one micro-step: a function of (seed, step, rank, micro-step)."""
+    mixed = (seed * 1_000_003 + step) * 1_009 + rank * 101 + micro
+    return torch.Generator(device=device).manual_seed(mixed % (2**63 - 1))
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
@@ -76,20 +93,55 @@ class Teacher:
         return self.model(batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
 
 
+class Evaluation:
+    """What an objective adds to the held-out LM loss, summed over evaluation batches: nothing
+    for a stock model."""
+
+    def add(self, batch, out, n: float, forward) -> None:
+        """One batch: its eval-mode output ``out`` (``n`` scored tokens); ``forward(fn, *args)``
+        runs another forward under the trainer's autocast."""
+
+    def values(self, lm: dict, runtime: Runtime) -> dict:
+        """The numbers of all batches, all-reduced over ``runtime``, beside ``lm`` (val_loss...)."""
+        return {}
+
+
 class LMObjective:
     """Continued training of a stock model on the LM loss (plus distillation if a teacher is set)."""
 
     name = "plain"
     dmc = False
+    label = "train (plain)"  # of the progress bar
 
     def __init__(self, cfg: TrainConfig, teacher: Teacher | None = None) -> None:
         self.cfg, self.teacher = cfg, teacher
 
+    # the model it trains and writes
+    def load_model(self, path: pathlib.Path, model_type: str) -> torch.nn.Module:
+        """The model to train, loaded from ``path`` (a stock model of type ``model_type``)."""
+        if is_dmc(model_type):
+            raise ConfigError(f"{self.cfg.model} holds a DMC model; --method plain trains stock models (e.g. the "
+                              "output of `dmc gqa`): pass one, or use --method dmc")
+        # Stock attention: HF masks packed documents apart from the per-document position_ids.
+        return load_weights(path, {"flex": "flex_attention"}.get(self.cfg.attn_implementation))
+
+    def model_class(self, model: torch.nn.Module) -> type:
+        """The class of the model to save (``model`` may be wrapped, e.g. sharded by FSDP2)."""
+        return next(f for f in FAMILIES if f.model_type == model.config.model_type).causal_lm_class
+
+    def finalize(self, model: torch.nn.Module) -> None:
+        """Last changes to the unsharded model before it is saved."""
+
+    # one step
     def mode(self, pos) -> StepMode:
         return StepMode(pos.name)
 
     def apply_mode(self, model, mode: StepMode) -> None:
         pass
+
+    def noise(self, seed: int, step: int, rank: int, micro: int, device: torch.device) -> torch.Generator | None:
+        """The RNG of a micro-step's forward (None: the forward draws no noise)."""
+        return None
 
     def forward(self, model, batch, mode: StepMode, generator):
         """(model output, LM loss) of one batch in ``mode`` (``"eval"``: the eval-mode forward)."""
@@ -108,8 +160,29 @@ class LMObjective:
             parts["distill_loss"] = kd.detach()
         return loss, out, parts
 
+    def step_sums(self, out, mode: StepMode) -> dict[str, torch.Tensor]:
+        """float64 tensors of one micro-step's output that the trainer sums over micro-steps and
+        ranks and hands to :meth:`step_values` (besides the loss terms of :meth:`loss`)."""
+        return {}
+
+    def step_values(self, mode: StepMode, sums: dict[str, torch.Tensor], seq_len: int) -> dict:
+        """The numbers a step adds to its metrics from the reduced :meth:`step_sums`; updates the
+        state carried across steps."""
+        return {}
+
+    def on_stage_end(self, model, stage: str) -> None:
+        """Called after the optimizer step of the last step of ``stage``."""
+
+    # evaluation and the report
     def eval_forward(self, model, batch):
         return self.forward(model, batch, StepMode("eval"), None)
+
+    def evaluation(self, model, device: torch.device) -> Evaluation:
+        return Evaluation()
+
+    def summary(self, values: dict) -> str:
+        """The end-of-run report printed from the last evaluation's ``values`` ("": none)."""
+        return ""
 
     # state carried across steps (checkpointed)
     def after_step(self, mode: StepMode, achieved_cr: float | None) -> dict:
@@ -122,15 +195,86 @@ class LMObjective:
         pass
 
 
+class DMCEvaluation(Evaluation):
+    """Realized CR with hard decisions, per-head diagnostics, and the same batches in training mode
+    (relaxed decisions with noise from a fixed seed): val_loss_relaxed - val_loss is what
+    inference's hard decisions cost. A model in plain attention (zero-out) has only val_cr = 1."""
+
+    def __init__(self, objective: "DMCObjective", model, device: torch.device) -> None:
+        self.objective, self.model = objective, model
+        self.decisions = not model.model.dmc_runtime.vanilla
+        cfg = objective.cfg
+        self.generator = torch.Generator(device).manual_seed(cfg.seed + 1) if self.decisions else None
+        self.relaxed_mode = StepMode("relaxed", target_cr=cfg.target_cr)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # tokens, slots, relaxed·n, n
+        self.diagnostics = HeadDiagnostics()
+
+    def add(self, batch, out, n: float, forward) -> None:
+        if not self.decisions:
+            return
+        tokens, slots = float(out.compression.tokens.sum()), float(out.compression.slots.sum())
+        self.diagnostics.add(out)
+        self.model.train()
+        relaxed = float(forward(self.objective.forward, self.model, batch, self.relaxed_mode, self.generator)[1])
+        self.sums += torch.tensor([tokens, slots, relaxed * n, n], dtype=torch.float64, device=self.sums.device)
+
+    def values(self, lm: dict, runtime: Runtime) -> dict:
+        tokens, slots, relaxed, n = all_reduce_sum(self.sums, runtime)
+        values = {"val_cr": float(tokens / slots) if slots > 0 else 1.0}
+        if self.decisions:
+            values["val_loss_relaxed"] = float(relaxed / n)
+            values["relaxation_gap"] = lm["val_loss"] - values["val_loss_relaxed"]
+            values.update(self.diagnostics.summary(runtime))
+        return values
+
+
 class DMCObjective(LMObjective):
     """The DMC retrofit (spec §4-§5) with the recipe levers of :class:`TrainConfig`."""
 
     name = "dmc"
     dmc = True
+    label = "retrofit"
 
     def __init__(self, cfg: TrainConfig, teacher: Teacher | None = None) -> None:
         super().__init__(cfg, teacher)
         self.log_multiplier = 0.0  # dual ascent: CR-loss weight = cr_loss_weight · exp(this)
+
+    def load_model(self, path: pathlib.Path, model_type: str) -> torch.nn.Module:
+        """A DMC model: the one in ``path`` with this run's settings, or the stock one converted."""
+        cfg = self.cfg
+        model = load_weights(path)
+        settings = DMCConfig(window=cfg.window, init_offset=cfg.init_offset, temperature=cfg.temperature,
+                             target_cr=cfg.target_cr, attn_implementation=cfg.attn_implementation,
+                             merge_delay=cfg.merge_delay)
+        if is_dmc(model_type):
+            model.set_dmc_config(settings)
+            model.set_dmc_mode(**settings.runtime_settings())
+            set_logit_scale(model, cfg.logit_scale)  # same decisions, rows rescaled for the training lr
+            return model
+        # A fresh conversion: the rows of channel D-1 are zeroed (zero-out) before any decision counts.
+        try:
+            model = convert(model, replace(settings, logit_scale=cfg.logit_scale))
+        except UnsupportedModelError as e:
+            raise ConfigError(str(e)) from e
+        if "zero-out" not in cfg.stages:
+            import warnings
+            warnings.warn("the model is not a DMC model and the zero-out stage is skipped: zeroing the "
+                          "decision channels at once (run zero-out for a gentler start)", stacklevel=3)
+            zero_decision_channels(model)
+        return model
+
+    def model_class(self, model: torch.nn.Module) -> type:
+        return next(f for f in FAMILIES if isinstance(model, f.dmc_causal_lm_class)).dmc_causal_lm_class
+
+    def finalize(self, model: torch.nn.Module) -> None:
+        model.set_dmc_config(replace(model.dmc_config, target_cr=self.cfg.target_cr))
+
+    def noise(self, seed: int, step: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
+        return noise_generator(seed, step, rank, micro, device)
+
+    def on_stage_end(self, model, stage: str) -> None:
+        if stage == "zero-out":
+            zero_decision_channels(model)  # end of stage 1: rows exactly 0
 
     def mode(self, pos) -> StepMode:
         cfg = self.cfg
@@ -157,7 +301,7 @@ class DMCObjective(LMObjective):
         kwargs = {}
         if mode.stage != "eval":
             kwargs = dict(dmc_target_cr=mode.target_cr, dmc_generator=generator, dmc_noise_scale=mode.noise_scale,
-                          dmc_hard=mode.hard)
+                          dmc_hard=mode.hard, dmc_two_sided=self._two_sided(mode))
         out = model(batch.input_ids, labels=batch.labels, document_ids=batch.document_ids,
                     position_ids=batch.position_ids, use_cache=False, **kwargs)
         return out, out.lm_loss
@@ -166,10 +310,7 @@ class DMCObjective(LMObjective):
         loss, out, parts = super().loss(model, batch, mode, generator)
         if mode.target_cr is None:  # zero-out: plain attention, no decisions
             return loss, out, parts
-        cr_loss = out.compression_loss
-        if self.cfg.cr_two_sided and mode.stage in ("finetune", "hard"):  # hold the target, don't overshoot it
-            cr_loss = core.compression_loss(out.decisions, mode.target_cr, getattr(out, "valid", None), two_sided=True,
-                                             merge_delay=self.cfg.merge_delay)
+        cr_loss = out.compression_loss  # two-sided at a fixed target if so configured (forward)
         loss = loss + self.cr_weight * cr_loss
         parts["cr_loss"] = cr_loss.detach()
         if self.cfg.max_head_cr is not None:
@@ -180,6 +321,47 @@ class DMCObjective(LMObjective):
             loss = loss + self.cfg.head_ceiling_weight * self.cr_weight * ceiling
             parts["head_ceiling_loss"] = ceiling.detach()
         return loss, out, parts
+
+    def _two_sided(self, mode: StepMode) -> bool:
+        """At a fixed target (fine-tune, hard), hold it rather than overshoot it (``cr_two_sided``)."""
+        return bool(self.cfg.cr_two_sided) and mode.stage in ("finetune", "hard")
+
+    def step_sums(self, out, mode: StepMode) -> dict[str, torch.Tensor]:
+        if mode.target_cr is None:  # zero-out: no decisions
+            return {}
+        hard = out.decisions.detach().double()  # [B, layers, H, L]
+        return {"merges": hard.sum(), "decisions": torch.tensor(float(hard.numel()), dtype=torch.float64,
+                                                                   device=hard.device),
+                "layer_merges": hard.sum(dim=(0, 2, 3))}
+
+    def step_values(self, mode: StepMode, sums: dict[str, torch.Tensor], seq_len: int) -> dict:
+        values = {"cr_loss": 0.0} if mode.target_cr is None else {}  # zero-out: logged as 0, not left out
+        values["target_cr"] = mode.target_cr if mode.target_cr is not None else 1.0
+        achieved = None
+        if "merges" in sums:
+            per_layer = sums["layer_merges"] / (sums["decisions"] / sums["layer_merges"].numel())
+            # The training estimate over a row of seq_len tokens, its last merge_delay kept raw.
+            delay = self.cfg.merge_delay
+            achieved = float(core.delayed_cr(float(sums["merges"] / sums["decisions"]), seq_len, delay))
+            values["per_layer_cr"] = [round(float(core.delayed_cr(float(a), seq_len, delay)), 4) for a in per_layer]
+        values["achieved_cr"] = achieved if achieved is not None else 1.0
+        values["cr_weight"] = self.cr_weight
+        values["noise_scale"] = mode.noise_scale
+        values.update(self.after_step(mode, achieved))
+        values["channel_scale"] = mode.channel_scale
+        return values
+
+    def evaluation(self, model, device: torch.device) -> DMCEvaluation:
+        return DMCEvaluation(self, model, device)
+
+    def summary(self, values: dict) -> str:
+        if not values:
+            return ""
+        text = format_summary(values, self.cfg.target_cr)
+        if values.get("val_cr") and abs(values["val_cr"] / self.cfg.target_cr - 1) > 0.05:
+            text += (f"\nwarning: the realized CR {values['val_cr']:.2f} is more than 5% from the target "
+                     f"{self.cfg.target_cr:g}")
+        return text
 
     def after_step(self, mode: StepMode, achieved_cr: float | None) -> dict:
         """Dual ascent on the CR constraint (``cr_constraint="dual"``), once per global step."""
@@ -202,3 +384,25 @@ class DMCObjective(LMObjective):
 
 def make_objective(cfg: TrainConfig, teacher: Teacher | None = None) -> LMObjective:
     return DMCObjective(cfg, teacher) if cfg.method == "dmc" else LMObjective(cfg, teacher)
+
+
+def load_weights(path: pathlib.Path, attn: str | None = None) -> torch.nn.Module:
+    """The model of ``path`` in fp32; a truncated or corrupt weight file is a one-line ConfigError."""
+    import transformers
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, **({"attn_implementation": attn} if attn else {}))
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, torch.load, shape mismatches: same advice
+        raise ConfigError(f"cannot load the weights in {path} ({one_line(e)}); a weight file may be truncated "
+                          "or corrupt: copy the model directory again") from None
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """The first line (first sentence, if long) of an exception's message."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    if len(text) > limit // 2 and ". " in text:
+        text = text[:text.index(". ") + 1]
+    return text if len(text) <= limit else text[:limit] + "..."

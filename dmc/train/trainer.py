@@ -1,7 +1,9 @@
 """The retrofit trainer: zero-out → retrofit → fine-tune (spec §5), one GPU to many.
 
-With ``method="plain"`` the same loop continues training a stock model on the LM loss alone (the
-GQA up-training baseline, spec §8): same plan, data, optimiser, checkpoints; nothing converted.
+The project's one training loop. What differs between methods lives in the objective
+(:mod:`dmc.train.objectives`): with ``method="plain"`` the same loop continues training a stock
+model on the LM loss alone (the GQA up-training baseline, spec §8): same plan, data, optimiser,
+checkpoints; nothing converted. Callbacks see every step's metrics (logging, time budgets).
 
 A straight loop over global steps. Everything random or scheduled is a function of the step
 (CR(s), μ(s), lr, the data rows, the Gumbel noise seeded by (seed, step, rank, micro-step)), so
@@ -19,23 +21,23 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .. import core
-from ..config import DMCConfig, is_dmc
-from ..hf.convert import (UnsupportedModelError, convert, fold_logit_scale, set_logit_scale,
-                          supported_architectures, zero_decision_channels)
+from ..config import is_dmc
+from ..hf.convert import fold_logit_scale, supported_architectures
 from ..hf.modeling import FAMILIES, compile_decoder_layers
 from .checkpoint import (CheckpointException, Checkpointer, RunLock, RunLockedError, check_output_location,
                          discard_run, interrupts_deferred, only_leftovers, unwrap_checkpoint_error)
 from .config import ConfigError, TrainConfig
 from .data import PackedData
 from .distributed import Runtime, all_reduce_sum, barrier, init_runtime, shard_model
-from .diagnostics import HeadDiagnostics, format_summary
 from .metrics import MetricsLogger
-from .objectives import StepMode, Teacher, make_objective
+from .objectives import LMObjective, Teacher, make_objective, noise_generator, one_line
+
+__all__ = ["Callback", "Retrofitter", "TrainingDiverged", "learning_rate", "locate", "noise_generator", "retrofit"]
 
 RUN_FILE = "run.json"
 
@@ -77,20 +79,26 @@ def learning_rate(cfg: TrainConfig, pos: StagePosition) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def noise_generator(seed: int, step: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
-    """The Gumbel noise of one micro-step: a function of (seed, step, rank, micro-step)."""
-    mixed = (seed * 1_000_003 + step) * 1_009 + rank * 101 + micro
-    return torch.Generator(device=device).manual_seed(mixed % (2**63 - 1))
+Callback = Callable[["Retrofitter", int, dict], None]
+"""Called on every rank after each step's metrics are logged, with the trainer, the global step
+just done and its metrics (a time budget raises or sets ``trainer.stop_requested``)."""
 
 
 class Retrofitter:
     """Runs the stages of ``cfg`` and writes a ``save_pretrained`` DMC model to ``cfg.out`` (a stock
-    model with ``method="plain"``)."""
+    model with ``method="plain"``).
 
-    def __init__(self, cfg: TrainConfig, runtime: Runtime | None = None) -> None:
+    ``objective`` (default: the one of ``cfg.method``, :func:`~dmc.train.objectives.make_objective`)
+    decides everything method-specific; its teacher, if it has none, is loaded from ``cfg``.
+    ``callbacks`` see every step's metrics (:data:`Callback`)."""
+
+    def __init__(self, cfg: TrainConfig, runtime: Runtime | None = None, objective: LMObjective | None = None,
+                 callbacks: Sequence[Callback] = ()) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.plain = cfg.method == "plain"
+        self.objective = objective if objective is not None else make_objective(cfg)
+        self.callbacks = list(callbacks)
+        self.stop_requested = False
         self.rt = runtime or init_runtime()
         self.out = pathlib.Path(cfg.out).expanduser()
         self.run_dir = self.out / "run"
@@ -122,7 +130,8 @@ class Retrofitter:
                   f"evaluate on {self.rt.world} process(es); raise --val-fraction to get validation loss")
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.rt.device.type == "cuda"
         self._prepare_model()
-        self.objective = make_objective(cfg, self._load_teacher())
+        if self.objective.teacher is None:
+            self.objective.teacher = self._load_teacher()
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
@@ -245,7 +254,7 @@ class Retrofitter:
         try:
             base_config = transformers.AutoConfig.from_pretrained(path)
         except Exception as e:  # noqa: BLE001 - broken JSON, unknown model type, ...
-            raise ConfigError(f"cannot read {path / 'config.json'} ({_one_line(e)}); copy the model directory "
+            raise ConfigError(f"cannot read {path / 'config.json'} ({one_line(e)}); copy the model directory "
                               "again or fix the file") from None
         supported = [f.model_type for f in FAMILIES]
         if base_config.model_type not in supported and not is_dmc(base_config.model_type):
@@ -256,35 +265,7 @@ class Retrofitter:
         except Exception as e:  # noqa: BLE001 - any loading failure gets the same advice
             raise ConfigError(f"could not load the tokenizer of {cfg.model} ({e}); save it beside the model "
                               "with tokenizer.save_pretrained(DIR)") from e
-        if self.plain:
-            if is_dmc(base_config.model_type):
-                raise ConfigError(f"{cfg.model} holds a DMC model; --method plain trains stock models (e.g. the "
-                                  "output of `dmc gqa`): pass one, or use --method dmc")
-            # Stock attention: HF masks packed documents apart from the per-document position_ids.
-            attn = {"flex": "flex_attention"}.get(cfg.attn_implementation)
-            model = _load_weights(path, attn)
-            return tokenizer, model
-        model = _load_weights(path)
-        settings = DMCConfig(window=cfg.window, init_offset=cfg.init_offset, temperature=cfg.temperature,
-                             target_cr=cfg.target_cr, attn_implementation=cfg.attn_implementation,
-                             merge_delay=cfg.merge_delay)
-        if is_dmc(base_config.model_type):
-            model.set_dmc_config(settings)
-            model.set_dmc_mode(**settings.runtime_settings())
-            set_logit_scale(model, cfg.logit_scale)  # same decisions, rows rescaled for the training lr
-        else:
-            # A fresh conversion: the rows of channel D-1 are zeroed (zero-out) before any decision counts.
-            settings = replace(settings, logit_scale=cfg.logit_scale)
-            try:
-                model = convert(model, settings)
-            except UnsupportedModelError as e:
-                raise ConfigError(str(e)) from e
-            if "zero-out" not in cfg.stages:
-                import warnings
-                warnings.warn("the model is not a DMC model and the zero-out stage is skipped: zeroing the "
-                              "decision channels at once (run zero-out for a gentler start)", stacklevel=2)
-                zero_decision_channels(model)
-        return tokenizer, model
+        return tokenizer, self.objective.load_model(path, base_config.model_type)
 
     def _prepare_model(self) -> None:
         model = self.model.to(self.rt.device)
@@ -330,12 +311,12 @@ class Retrofitter:
         if state is None:
             first = failures[0]
             raise ConfigError(f"no checkpoint in {self.checkpointer.root} can be read ({first[0].name}: "
-                              f"{_one_line(first[1]) if first[1] else 'unreadable on another rank'}); pass "
+                              f"{one_line(first[1]) if first[1] else 'unreadable on another rank'}); pass "
                               "--overwrite (without --resume) to start again")
         for bad, error in failures:
             moved = self.checkpointer.set_aside(bad)
             if self.rt.is_main:
-                print(f"warning: checkpoint {bad.name} cannot be read ({_one_line(error) if error else 'on another rank'}"
+                print(f"warning: checkpoint {bad.name} cannot be read ({one_line(error) if error else 'on another rank'}"
                       f"); set aside as {moved.name}, resuming from the one before it, {path.name}", file=sys.stderr)
         self.step = state["step"]
         self.objective.load_state_dict(state)
@@ -401,50 +382,36 @@ class Retrofitter:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         device = self.rt.device
-        sums: dict[str, torch.Tensor] = {}
-        per_layer = None
-        merges = torch.zeros(2, dtype=torch.float64, device=device)  # merges, decisions
+        losses: dict[str, torch.Tensor] = {}  # the loss terms: logged as their mean over micro-steps
+        sums: dict[str, torch.Tensor] = {}  # what the objective counts: handed back summed
         for micro in range(cfg.grad_accum):
             batch = self.data.train_rows(self._rows(micro)).to(device)
-            gen = noise_generator(cfg.seed, self.step, self.rt.rank, micro, device) if self.objective.dmc else None
+            gen = self.objective.noise(cfg.seed, self.step, self.rt.rank, micro, device)
             loss, out, parts = self._autocast_forward(self.objective.loss, self.model, batch, mode, gen)
             (loss / cfg.grad_accum).backward()
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value.double()
-            if mode.target_cr is not None:
-                hard = out.decisions.detach().double()  # [B, layers, H, L]
-                layer_merges = hard.sum(dim=(0, 2, 3))
-                per_layer = layer_merges if per_layer is None else per_layer + layer_merges
-                merges += torch.stack([hard.sum(), torch.tensor(float(hard.numel()), dtype=torch.float64,
-                                                                device=device)])
+            _accumulate(losses, {key: value.double() for key, value in parts.items()})
+            _accumulate(sums, self.objective.step_sums(out, mode))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        keys = sorted(sums)
-        totals = all_reduce_sum(torch.stack([sums[k] for k in keys] + [merges[0], merges[1]]), self.rt)
+        losses, sums = self._reduce(losses), self._reduce(sums)
         micro_steps = cfg.grad_accum * self.rt.world
-        values = {"stage": pos.name, **{k: float(totals[i] / micro_steps) for i, k in enumerate(keys)}}
-        if self.objective.dmc:  # compression numbers exist only for DMC
-            values.setdefault("cr_loss", 0.0)
-            values["target_cr"] = mode.target_cr if mode.target_cr is not None else 1.0
-            achieved = None
-            if per_layer is not None:
-                per_layer = all_reduce_sum(per_layer, self.rt) / (totals[-1] / per_layer.numel())
-                # The training estimate over a row of seq_len tokens, its last merge_delay kept raw.
-                delay, length = cfg.merge_delay, self.seq_len
-                achieved = float(core.delayed_cr(float(totals[-2] / totals[-1]), length, delay))
-                values["per_layer_cr"] = [round(float(core.delayed_cr(float(a), length, delay)), 4) for a in per_layer]
-            values["achieved_cr"] = achieved if achieved is not None else 1.0
-            values["cr_weight"] = self.objective.cr_weight
-            values["noise_scale"] = mode.noise_scale
-            values.update(self.objective.after_step(mode, achieved))
+        values = {"stage": pos.name, **{k: float(v / micro_steps) for k, v in sorted(losses.items())}}
+        values.update(self.objective.step_values(mode, sums, self.seq_len))
         values.update({
             "lr": lr,
             "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
         })
-        if self.objective.dmc:
-            values["channel_scale"] = mode.channel_scale
         return values
+
+    def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``sums`` summed over ranks, in one all-reduce (every rank has the same keys and shapes)."""
+        if not sums:
+            return {}
+        keys = sorted(sums)
+        flat = all_reduce_sum(torch.cat([sums[k].reshape(-1) for k in keys]), self.rt)
+        parts = flat.split([sums[k].numel() for k in keys])
+        return {k: part.reshape(sums[k].shape) for k, part in zip(keys, parts)}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -460,49 +427,29 @@ class Retrofitter:
     def _write_summary(self) -> None:
         """Print the run's diagnostics and keep them in run/summary.json."""
         values = getattr(self, "last_eval", None) or {}
-        if self.objective.dmc and values:
-            print(format_summary(values, self.cfg.target_cr))
-            if values.get("val_cr") and abs(values["val_cr"] / self.cfg.target_cr - 1) > 0.05:
-                print(f"warning: the realized CR {values['val_cr']:.2f} is more than 5% from the target "
-                      f"{self.cfg.target_cr:g}")
+        report = self.objective.summary(values)
+        if report:
+            print(report)
         (self.run_dir / "summary.json").write_text(json.dumps(
             {"method": self.cfg.method, "target_cr": self.cfg.target_cr, "steps": self.step, **values}, indent=1))
 
     def _evaluate(self) -> dict:
-        # DMC runs also measure the same batches in training mode (relaxed decisions with noise from
-        # a fixed seed): val_loss_relaxed - val_loss is what inference's hard decisions cost.
-        dmc = self.objective.dmc and not self.model.model.dmc_runtime.vanilla
-        generator = torch.Generator(self.rt.device).manual_seed(self.cfg.seed + 1) if dmc else None
-        relaxed_mode = StepMode("relaxed", target_cr=self.cfg.target_cr)
-        sums = torch.zeros(5, dtype=torch.float64, device=self.rt.device)  # loss·n, n, tokens, slots, relaxed·n
-        diagnostics = HeadDiagnostics()
+        extra = self.objective.evaluation(self.model, self.rt.device)  # what the objective measures besides
+        sums = torch.zeros(2, dtype=torch.float64, device=self.rt.device)  # loss·n, n
         for batch in self.data.val_batches(self.cfg.micro_batch_size, self.cfg.eval_batches, self.rt.rank,
                                            self.rt.world):
             batch = batch.to(self.rt.device)
             self.model.eval()
             out, lm_loss = self._autocast_forward(self.objective.eval_forward, self.model, batch)
             n = float((batch.labels[:, 1:] != -100).sum())
-            tokens = slots = 0.0
-            relaxed_loss = 0.0
-            if dmc:
-                tokens, slots = float(out.compression.tokens.sum()), float(out.compression.slots.sum())
-                diagnostics.add(out)
-                self.model.train()
-                relaxed_loss = float(self._autocast_forward(self.objective.forward, self.model, batch,
-                                                            relaxed_mode, generator)[1])
-            sums += torch.tensor([float(lm_loss) * n, n, tokens, slots, relaxed_loss * n], dtype=torch.float64,
-                                 device=self.rt.device)
+            extra.add(batch, out, n, self._autocast_forward)
+            sums += torch.tensor([float(lm_loss) * n, n], dtype=torch.float64, device=self.rt.device)
         sums = all_reduce_sum(sums, self.rt)
         self.model.train()
         if sums[1] == 0:
             return {}
         values = {"val_loss": float(sums[0] / sums[1]), "val_ppl": math.exp(min(50.0, float(sums[0] / sums[1])))}
-        if self.objective.dmc:
-            values["val_cr"] = float(sums[2] / sums[3]) if sums[3] > 0 else 1.0
-        if dmc:
-            values["val_loss_relaxed"] = float(sums[4] / sums[1])
-            values["relaxation_gap"] = values["val_loss"] - values["val_loss_relaxed"]
-            values.update(diagnostics.summary(self.rt))
+        values.update(extra.values(values, self.rt))
         return values
 
     def _state(self) -> dict:
@@ -543,8 +490,7 @@ class Retrofitter:
         tokens_per_step = self.rows_per_step * self.data.seq_len
         if self.rt.is_main:
             print(self.plan_summary(), flush=True)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train (plain)" if self.plain else "retrofit",
-                   unit="step",
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.objective.label, unit="step",
                    disable=not (self.rt.is_main and cfg.progress), dynamic_ncols=True)
         bad_steps = []  # the non-finite terms of the steps since the last finite one
         try:
@@ -552,8 +498,8 @@ class Retrofitter:
                 pos = locate(self.plan, self.step)
                 start = time.perf_counter()
                 values = self.train_step(pos)
-                if pos.name == "zero-out" and pos.step == pos.length - 1 and not self.plain:
-                    zero_decision_channels(self.model)  # end of stage 1: rows exactly 0
+                if pos.step == pos.length - 1:
+                    self.objective.on_stage_end(self.model, pos.name)
                 elapsed = time.perf_counter() - start
                 self.step += 1
                 values["tokens_per_s"] = tokens_per_step / elapsed
@@ -563,20 +509,23 @@ class Retrofitter:
                 if not non_finite and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
                     values.update(self.evaluate())
                 self.metrics.log(self.step, values)
-                postfix = {"stage": pos.name, "loss": f"{values['lm_loss']:.3f}"}
-                if not self.plain:
-                    postfix["cr"] = f"{values['achieved_cr']:.2f}/{values['target_cr']:.2f}"
-                bar.set_postfix(**postfix, tok_s=f"{values['tokens_per_s']:.0f}")
+                for callback in self.callbacks:
+                    callback(self, self.step, values)
+                bar.set_postfix(**_postfix(values))
                 bar.update(1)
                 if bad_steps:
                     if len(bad_steps) > cfg.nan_patience:
                         self._diverged(bad_steps)
                     continue  # a step that was not finite is never checkpointed
                 stage_end = pos.step == pos.length - 1
-                if self.step % cfg.save_every == 0 or stage_end or self.step == stop:
+                # (agreed by all ranks; the all-reduce only where a callback may ask)
+                stopping = self.step == stop or bool(self.callbacks) and self._any_rank(self.stop_requested)
+                if self.step % cfg.save_every == 0 or stage_end or stopping:
                     if not self._weights_finite():
                         self._diverged([(self.step, ["weights"])])
                     self.checkpointer.save(self.model, self.optimizer, self._state())
+                if stopping:
+                    break
         except KeyboardInterrupt:
             if self.rt.is_main:
                 bar.clear()
@@ -621,8 +570,7 @@ class Retrofitter:
             final = self._unsharded_copy(state)
             fold_logit_scale(final)  # the saved model reads a = k[D-1] - c, as the paper's and the engine's
             self._write_summary()
-            if not self.plain:
-                final.set_dmc_config(replace(final.dmc_config, target_cr=self.cfg.target_cr))
+            self.objective.finalize(final)
             tmp = self.out / ".model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             final.save_pretrained(tmp)
@@ -635,37 +583,23 @@ class Retrofitter:
         return self.out
 
     def _unsharded_copy(self, state: dict) -> torch.nn.Module:
-        if self.plain:
-            family = next(f for f in FAMILIES if f.model_type == self.model.config.model_type)
-            model = family.causal_lm_class(self.model.config)
-        else:
-            family = next(f for f in FAMILIES if isinstance(self.model, f.dmc_causal_lm_class))
-            model = family.dmc_causal_lm_class(self.model.config)
+        model = self.objective.model_class(self.model)(self.model.config)
         model.load_state_dict(state, strict=True)
         model.generation_config = self.model.generation_config
         return model.eval()
 
 
-def _load_weights(path: pathlib.Path, attn: str | None = None) -> torch.nn.Module:
-    """The model of ``path`` in fp32; a truncated or corrupt weight file is a one-line ConfigError."""
-    import transformers
-    try:
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, **({"attn_implementation": attn} if attn else {}))
-    except (MemoryError, KeyboardInterrupt):
-        raise
-    except Exception as e:  # noqa: BLE001 - safetensors, torch.load, shape mismatches: same advice
-        raise ConfigError(f"cannot load the weights in {path} ({_one_line(e)}); a weight file may be truncated "
-                          "or corrupt: copy the model directory again") from None
+def _accumulate(totals: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    for key, value in values.items():
+        totals[key] = totals[key] + value if key in totals else value
 
 
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    """The first line (first sentence, if long) of an exception's message."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    if len(text) > limit // 2 and ". " in text:
-        text = text[:text.index(". ") + 1]
-    return text if len(text) <= limit else text[:limit] + "..."
+def _postfix(values: dict) -> dict:
+    """The progress bar's numbers of a step: the CR only where the objective reports one."""
+    postfix = {"stage": values["stage"], "loss": f"{values['lm_loss']:.3f}"}
+    if "achieved_cr" in values:
+        postfix["cr"] = f"{values['achieved_cr']:.2f}/{values['target_cr']:.2f}"
+    return {**postfix, "tok_s": f"{values['tokens_per_s']:.0f}"}
 
 
 def _non_finite(values: dict) -> list[str]:
