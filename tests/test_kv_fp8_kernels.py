@@ -1,0 +1,112 @@
+"""FP8 (e4m3) page pools in the decode kernels (issue #15, part 1: kernels and twins; the engine does not
+offer ``kv_cache_dtype="fp8"`` yet). The Triton decode update and paged attention against their PyTorch
+twins with fp8 pools and per-layer k/v scales, merges happening; the kernel's own rounding to the e4m3
+grid against torch's cast. Without a GPU in Triton's interpreter, as test_kernels.py."""
+
+import pytest
+import torch
+from test_kernels import (DEVICE, HEADS, LAYERS, PAD_ROW, P, allocate_pages_ref, batch_rows, interpreter, make_cache,
+                          projections, ragged_lengths, rope_tables)
+
+from dmc.kernels import reference as R
+
+pytest.importorskip("triton")
+with interpreter():
+    import triton
+    import triton.language as tl
+
+    from dmc.kernels import triton_kernels as T
+
+FP8 = torch.float8_e4m3fn
+K_SCALE, V_SCALE = torch.tensor([0.5, 2.0]), torch.tensor([1.5, 0.25])  # one per layer (LAYERS = 2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreted():
+    with interpreter():
+        yield
+
+
+def fp8_cache(gen, lens, d: int, ring_width: int):
+    """test_kernels' random cache with its pools stored as e4m3 (the window state stays fp32)."""
+    cache = make_cache(lens, d, ring_width, torch.float32, gen)
+    cache.k_pool, cache.v_pool = cache.k_pool.to(FP8), cache.v_pool.to(FP8)
+    return cache
+
+
+def test_kernel_rounding_to_e4m3_equals_torchs_cast():
+    """The kernel rounds to the e4m3 grid itself (the interpreter's cast mis-rounds where the mantissa carries
+    into the exponent); with a scale, across normals, subnormals and the clamp at ±448: the same values (the
+    kernel flushes values below half the smallest subnormal to +0 where torch keeps -0)."""
+    if DEVICE != "cpu":
+        pytest.skip("checks the interpreter workaround")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(1 << 12, generator=gen) * 100, torch.randn(1 << 12, generator=gen) * 1e-2,
+                   torch.tensor([7.99, -7.99, 1e4, -1e4, 0.0, 2.0 ** -9, 2.0 ** -10])])
+    n = triton.next_power_of_2(x.numel())
+    x = torch.nn.functional.pad(x, (0, n - x.numel()))
+    y = torch.empty_like(x, dtype=FP8)
+
+    @triton.jit
+    def store(x_ptr, y_ptr, s_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(y_ptr + i, T._to_pool(tl.load(x_ptr + i), s_ptr, 0, y_ptr.dtype.element_ty, True))
+
+    store[(1,)](x, y, torch.tensor([0.7]), N=n)
+    want = R.quantise(x, FP8, torch.tensor(0.7))
+    assert torch.equal(y.float(), want.float())
+
+
+@pytest.mark.parametrize("d, groups, window", [(16, 1, 4), (32, 2, None), (16, 2, 12)])
+def test_fp8_decode_update_matches_twin_with_merges(d, groups, window):
+    """Four decode steps over ragged heads with fp8 pools: the same decisions, the same stored slots (bit
+    for bit: both quantise the slot built from the exact window state), the same window state."""
+    gen = torch.Generator().manual_seed(7 + d + groups)
+    rows = 5
+    seq_ids = batch_rows(rows)
+    lens = ragged_lengths(gen, rows, [0, 1, 15, 16, 17, 40])
+    twin = fp8_cache(gen, lens, d, 1 if window is None else window - 1)
+    cache = twin.clone()
+    pos = lens.amax(dim=(0, 2))[seq_ids.clamp_min(0).long()].int() + 1
+    pos[seq_ids == rows - 1] = 0
+    options = dict(init_offset=0.5, window=window, vanilla=False, page_size=P, k_scale=K_SCALE.to(DEVICE),
+                   v_scale=V_SCALE.to(DEVICE))
+    merged = 0.0
+    for step in range(4):
+        layer = step % LAYERS
+        q, k, v = projections(gen, len(seq_ids), groups, d, torch.float32)
+        cos, sin = (t.to(DEVICE) for t in rope_tables(pos, d))
+        batch = (q, k, v, cos, sin, seq_ids.to(DEVICE), pos.to(DEVICE), layer)
+        q_twin, alpha_twin = R.decode_update_ref(*batch, *twin.tensors()[:7], **options)
+        q_rot, alpha = T.decode_update(*batch, *cache.tensors()[:7], **options)
+        assert torch.equal(alpha, alpha_twin)
+        torch.testing.assert_close(q_rot, q_twin, rtol=1e-5, atol=1e-5)
+        assert cache.k_pool.dtype == FP8 and torch.equal(cache.lens, twin.lens)
+        # A one-ulp difference in the fp32 slot can round to the neighbouring e4m3 value: compare as values.
+        for got, want, scale in ((cache.k_pool, twin.k_pool, K_SCALE[layer]), (cache.v_pool, twin.v_pool, V_SCALE[layer])):
+            torch.testing.assert_close(got.float(), want.float(), rtol=0.07, atol=2.0 ** -9 * float(scale))
+            assert (got.view(torch.uint8) != want.view(torch.uint8)).float().mean() < 1e-3
+        torch.testing.assert_close(cache.ring, twin.ring, rtol=1e-5, atol=1e-5)
+        for c in (twin, cache):
+            allocate_pages_ref(c.lens, c.page_table, seq_ids.to(DEVICE), c.free_pages, c.free_top, P)
+        merged = max(merged, float(alpha[seq_ids >= 0].mean()))
+        pos += 1
+    assert merged > 0.2  # merges happened
+
+
+@pytest.mark.parametrize("d, groups", [(16, 1), (32, 2)])
+def test_fp8_paged_attention_matches_twin(d, groups):
+    """fp8 pools with per-layer scales: Triton == twin (which dequantises to fp32)."""
+    gen = torch.Generator().manual_seed(3 * d + groups)
+    rows = 5
+    seq_ids = batch_rows(rows)
+    cache = fp8_cache(gen, ragged_lengths(gen, rows, [0, 1, 15, 16, 17, 40, 100, 127]), d, 1)
+    q = torch.randn(len(seq_ids), HEADS * groups, d, generator=gen).to(DEVICE)
+    args = (q, cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids.to(DEVICE), 1, d ** -0.5, P)
+    scales = dict(k_scale=K_SCALE.to(DEVICE), v_scale=V_SCALE.to(DEVICE))
+    expected = R.paged_decode_attention_ref(*args, **scales)
+    out = T.paged_decode_attention(*args, **scales)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert (out[seq_ids == PAD_ROW] == 0).all()
+    # The scales matter: the same pools read at scale 1 give another answer.
+    assert not torch.allclose(out, R.paged_decode_attention_ref(*args), atol=1e-3)
