@@ -39,7 +39,7 @@ def newest_dmc(rows: list[dict]) -> dict[float, dict]:
     """Per target CR, the DMC row of the newest round with delayed merging (the current default)."""
     best: dict[float, dict] = {}
     for r in rows:
-        if r["method"] == "dmc" and r.get("merge_delay", 0) > 0:
+        if r["method"] == "dmc" and r.get("merge_delay", 0) > 0 and not r.get("variant"):  # not a reproduction
             if r["target_cr"] not in best or r.get("round", 1) > best[r["target_cr"]].get("round", 1):
                 best[r["target_cr"]] = r
     return best
@@ -48,7 +48,9 @@ def newest_dmc(rows: list[dict]) -> dict[float, dict]:
 def eviction_for(rows: list[dict], method: str, dmc: dict) -> dict | None:
     """The eviction row matched to ``dmc`` (same round and CR), else the newest nominal one."""
     cands = [r for r in rows if r["method"] == method and r["target_cr"] == dmc["target_cr"]]
-    matched = [r for r in cands if r.get("budget_kind") == "matched" and r.get("round") == dmc.get("round")]
+    # A matched row belongs to the DMC row of its round, or to the one it names (``matched_round``).
+    matched = [r for r in cands if r.get("budget_kind") == "matched"
+               and r.get("matched_round", r.get("round")) == dmc.get("round")]
     nominal = sorted((r for r in cands if r.get("budget_kind") == "nominal"), key=lambda r: r.get("round", 1))
     return matched[0] if matched else (nominal[-1] if nominal else None)
 

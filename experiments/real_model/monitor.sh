@@ -19,6 +19,6 @@ while :; do
 done
 cd "$KEEP" && tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude=checkpoints --exclude=tensorboard \
   --exclude='*.pt' --exclude='*.npy' --exclude='*.bin' --exclude=tokens \
-  $(ls -d study logs engine_check.json DONE TRAINED benchmarks.md serve_real.md kv_fp8 scratch_out scratch/study \
+  $(ls -d study logs engine_check.json DONE TRAINED benchmarks.md serve_real.md kv_fp8 tp scratch_out scratch/study \
      scratch/base/pretrain.json bench 2> /dev/null)
 ls -la "$OUT"

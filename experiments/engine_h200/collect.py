@@ -1,0 +1,58 @@
+"""Fold what experiments/engine_h200/bench.sh measured on the H200 (its RESULTS_DIR, unpacked) into the docs:
+
+- docs/results/throughput.json becomes the H200 rows (meta names the GPU); the H100 rows it held move, unchanged,
+  to docs/results/throughput_h100.json, and their table to the section "throughput-h100" of docs/benchmarks.md
+  (history, as issue #15 asks);
+- the "throughput" section of docs/benchmarks.md is re-rendered from the H200 rows by benchmarks/throughput.py's
+  own report;
+- the decode profile (profile_decode.{json,md}) and the logs go to docs/throughput_runs/h200_engine/.
+
+    python experiments/engine_h200/collect.py RESULTS_DIR [--docs docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "benchmarks"))
+from _report import write_section  # noqa: E402
+
+
+def report(rows: list[dict], gpu: str) -> str:
+    import throughput  # benchmarks/throughput.py: imports torch and dmc, so only when called
+
+    return throughput.report(rows, gpu)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", help="bench.sh's RESULTS_DIR (holds results/throughput.json, logs/)")
+    parser.add_argument("--docs", default="docs")
+    args = parser.parse_args()
+    root, docs = pathlib.Path(args.results), pathlib.Path(args.docs)
+    new = json.loads((root / "results" / "throughput.json").read_text())
+    current = docs / "results" / "throughput.json"
+    old = json.loads(current.read_text())
+    history = docs / "results" / "throughput_h100.json"
+    if "H100" in old["meta"]["gpu"] and not history.exists():
+        shutil.copy(current, history)
+    if history.exists():
+        h100 = json.loads(history.read_text())
+        text = report(h100["rows"], h100["meta"]["gpu"]).replace("## Engine throughput (", "## History: engine throughput (", 1)
+        write_section(docs / "benchmarks.md", "throughput-h100", text + "\n\nRows: `docs/results/throughput_h100.json`.")
+    current.write_text(json.dumps(new, indent=1))
+    write_section(docs / "benchmarks.md", "throughput", report(new["rows"], new["meta"]["gpu"]))
+    dest = docs / "throughput_runs" / "h200_engine"
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in [*root.glob("profile_decode.*"), *(root / "logs").glob("*.log")]:
+        shutil.copy(path, dest / path.name)
+    print((docs / "benchmarks.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
