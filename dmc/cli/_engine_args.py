@@ -18,6 +18,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory-gib", type=float, default=None,
                         help="page pool size in GiB, overriding --gpu-memory-utilization (default on CPU: what "
                              "--max-num-seqs sequences can use, at most 40%% of the available memory and 4 GiB)")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                        help="page pool dtype: auto (the model dtype) or fp8 (e4m3 pages, per-layer scales 1.0: twice "
+                             "the pages in the same memory; the DMC window state stays exact)")
     parser.add_argument("--vanilla", action="store_true", help="run a DMC model uncompressed (every token appends)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs (CUDA only)")
     parser.add_argument("--eviction", choices=["h2o", "tova"], default=None,
@@ -69,7 +72,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kv = None if args.kv_cache_memory_gib is None else int(args.kv_cache_memory_gib * 2**30)
     return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=kv, vanilla=args.vanilla,
-                cuda_graphs=not args.no_cuda_graphs, eviction=_eviction_policy(args))
+                cuda_graphs=not args.no_cuda_graphs, eviction=_eviction_policy(args),
+                kv_cache_dtype=args.kv_cache_dtype)
 
 
 def load_errors() -> tuple[type[BaseException], ...]:

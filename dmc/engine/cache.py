@@ -12,6 +12,12 @@ importances (fp32), for an unbounded one the running sums (fp32); see
 :mod:`dmc.kernels.reference`. Row S is a scratch row for the padding rows of a
 CUDA-graph bucket.
 
+FP8 pages (``kv_cache_dtype="fp8"``): the pools hold e4m3 (``torch.float8_e4m3fn``, 1 byte an element, so
+the same memory holds twice the pages of bf16) with a k and a v scale per layer (``k_scale``, ``v_scale`` fp32
+``[L]``, all 1.0: no calibration, as vLLM without one). Only the stored slot is quantised, by the rule of
+:func:`dmc.kernels.reference.quantise` / ``dequantise``; the window state and the delay ring stay in fp32 /
+the model dtype, so merges sum exact values.
+
 Delayed merging (``merge_delay`` w > 0): every head also keeps its last w tokens raw, outside the
 pages, in a ring preallocated per row like the window state (``delay_kv``, ``delay_aw``,
 ``delay_rope``; counted in :meth:`CacheLayout.sequence_bytes`): what attention needs (the raw key,
@@ -38,6 +44,7 @@ import torch
 
 from .. import core
 from ..hf.cache import DMCCache, SlotCacheLayer
+from ..kernels.reference import dequantise, quantise
 
 
 # --------------------------------------------------------------------------- cache operations
@@ -132,7 +139,7 @@ class CacheLayout:
         return self.num_layers * self.num_kv_heads
 
     def page_bytes(self, dtype: torch.dtype) -> int:
-        """Bytes of one page of keys plus one of values."""
+        """Bytes of one page of keys plus one of values, for pools of ``dtype`` (fp8: 1 byte an element)."""
         return 2 * self.page_size * self.head_dim * torch.empty((), dtype=dtype).element_size()
 
     @property
@@ -141,7 +148,8 @@ class CacheLayout:
 
     def sequence_bytes(self, dtype: torch.dtype) -> int:
         """Fixed bytes per sequence row: page table, lens, window state and the delayed-merging ring
-        (per head w raw k, v and fp32 α, ω; per row w RoPE cos, sin)."""
+        (per head w raw k, v and fp32 α, ω; per row w RoPE cos, sin). ``dtype``: the model dtype, which
+        the rings keep whatever the pools' dtype."""
         size = torch.empty((), dtype=dtype).element_size()
         state = self.ring_width * (2 * self.head_dim * size + 4) + (4 * (2 * self.head_dim + 1) if self.unbounded else 0)
         state += self.delay_width * (2 * self.head_dim * size + 8)
@@ -151,7 +159,8 @@ class CacheLayout:
     @classmethod
     def plan(cls, config, *, dtype: torch.dtype, device: torch.device, max_model_len: int, max_num_seqs: int,
              window: int | None, vanilla: bool, utilization: float, kv_bytes: int | None, prefill_chunk: int,
-             slot_cap: int | None = None, row_extra_bytes=lambda layout: 0, merge_delay: int = 0) -> "CacheLayout":
+             slot_cap: int | None = None, row_extra_bytes=lambda layout: 0, merge_delay: int = 0,
+             kv_dtype: torch.dtype | None = None) -> "CacheLayout":
         """The layout of an engine's cache for an HF model ``config``: as many pages as the memory
         left for them holds (MemoryError, naming the settings that help, when not one sequence fits).
 
@@ -162,12 +171,13 @@ class CacheLayout:
             slot_cap: the eviction budget (a head keeps at most that many slots), or None.
             row_extra_bytes: fixed bytes per sequence row beyond the tables (eviction's slot state).
             merge_delay: w of delayed merging (its raw ring is fixed per-row memory, counted in the tables).
+            kv_dtype: the pools' dtype (None: ``dtype``; fp8 pages take half the bytes of bf16 ones).
         """
         shape = cls(config.num_hidden_layers, config.num_key_value_heads, head_dim(config), 0, max_num_seqs,
                     max_model_len, window, vanilla, merge_delay=merge_delay)
         device = torch.device(device)
         tables = (shape.sequence_bytes(dtype) + row_extra_bytes(shape)) * (max_num_seqs + 1)
-        page_bytes = shape.page_bytes(dtype)
+        page_bytes = shape.page_bytes(dtype if kv_dtype is None else kv_dtype)
         one_sequence = shape.rows * shape.pages_per_head
         if slot_cap is not None:  # a prompt chunk beside the kept slots (the prefill's peak), a step's page
             peak = min(max_model_len, slot_cap + prefill_chunk)
@@ -255,7 +265,10 @@ def _gib(n: float) -> str:
 class PagedKVCache:
     """Pool, page tables, slot counts, window rings and the device-side allocator."""
 
-    def __init__(self, layout: CacheLayout, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, layout: CacheLayout, dtype: torch.dtype, device: torch.device | str,
+                 kv_dtype: torch.dtype | None = None) -> None:
+        """``dtype``: the model's (window ring, delay ring); ``kv_dtype``: the pools' (None: ``dtype``, or
+        ``torch.float8_e4m3fn``)."""
         if layout.window == 1 and not layout.vanilla:
             raise ValueError("the engine needs a DMC window of at least 2 (or None); window=1 would make a "
                              "merge replace the slot by the newest token")
@@ -263,11 +276,16 @@ class PagedKVCache:
             raise ValueError("the page pool needs at least 2 pages (page 0 is the null page)")
         self.layout = layout
         self.dtype = dtype
+        self.kv_dtype = dtype if kv_dtype is None else kv_dtype
         self.device = torch.device(device)
         lay, rows, h = layout.num_layers, layout.max_seqs + 1, layout.num_kv_heads
         d, p = layout.head_dim, layout.page_size
-        self.k_pool = torch.zeros(layout.num_pages, p, d, dtype=dtype, device=self.device)
-        self.v_pool = torch.zeros(layout.num_pages, p, d, dtype=dtype, device=self.device)
+        self.k_pool = torch.zeros(layout.num_pages, p, d, dtype=self.kv_dtype, device=self.device)
+        self.v_pool = torch.zeros(layout.num_pages, p, d, dtype=self.kv_dtype, device=self.device)
+        # Per-layer scales of fp8 pools: 1.0, uncalibrated (e4m3 covers ±448, far beyond the k, v of the
+        # models we run). Kept for every dtype (the kernels ignore them unless the pools are fp8).
+        self.k_scale = torch.ones(lay, dtype=torch.float32, device=self.device)
+        self.v_scale = torch.ones(lay, dtype=torch.float32, device=self.device)
         self.page_table = torch.zeros(lay, rows, h, layout.pages_per_head, dtype=torch.int32, device=self.device)
         self.lens = torch.zeros(lay, rows, h, dtype=torch.int32, device=self.device)
         # Window state (only what the mode needs; the kernels take all three tensors).
@@ -499,7 +517,9 @@ class _LayerView(SlotCacheLayer):
                                        cache.layout.page_size)
         slots = torch.arange(keys.shape[-2], device=like.device)
         base = lens - core.merges_into_last(alpha[..., 0], lens, valid[:, 0]).long()
-        return keys.to(like.dtype), values.to(like.dtype), slots[None, None, :] < base[..., None]
+        keys = dequantise(keys, cache.k_scale[self.layer]).to(like.dtype)  # fp8 pools: the stored values
+        values = dequantise(values, cache.v_scale[self.layer]).to(like.dtype)
+        return keys, values, slots[None, None, :] < base[..., None]
 
     def commit(self, alpha, valid, k_bar, v_bar, prefix, terms, sums) -> None:
         """Scatter the chunk's kept states into pages (overwrite on merge, new slot on append)."""
@@ -512,8 +532,9 @@ class _LayerView(SlotCacheLayer):
         page = cache.page_table[self.layer, self.row].gather(1, slot // p).long()
         flat = torch.where(kept, page * p + slot % p, 0).flatten()
         d = k_bar.shape[-1]
-        cache.k_pool.view(-1, d)[flat] = k_bar[0].reshape(-1, d).to(cache.dtype)
-        cache.v_pool.view(-1, d)[flat] = v_bar[0].reshape(-1, d).to(cache.dtype)
+        # fp8 pools: quantised as the decode kernels do (the window state below stays exact).
+        cache.k_pool.view(-1, d)[flat] = quantise(k_bar[0].reshape(-1, d), cache.kv_dtype, cache.k_scale[self.layer])
+        cache.v_pool.view(-1, d)[flat] = quantise(v_bar[0].reshape(-1, d), cache.kv_dtype, cache.v_scale[self.layer])
         cache.lens[self.layer, self.row] = new_lens.to(torch.int32)
         if not cache.layout.vanilla:
             width = cache.layout.ring_width

@@ -21,6 +21,9 @@ vanilla mode (every token appends a slot); each (layer, sequence, KV head) holds
   The order of slots does not matter to attention (keys are stored rotated). Fixed shapes and no
   host sync, so the step is still captured in CUDA graphs.
 
+FP8 pools (``kv_cache_dtype="fp8"``): the slots are scored on their dequantised values and moved as
+stored bytes (a kept slot is never quantised twice).
+
 Per-slot state on the device, ``[L, S + 1, H, budget + 1]``: each slot's token position (int32,
 -1 = none; H2O's recent window and the tests read it) and, for H2O, its accumulated attention (fp32).
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..baselines.eviction import EvictionPolicy, keep_scores, kept_slots, slot_attention
+from ..kernels.reference import dequantise
 from .cache import CacheLayout, PagedKVCache, SequenceView, _LayerView, gather_slots
 
 
@@ -72,7 +76,8 @@ class EngineEviction:
         positions = positions.masked_fill(~visible[0], -1)[None]  # [1, H, S]
         scores = (self.scores[layer, row][:, kept_before] * earlier)[None] if self.h2o else None
         query_positions = seen + torch.arange(q.shape[-2], device=cache.device)[None]
-        attention = slot_attention(q, keys, positions, query_positions, scale, valid, last_only=not self.h2o)
+        scored = dequantise(keys, cache.k_scale[layer])  # fp8: the stored values (fp32); else keys itself
+        attention = slot_attention(q, scored, positions, query_positions, scale, valid, last_only=not self.h2o)
         keep, scores = keep_scores(self.policy, attention, scores, positions)
         if keys.shape[-2] > budget:
             order, kept = kept_slots(keep, positions, budget)  # [1, H, budget]
@@ -88,12 +93,12 @@ class EngineEviction:
         """Write the kept slots (``order`` ``[H, budget]`` into the gathered ``keys``/``values``
         ``[H, S, D]``) to the front of each head's pages, then free the pages past them."""
         cache, p = self.cache, self.cache.layout.page_size
-        d = keys.shape[-1]
         slot = torch.arange(order.shape[-1], device=cache.device)
         page = cache.page_table[layer, row][:, slot // p].long()  # [H, budget]
-        index = order[..., None].expand(-1, -1, d)
-        cache.k_pool[page[kept], (slot % p).expand_as(page)[kept]] = keys.gather(1, index)[kept]
-        cache.v_pool[page[kept], (slot % p).expand_as(page)[kept]] = values.gather(1, index)[kept]
+        heads = torch.arange(order.shape[0], device=cache.device)[:, None]
+        # Indexing, not gather: it moves fp8 pool elements too (CPU gather has no fp8 kernel).
+        cache.k_pool[page[kept], (slot % p).expand_as(page)[kept]] = keys[heads, order][kept]
+        cache.v_pool[page[kept], (slot % p).expand_as(page)[kept]] = values[heads, order][kept]
         cache.shrink(layer, row, kept.sum(-1))
 
     # ------------------------------------------------------------------ decode
@@ -113,6 +118,7 @@ class EngineEviction:
         slot_pos.scatter_(2, last, positions.long()[:, None, None].expand_as(last))
         slot_pos = slot_pos.masked_fill(~visible, -1)
         scores = self.scores[layer, rows].scatter_(2, last, 0.0) if self.h2o else None
+        keys = dequantise(keys, cache.k_scale[layer])  # fp8: the stored values (fp32)
         attention = slot_attention(q_rot[:, :, None, :], keys, slot_pos, positions.long()[:, None], scale,
                                    active[:, None], last_only=not self.h2o)
         keep, scores = keep_scores(self.policy, attention, scores, slot_pos)

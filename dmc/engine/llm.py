@@ -26,6 +26,7 @@ OUT_OF_MEMORY_PREFILL = ("this request needs more KV-cache memory than the engin
 OUT_OF_MEMORY_DECODING = ("out of KV-cache memory while decoding a single sequence; lower max_tokens (--max-tokens) "
                           "or max_model_len (--max-model-len), or give the cache more memory (kv_cache_memory, "
                           "--kv-cache-memory-gib)")
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn}  # beside "auto" (the model dtype)
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 1024)
 
 
@@ -57,6 +58,11 @@ class LLM:
         vanilla: run a DMC model with every token appending (its uncompressed baseline).
         forced_period: benchmarks only: replace the decision channel by α_t = 1[t % period != 0]
             so that random weights compress at exactly CR = period.
+        kv_cache_dtype: the page pools' dtype: "auto" (the model dtype) or "fp8" (e4m3, 1 byte an element:
+            the same ``kv_cache_memory`` holds twice the pages of bf16). fp8 scales are per layer and 1.0
+            (no calibration, as vLLM without one; e4m3 spans ±448). Only the stored slots are quantised:
+            the DMC window state and the delayed-merging ring stay in fp32 / the model dtype, so merges sum
+            exact values; attention inside a prefill chunk uses the chunk's exact keys.
         eviction: an H2O or TOVA :class:`~dmc.baselines.EvictionPolicy`: the fixed-budget eviction
             baselines (spec §8), at most ``budget`` slots per (layer, sequence, KV head), evicted
             for real (:mod:`dmc.engine.eviction`). The model runs uncompressed: a plain model, or a
@@ -65,16 +71,20 @@ class LLM:
         seed: draws the seeds of requests that do not give one.
 
     A model with delayed merging (``merge_delay`` > 0 in its DMC config) runs exactly (the HF path's
-    semantics: the last w tokens of every head raw, counted as slots in ``compression``), but its decode
-    step is the PyTorch one on every device, without CUDA graphs (:mod:`dmc.engine.runner`).
+    semantics: the last w tokens of every head raw, counted as slots in ``compression``); its decode step
+    has Triton kernels and CUDA graphs on CUDA (:mod:`dmc.kernels.triton_delayed`) like any other model.
     """
 
     def __init__(self, model, *, tokenizer=None, dtype: str | torch.dtype = "auto", device: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 256, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory: int | None = None, admission_margin: float = 0.1, cuda_graphs: bool = True,
                  prefill_chunk: int = 4096, prefill_attention: str = "auto", vanilla: bool = False, forced_period: int = 0, seed: int = 0,
-                 progress: bool = True, eviction: EvictionPolicy | None = None) -> None:
+                 progress: bool = True, eviction: EvictionPolicy | None = None,
+                 kv_cache_dtype: str = "auto") -> None:
         self.device = resolve_device(device)
+        if kv_cache_dtype != "auto" and kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be 'auto' (the model dtype) or one of {', '.join(KV_CACHE_DTYPES)} "
+                             f"(--kv-cache-dtype), got {kv_cache_dtype!r}")
         if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2 (a prompt token and a generated one), "
                              f"got {max_model_len!r}")
@@ -87,6 +97,7 @@ class LLM:
         if isinstance(model, torch.nn.Module) and dtype == "auto":
             dtype = next(model.parameters()).dtype  # a loaded model keeps its dtype
         self.dtype = _resolve_dtype(dtype, self.device)
+        self.kv_cache_dtype = self.dtype if kv_cache_dtype == "auto" else KV_CACHE_DTYPES[kv_cache_dtype]
         if isinstance(model, torch.nn.Module):
             self.model, plain = model.to(device=self.device, dtype=self.dtype).eval(), False
         else:
@@ -127,8 +138,9 @@ class LLM:
             utilization=gpu_memory_utilization, kv_bytes=kv_cache_memory, prefill_chunk=prefill_chunk,
             slot_cap=self._slot_cap,
             row_extra_bytes=(lambda shape: 0) if eviction is None else (
-                lambda shape: EngineEviction.sequence_bytes(shape, eviction)), merge_delay=self.dmc.merge_delay)
-        self.cache = PagedKVCache(layout, self.dtype, self.device)
+                lambda shape: EngineEviction.sequence_bytes(shape, eviction)), merge_delay=self.dmc.merge_delay,
+            kv_dtype=self.kv_cache_dtype)
+        self.cache = PagedKVCache(layout, self.dtype, self.device, kv_dtype=self.kv_cache_dtype)
         self.runner = ModelRunner(self.model, self.cache, vanilla=self.vanilla, forced_period=forced_period,
                                   eviction=None if eviction is None else EngineEviction(eviction, self.cache))
         prior = 1.0 if self.vanilla else float(forced_period or self.dmc.target_cr or 1.0)

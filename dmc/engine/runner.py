@@ -10,6 +10,10 @@ paged split-K attention (then, for the H2O/TOVA baselines, :mod:`dmc.engine.evic
 the last layer the allocator tops up pages. Without host syncs it is captured in CUDA graphs, one
 per batch-size bucket.
 
+FP8 pages (``kv_cache_dtype="fp8"``): the kernels get the cache's per-layer ``k_scale``/``v_scale`` and
+quantise the slot they write, dequantise what they read; prefill does the same in the
+:class:`SequenceView` (``commit`` and ``visible_slots``).
+
 Delayed merging (``merge_delay`` w > 0): every head also holds its last w tokens raw, in the cache's
 delay ring. A decode step puts the new token there; the token it replaces (w older) goes through the
 DMC update with its own α, ω and position; the query attends over the slots and the raw keys in one
@@ -86,12 +90,21 @@ class ModelRunner:
     def prefill(self, row: int, token_ids: list[int], seen: int) -> torch.Tensor:
         """Feed ``token_ids`` to sequence ``row`` that already holds ``seen`` tokens; returns the
         logits after the last one ``[V]`` (fp32)."""
+        return self._prefill(row, token_ids, seen, logits_to_keep=1)[-1]
+
+    @torch.inference_mode()
+    def prefill_logits(self, row: int, token_ids: list[int], seen: int) -> torch.Tensor:
+        """:meth:`prefill`, returning the logits after every token ``[n, V]`` (fp32): scoring a text
+        through the engine's cache (``benchmarks/kv_fp8_quality.py``)."""
+        return self._prefill(row, token_ids, seen, logits_to_keep=0)
+
+    def _prefill(self, row: int, token_ids: list[int], seen: int, logits_to_keep: int) -> torch.Tensor:
         self.cache.check_room(len(token_ids))
         view = SequenceView(self.cache, row, seen) if self.eviction is None else self.eviction.sequence_view(row, seen)
         ids = torch.tensor([token_ids], device=self.cache.device)
-        out = self.model(input_ids=ids, past_key_values=view, use_cache=True, logits_to_keep=1,
+        out = self.model(input_ids=ids, past_key_values=view, use_cache=True, logits_to_keep=logits_to_keep,
                          dmc_forced_period=self.forced_period)
-        return out.logits[0, -1].float()
+        return out.logits[0].float()
 
     @torch.inference_mode()
     def prefill_batch(self, rows: list[int], chunks: list[list[int]], seen: list[int]) -> torch.Tensor:
@@ -151,6 +164,7 @@ class ModelRunner:
         b = hidden.shape[0]
         cos, sin = self.base.rotary_emb(hidden[:, None], positions.long()[:, None])
         cos, sin = cos[:, 0], sin[:, 0]
+        scales = dict(k_scale=cache.k_scale, v_scale=cache.v_scale)  # per layer; used only by fp8 pools
         if self.delay:
             leave_cos, leave_sin = self._enter_delay_ring(hidden, cos, sin, positions, seq_ids)
         for index, layer in enumerate(self.base.layers):
@@ -164,18 +178,19 @@ class ModelRunner:
                     q, key, value, cos, sin, leave_cos, leave_sin, seq_ids, positions, index, cache.k_pool,
                     cache.v_pool, cache.page_table, cache.lens, cache.ring, cache.ring_kv, cache.ring_w,
                     cache.delay_kv, cache.delay_aw, init_offset=self.dmc.init_offset, window=self.dmc.window,
-                    page_size=cache.layout.page_size, forced_period=self.forced_period)
+                    page_size=cache.layout.page_size, forced_period=self.forced_period, **scales)
                 out = k.delayed_decode_attention(q_rot, cache.k_pool, cache.v_pool, cache.page_table, cache.lens,
                                                  seq_ids, positions, index, attn.scaling, cache.layout.page_size,
-                                                 cache.delay_kv, cache.delay_rope)
+                                                 cache.delay_kv, cache.delay_rope, **scales)
             else:
                 q_rot, _ = k.decode_update(
                     q, key, value, cos, sin, seq_ids, positions, index, cache.k_pool, cache.v_pool, cache.page_table,
                     cache.lens, cache.ring, cache.ring_kv, cache.ring_w, init_offset=self.dmc.init_offset,
                     window=self.dmc.window,
-                    vanilla=self.vanilla, page_size=cache.layout.page_size, forced_period=self.forced_period)
+                    vanilla=self.vanilla, page_size=cache.layout.page_size, forced_period=self.forced_period,
+                    **scales)
                 out = k.paged_decode_attention(q_rot, cache.k_pool, cache.v_pool, cache.page_table, cache.lens,
-                                               seq_ids, index, attn.scaling, cache.layout.page_size)
+                                               seq_ids, index, attn.scaling, cache.layout.page_size, **scales)
             if self.eviction is not None:
                 self.eviction.after_decode(index, q_rot, seq_ids, positions, attn.scaling)
             hidden = hidden + attn.o_proj(out.reshape(b, -1))

@@ -171,8 +171,8 @@ def commit_token_ref(kf, vf, alpha, weight, cos, sin, seq_ids, pos, layer: int, 
 # merge_delay w > 0 (DMCConfig): every head also keeps its last w tokens raw, token t at index t % w of
 # ``delay_kv`` ``[L, S, H, w, 2D]`` (k before RoPE with channel D-1 zeroed, v; cache dtype) and ``delay_aw``
 # ``[L, S, H, w, 2]`` (fp32 α and ω, decided when the token came in), with the RoPE tables of those tokens in
-# ``delay_rope`` ``[S, w, 2, D]`` (cos, sin; one per row, written by the caller). Those twins have no Triton
-# kernel yet: delayed models run them on every device.
+# ``delay_rope`` ``[S, w, 2, D]`` (cos, sin; one per row, written by the caller); the model dtype, also with
+# fp8 pools. Their Triton kernels: :mod:`.triton_delayed` (CUDA); these twins run elsewhere and are its oracle.
 def delayed_decode_update_ref(q, k, v, cos, sin, leave_cos, leave_sin, seq_ids, pos, layer: int, k_pool, v_pool,
                               page_table, lens, ring, ring_kv, ring_w, delay_kv, delay_aw, *, init_offset: float,
                               window: int | None, page_size: int, forced_period: int = 0,

@@ -12,6 +12,9 @@ They reuse the building blocks of :mod:`.triton_kernels`: the decision (``_decis
   raw window (keys rotated at their own positions, channel D-1 zeroed, the first ``min(pos + 1, w)``
   visible) and merges that partial with the splits' by their log-sum-exp: one softmax over both.
 
+FP8 pools (``torch.float8_e4m3fn``) as in :mod:`.triton_kernels`: the leaving token's slot is quantised with
+the layer's scales (``_to_pool``), the split stage reads e4m3 with them; the delay ring is never quantised.
+
 Like :mod:`.triton_kernels`, the wrappers never read device memory on the host and allocate only
 data-independent shapes, so a delayed decode step can be captured in a CUDA graph.
 """
@@ -24,18 +27,20 @@ import triton.language as tl
 
 from .. import core
 from .triton_kernels import (_attention_split_kernel, _check_cache, _decision, _pages_per_iteration, _rope,
-                             _rows, _window_sums, default_splits)
+                             _rows, _scales, _to_pool, _window_sums, default_splits)
 
 
 # --------------------------------------------------------------------------- decode update
 @triton.jit
 def _commit(k, v, alpha, weight, cos, sin, t, head, dims, side, last, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr,
-            ring_ptr, ring_kv_ptr, ring_w_ptr, D: tl.constexpr, M: tl.constexpr, R: tl.constexpr,
-            R_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, UNBOUNDED: tl.constexpr):
+            ring_ptr, ring_kv_ptr, ring_w_ptr, k_scale_ptr, v_scale_ptr, layer, D: tl.constexpr, M: tl.constexpr,
+            R: tl.constexpr, R_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, UNBOUNDED: tl.constexpr,
+            FP8: tl.constexpr):
     """One token of one head through the DMC update (:func:`.reference.commit_token_ref`): window sums,
     k̄ rotated at the token's position with channel D-1 zeroed, slot write (a merge overwrites the last
     slot), lens bump. ``k``, ``v`` fp32 ``[1, 2, D/2]`` (k channel D-1 zeroed); ``head`` indexes lens,
-    page table and window state."""
+    page table and window state. fp8 pools: the slot is quantised with the layer's scales (only the slot:
+    the window state stays exact)."""
     head64 = head.to(tl.int64)
     k_sum, v_sum, z_sum = _window_sums(ring_ptr + head64 * (2 * D + 1), ring_kv_ptr + head64 * (R * 2 * D),
                                        ring_w_ptr + head64 * R, k, v, weight, alpha, t, dims, D, R, R_PAD, UNBOUNDED)
@@ -45,8 +50,8 @@ def _commit(k, v, alpha, weight, cos, sin, t, head, dims, side, last, k_pool_ptr
     slot = tl.where((alpha > 0.5) & (old > 0), old - 1, old)
     page = tl.load(table_ptr + head64 * M + slot // PAGE_SIZE)
     at = page.to(tl.int64) * (PAGE_SIZE * D) + (slot % PAGE_SIZE) * D + dims
-    tl.store(k_pool_ptr + at, k_rot.to(k_pool_ptr.dtype.element_ty))
-    tl.store(v_pool_ptr + at, (v_sum / z).to(v_pool_ptr.dtype.element_ty))
+    tl.store(k_pool_ptr + at, _to_pool(k_rot, k_scale_ptr, layer, k_pool_ptr.dtype.element_ty, FP8))
+    tl.store(v_pool_ptr + at, _to_pool(v_sum / z, v_scale_ptr, layer, v_pool_ptr.dtype.element_ty, FP8))
     tl.store(lens_ptr + head, slot + 1)
 
 
@@ -57,7 +62,8 @@ def _delayed_update_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, leave_cos_ptr,
                            stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                            ROWS: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                            D: tl.constexpr, M: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, W: tl.constexpr,
-                           PAGE_SIZE: tl.constexpr, UNBOUNDED: tl.constexpr, FLOOR: tl.constexpr):
+                           PAGE_SIZE: tl.constexpr, UNBOUNDED: tl.constexpr, FLOOR: tl.constexpr,
+                           k_scale_ptr=None, v_scale_ptr=None, FP8: tl.constexpr = False):
     """One (batch row, KV head): decision and rotated queries of token t; token t - w (if t >= w) leaves
     the ring at index t % w through :func:`_commit`; token t takes that entry. A padding row (seq id -1)
     writes its token into the scratch row's ring (as the twin does) and touches nothing else."""
@@ -96,8 +102,8 @@ def _delayed_update_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, leave_cos_ptr,
         leave_cos = tl.load(leave_cos_ptr + b * D + dims).to(tl.float32)
         leave_sin = tl.load(leave_sin_ptr + b * D + dims).to(tl.float32)
         _commit(k_old, v_old, alpha_old, weight_old, leave_cos, leave_sin, t - W, head, dims, side, last,
-                k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, ring_ptr, ring_kv_ptr, ring_w_ptr,
-                D, M, R, R_PAD, PAGE_SIZE, UNBOUNDED)
+                k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, ring_ptr, ring_kv_ptr, ring_w_ptr, k_scale_ptr,
+                v_scale_ptr, layer, D, M, R, R_PAD, PAGE_SIZE, UNBOUNDED, FP8)
     tl.debug_barrier()  # every thread has read the leaving entry before it is overwritten
     dtype = delay_kv_ptr.dtype.element_ty
     tl.store(raw + dims, k.to(dtype))
@@ -108,7 +114,8 @@ def _delayed_update_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, leave_cos_ptr,
 
 def delayed_decode_update(q, k, v, cos, sin, leave_cos, leave_sin, seq_ids, pos, layer: int, k_pool, v_pool,
                           page_table, lens, ring, ring_kv, ring_w, delay_kv, delay_aw, *, init_offset: float,
-                          window: int | None, page_size: int, forced_period: int = 0
+                          window: int | None, page_size: int, forced_period: int = 0,
+                          k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`.reference.delayed_decode_update_ref` (same arguments and results)."""
     b, hq, d = q.shape
@@ -127,7 +134,9 @@ def delayed_decode_update(q, k, v, cos, sin, leave_cos, leave_sin, seq_ids, pos,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ROWS=lens.shape[1], H=h, G=hq // h, G_PAD=triton.next_power_of_2(hq // h), D=d, M=page_table.shape[-1],
         R=width, R_PAD=triton.next_power_of_2(width), W=delay_kv.shape[3], PAGE_SIZE=page_size,
-        UNBOUNDED=window is None, FLOOR=core.IMPORTANCE_FLOOR, num_warps=1)
+        UNBOUNDED=window is None, FLOOR=core.IMPORTANCE_FLOOR,
+        k_scale_ptr=_scales(k_scale, layer, q.device), v_scale_ptr=_scales(v_scale, layer, q.device),
+        FP8=k_pool.dtype == torch.float8_e4m3fn, num_warps=1)
     return q_rot, alpha
 
 
@@ -182,7 +191,8 @@ def _window_reduce_kernel(q_ptr, delay_kv_ptr, delay_rope_ptr, seq_ptr, pos_ptr,
 
 
 def delayed_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, pos, layer: int, scale: float,
-                             page_size: int, delay_kv, delay_rope, *, num_splits: int | None = None,
+                             page_size: int, delay_kv, delay_rope, k_scale: torch.Tensor | None = None,
+                             v_scale: torch.Tensor | None = None, *, num_splits: int | None = None,
                              num_warps: int = 4, use_dot: bool | None = None) -> torch.Tensor:
     """Triton twin of :func:`.reference.delayed_decode_attention_ref` (same arguments and result).
 
@@ -199,11 +209,15 @@ def delayed_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, pos, 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     use_dot = True if use_dot is None else use_dot
     scale_log2 = scale * 1.4426950408889634
+    fp8 = k_pool.dtype == torch.float8_e4m3fn
+    exact = (q.dtype if fp8 else k_pool.dtype) == torch.float32
     _attention_split_kernel[(b, h, splits)](
         q, k_pool, v_pool, page_table, lens, seq_ids, part_out, part_lse, layer, scale_log2, q.stride(0), q.stride(1),
         ROWS=lens.shape[1], H=h, G=g, G_PAD=max(16, triton.next_power_of_2(g)) if use_dot else 1, D=d,
         M=page_table.shape[-1], PAGE_SIZE=page_size, PAGES=_pages_per_iteration(d, page_size), SPLITS=splits,
-        USE_DOT=use_dot, PRECISION="ieee" if k_pool.dtype == torch.float32 else "tf32", num_warps=num_warps)
+        USE_DOT=use_dot, PRECISION="ieee" if exact else "tf32",
+        k_scale_ptr=_scales(k_scale, layer, q.device), v_scale_ptr=_scales(v_scale, layer, q.device), FP8=fp8,
+        num_warps=num_warps)
     delay = delay_kv.shape[3]
     _window_reduce_kernel[(b * hq,)](
         q, delay_kv, delay_rope, seq_ids, pos, part_out, part_lse, out, layer, scale_log2, q.stride(0), q.stride(1),
