@@ -10,12 +10,14 @@ so it compresses at exactly CR r; the kernels still read the decision channel. P
   forward (and the engine's vanilla prefill);
 - ``engine``: prompt C/2 + generate C/2 for contexts C and CR r (r = 1 is the same engine with
   every token appending), the largest batch that fits, output tok/s over the last decode steps;
+  ``--kv-cache-dtype fp8`` runs it over e4m3 pages (rows ``cr4-fp8``, beside the bf16 ``cr4`` ones);
 - ``hf``: Hugging Face ``generate()`` of the stock model at 1K context, the largest batch that fits.
 
 Rows accumulate in ``docs/results/throughput.json`` (``--resume`` skips rows already there, so
 the run can be split over several calls); ``docs/benchmarks.md`` gets its "throughput" section.
 
     python benchmarks/throughput.py --parts attention prefill engine hf [--contexts 1024 2048 4096]
+        [--kv-cache-dtype auto|fp8]
 """
 
 from __future__ import annotations
@@ -169,25 +171,35 @@ def max_seqs_for(context: int, cr: int, fixed_seq_bytes: int, page_bytes: int, r
     return max(1, min(1024, int(budget / per_seq)))
 
 
-def bench_engine(contexts: list[int], crs: list[int], done: set) -> list[dict]:
+def engine_config(cr: int, kv_cache_dtype: str) -> str:
+    """An engine row's config name: ``cr4``, or ``cr4-fp8`` over fp8 pages (so --resume keeps both)."""
+    return f"cr{cr}" if kv_cache_dtype == "auto" else f"cr{cr}-{kv_cache_dtype}"
+
+
+def engine_row(context: int, cr: int, kv_cache_dtype: str, max_num_seqs: int, result: dict) -> dict:
+    return {"part": "engine", "config": engine_config(cr, kv_cache_dtype), "context": context, "cr": cr,
+            "kv_cache_dtype": kv_cache_dtype, "max_num_seqs": max_num_seqs, **result}
+
+
+def bench_engine(contexts: list[int], crs: list[int], done: set, kv_cache_dtype: str = "auto") -> list[dict]:
     rows = []
     model = build_model(dmc_model=True)
     layers, heads, d = SHAPE["num_hidden_layers"], SHAPE["num_key_value_heads"], 128
+    element = 1 if kv_cache_dtype == "fp8" else 2  # bytes of a pool element (the rings stay bf16)
     for context in contexts:
         for cr in crs:
-            key = ("engine", f"cr{cr}", context)
+            key = ("engine", engine_config(cr, kv_cache_dtype), context)
             if key in done:
                 continue
             fixed = CacheLayout(layers, heads, d, 0, 1, context, 12, cr == 1).sequence_bytes(torch.bfloat16)
-            seqs = max_seqs_for(context, cr, fixed, 2 * 16 * d * 2, layers * heads)
+            seqs = max_seqs_for(context, cr, fixed, 2 * 16 * d * element, layers * heads)
             kwargs = dict(vanilla=True) if cr == 1 else dict(forced_period=cr)
             # Decisions are forced, so the observed CR is exact: admit without a safety margin.
             llm = dmc.LLM(model, max_model_len=context, max_num_seqs=seqs, admission_margin=0.0, progress=False,
-                          **kwargs)
+                          kv_cache_dtype=kv_cache_dtype, **kwargs)
             half = context // 2
             result = measure_throughput(llm, half, half, measure_steps=min(1024, half // 2), progress=False)
-            rows.append({"part": "engine", "config": f"cr{cr}", "context": context, "cr": cr,
-                         "max_num_seqs": seqs, **result.to_dict()})
+            rows.append(engine_row(context, cr, kv_cache_dtype, seqs, result.to_dict()))
             print(json.dumps(rows[-1]), flush=True)
             del llm
             free_model()
@@ -241,14 +253,16 @@ def report(rows: list[dict], gpu: str) -> str:
     engine = [r for r in rows if r["part"] == "engine"]
     stock = next((r for r in rows if r["part"] == "prefill" and r["config"] == "hf-sdpa-causal"), None)
     if engine:
-        lines += ["| context | CR | batch | tok/s | vs CR 1 | step ms | realized CR | peak GiB | KV pool GiB | "
-                  "prefill tok/s | vs stock SDPA prefill (one 4K prompt) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(engine, key=lambda r: (r["context"], r["cr"])):
-            base = next((b for b in engine if b["context"] == r["context"] and b["cr"] == 1), None)
+        lines += ["| context | CR | KV dtype | batch | tok/s | vs CR 1 | step ms | realized CR | peak GiB | "
+                  "KV pool GiB | prefill tok/s | vs stock SDPA prefill (one 4K prompt) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        kv = lambda r: r.get("kv_cache_dtype", "auto")  # noqa: E731 - rows from before the flag are bf16
+        for r in sorted(engine, key=lambda r: (r["context"], kv(r), r["cr"])):
+            base = next((b for b in engine if b["context"] == r["context"] and b["cr"] == 1 and kv(b) == kv(r)), None)
             ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
             vs_stock = f"{r['prefill_tokens_per_s'] / stock['tok_s']:.2f}" if stock else "- (run the prefill part)"
-            lines.append(f"| {r['context']} | {r['cr']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {ratio} | "
+            lines.append(f"| {r['context']} | {r['cr']} | {kv(r)} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
+                         f"{ratio} | "
                          f"{r['step_ms']:.1f} | {r['realized_cr']:.2f} | {r['peak_memory_gib']:.1f} | "
                          f"{r['kv_pool_gib']:.1f} | {r['prefill_tokens_per_s']:,.0f} | {vs_stock} |")
         lines += ["", "Prefill tok/s: the engine's prefill phase of that run (every prompt of the wave, after a "
@@ -287,6 +301,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["attention", "prefill", "engine", "hf"])
     parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096])
     parser.add_argument("--crs", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                        help="the engine part's page pools: auto (bf16) or fp8 (e4m3; rows named cr<r>-fp8)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the results file")
     parser.add_argument("--hf-batches", nargs="+", type=int, default=[128, 96, 64, 48, 32],
                         help="batches tried for HF generate(), largest first (an OOM late in generation is slow)")
@@ -303,7 +319,7 @@ def main() -> None:
         elif part == "prefill":
             new = bench_prefill()
         elif part == "engine":
-            new = bench_engine(args.contexts, args.crs, done)
+            new = bench_engine(args.contexts, args.crs, done, args.kv_cache_dtype)
         elif part == "hf":
             new = bench_hf(batches=args.hf_batches)
         else:
