@@ -259,7 +259,10 @@ def report(rows: list[dict], gpu: str) -> str:
         kv = lambda r: r.get("kv_cache_dtype", "auto")  # noqa: E731 - rows from before the flag are bf16
         for r in sorted(engine, key=lambda r: (r["context"], kv(r), r["cr"])):
             base = next((b for b in engine if b["context"] == r["context"] and b["cr"] == 1 and kv(b) == kv(r)), None)
+            bf16 = next((b for b in engine if b["context"] == r["context"] and b["cr"] == 1 and kv(b) == "auto"), None)
             ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+            if bf16 is not None and bf16 is not base:  # fp8 rows: also against the bf16 engine's CR 1
+                ratio += f" ({r['tokens_per_s'] / bf16['tokens_per_s']:.2f}x bf16 CR 1)"
             vs_stock = f"{r['prefill_tokens_per_s'] / stock['tok_s']:.2f}" if stock else "- (run the prefill part)"
             lines.append(f"| {r['context']} | {r['cr']} | {kv(r)} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
                          f"{ratio} | "

@@ -215,7 +215,7 @@ def test_quality_benchmark_scores_auto_and_fp8_through_the_engine(tmp_path):
 
 def test_throughput_rows_of_fp8_pages_have_their_own_config_and_column():
     """benchmarks/throughput.py (GPU only to run): fp8 engine rows are named cr<r>-fp8 (``--resume`` keeps the
-    bf16 ones), carry kv_cache_dtype, and the table shows it, each compared with CR 1 of its own dtype."""
+    bf16 ones), carry kv_cache_dtype, and the table shows it, each compared with CR 1 of its own dtype (fp8 rows also with bf16's CR 1)."""
     result = dict(batch=8, tokens_per_s=100.0, step_ms=10.0, realized_cr=4.0, peak_memory_gib=1.0, kv_pool_gib=0.5,
                   prefill_tokens_per_s=1000.0)
     rows = [throughput.engine_row(1024, cr, kv, 8, {**result, "tokens_per_s": 100.0 * cr * (2 if kv == "fp8" else 1)})
@@ -225,4 +225,8 @@ def test_throughput_rows_of_fp8_pages_have_their_own_config_and_column():
     legacy = {k: v for k, v in rows[0].items() if k != "kv_cache_dtype"}  # a row from before the flag
     table = throughput.report([legacy, *rows[1:]], "cpu")
     assert "| CR | KV dtype |" in table
-    assert "| 1024 | 4 | fp8 | 8 | 800 | 4.00x |" in table and "| 1024 | 4 | auto | 8 | 400 | 4.00x |" in table
+    # fp8 rows: against CR 1 of their own dtype, and against the bf16 engine's CR 1 (issue #15's FP8 target)
+    assert "| 1024 | 4 | fp8 | 8 | 800 | 4.00x (8.00x bf16 CR 1) |" in table
+    assert "| 1024 | 4 | auto | 8 | 400 | 4.00x |" in table
+    only_bf16_base = throughput.report([legacy, rows[3]], "cpu")  # no fp8 CR 1 row: the bf16 one still counts
+    assert "| 1024 | 4 | fp8 | 8 | 800 | - (8.00x bf16 CR 1) |" in only_bf16_base
