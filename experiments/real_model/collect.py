@@ -138,6 +138,22 @@ def _f(value, fmt):
     return "–" if value is None else format(value, fmt)
 
 
+def engine_lines(check: dict) -> list[str]:
+    """engine_check.py's result as bullet lines: greedy agreement per dtype, realized CR engine vs dmc eval."""
+    lines = []
+    for key in ("fp32", "bf16"):
+        if key in check:
+            e = check[key]
+            lines.append(f"- {key}: greedy tokens equal to HF `generate()` for {e['equal']} of {e['prompts']} "
+                         f"prompts ({e['new_tokens']} new tokens each); first divergence per prompt: "
+                         f"{e['first_divergence']}")
+    if "realized_cr" in check:
+        c = check["realized_cr"]
+        lines.append(f"- realized CR after prefilling {c['windows']} windows of {c['tokens_per_window']} tokens: "
+                     f"full-sequence (dmc eval) {c['eval_cr']}; engine {[round(x['cr'], 4) for x in c['engine']]}")
+    return lines
+
+
 def render(quality: dict, ablation: list[dict], engine: dict | None) -> str:
     meta, rows = quality["meta"], quality["rows"]
     lines = ["# Retrofitting a real pretrained model (SmolLM2-135M-Instruct)", "",
@@ -169,18 +185,7 @@ def render(quality: dict, ablation: list[dict], engine: dict | None) -> str:
                      f"{_f(r.get('ratio_to_plain'), '.3f')} | {_f(r.get('max_shortfall_vs_ramp'), '.1%')} | "
                      f"{_f(r.get('relaxed_gap'), '+.4f')} | {_f(r.get('head_cr_min'), '.2f')}–{_f(r.get('head_cr_max'), '.2f')} |")
     if engine:
-        lines += ["", "## The engine on the retrofitted DMC 4x model", ""]
-        for key in ("fp32", "bf16"):
-            if key in engine:
-                e = engine[key]
-                lines.append(f"- {key}: greedy tokens equal to HF `generate()` for {e['equal']} of {e['prompts']} "
-                             f"prompts ({e['new_tokens']} new tokens each); first divergence per prompt: "
-                             f"{e['first_divergence']}")
-        if "realized_cr" in engine:
-            c = engine["realized_cr"]
-            lines.append(f"- realized CR after prefilling {c['windows']} windows of {c['tokens_per_window']} tokens: "
-                         f"full-sequence (dmc eval) {c['eval_cr']}; engine "
-                         f"{[round(x['cr'], 4) for x in c['engine']]}")
+        lines += ["", "## The engine on the retrofitted DMC 4x model", ""] + engine_lines(engine)
     lines += ["", "## Commands", ""] + [f"    {c}" for c in meta["commands"]]
     return "\n".join(lines) + "\n"
 

@@ -22,7 +22,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from collect import dmc_row, read, render, slim  # noqa: E402
+from collect import dmc_row, engine_lines, read, render, slim  # noqa: E402
 from collect_round2 import copy_raw  # noqa: E402
 
 STUDIES = {4.0: "d4", 8.0: "d8"}
@@ -183,16 +183,7 @@ def main() -> int:
     lines += targets(quality["rows"], plain, control)
     if check is not None:
         lines += ["", "The engine on round 4's DMC 4x model (delayed merging):", ""]
-        for key in ("fp32", "bf16"):
-            if key in check:
-                e = check[key]
-                lines.append(f"- {key}: greedy tokens equal to HF `generate()` for {e['equal']} of {e['prompts']} "
-                             f"prompts ({e['new_tokens']} new tokens each); first divergence per prompt: "
-                             f"{e['first_divergence']}")
-        if "realized_cr" in check:
-            c = check["realized_cr"]
-            lines.append(f"- realized CR after prefilling {c['windows']} windows of {c['tokens_per_window']} tokens: "
-                         f"full-sequence (dmc eval) {c['eval_cr']}; engine {[round(x['cr'], 4) for x in c['engine']]}")
+        lines += engine_lines(check)
     lines += ["", "Round 4 ran from `experiments/real_model/gpu_round4.sh`; its reports, metrics and logs are in "
               "`real_round4/`." + (f" {args.note}." if args.note else ""), ""]
     marker = "\n## Commands"

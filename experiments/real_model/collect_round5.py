@@ -29,7 +29,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "benchmarks"))
 from _report import write_section  # noqa: E402
-from collect import dmc_row, read, render, slim  # noqa: E402
+from collect import dmc_row, engine_lines, read, render, slim  # noqa: E402
 from collect_round2 import copy_raw  # noqa: E402
 from collect_round4 import _ratio, kept_section, targets  # noqa: E402
 
@@ -138,16 +138,7 @@ def main() -> int:
     lines += targets(quality["rows"], plain, control)
     if check is not None:
         lines += ["", "The engine on round 5's DMC 4x model (delayed merging, merge_delay 32):", ""]
-        for key in ("fp32", "bf16"):
-            if key in check:
-                e = check[key]
-                lines.append(f"- {key}: greedy tokens equal to HF `generate()` for {e['equal']} of {e['prompts']} "
-                             f"prompts ({e['new_tokens']} new tokens each); first divergence per prompt: "
-                             f"{e['first_divergence']}")
-        if "realized_cr" in check:
-            c = check["realized_cr"]
-            lines.append(f"- realized CR after prefilling {c['windows']} windows of {c['tokens_per_window']} tokens: "
-                         f"full-sequence (dmc eval) {c['eval_cr']}; engine {[round(x['cr'], 4) for x in c['engine']]}")
+        lines += engine_lines(check)
     if served:
         lines += ["", "`dmc serve` on the real model: " + "; ".join(f"\"{t}\"" for t in served)
                   + " in `docs/benchmarks.md`."]
