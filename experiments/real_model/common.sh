@@ -50,3 +50,17 @@ launch_variants() {  # the variants given: the first tokenises into the shared t
   stamp "first run is training (or stopped); starting the others"
   for v in "$@"; do launch_variant "$v"; sleep 3; done
 }
+
+# `dmc serve` on the real model under benchmarks/serve_load.py: vanilla (the original) vs a DMC model at the same
+# KV memory, one section each in $KEEP/serve_real.md. SERVE_LOAD / SERVE_ARGS override the load and the server
+# flags (a CPU smoke test makes them small).
+serve_real() {  # DMC model dir, its label
+  read -r -a SERVE <<< "${SERVE_LOAD:---clients 128 --requests 256 --prompt-lens 128,512,1024 --gen-lens 64,128}"
+  SERVE+=(--out "$KEEP/serve_real.md")
+  local args=${SERVE_ARGS:-"--max-model-len 2048 --max-num-seqs 256 --kv-cache-memory-gib 1"}
+  $PY benchmarks/serve_load.py --model "$MODEL" "${SERVE[@]}" --server-args "$args" \
+    --server-log "$LOGS/serve-vanilla.log" \
+    --label "SmolLM2-135M (real; the original, vanilla attention), 1 GiB KV" > "$LOGS/serve-load-vanilla.log" 2>&1
+  $PY benchmarks/serve_load.py --model "$1" "${SERVE[@]}" --server-args "$args" \
+    --server-log "$LOGS/serve-dmc.log" --label "SmolLM2-135M (real; $2), 1 GiB KV" > "$LOGS/serve-load-dmc.log" 2>&1
+}

@@ -58,14 +58,7 @@ touch "$KEEP/TRAINED"
 while [ -f "$KEEP/scratch.pid" ] && kill -0 "$(cat "$KEEP/scratch.pid")" 2> /dev/null; do sleep 5; done
 stamp "phase B: GPU idle"
 if [ -z "${SKIP_SERVE:-}" ] && [ -f "$DMC4/config.json" ]; then
-  SERVE=(--clients 128 --requests 256 --prompt-lens 128,512,1024 --gen-lens 64,128 --out "$KEEP/serve_real.md")
-  ARGS="--max-model-len 2048 --max-num-seqs 256 --kv-cache-memory-gib 1"
-  $PY benchmarks/serve_load.py --model "$MODEL" "${SERVE[@]}" --server-args "$ARGS" \
-    --server-log "$LOGS/serve-vanilla.log" \
-    --label "SmolLM2-135M (real; the original, vanilla attention), 1 GiB KV" > "$LOGS/serve-load-vanilla.log" 2>&1
-  $PY benchmarks/serve_load.py --model "$DMC4" "${SERVE[@]}" --server-args "$ARGS" \
-    --server-log "$LOGS/serve-dmc.log" \
-    --label "SmolLM2-135M (real; DMC 4x retrofit, default recipe), 1 GiB KV" > "$LOGS/serve-load-dmc.log" 2>&1
+  serve_real "$DMC4" "DMC 4x retrofit, default recipe"
 fi
 if [ -n "${PHASE_B_EXTRA:-}" ]; then
   stamp "phase B extra: $PHASE_B_EXTRA"
