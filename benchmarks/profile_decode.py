@@ -93,10 +93,24 @@ def profiled_steps(llm, steps: int) -> dict:
             "top_kernels_ms": [[name[:90], v / steps / 1e3] for name, v in top]}
 
 
+def label(row: dict) -> str:
+    """The CR of a row, with ``+ fp8`` for fp8 pages."""
+    return f"{row['cr']}" + (" + fp8" if row.get("kv_cache_dtype") == "fp8" else "")
+
+
+def parse_config(spec: str) -> tuple[int, int, str]:
+    """``CR:batch`` or ``CR:batch:fp8`` -> (CR, batch, kv_cache_dtype)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("auto", "fp8")):
+        sys.exit(f"--configs: {spec!r} is not CR:batch or CR:batch:fp8")
+    return int(parts[0]), int(parts[1]), parts[2] if len(parts) == 3 else "auto"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/throughput_runs")
-    parser.add_argument("--configs", nargs="+", default=["1:51", "4:201", "8:390"], help="CR:batch")
+    parser.add_argument("--configs", nargs="+", default=["1:51", "4:201", "8:390"],
+                        help="CR:batch, or CR:batch:fp8 for fp8 KV pages (kv_cache_dtype='fp8')")
     parser.add_argument("--prompt-len", type=int, default=2048)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=20)
@@ -109,9 +123,11 @@ def main() -> int:
     model = build_model(dmc_model=True)
     rows = []
     for spec in args.configs:
-        cr, batch = (int(x) for x in spec.split(":"))
+        cr, batch, kv_cache_dtype = parse_config(spec)
         kwargs = dict(vanilla=True) if cr == 1 else dict(forced_period=cr)
-        row = {"cr": cr, "batch": batch, "prompt_len": args.prompt_len, "context": args.context}
+        kwargs["kv_cache_dtype"] = kv_cache_dtype
+        row = {"cr": cr, "batch": batch, "kv_cache_dtype": kv_cache_dtype, "prompt_len": args.prompt_len,
+               "context": args.context}
         for graphs in (True, False):
             llm = dmc.LLM(model, max_model_len=args.context, max_num_seqs=batch, admission_margin=0.0,
                           progress=False, cuda_graphs=graphs, **kwargs)
@@ -142,10 +158,10 @@ def main() -> int:
     for r in rows:
         e = r["eager"]
         cells = [f"{e['groups_ms'].get(g, 0.0):.2f}" for g in dict.fromkeys(g for _, g in GROUPS)]
-        lines.append(f"| {r['cr']} | {r['batch']} | {r['graph_step_ms']:.2f} | {e['wall_ms']:.2f} | {e['gpu_ms']:.2f} | "
+        lines.append(f"| {label(r)} | {r['batch']} | {r['graph_step_ms']:.2f} | {e['wall_ms']:.2f} | {e['gpu_ms']:.2f} | "
                      f"{e['host_ms']:.2f} | " + " | ".join(cells) + f" | {e['groups_ms'].get('other', 0.0):.2f} |")
     for r in rows:
-        lines += ["", f"Top kernels, CR {r['cr']}, batch {r['batch']} (ms per step):", ""]
+        lines += ["", f"Top kernels, CR {label(r)}, batch {r['batch']} (ms per step):", ""]
         lines += [f"- {v:.3f} `{k}`" for k, v in r["eager"]["top_kernels_ms"]]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

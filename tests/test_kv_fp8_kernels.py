@@ -3,6 +3,9 @@
 twins with fp8 pools and per-layer k/v scales, merges happening; the kernel's own rounding to the e4m3
 grid against torch's cast. Without a GPU in Triton's interpreter, as test_kernels.py."""
 
+import pathlib
+import sys
+
 import pytest
 import torch
 from test_kernels import (DEVICE, HEADS, LAYERS, PAD_ROW, P, allocate_pages_ref, batch_rows, interpreter, make_cache,
@@ -110,3 +113,21 @@ def test_fp8_paged_attention_matches_twin(d, groups):
     assert (out[seq_ids == PAD_ROW] == 0).all()
     # The scales matter: the same pools read at scale 1 give another answer.
     assert not torch.allclose(out, R.paged_decode_attention_ref(*args), atol=1e-3)
+
+
+def test_attention_sweep_tiles_all_agree_with_the_twin():
+    """benchmarks/attention_sweep.py (GPU only to time): every tile it tries (block_tokens) computes what the twin
+    does, so the sweep's fastest row is a correct configuration. On CUDA: bf16 queries over bf16 and fp8 pages,
+    the engine's combination; Triton's CPU interpreter computes only fp32 right, so there fp32 queries over fp8."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import attention_sweep
+
+    cuda = DEVICE == "cuda"
+    dtypes = ("bf16", "fp8") if cuda else ("fp8",)
+    rows = attention_sweep.sweep(3, 2, 40, [16, 64], [None], dtypes=dtypes, device=DEVICE,
+                                 q_dtype=torch.bfloat16 if cuda else torch.float32, timer=lambda fn: (fn(), 1.0)[1])
+    assert [(r["dtype"], r["block_tokens"]) for r in rows] == [(d, b) for d in dtypes for b in (16, 64)]
+    tolerance = 3e-2 if cuda else 1e-5  # bf16 outputs on the GPU
+    assert all("error" not in r and r["max_abs_err_vs_twin"] < tolerance for r in rows), rows
+    assert "| fp8 | 64 | None |" in attention_sweep.report(rows, {"gpu": "cpu", "command": "test", "batch": 3,
+                                                                  "heads": 2, "mean_len": 40})

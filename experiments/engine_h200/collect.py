@@ -5,7 +5,8 @@
   (history, as issue #15 asks);
 - the "throughput" section of docs/benchmarks.md is re-rendered from the H200 rows by benchmarks/throughput.py's
   own report;
-- the decode profile (profile_decode.{json,md}) and the logs go to docs/throughput_runs/h200_engine/.
+- the decode profile (profile_decode_*.{json,md}), the attention tile sweep (attention_sweep.{json,md}) and the
+  logs go to docs/throughput_runs/h200_engine/.
 
     python experiments/engine_h200/collect.py RESULTS_DIR [--docs docs]
 """
@@ -48,7 +49,7 @@ def main() -> int:
     write_section(docs / "benchmarks.md", "throughput", report(new["rows"], new["meta"]["gpu"]))
     dest = docs / "throughput_runs" / "h200_engine"
     dest.mkdir(parents=True, exist_ok=True)
-    for path in [*root.glob("profile_decode.*"), *(root / "logs").glob("*.log")]:
+    for path in [*root.glob("profile_decode*"), *root.glob("attention_sweep.*"), *(root / "logs").glob("*.log")]:
         shutil.copy(path, dest / path.name)
     print((docs / "benchmarks.md").read_text())
     return 0

@@ -1,0 +1,140 @@
+"""The paged split-K decode attention at the engine's large-batch shape, bf16 vs fp8 pages, swept over its
+tile (issue #15): one GPU.
+
+Why: at 4K context, CR 4 with fp8 pages ran batch 397 at 56.6 ms a step on an H200, where bf16 at CR 8
+(batch ~390, the same KV bytes) took 37.4 ms. The kernel loads a fixed number of *tokens* per iteration
+(``ATTENTION_BLOCK_TOKENS``), so 1-byte elements put half the bytes in flight; this sweep says whether a
+larger tile (``block_tokens``) or deeper pipelining (``num_stages``) recovers the bandwidth.
+
+Each config times :func:`dmc.kernels.triton_kernels.paged_decode_attention` on one layer's ragged cache
+(``--batch`` rows × ``--heads`` KV heads, MHA, head dim 128, lengths uniform in [L/2, 3L/2] for the mean
+``--mean-len`` slots, pages scattered) with CUDA events, and checks it against the twin
+(:func:`dmc.kernels.reference.paged_decode_attention_ref`) on the first rows. Writes
+``OUT/attention_sweep.json`` and ``OUT/attention_sweep.md`` (TB/s of the pool bytes read, GPU named)::
+
+    python benchmarks/attention_sweep.py --out docs/throughput_runs [--batch 397 --mean-len 896]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import pathlib
+import sys
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
+def ragged_cache(batch: int, heads: int, mean_len: int, dtype: torch.dtype, page_size: int = 16, d: int = 128,
+                 seed: int = 0, device: str = "cuda", q_dtype: torch.dtype = torch.bfloat16):
+    """One layer's pools, page table and lens ``[1, batch + 1, heads]`` (row ``batch`` is the scratch row)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    lens = torch.randint(mean_len // 2, mean_len * 3 // 2 + 1, (1, batch + 1, heads), device=device, generator=g,
+                         dtype=torch.int32)
+    pages_per_head = math.ceil(int(lens.max()) / page_size) + 1
+    held = lens.long() // page_size + 1
+    total = int(held.sum()) + 1
+    k_pool = torch.randn(total, page_size, d, device=device, generator=g).to(dtype)
+    v_pool = torch.randn(total, page_size, d, device=device, generator=g).to(dtype)
+    table = torch.zeros(1, batch + 1, heads, pages_per_head, dtype=torch.int32, device=device)
+    ids = torch.randperm(total - 1, device=device, generator=g).int() + 1  # scattered pages
+    m = torch.arange(pages_per_head, device=device)
+    table[m < held[..., None]] = ids[: int(held.sum())]
+    q = torch.randn(batch, heads, d, device=device, generator=g).to(q_dtype)
+    seq_ids = torch.arange(batch, device=device, dtype=torch.int32)
+    return q, k_pool, v_pool, table, lens, seq_ids
+
+
+def cuda_ms(fn, iters: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def sweep(batch: int, heads: int, mean_len: int, blocks: list[int], stages: list[int | None], *,
+          dtypes=tuple(DTYPES), device: str = "cuda", q_dtype: torch.dtype = torch.bfloat16,
+          timer=cuda_ms) -> list[dict]:
+    """One row per (pool dtype, block_tokens, num_stages): time (``timer(fn)`` ms) and the error vs the twin.
+    ``q_dtype``: the queries' (the engine's model dtype; Triton's CPU interpreter only computes fp32 right)."""
+    from dmc.kernels import reference, triton_kernels
+
+    rows = []
+    for name in dtypes:
+        q, k_pool, v_pool, table, lens, seq_ids = ragged_cache(batch, heads, mean_len, DTYPES[name], device=device,
+                                                               q_dtype=q_dtype)
+        scale = q.shape[-1] ** -0.5
+        used = lens[0, :batch].long()
+        pool_bytes = int(used.sum()) * q.shape[-1] * 2 * k_pool.element_size()
+        check = seq_ids.clone()
+        check[8:] = -1  # the twin on the first 8 rows (the rest skipped): it gathers every slot
+        ref = reference.paged_decode_attention_ref(q, k_pool, v_pool, table, lens, check, 0, scale, 16)
+        for block, stage in itertools.product(blocks, stages):
+            def run(ids=seq_ids):
+                return triton_kernels.paged_decode_attention(q, k_pool, v_pool, table, lens, ids, 0, scale, 16,
+                                                             block_tokens=block, num_stages=stage)
+            try:
+                err = float((run(check)[:8].float() - ref[:8].float()).abs().max())
+                ms = timer(run)
+            except Exception as error:  # a tile that does not fit the SM's shared memory: record it, go on
+                rows.append({"dtype": name, "block_tokens": block, "num_stages": stage, "error": str(error)[:200]})
+                continue
+            rows.append({"dtype": name, "block_tokens": block, "num_stages": stage, "rows": batch * heads,
+                         "mean_len": float(used.float().mean()), "ms": ms, "tb_s": pool_bytes / ms / 1e9,
+                         "max_abs_err_vs_twin": err})
+            print(json.dumps(rows[-1]), flush=True)
+        del q, k_pool, v_pool, table
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def report(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Paged decode attention: bf16 vs fp8 pages by tile ({meta['gpu']})", "",
+             f"Written by `{meta['command']}`: one layer, {meta['batch']} rows × {meta['heads']} KV heads (MHA, head "
+             f"dim 128), mean {meta['mean_len']} slots per head (ragged, scattered pages). TB/s = pool bytes read / "
+             "time. The engine's default tile is `block_tokens` 128, `num_stages` None (Triton's default).", "",
+             "| dtype | block_tokens | num_stages | ms | TB/s | max err vs twin |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['dtype']} | {r['block_tokens']} | {r['num_stages']} | failed: {r['error']} | | |")
+        else:
+            lines.append(f"| {r['dtype']} | {r['block_tokens']} | {r['num_stages']} | {r['ms']:.3f} | "
+                         f"{r['tb_s']:.2f} | {r['max_abs_err_vs_twin']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/throughput_runs")
+    parser.add_argument("--batch", type=int, default=397, help="rows (sequences) of the batch")
+    parser.add_argument("--heads", type=int, default=32, help="KV heads")
+    parser.add_argument("--mean-len", type=int, default=896, help="mean slots per head (4K context at CR 4: ~896)")
+    parser.add_argument("--blocks", nargs="+", type=int, default=[64, 128, 256, 512], help="block_tokens tried")
+    parser.add_argument("--stages", nargs="+", default=["default", "2", "3", "4"], help="num_stages tried")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention_sweep.py needs a CUDA GPU")
+    stages = [None if s == "default" else int(s) for s in args.stages]
+    rows = sweep(args.batch, args.heads, args.mean_len, args.blocks, stages)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
+            "heads": args.heads, "mean_len": args.mean_len, "command": "python " + " ".join(sys.argv)}
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attention_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "attention_sweep.md").write_text(report(rows, meta))
+    print(report(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
