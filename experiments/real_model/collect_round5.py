@@ -36,6 +36,15 @@ from collect_round4 import _ratio, kept_section, targets  # noqa: E402
 MATCHED = {"3.9535": (4.0, 4), "7.9086": (8.0, 3)}  # study CR -> (target CR it matches, round of that DMC row)
 
 
+def study_gpu(root: pathlib.Path) -> str | None:
+    """The device the round's studies name (their results.json meta)."""
+    for path in sorted((root / "study").glob("*/results.json")):
+        device = (read(path) or {}).get("meta", {}).get("device")
+        if device:
+            return device
+    return None
+
+
 def eviction_rows(root: pathlib.Path, plain: dict, original: dict) -> tuple[list[dict], list[str]]:
     rows, commands = [], []
     for cr, (target, matched_round) in MATCHED.items():
@@ -103,7 +112,7 @@ def main() -> int:
         raise SystemExit(f"no round-5 results under {root}/study")
     quality["rows"] = rows + new
     quality["meta"]["round5"] = {
-        "orchestration": "experiments/real_model/gpu_round5.sh", "commands": sorted(set(commands)),
+        "orchestration": "experiments/real_model/gpu_round5.sh", "gpu": study_gpu(root), "commands": sorted(set(commands)),
         "note": "H2O/TOVA at the budgets matched to the reported DMC rows (ceil(1024 / realized CR)); DMC 4x "
                 "retrained with the default recipe as a reproduction of round 4; same data, tokens, windows and "
                 "evaluation as rounds 1-4" + (f"; {args.note}" if args.note else "")}
