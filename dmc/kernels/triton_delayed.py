@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from .. import core
-from .triton_kernels import (_attention_split_kernel, _check_cache, _decision, _pages_per_iteration, _rope,
-                             _rows, _scales, _to_pool, _window_sums, default_splits)
+from .triton_kernels import (_attention_pool_args, _attention_split_kernel, _check_cache, _decision,
+                             _pages_per_iteration, _pool_args, _rope, _rows, _to_pool, _window_sums, default_splits)
 
 
 # --------------------------------------------------------------------------- decode update
@@ -135,8 +135,7 @@ def delayed_decode_update(q, k, v, cos, sin, leave_cos, leave_sin, seq_ids, pos,
         ROWS=lens.shape[1], H=h, G=hq // h, G_PAD=triton.next_power_of_2(hq // h), D=d, M=page_table.shape[-1],
         R=width, R_PAD=triton.next_power_of_2(width), W=delay_kv.shape[3], PAGE_SIZE=page_size,
         UNBOUNDED=window is None, FLOOR=core.IMPORTANCE_FLOOR,
-        k_scale_ptr=_scales(k_scale, layer, q.device), v_scale_ptr=_scales(v_scale, layer, q.device),
-        FP8=k_pool.dtype == torch.float8_e4m3fn, num_warps=1)
+        **_pool_args(q, k_pool, k_scale, v_scale, layer), num_warps=1)
     return q_rot, alpha
 
 
@@ -209,14 +208,11 @@ def delayed_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, pos, 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     use_dot = True if use_dot is None else use_dot
     scale_log2 = scale * 1.4426950408889634
-    fp8 = k_pool.dtype == torch.float8_e4m3fn
-    exact = (q.dtype if fp8 else k_pool.dtype) == torch.float32
     _attention_split_kernel[(b, h, splits)](
         q, k_pool, v_pool, page_table, lens, seq_ids, part_out, part_lse, layer, scale_log2, q.stride(0), q.stride(1),
         ROWS=lens.shape[1], H=h, G=g, G_PAD=max(16, triton.next_power_of_2(g)) if use_dot else 1, D=d,
         M=page_table.shape[-1], PAGE_SIZE=page_size, PAGES=_pages_per_iteration(d, page_size), SPLITS=splits,
-        USE_DOT=use_dot, PRECISION="ieee" if exact else "tf32",
-        k_scale_ptr=_scales(k_scale, layer, q.device), v_scale_ptr=_scales(v_scale, layer, q.device), FP8=fp8,
+        USE_DOT=use_dot, **_attention_pool_args(q, k_pool, k_scale, v_scale, layer),
         num_warps=num_warps)
     delay = delay_kv.shape[3]
     _window_reduce_kernel[(b * hq,)](

@@ -73,6 +73,20 @@ def _scales(scale: torch.Tensor | None, layer: int, device) -> torch.Tensor:
     return torch.ones(layer + 1, dtype=torch.float32, device=device) if scale is None else scale
 
 
+def _pool_args(q, k_pool, k_scale, v_scale, layer: int) -> dict:
+    """The kernel arguments that follow from the pools' dtype: ``FP8`` and the per-layer scale vectors."""
+    return dict(k_scale_ptr=_scales(k_scale, layer, q.device), v_scale_ptr=_scales(v_scale, layer, q.device),
+                FP8=k_pool.dtype == torch.float8_e4m3fn)
+
+
+def _attention_pool_args(q, k_pool, k_scale, v_scale, layer: int) -> dict:
+    """:func:`_pool_args` plus the dots' precision of the split stage: exact (ieee) when its operands are fp32
+    (fp32 pools, or fp8 pools read in fp32 queries' dtype), else tf32."""
+    args = _pool_args(q, k_pool, k_scale, v_scale, layer)
+    operands = q.dtype if args["FP8"] else k_pool.dtype
+    return {**args, "PRECISION": "ieee" if operands == torch.float32 else "tf32"}
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x itself when its last dim is contiguous (a view of a projection output is fine), else a copy."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -234,8 +248,7 @@ def decode_update(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_pool, p
         ROWS=lens.shape[1], H=h, G=hq // h, G_PAD=triton.next_power_of_2(hq // h), D=d,
         M=page_table.shape[-1], R=width, R_PAD=triton.next_power_of_2(width), PAGE_SIZE=page_size,
         VANILLA=vanilla, UNBOUNDED=window is None, FLOOR=core.IMPORTANCE_FLOOR,
-        k_scale_ptr=_scales(k_scale, layer, q.device), v_scale_ptr=_scales(v_scale, layer, q.device),
-        FP8=k_pool.dtype == torch.float8_e4m3fn, num_warps=1)
+        **_pool_args(q, k_pool, k_scale, v_scale, layer), num_warps=1)
     return q_rot, alpha
 
 
@@ -370,15 +383,12 @@ def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: 
     use_dot = True if use_dot is None else use_dot
     pages = _pages_per_iteration(d, page_size) if block_tokens is None else max(1, block_tokens // page_size)
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    fp8 = k_pool.dtype == torch.float8_e4m3fn
-    exact = (q.dtype if fp8 else k_pool.dtype) == torch.float32
     _attention_split_kernel[(b, h, splits)](
         q, k_pool, v_pool, page_table, lens, seq_ids, part_out, part_lse, layer, scale * 1.4426950408889634,
         q.stride(0), q.stride(1),
         ROWS=lens.shape[1], H=h, G=g, G_PAD=max(16, triton.next_power_of_2(g)) if use_dot else 1, D=d,
         M=page_table.shape[-1], PAGE_SIZE=page_size, PAGES=pages,
-        SPLITS=splits, USE_DOT=use_dot, PRECISION="ieee" if exact else "tf32",
-        k_scale_ptr=_scales(k_scale, layer, q.device), v_scale_ptr=_scales(v_scale, layer, q.device), FP8=fp8,
+        SPLITS=splits, USE_DOT=use_dot, **_attention_pool_args(q, k_pool, k_scale, v_scale, layer),
         num_warps=num_warps, **extra)
     _attention_reduce_kernel[(b * hq,)](part_out, part_lse, out, D=d, SPLITS=splits,
                                         SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1)
