@@ -26,6 +26,9 @@ import sys
 
 import torch
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from throughput import cuda_time  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 
@@ -49,16 +52,9 @@ def ragged_cache(batch: int, heads: int, mean_len: int, dtype: torch.dtype, page
     return q, k_pool, v_pool, table, lens, seq_ids
 
 
-def cuda_ms(fn, iters: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+def cuda_ms(fn) -> float:
+    """Mean ms per call over 20 calls after a warm-up (throughput.py's CUDA-event timer)."""
+    return cuda_time(fn, 20) * 1e3
 
 
 def sweep(batch: int, heads: int, mean_len: int, blocks: list[int], stages: list[int | None], *,

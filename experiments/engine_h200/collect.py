@@ -21,12 +21,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "benchmarks"))
 from _report import write_section  # noqa: E402
-
-
-def report(rows: list[dict], gpu: str) -> str:
-    import throughput  # benchmarks/throughput.py: imports torch and dmc, so only when called
-
-    return throughput.report(rows, gpu)
+from throughput import report  # noqa: E402  (the table benchmarks/throughput.py itself writes)
 
 
 def main() -> int:

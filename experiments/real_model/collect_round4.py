@@ -102,19 +102,31 @@ def kept_section(path: pathlib.Path, title: str) -> list[str]:
     return ["", text[start:end if end >= 0 else None].rstrip()]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", help="the unpacked results.tgz of gpu_round4.sh (holds study/, logs/)")
+def round_arguments(doc: str, script: str) -> argparse.Namespace:
+    """The command line every round's collect script takes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("results", help=f"the unpacked results.tgz of {script} (holds study/, logs/)")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--note", default=None, help="what did not finish, for the meta")
-    args = parser.parse_args()
-    root, out = pathlib.Path(args.results), pathlib.Path(args.out)
+    return parser.parse_args()
+
+
+def earlier_rounds(out: pathlib.Path, this_round: int) -> tuple[dict, list[dict], dict, dict]:
+    """real_quality.json without this round's rows (so a re-run replaces them): the document, the other
+    rows, and the plain (LM loss only) and original rows the ratios are taken against."""
     quality = read(out / "real_quality.json")
     if quality is None:
-        raise SystemExit(f"{out}/real_quality.json (rounds 1-3) is needed first")
-    rows = [r for r in quality["rows"] if r.get("round") != 4]
+        raise SystemExit(f"{out}/real_quality.json (rounds 1-{this_round - 1}) is needed first")
+    rows = [r for r in quality["rows"] if r.get("round") != this_round]
     plain = next(r for r in rows if r["method"] == "plain" and not r.get("variant"))
     original = next(r for r in rows if r["method"] == "original")
+    return quality, rows, plain, original
+
+
+def main() -> int:
+    args = round_arguments(__doc__, "gpu_round4.sh")
+    root, out = pathlib.Path(args.results), pathlib.Path(args.out)
+    quality, rows, plain, original = earlier_rounds(out, 4)
     new, commands, gpu = [], [], None
     for cr, name in STUDIES.items():
         study = read(root / "study" / name / "results.json")

@@ -19,7 +19,6 @@ the docs files rounds 1-4 wrote:
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import re
@@ -31,7 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "benchmarks"))
 from _report import write_section  # noqa: E402
 from collect import dmc_row, engine_lines, read, render, slim  # noqa: E402
 from collect_round2 import copy_raw  # noqa: E402
-from collect_round4 import _ratio, kept_section, targets  # noqa: E402
+from collect_round4 import _ratio, earlier_rounds, kept_section, round_arguments, targets  # noqa: E402
 
 MATCHED = {"3.9535": (4.0, 4), "7.9086": (8.0, 3)}  # study CR -> (target CR it matches, round of that DMC row)
 
@@ -90,18 +89,9 @@ def serve_sections(path: pathlib.Path, benchmarks: pathlib.Path) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", help="the unpacked results.tgz of gpu_round5.sh (holds study/, logs/)")
-    parser.add_argument("--out", default="docs/results")
-    parser.add_argument("--note", default=None, help="what did not finish, for the meta")
-    args = parser.parse_args()
+    args = round_arguments(__doc__, "gpu_round5.sh")
     root, out = pathlib.Path(args.results), pathlib.Path(args.out)
-    quality = read(out / "real_quality.json")
-    if quality is None:
-        raise SystemExit(f"{out}/real_quality.json (rounds 1-4) is needed first")
-    rows = [r for r in quality["rows"] if r.get("round") != 5]
-    plain = next(r for r in rows if r["method"] == "plain" and not r.get("variant"))
-    original = next(r for r in rows if r["method"] == "original")
+    quality, rows, plain, original = earlier_rounds(out, 5)
     control = next((r for r in rows if r.get("variant") == "plain+distill"), None)
     new, commands = eviction_rows(root, plain, original)
     repro, more = reproduction_row(root, plain, original)
