@@ -30,10 +30,11 @@ import torch
 import transformers
 
 import dmc
+from dmc.engine.llm import KV_CACHE_DTYPES as ENGINE_KV_DTYPES
 from dmc.eval.perplexity import token_windows
 from dmc.train.data import read_texts
 
-KV_CACHE_DTYPES = ("auto", "fp8")
+KV_CACHE_DTYPES = ("auto", *ENGINE_KV_DTYPES)  # the model dtype, then every dtype the engine offers
 
 
 @dataclass

@@ -39,6 +39,7 @@ from _report import write_section  # noqa: E402
 from dmc.config import DMCConfig  # noqa: E402
 from dmc.engine.bench import measure_throughput  # noqa: E402
 from dmc.engine.cache import CacheLayout  # noqa: E402
+from dmc.engine.llm import KV_CACHE_DTYPES  # noqa: E402
 from dmc.hf.convert import dmc_config_from  # noqa: E402
 from dmc.hf.modeling import FAMILIES  # noqa: E402
 
@@ -304,7 +305,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["attention", "prefill", "engine", "hf"])
     parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096])
     parser.add_argument("--crs", nargs="+", type=int, default=[1, 2, 4, 8])
-    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+    parser.add_argument("--kv-cache-dtype", choices=["auto", *KV_CACHE_DTYPES], default="auto",
                         help="the engine part's page pools: auto (bf16) or fp8 (e4m3; rows named cr<r>-fp8)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the results file")
     parser.add_argument("--hf-batches", nargs="+", type=int, default=[128, 96, 64, 48, 32],

@@ -27,6 +27,7 @@ import dmc
 from dmc.baselines import EvictionPolicy
 from dmc.cli._engine_args import add_engine_arguments
 from dmc.engine.cache import CacheLayout
+from dmc.engine.llm import KV_CACHE_DTYPES
 from dmc.kernels.reference import quantise
 from dmc.tiny import train_tokenizer
 
@@ -183,6 +184,9 @@ def test_a_kv_cache_dtype_the_engine_does_not_offer_is_refused():
     assert parser.parse_args(["model", "--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8"
     with pytest.raises(SystemExit):
         parser.parse_args(["model", "--kv-cache-dtype", "int8"])
+    # The CLI spells the engine's names out (it does not import torch): they stay the same set.
+    choices = next(a.choices for a in parser._actions if a.dest == "kv_cache_dtype")
+    assert choices == ["auto", *KV_CACHE_DTYPES]
 
 
 def test_quality_benchmark_scores_auto_and_fp8_through_the_engine(tmp_path):

@@ -18,6 +18,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory-gib", type=float, default=None,
                         help="page pool size in GiB, overriding --gpu-memory-utilization (default on CPU: what "
                              "--max-num-seqs sequences can use, at most 40%% of the available memory and 4 GiB)")
+    # "auto" and the names of dmc.engine.llm.KV_CACHE_DTYPES (spelt out: this parser does not import torch)
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                         help="page pool dtype: auto (the model dtype) or fp8 (e4m3 pages, per-layer scales 1.0: twice "
                              "the pages in the same memory; the DMC window state stays exact)")
