@@ -7,12 +7,12 @@ Why: at 4K context, CR 4 with fp8 pages ran batch 397 at 56.6 ms a step on an H2
 larger tile (``block_tokens``) or deeper pipelining (``num_stages``) recovers the bandwidth.
 
 Each config times :func:`dmc.kernels.triton_kernels.paged_decode_attention` on one layer's ragged cache
-(``--batch`` rows × ``--heads`` KV heads, MHA, head dim 128, lengths uniform in [L/2, 3L/2] for the mean
-``--mean-len`` slots, pages scattered) with CUDA events, and checks it against the twin
+(each of ``--shapes``: batch rows × ``--heads`` KV heads, MHA, head dim 128, lengths uniform in [L/2, 3L/2]
+for the mean slots, pages scattered; by block_tokens × num_stages × num_warps, then by the split count) with CUDA events, and checks it against the twin
 (:func:`dmc.kernels.reference.paged_decode_attention_ref`) on the first rows. Writes
 ``OUT/attention_sweep.json`` and ``OUT/attention_sweep.md`` (TB/s of the pool bytes read, GPU named)::
 
-    python benchmarks/attention_sweep.py --out docs/throughput_runs [--batch 397 --mean-len 896]
+    python benchmarks/attention_sweep.py --out docs/throughput_runs [--shapes 397:896:fp8 201:896:bf16]
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ def cuda_ms(fn) -> float:
 
 def sweep(batch: int, heads: int, mean_len: int, blocks: list[int], stages: list[int | None], *,
           dtypes=tuple(DTYPES), device: str = "cuda", q_dtype: torch.dtype = torch.bfloat16,
-          timer=cuda_ms) -> list[dict]:
-    """One row per (pool dtype, block_tokens, num_stages): time (``timer(fn)`` ms) and the error vs the twin.
-    ``q_dtype``: the queries' (the engine's model dtype; Triton's CPU interpreter only computes fp32 right)."""
+          timer=cuda_ms, warps: list[int] = (4,), splits: list[int | None] = (None,)) -> list[dict]:
+    """One row per (pool dtype, block_tokens, num_stages, num_warps, num_splits): time (``timer(fn)`` ms) and
+    the error vs the twin. ``q_dtype``: the queries' (the engine's model dtype; Triton's CPU interpreter only
+    computes fp32 right). ``splits`` None: the engine's :func:`default_splits`."""
     from dmc.kernels import reference, triton_kernels
 
     rows = []
@@ -74,19 +75,22 @@ def sweep(batch: int, heads: int, mean_len: int, blocks: list[int], stages: list
         check = seq_ids.clone()
         check[8:] = -1  # the twin on the first 8 rows (the rest skipped): it gathers every slot
         ref = reference.paged_decode_attention_ref(q, k_pool, v_pool, table, lens, check, 0, scale, 16)
-        for block, stage in itertools.product(blocks, stages):
+        for block, stage, warp, split in itertools.product(blocks, stages, warps, splits):
+            config = {"dtype": name, "block_tokens": block, "num_stages": stage, "num_warps": warp,
+                      "num_splits": split or triton_kernels.default_splits(table.shape[-1], batch * heads)}
+
             def run(ids=seq_ids):
                 return triton_kernels.paged_decode_attention(q, k_pool, v_pool, table, lens, ids, 0, scale, 16,
-                                                             block_tokens=block, num_stages=stage)
+                                                             block_tokens=block, num_stages=stage, num_warps=warp,
+                                                             num_splits=config["num_splits"])
             try:
                 err = float((run(check)[:8].float() - ref[:8].float()).abs().max())
                 ms = timer(run)
             except Exception as error:  # a tile that does not fit the SM's shared memory: record it, go on
-                rows.append({"dtype": name, "block_tokens": block, "num_stages": stage, "error": str(error)[:200]})
+                rows.append({**config, "batch": batch, "error": str(error)[:200]})
                 continue
-            rows.append({"dtype": name, "block_tokens": block, "num_stages": stage, "rows": batch * heads,
-                         "mean_len": float(used.float().mean()), "ms": ms, "tb_s": pool_bytes / ms / 1e9,
-                         "max_abs_err_vs_twin": err})
+            rows.append({**config, "batch": batch, "rows": batch * heads, "mean_len": float(used.float().mean()),
+                         "ms": ms, "tb_s": pool_bytes / ms / 1e9, "max_abs_err_vs_twin": err})
             print(json.dumps(rows[-1]), flush=True)
         del q, k_pool, v_pool, table
         if device == "cuda":
@@ -96,34 +100,45 @@ def sweep(batch: int, heads: int, mean_len: int, blocks: list[int], stages: list
 
 def report(rows: list[dict], meta: dict) -> str:
     lines = [f"# Paged decode attention: bf16 vs fp8 pages by tile ({meta['gpu']})", "",
-             f"Written by `{meta['command']}`: one layer, {meta['batch']} rows × {meta['heads']} KV heads (MHA, head "
-             f"dim 128), mean {meta['mean_len']} slots per head (ragged, scattered pages). TB/s = pool bytes read / "
-             "time. The engine's default tile is `block_tokens` 128, `num_stages` None (Triton's default).", "",
-             "| dtype | block_tokens | num_stages | ms | TB/s | max err vs twin |", "|---|---|---|---|---|---|"]
+             f"Written by `{meta['command']}`: one layer, rows × {meta['heads']} KV heads (MHA, head dim 128) at "
+             "each shape (batch : mean slots per head, ragged, scattered pages). TB/s = pool bytes read / time. The "
+             "engine's default tile is `block_tokens` 128, `num_stages` None (Triton's default), `num_warps` 4, "
+             "splits `default_splits`.", "",
+             "| batch | mean slots | dtype | block_tokens | num_stages | num_warps | splits | ms | TB/s | max err vs twin |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = (f"| {r['batch']} | {r.get('mean_len', 0):.0f} | {r['dtype']} | {r['block_tokens']} | {r['num_stages']} | "
+                f"{r['num_warps']} | {r['num_splits']} |")
         if "error" in r:
-            lines.append(f"| {r['dtype']} | {r['block_tokens']} | {r['num_stages']} | failed: {r['error']} | | |")
+            lines.append(f"{head} failed: {r['error']} | | |")
         else:
-            lines.append(f"| {r['dtype']} | {r['block_tokens']} | {r['num_stages']} | {r['ms']:.3f} | "
-                         f"{r['tb_s']:.2f} | {r['max_abs_err_vs_twin']:.1e} |")
+            lines.append(f"{head} {r['ms']:.3f} | {r['tb_s']:.2f} | {r['max_abs_err_vs_twin']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/throughput_runs")
-    parser.add_argument("--batch", type=int, default=397, help="rows (sequences) of the batch")
+    parser.add_argument("--shapes", nargs="+", default=["51:3584:bf16", "201:896:bf16", "390:448:bf16", "397:896:fp8"],
+                        help="BATCH:MEAN_SLOTS:DTYPE (4K context: CR 1, 4, 8 at their batches; CR 4 fp8 at its batch)")
     parser.add_argument("--heads", type=int, default=32, help="KV heads")
-    parser.add_argument("--mean-len", type=int, default=896, help="mean slots per head (4K context at CR 4: ~896)")
-    parser.add_argument("--blocks", nargs="+", type=int, default=[64, 128, 256, 512], help="block_tokens tried")
-    parser.add_argument("--stages", nargs="+", default=["default", "2", "3", "4"], help="num_stages tried")
+    parser.add_argument("--blocks", nargs="+", type=int, default=[64, 128, 256], help="block_tokens tried")
+    parser.add_argument("--stages", nargs="+", default=["default", "2", "4"], help="num_stages tried")
+    parser.add_argument("--warps", nargs="+", type=int, default=[4, 8], help="num_warps tried")
+    parser.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4],
+                        help="then, at the default tile, these split counts")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention_sweep.py needs a CUDA GPU")
     stages = [None if s == "default" else int(s) for s in args.stages]
-    rows = sweep(args.batch, args.heads, args.mean_len, args.blocks, stages)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
-            "heads": args.heads, "mean_len": args.mean_len, "command": "python " + " ".join(sys.argv)}
+    rows = []
+    for shape in args.shapes:
+        batch, mean_len, dtype = shape.split(":")
+        common = dict(dtypes=(dtype,))
+        rows += sweep(int(batch), args.heads, int(mean_len), args.blocks, stages, warps=args.warps, **common)
+        rows += sweep(int(batch), args.heads, int(mean_len), [128], [None], splits=args.splits, **common)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": args.shapes,
+            "heads": args.heads, "command": "python " + " ".join(sys.argv)}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attention_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -41,9 +41,13 @@ GROUPS = (  # kernel-name fragment -> group; first match wins (names are lower-c
 )
 
 
-def group_of(name: str) -> str:
+# Host-side waits for the GPU (a .item(), .tolist() or int() of a device tensor, or an explicit sync).
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def group_of(name: str, groups=GROUPS) -> str:
     low = name.lower()
-    return next((g for frag, g in GROUPS if frag in low), "other")
+    return next((g for frag, g in groups if frag in low), "other")
 
 
 def fill(llm, batch: int, prompt_len: int, steps: int) -> None:
@@ -70,25 +74,31 @@ def timed_steps(llm, steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-def profiled_steps(llm, steps: int) -> dict:
+def profiled_steps(llm, steps: int, step=None, groups=GROUPS) -> dict:
+    """Profile ``steps`` calls of ``step`` (default ``llm.step``): wall and GPU ms per step, GPU time by
+    kernel group and the top kernels, host syncs per step."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            llm.step()
+            (step or llm.step)()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / steps * 1e3
-    groups: dict[str, float] = {}
+    table, groups = groups, {}
     kernels: dict[str, float] = {}
+    syncs = 0
     for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
+        if evt.name in SYNC_EVENTS:
+            syncs += 1
+        elif evt.device_type == torch.autograd.DeviceType.CUDA:
             us = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
-            groups[group_of(evt.name)] = groups.get(group_of(evt.name), 0.0) + us
+            group = group_of(evt.name, table)
+            groups[group] = groups.get(group, 0.0) + us
             kernels[evt.name] = kernels.get(evt.name, 0.0) + us
     gpu = sum(groups.values()) / steps / 1e3
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
-    return {"wall_ms": wall, "gpu_ms": gpu, "host_ms": max(wall - gpu, 0.0),
+    return {"wall_ms": wall, "gpu_ms": gpu, "host_ms": max(wall - gpu, 0.0), "host_syncs": syncs / steps,
             "groups_ms": {g: v / steps / 1e3 for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": [[name[:90], v / steps / 1e3] for name, v in top]}
 
@@ -128,17 +138,17 @@ def main() -> int:
         kwargs["kv_cache_dtype"] = kv_cache_dtype
         row = {"cr": cr, "batch": batch, "kv_cache_dtype": kv_cache_dtype, "prompt_len": args.prompt_len,
                "context": args.context}
-        for graphs in (True, False):
-            llm = dmc.LLM(model, max_model_len=args.context, max_num_seqs=batch, admission_margin=0.0,
-                          progress=False, cuda_graphs=graphs, **kwargs)
-            fill(llm, batch, args.prompt_len, args.steps)
-            timed_steps(llm, 3)  # warm-up (graph capture, autotuning)
-            if graphs:
-                row["graph_step_ms"] = timed_steps(llm, args.steps)
-            else:
-                row["eager"] = profiled_steps(llm, args.steps)
-            del llm
-            free_model()
+        llm = dmc.LLM(model, max_model_len=args.context, max_num_seqs=batch, admission_margin=0.0,
+                      progress=False, **kwargs)
+        fill(llm, batch, args.prompt_len, args.steps)
+        timed_steps(llm, 3)  # warm-up (graph capture, autotuning)
+        row["graph_step_ms"] = timed_steps(llm, args.steps)
+        # The same batch, a few tokens on, eager (no graph bucket matches): what the profiler can see.
+        llm.runner.graph_buckets = []
+        timed_steps(llm, 2)
+        row["eager"] = profiled_steps(llm, args.steps)
+        del llm
+        free_model()
         rows.append(row)
         print(json.dumps(row), flush=True)
     out = pathlib.Path(args.out)
@@ -152,14 +162,14 @@ def main() -> int:
              f"decisions forced to CR r; prompt {args.prompt_len} tokens per sequence. Graph step: the engine as it "
              f"runs (CUDA graphs); the rest: the same steps eager under torch.profiler (GPU time per step by kernel "
              f"group; host = wall − GPU busy).", "",
-             "| CR | batch | graph step ms | eager wall ms | GPU ms | host ms | " + " | ".join(
+             "| CR | batch | graph step ms | eager wall ms | GPU ms | host ms | host syncs | " + " | ".join(
                  g for g in dict.fromkeys(g for _, g in GROUPS)) + " | other |",
-             "|" + "---|" * (6 + len(dict.fromkeys(g for _, g in GROUPS)) + 1)]
+             "|" + "---|" * (7 + len(dict.fromkeys(g for _, g in GROUPS)) + 1)]
     for r in rows:
         e = r["eager"]
         cells = [f"{e['groups_ms'].get(g, 0.0):.2f}" for g in dict.fromkeys(g for _, g in GROUPS)]
         lines.append(f"| {label(r)} | {r['batch']} | {r['graph_step_ms']:.2f} | {e['wall_ms']:.2f} | {e['gpu_ms']:.2f} | "
-                     f"{e['host_ms']:.2f} | " + " | ".join(cells) + f" | {e['groups_ms'].get('other', 0.0):.2f} |")
+                     f"{e['host_ms']:.2f} | {e.get('host_syncs', 0):.0f} | " + " | ".join(cells) + f" | {e['groups_ms'].get('other', 0.0):.2f} |")
     for r in rows:
         lines += ["", f"Top kernels, CR {label(r)}, batch {r['batch']} (ms per step):", ""]
         lines += [f"- {v:.3f} `{k}`" for k, v in r["eager"]["top_kernels_ms"]]

@@ -124,10 +124,14 @@ def test_attention_sweep_tiles_all_agree_with_the_twin():
 
     cuda = DEVICE == "cuda"
     dtypes = ("bf16", "fp8") if cuda else ("fp8",)
-    rows = attention_sweep.sweep(3, 2, 40, [16, 64], [None], dtypes=dtypes, device=DEVICE,
-                                 q_dtype=torch.bfloat16 if cuda else torch.float32, timer=lambda fn: (fn(), 1.0)[1])
-    assert [(r["dtype"], r["block_tokens"]) for r in rows] == [(d, b) for d in dtypes for b in (16, 64)]
+    rows = attention_sweep.sweep(3, 2, 40, [16, 64], [None], dtypes=dtypes, device=DEVICE, warps=[4, 8],
+                                 splits=[None, 3], q_dtype=torch.bfloat16 if cuda else torch.float32,
+                                 timer=lambda fn: (fn(), 1.0)[1])
+    assert [(r["dtype"], r["block_tokens"], r["num_warps"]) for r in rows] == [
+        (d, b, w) for d in dtypes for b in (16, 64) for w in (4, 8) for _ in range(2)]
+    # None: the engine's default_splits (at 6 rows: one split per page of the widest table)
+    assert sorted({r["num_splits"] for r in rows})[0] == 3 and len({r["num_splits"] for r in rows}) == 2
     tolerance = 3e-2 if cuda else 1e-5  # bf16 outputs on the GPU
     assert all("error" not in r and r["max_abs_err_vs_twin"] < tolerance for r in rows), rows
-    assert "| fp8 | 64 | None |" in attention_sweep.report(rows, {"gpu": "cpu", "command": "test", "batch": 3,
-                                                                  "heads": 2, "mean_len": 40})
+    assert "| 3 | 38 | fp8 | 64 | None | 8 | 3 |" in attention_sweep.report(rows, {"gpu": "cpu", "command": "test",
+                                                                               "heads": 2})

@@ -509,7 +509,9 @@ class _LayerView(SlotCacheLayer):
 
     def visible_slots(self, alpha: torch.Tensor, valid: torch.Tensor, like: torch.Tensor):
         cache, lens = self.cache, self.slot_lengths()
-        if int(lens.max()) == 0:  # first chunk: no slot yet
+        # First chunk: no slot yet. Known on the host (a row's first token always appends, so no slot
+        # means nothing committed): no sync, so the host can queue the layers ahead of the GPU.
+        if self.committed == 0:
             empty = like.new_zeros(1, lens.shape[1], 0, like.shape[-1])
             return empty, empty, torch.zeros(1, lens.shape[1], 0, dtype=torch.bool, device=like.device)
         row = torch.tensor([self.row], dtype=torch.int32, device=like.device)

@@ -281,10 +281,11 @@ class DMCAttention(nn.Module):
             impl = _auto_attention(q)
         if impl == "dense":
             return dense_attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling)
+        if batch.vanilla and batch.valid is None and batch.document_ids is None:
+            # Plain causal attention (every key bias is 0): SDPA's flash kernel, faster than FlexAttention's.
+            return F.scaled_dot_product_attention(q, k_bar, v_bar, is_causal=True, scale=self.scaling,
+                                                  enable_gqa=q.shape[1] != k_bar.shape[1])
         if impl == "sdpa":
-            if batch.vanilla and batch.valid is None and batch.document_ids is None:  # plain causal: flash
-                return F.scaled_dot_product_attention(q, k_bar, v_bar, is_causal=True, scale=self.scaling,
-                                                      enable_gqa=q.shape[1] != k_bar.shape[1])
             return sdpa_attend(q, k_bar, v_bar, key_bias, batch.document_ids, self.scaling)
         if not self.training and batch.document_ids is None:
             return flex_attend_bucketed(q, k_bar, v_bar, key_bias, self.scaling)

@@ -1,0 +1,93 @@
+"""Where an engine prefill step's time goes (issue #15): the engine on the Llama-2-7B-shaped benchmark model
+(benchmarks/throughput.py's ``build_model``, random bf16 weights, decisions forced to CR r), one GPU.
+
+For each CR: queue ``--requests`` prompts of ``--prompt-len`` tokens, run one prefill step as warm-up
+(FlexAttention and the pooling compile), then profile ``--steps`` of the engine's batched prefill steps
+(``prefill_chunk`` tokens each, several prompts' chunks in one forward) under ``torch.profiler``: wall
+and GPU ms per step, GPU time by kernel group, the top kernels and the host syncs per step. A step whose
+GPU time is well under its wall time is waiting on the host (Python, launches, syncs).
+
+Writes ``OUT/profile_prefill[_LABEL].json`` and ``.md`` (GPU named, command recorded)::
+
+    python benchmarks/profile_prefill.py --out docs/throughput_runs [--crs 1 4] [--label before]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from profile_decode import GROUPS, profiled_steps  # noqa: E402
+
+PREFILL_GROUPS = (  # kernel-name fragment -> group, before the decode step's groups; first match wins
+    ("flash", "attention (SDPA flash)"), ("fmha", "attention (SDPA flash)"), ("triton_tem", "attention (Flex)"),
+    ("flex", "attention (Flex)"), ("chunk_states", "DMC pooling (Triton)"), ("triton_", "other compiled (inductor)"),
+) + GROUPS
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/throughput_runs")
+    parser.add_argument("--crs", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--prompt-len", type=int, default=2048)
+    parser.add_argument("--requests", type=int, default=8, help="prompts queued (enough for warm-up + steps)")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--label", default="", help="names this run in the report (e.g. before/after a change)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/profile_prefill.py needs a CUDA GPU")
+    import dmc
+    from throughput import build_model, free_model
+    model = build_model(dmc_model=True)
+    rows = []
+    for cr in args.crs:
+        kwargs = dict(vanilla=True) if cr == 1 else dict(forced_period=cr)
+        llm = dmc.LLM(model, max_model_len=args.context, max_num_seqs=args.requests, admission_margin=0.0,
+                      progress=False, **kwargs)
+        gen = torch.Generator().manual_seed(0)
+        params = dmc.SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
+        for _ in range(args.requests):
+            llm.add_request(torch.randint(3, 32000, (args.prompt_len,), generator=gen).tolist(), params)
+        llm._prefill_step()  # warm-up: compiles this length's attention
+        torch.cuda.synchronize()
+        row = {"cr": cr, "prompt_len": args.prompt_len, "prefill_chunk": llm.prefill_chunk,
+               **profiled_steps(llm, args.steps, step=llm._prefill_step, groups=PREFILL_GROUPS)}
+        row["tokens_per_s"] = llm.prefill_chunk / row["wall_ms"] * 1e3
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del llm
+        free_model()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "label": args.label,
+            "command": "python " + " ".join(sys.argv)}
+    name = "profile_prefill" + (f"_{args.label}" if args.label else "")
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    group_names = list(dict.fromkeys(g for _, g in PREFILL_GROUPS))
+    lines = [f"# Prefill-step profile ({meta['gpu']}{', ' + args.label if args.label else ''})", "",
+             f"Written by `{meta['command']}` (torch {meta['torch']}). Llama-2-7B shape, bf16, random weights, "
+             f"decisions forced to CR r; prompts of {args.prompt_len} tokens, each step one batched prefill "
+             f"forward of prefill_chunk tokens (several prompts' chunks), under torch.profiler. Host = wall − GPU "
+             f"busy; tok/s here is under the profiler (slower than unprofiled).", "",
+             "| CR | wall ms | GPU ms | host ms | host syncs | tok/s | " + " | ".join(group_names) + " | other |",
+             "|" + "---|" * (6 + len(group_names) + 1)]
+    for r in rows:
+        cells = [f"{r['groups_ms'].get(g, 0.0):.1f}" for g in group_names]
+        lines.append(f"| {r['cr']} | {r['wall_ms']:.1f} | {r['gpu_ms']:.1f} | {r['host_ms']:.1f} | {r['host_syncs']:.0f} | "
+                     f"{r['tokens_per_s']:,.0f} | " + " | ".join(cells) + f" | {r['groups_ms'].get('other', 0.0):.1f} |")
+    for r in rows:
+        lines += ["", f"Top kernels, CR {r['cr']} (ms per step):", ""]
+        lines += [f"- {v:.3f} `{k}`" for k, v in r["top_kernels_ms"]]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
