@@ -59,10 +59,12 @@ def cuda_ms(fn) -> float:
 
 def sweep(batch: int, heads: int, mean_len: int, blocks: list[int], stages: list[int | None], *,
           dtypes=tuple(DTYPES), device: str = "cuda", q_dtype: torch.dtype = torch.bfloat16,
-          timer=cuda_ms, warps: list[int] = (4,), splits: list[int | None] = (None,)) -> list[dict]:
+          timer=cuda_ms, warps: list[int] = (4,), splits: list[int | None] = (None,),
+          reads: list[torch.dtype | None] = (None,)) -> list[dict]:
     """One row per (pool dtype, block_tokens, num_stages, num_warps, num_splits): time (``timer(fn)`` ms) and
     the error vs the twin. ``q_dtype``: the queries' (the engine's model dtype; Triton's CPU interpreter only
-    computes fp32 right). ``splits`` None: the engine's :func:`default_splits`."""
+    computes fp32 right). ``splits`` None: the engine's :func:`default_splits`. ``reads``: the dtypes fp8 pages are
+    read in (None: the engine's :func:`fp8_read_dtype`); bf16 pools ignore it."""
     from dmc.kernels import reference, triton_kernels
 
     rows = []
@@ -75,14 +77,17 @@ def sweep(batch: int, heads: int, mean_len: int, blocks: list[int], stages: list
         check = seq_ids.clone()
         check[8:] = -1  # the twin on the first 8 rows (the rest skipped): it gathers every slot
         ref = reference.paged_decode_attention_ref(q, k_pool, v_pool, table, lens, check, 0, scale, 16)
-        for block, stage, warp, split in itertools.product(blocks, stages, warps, splits):
+        for block, stage, warp, split, read in itertools.product(blocks, stages, warps, splits,
+                                                                 reads if name == "fp8" else (None,)):
+            read = read or (triton_kernels.fp8_read_dtype(q.dtype) if name == "fp8" else None)
             config = {"dtype": name, "block_tokens": block, "num_stages": stage, "num_warps": warp,
-                      "num_splits": split or triton_kernels.default_splits(table.shape[-1], batch * heads)}
+                      "num_splits": split or triton_kernels.default_splits(table.shape[-1], batch * heads),
+                      "read": str(read).replace("torch.", "") if read else "-"}
 
             def run(ids=seq_ids):
                 return triton_kernels.paged_decode_attention(q, k_pool, v_pool, table, lens, ids, 0, scale, 16,
                                                              block_tokens=block, num_stages=stage, num_warps=warp,
-                                                             num_splits=config["num_splits"])
+                                                             num_splits=config["num_splits"], read_dtype=read)
             try:
                 err = float((run(check)[:8].float() - ref[:8].float()).abs().max())
                 ms = timer(run)
@@ -104,10 +109,11 @@ def report(rows: list[dict], meta: dict) -> str:
              "each shape (batch : mean slots per head, ragged, scattered pages). TB/s = pool bytes read / time. The "
              "engine's default tile is `block_tokens` 128, `num_stages` None (Triton's default), `num_warps` 4, "
              "splits `default_splits`.", "",
-             "| batch | mean slots | dtype | block_tokens | num_stages | num_warps | splits | ms | TB/s | max err vs twin |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| batch | mean slots | dtype | fp8 read as | block_tokens | num_stages | num_warps | splits | ms | TB/s | "
+             "max err vs twin |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        head = (f"| {r['batch']} | {r.get('mean_len', 0):.0f} | {r['dtype']} | {r['block_tokens']} | {r['num_stages']} | "
+        head = (f"| {r['batch']} | {r.get('mean_len', 0):.0f} | {r['dtype']} | {r.get('read', '-')} | {r['block_tokens']} | "
+                f"{r['num_stages']} | "
                 f"{r['num_warps']} | {r['num_splits']} |")
         if "error" in r:
             lines.append(f"{head} failed: {r['error']} | | |")
@@ -127,14 +133,17 @@ def main() -> int:
     parser.add_argument("--warps", nargs="+", type=int, default=[4, 8], help="num_warps tried")
     parser.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4],
                         help="then, at the default tile, these split counts")
+    parser.add_argument("--fp8-reads", nargs="+", default=["default"], choices=["default", "float16", "bfloat16"],
+                        help="dtypes fp8 pages are read in (default: the engine's fp8_read_dtype)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention_sweep.py needs a CUDA GPU")
     stages = [None if s == "default" else int(s) for s in args.stages]
+    reads = [None if r == "default" else getattr(torch, r) for r in args.fp8_reads]
     rows = []
     for shape in args.shapes:
         batch, mean_len, dtype = shape.split(":")
-        common = dict(dtypes=(dtype,))
+        common = dict(dtypes=(dtype,), reads=reads)
         rows += sweep(int(batch), args.heads, int(mean_len), args.blocks, stages, warps=args.warps, **common)
         rows += sweep(int(batch), args.heads, int(mean_len), [128], [None], splits=args.splits, **common)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": args.shapes,

@@ -115,6 +115,26 @@ def test_fp8_paged_attention_matches_twin(d, groups):
     assert not torch.allclose(out, R.paged_decode_attention_ref(*args), atol=1e-3)
 
 
+@pytest.mark.parametrize("d, groups", [(16, 1), (32, 2)])
+def test_fp8_pages_read_in_fp16_match_twin(d, groups):
+    """The engine's read of fp8 pages for 16-bit queries (:func:`fp8_read_dtype`: fp16, exact for every e4m3
+    value; queries and probabilities rounded to fp16): equal to the twin within fp16 rounding, also for a
+    query beyond fp16's range (clamped, not inf). Forced here with fp32 queries, which the interpreter computes
+    right; on a GPU the engine's bf16 queries take this path by default."""
+    assert T.fp8_read_dtype(torch.bfloat16) == torch.float16 and T.fp8_read_dtype(torch.float32) == torch.float32
+    gen = torch.Generator().manual_seed(11 * d + groups)
+    rows = 5
+    seq_ids = batch_rows(rows)
+    cache = fp8_cache(gen, ragged_lengths(gen, rows, [0, 1, 15, 16, 17, 40, 100, 127]), d, 1)
+    q = torch.randn(len(seq_ids), HEADS * groups, d, generator=gen).to(DEVICE)
+    args = (q, cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids.to(DEVICE), 1, d ** -0.5, P)
+    scales = dict(k_scale=K_SCALE.to(DEVICE), v_scale=V_SCALE.to(DEVICE))
+    out = T.paged_decode_attention(*args, **scales, read_dtype=torch.float16)
+    torch.testing.assert_close(out, R.paged_decode_attention_ref(*args, **scales), rtol=2e-2, atol=2e-2)
+    q[0, 0, 0] = 1e6  # beyond fp16's 65504: clamped, the output stays finite
+    assert torch.isfinite(T.paged_decode_attention(*args, **scales, read_dtype=torch.float16)).all()
+
+
 def test_attention_sweep_tiles_all_agree_with_the_twin():
     """benchmarks/attention_sweep.py (GPU only to time): every tile it tries (block_tokens) computes what the twin
     does, so the sweep's fastest row is a correct configuration. On CUDA: bf16 queries over bf16 and fp8 pages,
@@ -133,5 +153,5 @@ def test_attention_sweep_tiles_all_agree_with_the_twin():
     assert sorted({r["num_splits"] for r in rows})[0] == 3 and len({r["num_splits"] for r in rows}) == 2
     tolerance = 3e-2 if cuda else 1e-5  # bf16 outputs on the GPU
     assert all("error" not in r and r["max_abs_err_vs_twin"] < tolerance for r in rows), rows
-    assert "| 3 | 38 | fp8 | 64 | None | 8 | 3 |" in attention_sweep.report(rows, {"gpu": "cpu", "command": "test",
+    assert "| 3 | 38 | fp8 | float32 | 64 | None | 8 | 3 |" in attention_sweep.report(rows, {"gpu": "cpu", "command": "test",
                                                                                "heads": 2})

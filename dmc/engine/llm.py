@@ -15,7 +15,7 @@ from .cache import CacheLayout, PagedKVCache
 from .eviction import EngineEviction
 from .params import RequestOutput, SamplingParams
 from .runner import ModelRunner, load_model
-from .sampling import SamplingBatch, sample
+from .sampling import SamplingBatch, sample, to_device
 from .scheduler import CompressionEstimate, Request, Scheduler
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -265,16 +265,16 @@ class LLM:
         return self._postprocess(finished, tokens)
 
     def _decode(self, batch: list[Request]) -> torch.Tensor:
-        """One decode step of ``batch``: the sampled tokens ``[B]``."""
+        """One decode step of ``batch``: the sampled tokens ``[B]``. Every input goes to the device before the
+        model is launched, in copies that do not wait for the GPU; the host's one wait is for the tokens."""
         device = self.device
-        tokens = torch.tensor([r.output_ids[-1] for r in batch], dtype=torch.long, device=device)
-        positions = torch.tensor([r.seen for r in batch], dtype=torch.int32, device=device)
-        rows = torch.tensor([r.row for r in batch], dtype=torch.int32, device=device)
-        logits = self.runner.decode(tokens, positions, rows)
-        for request in batch:
-            request.seen += 1
+        inputs = to_device([[r.output_ids[-1] for r in batch], [r.seen for r in batch], [r.row for r in batch]],
+                           torch.int64, device)
         sampling = SamplingBatch.build([r.params for r in batch], [r.seed for r in batch],
                                        [len(r.output_ids) for r in batch], device)
+        logits = self.runner.decode(inputs[0], inputs[1].int(), inputs[2].int())
+        for request in batch:
+            request.seen += 1
         return sample(logits, sampling)
 
     def _postprocess(self, requests: list[Request], tokens: torch.Tensor) -> list[Request]:

@@ -26,14 +26,23 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, params: list, seeds: list[int], steps: list[int], device) -> "SamplingBatch":
-        return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            seed=torch.tensor(seeds, dtype=torch.int64, device=device),
-            step=torch.tensor(steps, dtype=torch.int64, device=device),
-            all_greedy=all(p.greedy for p in params),
-        )
+        """The settings of these rows on ``device``, in two host-to-device copies that do not wait for the
+        GPU (:func:`to_device`): the decode step builds them before it launches the model."""
+        ints = to_device([[p.top_k for p in params], seeds, steps], torch.int64, device)
+        floats = to_device([[p.temperature for p in params], [p.top_p for p in params]], torch.float32, device)
+        return cls(temperature=floats[0], top_k=ints[0], top_p=floats[1], seed=ints[1], step=ints[2],
+                   all_greedy=all(p.greedy for p in params))
+
+
+def to_device(rows: list[list], dtype: torch.dtype, device) -> torch.Tensor:
+    """Equal-length host lists as one ``[len(rows), n]`` tensor on ``device``. On CUDA through pinned memory
+    with a non-blocking copy: a plain ``torch.tensor(..., device=...)`` from pageable memory synchronises the
+    stream, so the host would wait for every kernel queued before it (the caching host allocator keeps a
+    pinned block until its copy is done, so the buffer is never overwritten early)."""
+    host = torch.tensor(rows, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _uniform(seed: torch.Tensor, step: torch.Tensor, width: int) -> torch.Tensor:

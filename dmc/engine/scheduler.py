@@ -142,8 +142,11 @@ class Scheduler:
         merges; a chunk that does not waits for a later step (when no request is decoding, the newest
         running one is preempted so that the older ones can go on)."""
         chunks: list[tuple[Request, int]] = []
+        prefilling = [r for r in self.running if r.prefilling]
+        if not prefilling and not self.waiting:  # nothing to prefill: no need to read the free count (a sync)
+            return chunks, None
         free = self.cache.free_page_count()
-        for request in [r for r in self.running if r.prefilling]:
+        for request in prefilling:
             size = self._chunk_size(request.prefill_left, budget)
             if size == 0 or len(chunks) == max_chunks:
                 return chunks, None
@@ -224,8 +227,10 @@ class Scheduler:
         until the step's worst case fits the free pages; ``starved`` is a lone request that cannot fit
         even so (the caller fails it), else None."""
         batch = [r for r in self.running if not r.prefilling]
-        while batch and (self.cache.free_page_count()
-                         < self.cache.step_worst_case([r.row for r in batch], self.slot_cap)):
+        # A step takes at most one page per head of each row: when that fits, the exact worst case (a gather
+        # and another sync) is not needed.
+        while batch and (free := self.cache.free_page_count()) < self.rows * len(batch) and (
+                free < self.cache.step_worst_case([r.row for r in batch], self.slot_cap)):
             victim = self.preemption_victim()
             if victim is None:
                 return [], batch[0]

@@ -79,12 +79,23 @@ def _pool_args(q, k_pool, k_scale, v_scale, layer: int) -> dict:
                 FP8=k_pool.dtype == torch.float8_e4m3fn)
 
 
-def _attention_pool_args(q, k_pool, k_scale, v_scale, layer: int) -> dict:
-    """:func:`_pool_args` plus the dots' precision of the split stage: exact (ieee) when its operands are fp32
-    (fp32 pools, or fp8 pools read in fp32 queries' dtype), else tf32."""
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def fp8_read_dtype(q_dtype: torch.dtype) -> torch.dtype:
+    """The dtype fp8 pages are read in (the dots' operands): fp16 for 16-bit queries, since e4m3 -> fp16 is one
+    exact conversion instruction where e4m3 -> bf16 goes through fp32 (e4m3 values are all exact in fp16, and
+    queries and probabilities lose less in fp16 than in bf16); fp32 queries read in fp32."""
+    return torch.float32 if q_dtype == torch.float32 else torch.float16
+
+
+def _attention_pool_args(q, k_pool, k_scale, v_scale, layer: int, read_dtype: torch.dtype | None = None) -> dict:
+    """:func:`_pool_args` plus the dtype fp8 pages are read in (``read_dtype``, default :func:`fp8_read_dtype`)
+    and the dots' precision of the split stage: exact (ieee) when its operands are fp32 (fp32 pools, or fp8
+    pools read in fp32), else tf32."""
     args = _pool_args(q, k_pool, k_scale, v_scale, layer)
-    operands = q.dtype if args["FP8"] else k_pool.dtype
-    return {**args, "PRECISION": "ieee" if operands == torch.float32 else "tf32"}
+    read = (read_dtype or fp8_read_dtype(q.dtype)) if args["FP8"] else k_pool.dtype
+    return {**args, "READ": _TL_DTYPES[read], "PRECISION": "ieee" if read == torch.float32 else "tf32"}
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -141,12 +152,14 @@ def _window_sums(ring_ptr, ring_kv_ptr, ring_w_ptr, k, v, weight, alpha, t, dims
         here = ring_kv_ptr + (t % R) * (2 * D) + dims
         dtype = ring_kv_ptr.dtype.element_ty
         if alpha > 0:
-            w = tl.load(ring_w_ptr + r, mask=used, other=0.0)[:, None, None]
-            k_sum += tl.sum(w * tl.load(rows, mask=used[:, None, None], other=0.0).to(tl.float32), axis=0,
-                            keep_dims=True)
-            v_sum += tl.sum(w * tl.load(rows + D, mask=used[:, None, None], other=0.0).to(tl.float32), axis=0,
-                            keep_dims=True)
-            z_sum += tl.sum(tl.load(ring_w_ptr + r, mask=used, other=0.0))
+            w_r = tl.load(ring_w_ptr + r, mask=used, other=0.0)
+            w = w_r[:, None, None]
+            # Only the group's entries (ω > 0; the others are 0) are read: at CR c about c - 1 of the R,
+            # and an entry not read adds 0 · 0 where it added 0 · x, the same sum.
+            group = (w_r > 0)[:, None, None]
+            k_sum += tl.sum(w * tl.load(rows, mask=group, other=0.0).to(tl.float32), axis=0, keep_dims=True)
+            v_sum += tl.sum(w * tl.load(rows + D, mask=group, other=0.0).to(tl.float32), axis=0, keep_dims=True)
+            z_sum += tl.sum(w_r)
             tl.debug_barrier()  # every thread has read the entry that is overwritten next
             tl.store(ring_w_ptr + t % R, weight)
         else:
@@ -259,15 +272,17 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
                             ROWS: tl.constexpr, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                             D: tl.constexpr, M: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGES: tl.constexpr,
                             SPLITS: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                            k_scale_ptr=None, v_scale_ptr=None, FP8: tl.constexpr = False):
+                            k_scale_ptr=None, v_scale_ptr=None, FP8: tl.constexpr = False,
+                            READ: tl.constexpr = None):
     """Stage 1, one (batch row, KV head, split): the G queries of the group over a contiguous share
     of the head's pages, online softmax in fp32 (log2 domain).
 
     The head's length is read here, so the grid does not depend on it: a split past the head's end
     only writes lse = -inf. Each iteration loads PAGES whole pages as one
     ``[PAGES·P, D]`` tile. GQA groups (G > 1) use tensor-core dots with the queries padded to 16 rows;
-    MHA (G = 1) a multiply-and-sum in fp32 on the CUDA cores. FP8 pools: e4m3 is converted to the
-    query dtype (exactly), the layer's k scale folds into the score scale and its v scale into the output.
+    MHA (G = 1) a multiply-and-sum in fp32 on the CUDA cores. FP8 pools: e4m3 is converted to ``READ``
+    (exactly; fp16 for 16-bit queries, which are clamped to its range), the layer's k scale folds into the
+    score scale and its v scale into the output.
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -292,6 +307,8 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
     acc = tl.zeros([G_PAD, D], tl.float32)
     if FP8:
         scale_log2 = scale_log2 * tl.load(k_scale_ptr + layer)
+        if READ == tl.float16:  # bf16 queries beyond fp16's range would become inf
+            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0)
     for p in range(first, end, PAGES):
         slot = p * PAGE_SIZE + tok
         valid = slot < length
@@ -300,8 +317,8 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
         keys = tl.load(k_pool_ptr + at, mask=valid[:, None], other=0.0)
         values = tl.load(v_pool_ptr + at, mask=valid[:, None], other=0.0)
         if FP8:
-            keys = keys.to(q_ptr.dtype.element_ty)
-            values = values.to(q_ptr.dtype.element_ty)
+            keys = keys.to(READ)
+            values = values.to(READ)
         if USE_DOT:
             scores = tl.dot(q.to(keys.dtype), tl.trans(keys), input_precision=PRECISION)
         else:
@@ -364,8 +381,10 @@ def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: 
                            page_size: int, *, num_splits: int | None = None, block_tokens: int | None = None,
                            num_warps: int = 4, num_stages: int | None = None,
                            use_dot: bool | None = None, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           v_scale: torch.Tensor | None = None, read_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Triton twin of :func:`.reference.paged_decode_attention_ref` (same arguments and result).
+
+    ``read_dtype``: what fp8 pages are converted to for the dots (default :func:`fp8_read_dtype`).
 
     ``num_splits`` (default :func:`default_splits`) only trades parallelism for reduction work. The
     partial buffers ``[B, Hq, splits, D]`` come from the caching allocator, which a CUDA graph capture
@@ -388,7 +407,7 @@ def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: 
         q.stride(0), q.stride(1),
         ROWS=lens.shape[1], H=h, G=g, G_PAD=max(16, triton.next_power_of_2(g)) if use_dot else 1, D=d,
         M=page_table.shape[-1], PAGE_SIZE=page_size, PAGES=pages,
-        SPLITS=splits, USE_DOT=use_dot, **_attention_pool_args(q, k_pool, k_scale, v_scale, layer),
+        SPLITS=splits, USE_DOT=use_dot, **_attention_pool_args(q, k_pool, k_scale, v_scale, layer, read_dtype),
         num_warps=num_warps, **extra)
     _attention_reduce_kernel[(b * hq,)](part_out, part_lse, out, D=d, SPLITS=splits,
                                         SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1)

@@ -7,7 +7,7 @@
 # round once the GPU is idle) to finish what did not fit. Steps: prefill cr1 cr4 cr8 cr4-fp8 cr1-fp8 profile sweep
 # (sweep: benchmarks/attention_sweep.py, the paged attention's tile at the fp8 batch)
 # (default: all, in that order; the profile is named PROFILE_LABEL, default "before": before any change of
-# issue #15's per-row overhead). Logs go to RESULTS_DIR/logs.
+# issue #15's per-row overhead; PROFILE_CONFIGS: its CR:batch[:fp8] configs). Logs go to RESULTS_DIR/logs.
 set -u
 OUT=$1; BUDGET=$2; shift 2
 STEPS=("$@"); [ ${#STEPS[@]} -eq 0 ] && STEPS=(prefill cr1 cr4 cr8 cr4-fp8 cr1-fp8 profile sweep)
@@ -40,8 +40,9 @@ for s in "${STEPS[@]}"; do
       c=${s%-fp8}
       has_row engine "$s" || run_step "$s" 190 $PY "${TP[@]}" --parts engine --contexts 4096 --crs "${c#cr}" \
         --kv-cache-dtype fp8 ;;
-    profile) [ -f "$OUT/profile_decode_${PROFILE_LABEL:-before}.json" ] || run_step profile 300 $PY benchmarks/profile_decode.py \
-      --out "$OUT" --label "${PROFILE_LABEL:-before}" --configs 1:51 4:201 8:390 4:397:fp8 ;;
+    profile) read -r -a CONFIGS <<< "${PROFILE_CONFIGS:-1:51 4:201 8:390 4:397:fp8}"
+      [ -f "$OUT/profile_decode_${PROFILE_LABEL:-before}.json" ] || run_step profile $((75 * ${#CONFIGS[@]})) \
+        $PY benchmarks/profile_decode.py --out "$OUT" --label "${PROFILE_LABEL:-before}" --configs "${CONFIGS[@]}" ;;
     sweep) [ -f "$OUT/attention_sweep.json" ] || run_step sweep 150 $PY benchmarks/attention_sweep.py --out "$OUT" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
