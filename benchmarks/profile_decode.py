@@ -151,31 +151,47 @@ def main() -> int:
         free_model()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "label": args.label,
             "command": "python " + " ".join(sys.argv)}
-    name = "profile_decode" + (f"_{args.label}" if args.label else "")
+    print(write_report(pathlib.Path(args.out), rows, meta, args.prompt_len))
+    return 0
+
+
+def write_report(out: pathlib.Path, rows: list[dict], meta: dict, prompt_len: int) -> str:
+    """``OUT/profile_decode[_LABEL].json`` and ``.md`` for these rows; returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    label_ = meta.get("label") or ""
+    name = "profile_decode" + (f"_{label_}" if label_ else "")
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# Decode-step profile ({meta['gpu']}{', ' + args.label if args.label else ''})", "",
+    groups = list(dict.fromkeys(g for _, g in GROUPS))
+    lines = [f"# Decode-step profile ({meta['gpu']}{', ' + label_ if label_ else ''})", "",
              f"Written by `{meta['command']}` (torch {meta['torch']}). Llama-2-7B shape, bf16, random weights, "
-             f"decisions forced to CR r; prompt {args.prompt_len} tokens per sequence. Graph step: the engine as it "
+             f"decisions forced to CR r; prompt {prompt_len} tokens per sequence. Graph step: the engine as it "
              f"runs (CUDA graphs); the rest: the same steps eager under torch.profiler (GPU time per step by kernel "
-             f"group; host = wall − GPU busy).", "",
-             "| CR | batch | graph step ms | eager wall ms | GPU ms | host ms | host syncs | " + " | ".join(
-                 g for g in dict.fromkeys(g for _, g in GROUPS)) + " | other |",
-             "|" + "---|" * (7 + len(dict.fromkeys(g for _, g in GROUPS)) + 1)]
+             f"group; host = wall − GPU busy; host syncs: the host's waits for the GPU per step).", ""]
+    if meta.get("note"):
+        lines += [meta["note"], ""]
+    lines += ["| CR | batch | graph step ms | eager wall ms | GPU ms | host ms | host syncs | " + " | ".join(groups)
+              + " | other |", "|" + "---|" * (7 + len(groups) + 1)]
     for r in rows:
         e = r["eager"]
-        cells = [f"{e['groups_ms'].get(g, 0.0):.2f}" for g in dict.fromkeys(g for _, g in GROUPS)]
+        cells = [f"{e['groups_ms'].get(g, 0.0):.2f}" for g in groups]
         lines.append(f"| {label(r)} | {r['batch']} | {r['graph_step_ms']:.2f} | {e['wall_ms']:.2f} | {e['gpu_ms']:.2f} | "
-                     f"{e['host_ms']:.2f} | {e.get('host_syncs', 0):.0f} | " + " | ".join(cells) + f" | {e['groups_ms'].get('other', 0.0):.2f} |")
+                     f"{e['host_ms']:.2f} | {e.get('host_syncs', 0):.0f} | " + " | ".join(cells)
+                     + f" | {e['groups_ms'].get('other', 0.0):.2f} |")
     for r in rows:
         lines += ["", f"Top kernels, CR {label(r)}, batch {r['batch']} (ms per step):", ""]
         lines += [f"- {v:.3f} `{k}`" for k, v in r["eager"]["top_kernels_ms"]]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    text = "\n".join(lines) + "\n"
+    (out / f"{name}.md").write_text(text)
+    return text
+
+
+def report_from_log(log: str, out: str, meta: dict, prompt_len: int = 2048) -> str:
+    """The report of a run cut short (e.g. by its time limit before the JSON was written): the rows it printed,
+    one JSON line per finished config, in ``log``."""
+    rows = [json.loads(line) for line in pathlib.Path(log).read_text().splitlines() if line.startswith('{"cr"')]
+    return write_report(pathlib.Path(out), rows, meta, prompt_len)
 
 
 if __name__ == "__main__":

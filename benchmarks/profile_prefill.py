@@ -5,7 +5,8 @@ For each CR: queue ``--requests`` prompts of ``--prompt-len`` tokens, run one pr
 (FlexAttention and the pooling compile), then profile ``--steps`` of the engine's batched prefill steps
 (``prefill_chunk`` tokens each, several prompts' chunks in one forward) under ``torch.profiler``: wall
 and GPU ms per step, GPU time by kernel group, the top kernels and the host syncs per step. A step whose
-GPU time is well under its wall time is waiting on the host (Python, launches, syncs).
+GPU time is well under its wall time is waiting on the host (Python, launches, syncs); one more step runs with
+CUDA's sync debug mode to name the lines where the host waits for the GPU.
 
 Writes ``OUT/profile_prefill[_LABEL].json`` and ``.md`` (GPU named, command recorded)::
 
@@ -30,12 +31,39 @@ PREFILL_GROUPS = (  # kernel-name fragment -> group, before the decode step's gr
 ) + GROUPS
 
 
+def sync_sites(step, top: int = 12) -> list[list]:
+    """Run ``step`` once with CUDA's sync debug mode on: where the host waited for the GPU, as
+    ``[count, "file:line"]`` of the innermost frame in this project (or in torch where none is), most first."""
+    import collections
+    import traceback
+    import warnings
+
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename]
+        ours = [f for f in frames if "/dmc/" in f.filename] or frames
+        sites[f"{ours[-1].filename.split('/dmc/')[-1]}:{ours[-1].lineno} {ours[-1].line}"] += 1
+
+    torch.cuda.synchronize()
+    try:
+        with warnings.catch_warnings():  # restores warnings.showwarning on exit
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [[n, site] for site, n in sites.most_common(top)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/throughput_runs")
     parser.add_argument("--crs", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--prompt-len", type=int, default=2048)
-    parser.add_argument("--requests", type=int, default=8, help="prompts queued (enough for warm-up + steps)")
+    parser.add_argument("--requests", type=int, default=10,
+                        help="prompts queued (enough for the warm-up, the profiled steps and one sync-debug step)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--label", default="", help="names this run in the report (e.g. before/after a change)")
@@ -59,6 +87,8 @@ def main() -> int:
         row = {"cr": cr, "prompt_len": args.prompt_len, "prefill_chunk": llm.prefill_chunk,
                **profiled_steps(llm, args.steps, step=llm._prefill_step, groups=PREFILL_GROUPS)}
         row["tokens_per_s"] = llm.prefill_chunk / row["wall_ms"] * 1e3
+        if llm.scheduler.waiting:  # one more step, unprofiled, naming where the host waits for the GPU
+            row["sync_sites"] = sync_sites(llm._prefill_step)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del llm
@@ -84,6 +114,9 @@ def main() -> int:
     for r in rows:
         lines += ["", f"Top kernels, CR {r['cr']} (ms per step):", ""]
         lines += [f"- {v:.3f} `{k}`" for k, v in r["top_kernels_ms"]]
+        if r.get("sync_sites"):
+            lines += ["", f"Where the host waited for the GPU, CR {r['cr']} (one more step, CUDA sync debug mode):", ""]
+            lines += [f"- {n} `{site}`" for n, site in r["sync_sites"]]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -13,8 +13,10 @@ the server's peak concurrency (polled from /metrics), naming the device.
 
 ``--out`` ending in .md writes (or replaces) the section named after ``--label`` in that Markdown
 file (docs/benchmarks.md: one section per run, e.g. vanilla and DMC at the same --kv-cache-memory-gib);
-anything else gets JSON. Prompts are random token ids (ids below the model's vocabulary), generation
-runs to its length (``ignore_eos``), greedy.
+anything else gets JSON. Prompts are random token ids (ids below the model's vocabulary) or, with
+``--prompt-text PATH...``, windows of those text files tokenized by the model's tokenizer (a DMC model
+compresses random ids far less than text like its training data); generation runs to its length
+(``ignore_eos``), greedy.
 """
 
 from __future__ import annotations
@@ -135,14 +137,42 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> dict:
             "prompt_tokens": len(body["prompt"]), "finish_reason": finish}
 
 
+def text_tokens(paths: list[str], tokenizer_dir: str) -> list[int]:
+    """The token ids of the text files under ``paths`` (files, or folders read recursively in sorted order;
+    files that are not UTF-8 are skipped), one stream, tokenized by the model's tokenizer."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    files = sorted(f for p in map(pathlib.Path, paths) for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    ids: list[int] = []
+    for f in files:
+        try:
+            ids += tokenizer(f.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        except (UnicodeDecodeError, OSError):
+            continue
+    if not ids:
+        raise SystemExit(f"--prompt-text: no text found under {' '.join(paths)}")
+    return ids
+
+
+def make_prompts(args, rng: random.Random, lengths: list[int]) -> list[list[int]]:
+    """One prompt per length: a window of the --prompt-text token stream at a random offset, or random ids."""
+    if not args.prompt_text:
+        return [[rng.randrange(args.min_token_id, args.vocab_size) for _ in range(n)] for n in lengths]
+    stream = text_tokens(args.prompt_text, args.tokenizer or args.model)
+    if len(stream) < max(lengths):
+        raise SystemExit(f"--prompt-text holds {len(stream)} tokens, fewer than the longest prompt ({max(lengths)})")
+    starts = [rng.randrange(len(stream) - n + 1) for n in lengths]
+    return [stream[s:s + n] for s, n in zip(starts, lengths)]
+
+
 async def run_load(args, url: str, model: str) -> dict:
     rng = random.Random(args.seed)
     prompt_lens = [int(x) for x in args.prompt_lens.split(",")]
     gen_lens = [int(x) for x in args.gen_lens.split(",")]
-    bodies = [{"model": model, "prompt": [rng.randrange(args.min_token_id, args.vocab_size)
-                                          for _ in range(rng.choice(prompt_lens))],
-               "max_tokens": rng.choice(gen_lens), "temperature": 0, "ignore_eos": True, "stream": True}
-              for _ in range(args.requests)]
+    lengths = [(rng.choice(prompt_lens), rng.choice(gen_lens)) for _ in range(args.requests)]
+    prompts = make_prompts(args, rng, [n for n, _ in lengths])
+    bodies = [{"model": model, "prompt": prompt, "max_tokens": gen, "temperature": 0, "ignore_eos": True,
+               "stream": True} for prompt, (_, gen) in zip(prompts, lengths)]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.timeout, limits=limits) as client:
@@ -190,6 +220,7 @@ async def run_load(args, url: str, model: str) -> dict:
         "requests": len(bodies), "completed": len(ok), "failed": len(failed),
         "errors": sorted({r["error"] for r in failed if r})[:5],
         "clients": args.clients, "prompt_lens": prompt_lens, "gen_lens": gen_lens, "wall_s": wall,
+        "prompts": "windows of " + " ".join(args.prompt_text) if args.prompt_text else "random token ids",
         "output_tokens_per_s": out_tokens / wall, "total_tokens_per_s": (out_tokens + in_tokens) / wall,
         "requests_per_s": len(ok) / wall, "output_tokens": out_tokens, "prompt_tokens": in_tokens,
         "ttft_s": percentiles([r["ttft"] for r in ok]), "itl_s": percentiles(itl),
@@ -211,7 +242,7 @@ def markdown(result: dict, meta: dict) -> str:
         f"`benchmarks/serve_load.py` on **{meta['device']}**, {meta['date']}; model `{meta['model']}`, server "
         f"args `{meta['server_args'] or '-'}`; {result['clients']} concurrent streaming clients, "
         f"{result['requests']} requests, prompt lengths {result['prompt_lens']}, generation lengths "
-        f"{result['gen_lens']} (uniform mix, greedy, ignore_eos).",
+        f"{result['gen_lens']} (uniform mix, greedy, ignore_eos); prompts: {result.get('prompts', 'random token ids')}.",
         "",
         "| output tok/s | total tok/s | req/s | TTFT p50/p90/p99 ms | ITL p50/p90/p99 ms | e2e p50/p90/p99 ms "
         "| peak running | peak KV pages | realized CR | preemptions | failed |",
@@ -241,6 +272,10 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="prompt ids are drawn below it (default: the model's config.json with --model, else 1000)")
     parser.add_argument("--min-token-id", type=int, default=3, help="lowest prompt id (skip special tokens)")
+    parser.add_argument("--prompt-text", nargs="+", default=None, metavar="PATH",
+                        help="prompts are windows of these text files / folders (tokenized by --tokenizer) instead of "
+                             "random ids: a DMC model compresses text like its training data far more than random ids")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer for --prompt-text (default: --model)")
     parser.add_argument("--warmup", type=int, default=2, help="short unmeasured requests first")
     parser.add_argument("--timeout", type=float, default=3600, help="per-request timeout in seconds")
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between /metrics polls")
@@ -249,6 +284,8 @@ def main() -> None:
     parser.add_argument("--device-name", default=None, help="the server's device (default: detected here)")
     parser.add_argument("--out", default=None, help="a .md file (a section per --label) or a JSON file")
     args = parser.parse_args()
+    if args.prompt_text and not (args.tokenizer or args.model):
+        parser.error("--prompt-text needs --tokenizer DIR with --url (with --model the model's tokenizer is used)")
     if args.vocab_size is None:
         args.vocab_size = 1000
         if args.model and (pathlib.Path(args.model) / "config.json").is_file():

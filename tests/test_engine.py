@@ -248,3 +248,24 @@ def test_smallest_allowed_pool_admits_the_longest_prompt():
     assert not fits.has_unfinished()
     assert request.error is None and request.finish_reason == "length" and len(request.output_ids) == 1
     _assert_no_leak(fits)
+
+
+def test_warmup_runs_every_prompt_bucket_and_leaves_the_engine_as_it_was():
+    """LLM.warmup (dmc serve's startup): one throwaway prompt per power-of-two bucket up to the prefill chunk (the
+    last cut to max_model_len - 2), then the engine is as new: every page and row free, the admission's CR
+    estimate and the request ids untouched, and it generates as an engine that never warmed up."""
+    model = dmc_model("llama", window=4)
+    llm = _engine(model, max_model_len=300, prefill_chunk=256)
+    fresh = _engine(model, max_model_len=300, prefill_chunk=256)
+    estimate = vars(llm.scheduler.estimate).copy()
+    done = llm.warmup()
+    assert done["prompt_lengths"] == [128, 256] and done["graph_buckets"] == []  # no CUDA graphs on a CPU
+    _assert_no_leak(llm)
+    assert vars(llm.scheduler.estimate) == estimate and llm._next_id == 0
+    params = dmc.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    out, want = llm.generate(_prompts(), params), fresh.generate(_prompts(), params)
+    assert [o.token_ids for o in out] == [o.token_ids for o in want] and out[0].request_id == 0
+    assert _engine(model, max_model_len=100).warmup()["prompt_lengths"] == [98]
+    llm.add_request([5, 6, 7])
+    with pytest.raises(ValueError, match="before any request"):
+        llm.warmup()

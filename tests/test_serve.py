@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -417,6 +418,47 @@ def test_load_generator_script(server, tmp_path):
     assert result["completed"] == 8 and result["failed"] == 0 and result["meta"]["device"]
     assert result["output_tokens_per_s"] > 0 and result["ttft_s"]["p50"] > 0 and result["itl_s"]["p99"] > 0
     assert result["peak_running_server"] >= 4 and result["realized_cr"] > 1 and result["preemptions"] == 0
+
+
+def test_load_generator_text_prompts(server, model_dir, tokenizer, tmp_path):
+    """--prompt-text: every prompt is a window of the files' token stream (by the model's tokenizer), of a length
+    of the mix, and the run completes against the server; a stream shorter than the longest prompt is refused."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import serve_load
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(" ".join(TEXTS) * 3)
+    (corpus / "b.bin").write_bytes(b"\xff\xfe\x00")  # not UTF-8: skipped
+    stream = tokenizer(" ".join(TEXTS) * 3, add_special_tokens=False)["input_ids"]
+    args = SimpleNamespace(prompt_text=[str(corpus)], tokenizer=None, model=str(model_dir))
+    prompts = serve_load.make_prompts(args, random.Random(0), [4, 16, 16])
+    assert [len(p) for p in prompts] == [4, 16, 16]
+    assert all(any(stream[i:i + len(p)] == p for i in range(len(stream))) for p in prompts)
+    with pytest.raises(SystemExit, match="fewer than the longest prompt"):
+        serve_load.make_prompts(args, random.Random(0), [len(stream) + 1])
+    out = tmp_path / "load.json"
+    subprocess.run([sys.executable, "benchmarks/serve_load.py", "--url", server.url, "--api-key", KEY, "--clients", "2",
+                    "--requests", "4", "--prompt-lens", "4,16", "--gen-lens", "2", "--warmup", "0", "--prompt-text",
+                    str(corpus), "--tokenizer", str(model_dir), "--out", str(out)], check=True, capture_output=True,
+                   timeout=300, cwd=pathlib.Path(__file__).resolve().parents[1])
+    result = json.loads(out.read_text())
+    assert result["completed"] == 4 and result["prompts"] == f"windows of {corpus}"
+
+
+def test_warmup_at_startup(model_dir, tmp_path):
+    """--warmup on (auto: on CUDA only) runs LLM.warmup before the server answers: logged with the buckets it ran,
+    every page free after it, and requests are served as usual."""
+    srv = ServerProcess(model_dir, tmp_path / "warm.log", "--device", "cpu", "--max-model-len", "256", "--warmup", "on")
+    try:
+        assert re.search(r"warmed up in [0-9.]+ s: prompt lengths \[128, 254\]", srv.log())
+        health = srv.health()
+        assert health["free_pages"] == health["total_pages"] and health["running"] == 0
+        body = {"model": pathlib.Path(model_dir).name, "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}
+        r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        assert srv.stop() == 0
 
 
 # ---------------------------------------------------------------------- fuzzing

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from ._engine_args import (add_engine_arguments, add_forced_cr_argument, check_forced_cr, describe_load_error,
                            engine_kwargs, load_errors)
@@ -29,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, seconds running requests get to finish before they are aborted")
     parser.add_argument("--max-body-mib", type=float, default=32.0, help="largest request body (413 above)")
     parser.add_argument("--seed", type=int, default=0, help="draws the seeds of requests that give none")
+    parser.add_argument("--warmup", default="auto", choices=["auto", "on", "off"],
+                        help="before serving, compile the prefill attention of every prompt-length bucket and capture "
+                             "the decode graphs (LLM.warmup), so that no request waits for a compilation; auto: on CUDA")
     add_forced_cr_argument(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="server log level (one line per request at info)")
@@ -59,8 +63,17 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.served_model_name or os.path.basename(os.path.abspath(args.model))
     metrics = Metrics(name)
-    engine = EngineLoop(lambda: LLM(args.model, progress=False, seed=args.seed,
-                                     forced_period=args.forced_cr, **kwargs), metrics)
+    def make_llm():
+        llm = LLM(args.model, progress=False, seed=args.seed, forced_period=args.forced_cr, **kwargs)
+        if args.warmup == "on" or (args.warmup == "auto" and llm.device.type == "cuda"):
+            start = time.perf_counter()
+            done = llm.warmup()
+            logging.getLogger("dmc.serve").info("warmed up in %.1f s: prompt lengths %s, decode graphs for batches %s",
+                                                time.perf_counter() - start, done["prompt_lengths"],
+                                                done["graph_buckets"])
+        return llm
+
+    engine = EngineLoop(make_llm, metrics)
     try:
         engine.start()
     except load_errors() as exc:

@@ -183,6 +183,28 @@ class LLM:
             for request in requests:
                 self.abort(request)  # no-op for finished ones
 
+    def warmup(self) -> dict:
+        """Compile now what the first requests would otherwise compile in the middle of serving: the first-chunk
+        prefill attention of every prompt-length bucket (FlexAttention, one kernel per power of two from 128 up
+        to ``prefill_chunk``; DMC models on CUDA) and the decode step's CUDA graph of every batch-size bucket.
+        Runs one throwaway request per bucket (random ids, two tokens); the engine is left as it was: every page
+        free, the admission's CR estimate and the request ids untouched. Returns what was run. Call it before
+        any request (ValueError otherwise)."""
+        if self.has_unfinished():
+            raise ValueError("warmup() runs before any request: this engine has unfinished requests")
+        estimate, next_id = vars(self.scheduler.estimate).copy(), self._next_id
+        cap = min(self.prefill_chunk, self.max_model_len - 2)
+        lengths = sorted({min(1 << k, cap) for k in range(7, max(cap, 128).bit_length() + 1)})
+        gen = torch.Generator().manual_seed(0)
+        vocab = self.model.config.vocab_size
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, seed=0)
+        for n in lengths:  # one at a time, so that each prompt is one chunk of exactly its bucket's length
+            self.generate([torch.randint(min(3, vocab - 1), vocab, (n,), generator=gen).tolist()], params)
+        graphs = self.runner.capture_graphs()
+        vars(self.scheduler.estimate).update(estimate)
+        self._next_id = next_id
+        return {"prompt_lengths": lengths, "graph_buckets": graphs}
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
         """Queue one request (the server's entry point); run :meth:`step` to advance it."""
         return self._submit([prompt], [params or SamplingParams()])[0]

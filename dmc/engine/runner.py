@@ -152,11 +152,23 @@ class ModelRunner:
         bucket = min((size for size in self.graph_buckets if size >= token_ids.shape[0]), default=None)
         if bucket is None:
             return self._decode_eager(token_ids, positions, seq_ids)
+        return self._graph(bucket).replay(token_ids, positions, seq_ids)
+
+    def _graph(self, bucket: int) -> "_DecodeGraph":
         if bucket not in self.graphs:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             self.graphs[bucket] = _DecodeGraph(self, bucket, self._graph_pool)
-        return self.graphs[bucket].replay(token_ids, positions, seq_ids)
+        return self.graphs[bucket]
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> list[int]:
+        """Capture the decode graph of every batch-size bucket now (each is otherwise captured the first time a
+        batch needs it, in the middle of serving); the capture runs padding rows only, touching no sequence.
+        Returns the buckets."""
+        for bucket in self.graph_buckets:
+            self._graph(bucket)
+        return list(self.graph_buckets)
 
     def _decode_eager(self, token_ids, positions, seq_ids) -> torch.Tensor:
         cache, k = self.cache, self.kernels

@@ -56,7 +56,8 @@ launch_variants() {  # the variants given: the first tokenises into the shared t
 # flags (a CPU smoke test makes them small).
 serve_real() {  # DMC model dir, its label
   read -r -a SERVE <<< "${SERVE_LOAD:---clients 128 --requests 256 --prompt-lens 128,512,1024 --gen-lens 64,128}"
-  SERVE+=(--out "$KEEP/serve_real.md")
+  # Prompts: windows of the held-out text (random ids, as in stop 21's run, compress far less than text).
+  SERVE+=(--out "$KEEP/serve_real.md" --prompt-text "${HELDOUT[@]}")
   local args=${SERVE_ARGS:-"--max-model-len 2048 --max-num-seqs 256 --kv-cache-memory-gib 1"}
   $PY benchmarks/serve_load.py --model "$MODEL" "${SERVE[@]}" --server-args "$args" \
     --server-log "$LOGS/serve-vanilla.log" \
