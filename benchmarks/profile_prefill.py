@@ -41,6 +41,8 @@ def sync_sites(step, top: int = 12) -> list[list]:
     sites: collections.Counter = collections.Counter()
 
     def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):  # only the sync debug mode's warnings, not others of the step
+            return
         frames = [f for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename]
         ours = [f for f in frames if "/dmc/" in f.filename] or frames
         sites[f"{ours[-1].filename.split('/dmc/')[-1]}:{ours[-1].lineno} {ours[-1].line}"] += 1

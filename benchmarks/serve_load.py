@@ -138,26 +138,26 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> dict:
 
 
 def text_tokens(paths: list[str], tokenizer_dir: str) -> list[int]:
-    """The token ids of the text files under ``paths`` (files, or folders read recursively in sorted order;
-    files that are not UTF-8 are skipped), one stream, tokenized by the model's tokenizer."""
+    """The token ids of the text files under ``paths`` (files, or folders read recursively in sorted order: every
+    file that reads as UTF-8, the others skipped), one stream with a newline after each file, tokenized by the
+    model's tokenizer."""
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     files = sorted(f for p in map(pathlib.Path, paths) for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
     ids: list[int] = []
     for f in files:
         try:
-            ids += tokenizer(f.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+            text = f.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
+        ids += tokenizer(text + "\n", add_special_tokens=False)["input_ids"]  # a newline between files
     if not ids:
         raise SystemExit(f"--prompt-text: no text found under {' '.join(paths)}")
     return ids
 
 
-def make_prompts(args, rng: random.Random, lengths: list[int]) -> list[list[int]]:
-    """One prompt per length: a window of the --prompt-text token stream at a random offset, or random ids."""
-    if not args.prompt_text:
-        return [[rng.randrange(args.min_token_id, args.vocab_size) for _ in range(n)] for n in lengths]
+def text_prompts(args, rng: random.Random, lengths: list[int]) -> list[list[int]]:
+    """One prompt per length: a window of the --prompt-text token stream at a random offset."""
     stream = text_tokens(args.prompt_text, args.tokenizer or args.model)
     if len(stream) < max(lengths):
         raise SystemExit(f"--prompt-text holds {len(stream)} tokens, fewer than the longest prompt ({max(lengths)})")
@@ -169,10 +169,16 @@ async def run_load(args, url: str, model: str) -> dict:
     rng = random.Random(args.seed)
     prompt_lens = [int(x) for x in args.prompt_lens.split(",")]
     gen_lens = [int(x) for x in args.gen_lens.split(",")]
-    lengths = [(rng.choice(prompt_lens), rng.choice(gen_lens)) for _ in range(args.requests)]
-    prompts = make_prompts(args, rng, [n for n, _ in lengths])
+    prompts, gens = [], []
+    for _ in range(args.requests):  # random ids: drawn in this order, so a --seed gives the mix of earlier runs
+        n = rng.choice(prompt_lens)
+        prompts.append([n] if args.prompt_text else [rng.randrange(args.min_token_id, args.vocab_size)
+                                                      for _ in range(n)])
+        gens.append(rng.choice(gen_lens))
+    if args.prompt_text:
+        prompts = text_prompts(args, rng, [p[0] for p in prompts])
     bodies = [{"model": model, "prompt": prompt, "max_tokens": gen, "temperature": 0, "ignore_eos": True,
-               "stream": True} for prompt, (_, gen) in zip(prompts, lengths)]
+               "stream": True} for prompt, gen in zip(prompts, gens)]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.timeout, limits=limits) as client:

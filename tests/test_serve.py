@@ -430,13 +430,13 @@ def test_load_generator_text_prompts(server, model_dir, tokenizer, tmp_path):
     corpus.mkdir()
     (corpus / "a.txt").write_text(" ".join(TEXTS) * 3)
     (corpus / "b.bin").write_bytes(b"\xff\xfe\x00")  # not UTF-8: skipped
-    stream = tokenizer(" ".join(TEXTS) * 3, add_special_tokens=False)["input_ids"]
+    stream = tokenizer(" ".join(TEXTS) * 3 + "\n", add_special_tokens=False)["input_ids"]
     args = SimpleNamespace(prompt_text=[str(corpus)], tokenizer=None, model=str(model_dir))
-    prompts = serve_load.make_prompts(args, random.Random(0), [4, 16, 16])
+    prompts = serve_load.text_prompts(args, random.Random(0), [4, 16, 16])
     assert [len(p) for p in prompts] == [4, 16, 16]
     assert all(any(stream[i:i + len(p)] == p for i in range(len(stream))) for p in prompts)
     with pytest.raises(SystemExit, match="fewer than the longest prompt"):
-        serve_load.make_prompts(args, random.Random(0), [len(stream) + 1])
+        serve_load.text_prompts(args, random.Random(0), [len(stream) + 1])
     out = tmp_path / "load.json"
     subprocess.run([sys.executable, "benchmarks/serve_load.py", "--url", server.url, "--api-key", KEY, "--clients", "2",
                     "--requests", "4", "--prompt-lens", "4,16", "--gen-lens", "2", "--warmup", "0", "--prompt-text",

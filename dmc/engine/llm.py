@@ -194,15 +194,17 @@ class LLM:
             raise ValueError("warmup() runs before any request: this engine has unfinished requests")
         estimate, next_id = vars(self.scheduler.estimate).copy(), self._next_id
         cap = min(self.prefill_chunk, self.max_model_len - 2)
-        lengths = sorted({min(1 << k, cap) for k in range(7, max(cap, 128).bit_length() + 1)})
+        lengths = sorted({min(1 << k, cap) for k in range(7, max(cap, 128).bit_length() + 1)} - {0})
         gen = torch.Generator().manual_seed(0)
         vocab = self.model.config.vocab_size
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, seed=0)
-        for n in lengths:  # one at a time, so that each prompt is one chunk of exactly its bucket's length
-            self.generate([torch.randint(min(3, vocab - 1), vocab, (n,), generator=gen).tolist()], params)
-        graphs = self.runner.capture_graphs()
-        vars(self.scheduler.estimate).update(estimate)
-        self._next_id = next_id
+        try:
+            for n in lengths:  # one at a time, so that each prompt is one chunk of exactly its bucket's length
+                self.generate([torch.randint(min(3, vocab - 1), vocab, (n,), generator=gen).tolist()], params)
+            graphs = self.runner.capture_graphs()
+        finally:
+            vars(self.scheduler.estimate).update(estimate)
+            self._next_id = next_id
         return {"prompt_lengths": lengths, "graph_buckets": graphs}
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> Request:

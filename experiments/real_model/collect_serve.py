@@ -30,6 +30,7 @@ def load_result(log: pathlib.Path) -> dict:
 
 def comparison(vanilla: dict, dmc: dict, study: dict) -> str:
     run = next(r for r in study["rows"] if r.get("method") == "dmc")
+    prompts = dmc.get("prompts", "random token ids")  # runs before --prompt-text existed used random ids
     ratio = lambda key: dmc[key] / vanilla[key]  # noqa: E731
     return "\n".join([
         f"#### Vanilla vs DMC under this load ({dmc['meta']['device']}, computed from the two runs above)", "",
@@ -46,8 +47,9 @@ def comparison(vanilla: dict, dmc: dict, study: dict) -> str:
         f"The DMC model here is a short retrofit ({run['tokens'] / 1e6:.2f}M tokens): on its held-out "
         f"text (Python source) it keeps realized CR {run['realized_cr']:.2f} at perplexity {run['perplexity']:.2f} "
         f"({run['eval_windows']} windows of 1024 tokens; `docs/results/real_serve/`). The load's "
-        f"prompts are {dmc.get('prompts', 'random token ids')}, which it compresses far less: the server's realized CR "
-        f"is the row above. `benchmarks/serve_load.py --prompt-text PATH...` loads it with text instead.",
+        f"prompts are {prompts}" + (", which it compresses far less: the server's realized CR is the row above. "
+                                    "`benchmarks/serve_load.py --prompt-text PATH...` loads it with text instead."
+                                    if prompts == "random token ids" else "."),
     ])
 
 
