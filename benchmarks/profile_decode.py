@@ -129,12 +129,12 @@ def main() -> int:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/profile_decode.py needs a CUDA GPU")
     import dmc
-    from throughput import build_model, free_model
+    from throughput import build_model, engine_mode, free_model
     model = build_model(dmc_model=True)
     rows = []
     for spec in args.configs:
         cr, batch, kv_cache_dtype = parse_config(spec)
-        kwargs = dict(vanilla=True) if cr == 1 else dict(forced_period=cr)
+        kwargs = engine_mode(cr)
         kwargs["kv_cache_dtype"] = kv_cache_dtype
         row = {"cr": cr, "batch": batch, "kv_cache_dtype": kv_cache_dtype, "prompt_len": args.prompt_len,
                "context": args.context}

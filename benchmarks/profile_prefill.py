@@ -73,11 +73,11 @@ def main() -> int:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/profile_prefill.py needs a CUDA GPU")
     import dmc
-    from throughput import build_model, free_model
+    from throughput import build_model, engine_mode, free_model
     model = build_model(dmc_model=True)
     rows = []
     for cr in args.crs:
-        kwargs = dict(vanilla=True) if cr == 1 else dict(forced_period=cr)
+        kwargs = engine_mode(cr)
         llm = dmc.LLM(model, max_model_len=args.context, max_num_seqs=args.requests, admission_margin=0.0,
                       progress=False, **kwargs)
         gen = torch.Generator().manual_seed(0)

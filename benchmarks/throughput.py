@@ -172,6 +172,12 @@ def max_seqs_for(context: int, cr: int, fixed_seq_bytes: int, page_bytes: int, r
     return max(1, min(1024, int(budget / per_seq)))
 
 
+def engine_mode(cr: int) -> dict:
+    """``dmc.LLM`` arguments that make the random-weight benchmark model run at CR ``cr``: every token appending
+    (vanilla) at CR 1, decisions forced to the period ``cr`` above it."""
+    return dict(vanilla=True) if cr == 1 else dict(forced_period=cr)
+
+
 def engine_config(cr: int, kv_cache_dtype: str) -> str:
     """An engine row's config name: ``cr4``, or ``cr4-fp8`` over fp8 pages (so --resume keeps both)."""
     return f"cr{cr}" if kv_cache_dtype == "auto" else f"cr{cr}-{kv_cache_dtype}"
@@ -194,7 +200,7 @@ def bench_engine(contexts: list[int], crs: list[int], done: set, kv_cache_dtype:
                 continue
             fixed = CacheLayout(layers, heads, d, 0, 1, context, 12, cr == 1).sequence_bytes(torch.bfloat16)
             seqs = max_seqs_for(context, cr, fixed, 2 * 16 * d * element, layers * heads)
-            kwargs = dict(vanilla=True) if cr == 1 else dict(forced_period=cr)
+            kwargs = engine_mode(cr)
             # Decisions are forced, so the observed CR is exact: admit without a safety margin.
             llm = dmc.LLM(model, max_model_len=context, max_num_seqs=seqs, admission_margin=0.0, progress=False,
                           kv_cache_dtype=kv_cache_dtype, **kwargs)

@@ -97,16 +97,22 @@ def test_fp8_decode_update_matches_twin_with_merges(d, groups, window):
     assert merged > 0.2  # merges happened
 
 
-@pytest.mark.parametrize("d, groups", [(16, 1), (32, 2)])
-def test_fp8_paged_attention_matches_twin(d, groups):
-    """fp8 pools with per-layer scales: Triton == twin (which dequantises to fp32)."""
-    gen = torch.Generator().manual_seed(3 * d + groups)
+def fp8_attention_case(seed: int, d: int, groups: int):
+    """Ragged fp8 pools (one layer's worth of heads, 5 rows and a padding row) and random fp32 queries:
+    ``(seq_ids, args, scales)`` for ``paged_decode_attention`` and its twin, at layer 1."""
+    gen = torch.Generator().manual_seed(seed)
     rows = 5
     seq_ids = batch_rows(rows)
     cache = fp8_cache(gen, ragged_lengths(gen, rows, [0, 1, 15, 16, 17, 40, 100, 127]), d, 1)
     q = torch.randn(len(seq_ids), HEADS * groups, d, generator=gen).to(DEVICE)
     args = (q, cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids.to(DEVICE), 1, d ** -0.5, P)
-    scales = dict(k_scale=K_SCALE.to(DEVICE), v_scale=V_SCALE.to(DEVICE))
+    return seq_ids, args, dict(k_scale=K_SCALE.to(DEVICE), v_scale=V_SCALE.to(DEVICE))
+
+
+@pytest.mark.parametrize("d, groups", [(16, 1), (32, 2)])
+def test_fp8_paged_attention_matches_twin(d, groups):
+    """fp8 pools with per-layer scales: Triton == twin (which dequantises to fp32)."""
+    seq_ids, args, scales = fp8_attention_case(3 * d + groups, d, groups)
     expected = R.paged_decode_attention_ref(*args, **scales)
     out = T.paged_decode_attention(*args, **scales)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -122,13 +128,8 @@ def test_fp8_pages_read_in_fp16_match_twin(d, groups):
     query beyond fp16's range (clamped, not inf). Forced here with fp32 queries, which the interpreter computes
     right; on a GPU the engine's bf16 queries take this path by default."""
     assert T.fp8_read_dtype(torch.bfloat16) == torch.float16 and T.fp8_read_dtype(torch.float32) == torch.float32
-    gen = torch.Generator().manual_seed(11 * d + groups)
-    rows = 5
-    seq_ids = batch_rows(rows)
-    cache = fp8_cache(gen, ragged_lengths(gen, rows, [0, 1, 15, 16, 17, 40, 100, 127]), d, 1)
-    q = torch.randn(len(seq_ids), HEADS * groups, d, generator=gen).to(DEVICE)
-    args = (q, cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids.to(DEVICE), 1, d ** -0.5, P)
-    scales = dict(k_scale=K_SCALE.to(DEVICE), v_scale=V_SCALE.to(DEVICE))
+    _, args, scales = fp8_attention_case(11 * d + groups, d, groups)
+    q = args[0]
     out = T.paged_decode_attention(*args, **scales, read_dtype=torch.float16)
     torch.testing.assert_close(out, R.paged_decode_attention_ref(*args, **scales), rtol=2e-2, atol=2e-2)
     q[0, 0, 0] = 1e6  # beyond fp16's 65504: clamped, the output stays finite
