@@ -30,6 +30,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from throughput import cuda_time  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+# The split kernel's inner products: tensor-core dots (the engine's default), CUDA-core sums reduced over the
+# tile's slots every iteration, or CUDA-core sums kept per slot row and reduced once (MHA only, both).
+MODES = {"dot": {}, "sum": {"use_dot": False}, "defer": {"use_dot": False, "defer_sums": True}}
 
 
 def ragged_cache(batch: int, heads: int, mean_len: int, dtype: torch.dtype, page_size: int = 16, d: int = 128,
@@ -60,11 +63,12 @@ def cuda_ms(fn) -> float:
 def sweep(batch: int, heads: int, mean_len: int, blocks: list[int], stages: list[int | None], *,
           dtypes=tuple(DTYPES), device: str = "cuda", q_dtype: torch.dtype = torch.bfloat16,
           timer=cuda_ms, warps: list[int] = (4,), splits: list[int | None] = (None,),
-          reads: list[torch.dtype | None] = (None,)) -> list[dict]:
+          reads: list[torch.dtype | None] = (None,), modes: list[str] = ("dot",)) -> list[dict]:
     """One row per (pool dtype, block_tokens, num_stages, num_warps, num_splits): time (``timer(fn)`` ms) and
     the error vs the twin. ``q_dtype``: the queries' (the engine's model dtype; Triton's CPU interpreter only
     computes fp32 right). ``splits`` None: the engine's :func:`default_splits`. ``reads``: the dtypes fp8 pages are
-    read in (None: the engine's :func:`fp8_read_dtype`); bf16 pools ignore it."""
+    read in (None: the engine's :func:`fp8_read_dtype`); bf16 pools ignore it. ``modes``: the split kernel's inner
+    products, :data:`MODES` (the CUDA-core ones need MHA)."""
     from dmc.kernels import reference, triton_kernels
 
     rows = []
@@ -77,17 +81,18 @@ def sweep(batch: int, heads: int, mean_len: int, blocks: list[int], stages: list
         check = seq_ids.clone()
         check[8:] = -1  # the twin on the first 8 rows (the rest skipped): it gathers every slot
         ref = reference.paged_decode_attention_ref(q, k_pool, v_pool, table, lens, check, 0, scale, 16)
-        for block, stage, warp, split, read in itertools.product(blocks, stages, warps, splits,
-                                                                 reads if name == "fp8" else (None,)):
+        for mode, block, stage, warp, split, read in itertools.product(modes, blocks, stages, warps, splits,
+                                                                       reads if name == "fp8" else (None,)):
             read = read or (triton_kernels.fp8_read_dtype(q.dtype) if name == "fp8" else None)
             config = {"dtype": name, "block_tokens": block, "num_stages": stage, "num_warps": warp,
                       "num_splits": split or triton_kernels.default_splits(table.shape[-1], batch * heads),
-                      "read": str(read).replace("torch.", "") if read else "-"}
+                      "read": str(read).replace("torch.", "") if read else "-", "mode": mode}
 
             def run(ids=seq_ids):
                 return triton_kernels.paged_decode_attention(q, k_pool, v_pool, table, lens, ids, 0, scale, 16,
                                                              block_tokens=block, num_stages=stage, num_warps=warp,
-                                                             num_splits=config["num_splits"], read_dtype=read)
+                                                             num_splits=config["num_splits"], read_dtype=read,
+                                                             **MODES[mode])
             try:
                 err = float((run(check)[:8].float() - ref[:8].float()).abs().max())
                 ms = timer(run)
@@ -109,10 +114,11 @@ def report(rows: list[dict], meta: dict) -> str:
              "each shape (batch : mean slots per head, ragged, scattered pages). TB/s = pool bytes read / time. The "
              "engine's default tile is `block_tokens` 128, `num_stages` None (Triton's default), `num_warps` 4, "
              "splits `default_splits`.", "",
-             "| batch | mean slots | dtype | fp8 read as | block_tokens | num_stages | num_warps | splits | ms | TB/s | "
-             "max err vs twin |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| batch | mean slots | dtype | fp8 read as | inner products | block_tokens | num_stages | num_warps | splits | "
+             "ms | TB/s | max err vs twin |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        head = (f"| {r['batch']} | {r.get('mean_len', 0):.0f} | {r['dtype']} | {r.get('read', '-')} | {r['block_tokens']} | "
+        head = (f"| {r['batch']} | {r.get('mean_len', 0):.0f} | {r['dtype']} | {r.get('read', '-')} | "
+                f"{r.get('mode', 'dot')} | {r['block_tokens']} | "
                 f"{r['num_stages']} | "
                 f"{r['num_warps']} | {r['num_splits']} |")
         if "error" in r:
@@ -135,6 +141,8 @@ def main() -> int:
                         help="then, at the default tile, these split counts")
     parser.add_argument("--fp8-reads", nargs="+", default=["default"], choices=["default", "float16", "bfloat16"],
                         help="dtypes fp8 pages are read in (default: the engine's fp8_read_dtype)")
+    parser.add_argument("--modes", nargs="+", default=["dot"], choices=list(MODES),
+                        help="inner products tried: dot (tensor cores), sum / defer (CUDA cores; MHA)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention_sweep.py needs a CUDA GPU")
@@ -143,7 +151,7 @@ def main() -> int:
     rows = []
     for shape in args.shapes:
         batch, mean_len, dtype = shape.split(":")
-        common = dict(dtypes=(dtype,), reads=reads)
+        common = dict(dtypes=(dtype,), reads=reads, modes=args.modes)
         rows += sweep(int(batch), args.heads, int(mean_len), args.blocks, stages, warps=args.warps, **common)
         rows += sweep(int(batch), args.heads, int(mean_len), [128], [None], splits=args.splits, **common)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": args.shapes,

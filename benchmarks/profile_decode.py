@@ -35,6 +35,7 @@ GROUPS = (  # kernel-name fragment -> group; first match wins (names are lower-c
     ("nvjet", "weight GEMMs"), ("cumsum", "allocator"), ("scan", "allocator"),
     ("softmax", "sampling / logits"), ("argmax", "sampling / logits"), ("topk", "sampling / logits"),
     ("sort", "sampling / logits"), ("multinomial", "sampling / logits"), ("exponential", "sampling / logits"),
+    ("triton_", "norms / elementwise"),  # Inductor's kernels (triton_per_fused_..., triton_poi_fused_...)
     ("rms", "norms / elementwise"), ("elementwise", "norms / elementwise"), ("vectorized", "norms / elementwise"),
     ("reduce", "norms / elementwise"), ("index", "gather / scatter"), ("scatter", "gather / scatter"),
     ("gather", "gather / scatter"), ("copy", "copies"), ("memcpy", "copies"), ("memset", "copies"),

@@ -220,6 +220,8 @@ BF16_DOT = pytest.mark.skipif(DEVICE == "cpu", reason="Triton's interpreter mult
 @pytest.mark.parametrize("d, groups, dtype, num_splits, use_dot", [
     pytest.param(16, 1, torch.float32, None, None, id="mha"),
     pytest.param(16, 1, torch.float32, 2, False, id="mha-cuda-core-sums"),
+    pytest.param(16, 1, torch.float32, 2, "defer", id="mha-cuda-core-deferred-sums"),
+    pytest.param(32, 1, torch.bfloat16, 1, "defer", id="mha-bf16-deferred-sums"),
     pytest.param(32, 2, torch.float32, 1, None, id="gqa-one-split"),
     pytest.param(16, 2, torch.float32, 3, None, id="gqa-three-splits"),
     pytest.param(32, 1, torch.bfloat16, 2, False, id="mha-bf16-sums"),
@@ -236,10 +238,20 @@ def test_paged_decode_attention_matches_twin(d, groups, dtype, num_splits, use_d
     layer = 1
     args = (q, cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids.to(DEVICE), layer, d ** -0.5, P)
     expected = paged_decode_attention_ref(*args)
-    out = triton_kernels.paged_decode_attention(*args, num_splits=num_splits, use_dot=use_dot)
+    sums = dict(use_dot=False, defer_sums=True) if use_dot == "defer" else dict(use_dot=use_dot)
+    out = triton_kernels.paged_decode_attention(*args, num_splits=num_splits, **sums)
     torch.testing.assert_close(out, expected, **tolerance(dtype))
     assert (out[seq_ids == PAD_ROW] == 0).all()  # the padding row
     assert (out[seq_ids == rows - 1] == 0).all()  # a sequence with no slot yet
+
+
+def test_paged_decode_attention_sums_refuse_gqa():
+    gen = torch.Generator().manual_seed(0)
+    cache = make_cache(ragged_lengths(gen, 2, [3, 20]), 16, 1, torch.float32, gen)
+    q = torch.randn(3, HEADS * 2, 16, generator=gen).to(DEVICE)
+    with pytest.raises(ValueError, match="one query per KV head"):
+        triton_kernels.paged_decode_attention(q, cache.k_pool, cache.v_pool, cache.page_table, cache.lens,
+                                              batch_rows(2).to(DEVICE), 1, 0.25, P, use_dot=False)
 
 
 def test_get_kernels_dispatch(monkeypatch):

@@ -109,12 +109,15 @@ def fp8_attention_case(seed: int, d: int, groups: int):
     return seq_ids, args, dict(k_scale=K_SCALE.to(DEVICE), v_scale=V_SCALE.to(DEVICE))
 
 
-@pytest.mark.parametrize("d, groups", [(16, 1), (32, 2)])
-def test_fp8_paged_attention_matches_twin(d, groups):
-    """fp8 pools with per-layer scales: Triton == twin (which dequantises to fp32)."""
+@pytest.mark.parametrize("d, groups, sums", [(16, 1, {}), (32, 2, {}), (32, 1, {"use_dot": False}),
+                                             (32, 1, {"use_dot": False, "defer_sums": True})],
+                         ids=["mha", "gqa", "mha-cuda-core-sums", "mha-deferred-sums"])
+def test_fp8_paged_attention_matches_twin(d, groups, sums):
+    """fp8 pools with per-layer scales: Triton == twin (which dequantises to fp32), with the dots or the
+    CUDA-core sums."""
     seq_ids, args, scales = fp8_attention_case(3 * d + groups, d, groups)
     expected = R.paged_decode_attention_ref(*args, **scales)
-    out = T.paged_decode_attention(*args, **scales)
+    out = T.paged_decode_attention(*args, **scales, **sums)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert (out[seq_ids == PAD_ROW] == 0).all()
     # The scales matter: the same pools read at scale 1 give another answer.
@@ -147,12 +150,12 @@ def test_attention_sweep_tiles_all_agree_with_the_twin():
     dtypes = ("bf16", "fp8") if cuda else ("fp8",)
     rows = attention_sweep.sweep(3, 2, 40, [16, 64], [None], dtypes=dtypes, device=DEVICE, warps=[4, 8],
                                  splits=[None, 3], q_dtype=torch.bfloat16 if cuda else torch.float32,
-                                 timer=lambda fn: (fn(), 1.0)[1])
-    assert [(r["dtype"], r["block_tokens"], r["num_warps"]) for r in rows] == [
-        (d, b, w) for d in dtypes for b in (16, 64) for w in (4, 8) for _ in range(2)]
+                                 timer=lambda fn: (fn(), 1.0)[1], modes=list(attention_sweep.MODES))
+    assert [(r["dtype"], r["mode"], r["block_tokens"], r["num_warps"]) for r in rows] == [
+        (d, m, b, w) for d in dtypes for m in attention_sweep.MODES for b in (16, 64) for w in (4, 8) for _ in range(2)]
     # None: the engine's default_splits (at 6 rows: one split per page of the widest table)
     assert sorted({r["num_splits"] for r in rows})[0] == 3 and len({r["num_splits"] for r in rows}) == 2
     tolerance = 3e-2 if cuda else 1e-5  # bf16 outputs on the GPU
     assert all("error" not in r and r["max_abs_err_vs_twin"] < tolerance for r in rows), rows
-    assert "| 3 | 38 | fp8 | float32 | 64 | None | 8 | 3 |" in attention_sweep.report(rows, {"gpu": "cpu", "command": "test",
+    assert "| 3 | 38 | fp8 | float32 | defer | 64 | None | 8 | 3 |" in attention_sweep.report(rows, {"gpu": "cpu", "command": "test",
                                                                                "heads": 2})

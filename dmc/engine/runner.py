@@ -4,8 +4,9 @@ Prefill goes through the model's own DMC attention (dmc.hf) with a :class:`Seque
 the paged cache, so it is the same code as the HF path (decisions for all tokens at once,
 windowed pooling, FlexAttention on CUDA) and writes the kept slots straight into pages.
 
-The decode step is the engine's own layer loop: the model's norms, projections and MLPs
-(cuBLAS), then one fused update kernel (decisions, window ring, RoPE, slot write) and the
+The decode step is the engine's own layer loop: the model's projections (q/k/v and gate/up each fused
+into one GEMM) and MLPs (cuBLAS), residual adds fused with the RMSNorms (:mod:`dmc.engine.layers`), then one
+fused update kernel (decisions, window ring, RoPE, slot write) and the
 paged split-K attention (then, for the H2O/TOVA baselines, :mod:`dmc.engine.eviction`); after
 the last layer the allocator tops up pages. Without host syncs it is captured in CUDA graphs, one
 per batch-size bucket.
@@ -39,6 +40,7 @@ from ..hf.modeling import FAMILIES
 from ..kernels import get_kernels
 from .cache import OutOfPages, PagedKVCache, SequenceView, allocate_pages
 from .eviction import EngineEviction
+from .layers import DecodeOps, fuse_projections
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, bool]:
@@ -81,6 +83,9 @@ class ModelRunner:
         self.dmc = model.dmc_config
         self.delay = cache.layout.delay_width  # merge_delay w (0: off, or vanilla)
         self.kernels = decode_ops(cache.device)
+        # The decode step's fused q/k/v and gate/up GEMMs (the modules' weights become views) and fused norms.
+        self.decode_layers = [fuse_projections(layer) for layer in self.base.layers]
+        self.ops = DecodeOps(cache.device)
         self.graph_buckets: list[int] = []  # batch sizes to capture (lazily, on first use)
         self.graphs: dict[int, _DecodeGraph] = {}
         self._graph_pool = None
@@ -179,12 +184,14 @@ class ModelRunner:
         scales = dict(k_scale=cache.k_scale, v_scale=cache.v_scale)  # per layer; used only by fp8 pools
         if self.delay:
             leave_cos, leave_sin = self._enter_delay_ring(hidden, cos, sin, positions, seq_ids)
-        for index, layer in enumerate(self.base.layers):
+        layers = self.base.layers
+        x = layers[0].input_layernorm(hidden)
+        for index, layer in enumerate(layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = _heads(attn.q_proj, attn.q_norm, x, attn.head_dim)
-            key = _heads(attn.k_proj, attn.k_norm, x, attn.head_dim)
-            value = attn.v_proj(x).view(b, -1, attn.head_dim)
+            q, key, value = self.decode_layers[index].qkv(x)
+            q = _heads(q, attn.q_norm, attn.head_dim)
+            key = _heads(key, attn.k_norm, attn.head_dim)
+            value = value.view(b, -1, attn.head_dim)
             if self.delay:
                 q_rot, _ = k.delayed_decode_update(
                     q, key, value, cos, sin, leave_cos, leave_sin, seq_ids, positions, index, cache.k_pool,
@@ -205,9 +212,11 @@ class ModelRunner:
                                                seq_ids, index, attn.scaling, cache.layout.page_size, **scales)
             if self.eviction is not None:
                 self.eviction.after_decode(index, q_rot, seq_ids, positions, attn.scaling)
-            hidden = hidden + attn.o_proj(out.reshape(b, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        logits = self.model.lm_head(self.base.norm(hidden)).float()
+            # residual adds fused with the norm that follows (the next layer's input norm, or the final norm)
+            hidden, x = self.ops.add_norm(hidden, attn.o_proj(out.reshape(b, -1)), layer.post_attention_layernorm)
+            following = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.base.norm
+            hidden, x = self.ops.add_norm(hidden, self.ops.mlp(layer, self.decode_layers[index], x), following)
+        logits = self.model.lm_head(x).float()
         k.allocate_pages(cache.lens, cache.page_table, seq_ids, cache.free_pages, cache.free_top,
                          cache.layout.page_size)
         return logits
@@ -231,8 +240,9 @@ class ModelRunner:
             self.graph_buckets = sorted(batch_sizes)
 
 
-def _heads(proj, norm, x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    out = proj(x).view(x.shape[0], -1, head_dim)
+def _heads(x: torch.Tensor, norm, head_dim: int) -> torch.Tensor:
+    """A projection's output ``[B, heads·D]`` as ``[B, heads, D]``, through the per-head norm (Qwen3) if any."""
+    out = x.view(x.shape[0], -1, head_dim)
     return norm(out) if norm is not None else out
 
 

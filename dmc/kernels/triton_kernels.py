@@ -273,14 +273,17 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
                             D: tl.constexpr, M: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGES: tl.constexpr,
                             SPLITS: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
                             k_scale_ptr=None, v_scale_ptr=None, FP8: tl.constexpr = False,
-                            READ: tl.constexpr = None):
+                            READ: tl.constexpr = None, ACC_ROWS: tl.constexpr = 1):
     """Stage 1, one (batch row, KV head, split): the G queries of the group over a contiguous share
     of the head's pages, online softmax in fp32 (log2 domain).
 
     The head's length is read here, so the grid does not depend on it: a split past the head's end
     only writes lse = -inf. Each iteration loads PAGES whole pages as one
     ``[PAGES·P, D]`` tile. GQA groups (G > 1) use tensor-core dots with the queries padded to 16 rows;
-    MHA (G = 1) a multiply-and-sum in fp32 on the CUDA cores. FP8 pools: e4m3 is converted to ``READ``
+    MHA (G = 1) may instead take a multiply-and-sum in fp32 on the CUDA cores (``USE_DOT`` False), whose
+    probability-weighted values either reduce over the tile's slots every iteration (``ACC_ROWS`` 1) or
+    accumulate per slot row in a ``[BLOCK, D]`` register tile that reduces once at the end (``ACC_ROWS`` =
+    BLOCK: no cross-warp reduction in the loop). FP8 pools: e4m3 is converted to ``READ``
     (exactly; fp16 for 16-bit queries, which are clamped to its range), the layer's k scale folds into the
     score scale and its v scale into the output.
     """
@@ -305,6 +308,7 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
+    acc_rows = tl.zeros([ACC_ROWS, D], tl.float32)  # ACC_ROWS > 1: per-slot partial sums (G = 1, CUDA cores)
     if FP8:
         scale_log2 = scale_log2 * tl.load(k_scale_ptr + layer)
         if READ == tl.float16:  # bf16 queries beyond fp16's range would become inf
@@ -330,11 +334,16 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
         l_i = l_i * rescale + tl.sum(probs, axis=1)
         if USE_DOT:
             update = tl.dot(probs.to(values.dtype), values, input_precision=PRECISION)
+            acc = acc * rescale[:, None] + update
+        elif ACC_ROWS > 1:
+            acc_rows = acc_rows * tl.max(rescale, axis=0) + tl.sum(probs, axis=0)[:, None] * values.to(tl.float32)
         else:
             update = tl.sum(tl.sum(probs, axis=0)[:, None] * values.to(tl.float32), axis=0)[None, :]
-        acc = acc * rescale[:, None] + update
+            acc = acc * rescale[:, None] + update
         m_i = m_new
 
+    if ACC_ROWS > 1:
+        acc = tl.sum(acc_rows, axis=0)[None, :]
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if FP8:
@@ -380,11 +389,13 @@ def default_splits(max_pages: int, rows: int = ROWS_PER_WAVE) -> int:
 def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: int, scale: float,
                            page_size: int, *, num_splits: int | None = None, block_tokens: int | None = None,
                            num_warps: int = 4, num_stages: int | None = None,
-                           use_dot: bool | None = None, k_scale: torch.Tensor | None = None,
+                           use_dot: bool | None = None, defer_sums: bool = False, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, read_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Triton twin of :func:`.reference.paged_decode_attention_ref` (same arguments and result).
 
     ``read_dtype``: what fp8 pages are converted to for the dots (default :func:`fp8_read_dtype`).
+    ``use_dot`` False (MHA only): CUDA-core sums instead of tensor-core dots; ``defer_sums`` then keeps the
+    weighted values per slot row and reduces them once per split (see the split kernel).
 
     ``num_splits`` (default :func:`default_splits`) only trades parallelism for reduction work. The
     partial buffers ``[B, Hq, splits, D]`` come from the caching allocator, which a CUDA graph capture
@@ -400,8 +411,12 @@ def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: 
     part_lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     use_dot = True if use_dot is None else use_dot
+    if not use_dot and g != 1:
+        raise ValueError(f"CUDA-core sums (use_dot=False) need one query per KV head, got {g} (GQA): use the dots")
     pages = _pages_per_iteration(d, page_size) if block_tokens is None else max(1, block_tokens // page_size)
     extra = {} if num_stages is None else {"num_stages": num_stages}
+    if defer_sums and not use_dot:
+        extra["ACC_ROWS"] = pages * page_size
     _attention_split_kernel[(b, h, splits)](
         q, k_pool, v_pool, page_table, lens, seq_ids, part_out, part_lse, layer, scale * 1.4426950408889634,
         q.stride(0), q.stride(1),
