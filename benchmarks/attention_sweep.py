@@ -32,7 +32,8 @@ from throughput import cuda_time  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 # The split kernel's inner products: tensor-core dots (the engine's default), CUDA-core sums reduced over the
 # tile's slots every iteration, or CUDA-core sums kept per slot row and reduced once (MHA only, both).
-MODES = {"dot": {}, "sum": {"use_dot": False}, "defer": {"use_dot": False, "defer_sums": True}}
+MODES = {"dot": {"use_dot": True}, "sum": {"use_dot": False, "defer_sums": False},
+         "defer": {"use_dot": False, "defer_sums": True}}
 
 
 def ragged_cache(batch: int, heads: int, mean_len: int, dtype: torch.dtype, page_size: int = 16, d: int = 128,

@@ -44,20 +44,23 @@ def split_decision_channel(
     return zero_last_channel(q), zero_last_channel(k), logits, importance
 
 
+def _last_channel_factor(x: torch.Tensor, value: float) -> torch.Tensor:
+    """``[1, ..., 1, value]`` over x's last dim, in x's dtype. Built on the device (``keep[-1] = 0`` would copy a
+    host scalar in, which makes the host wait for the GPU: once per layer in prefill)."""
+    channel = torch.arange(x.shape[-1], device=x.device)
+    return torch.where(channel == x.shape[-1] - 1, value, 1.0).to(x.dtype)
+
+
 def zero_last_channel(x: torch.Tensor) -> torch.Tensor:
     """Return x with channel D-1 set to 0 (out of place, autograd-safe)."""
-    keep = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
-    keep[-1] = 0
-    return x * keep
+    return x * _last_channel_factor(x, 0.0)
 
 
 def scale_last_channel(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Multiply channel D-1 by ``scale`` (the zero-out stage's μ(s), spec §5.1)."""
     if scale == 1.0:
         return x
-    factor = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
-    factor[-1] = scale
-    return x * factor
+    return x * _last_channel_factor(x, scale)
 
 
 # --------------------------------------------------------------------------- §2/§4 decisions
@@ -295,6 +298,17 @@ def slot_writes(alpha: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor 
         kept = kept & valid[:, None, :]
     slot = base[..., None] + kept.long().cumsum(-1) - 1
     return base, kept, slot, base + kept.sum(-1)
+
+
+def slot_ends(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every token, the first kept token at or after it (the one that ends its slot): ``(index, found)``,
+    both ``[..., n]``; where none follows (trailing padding), index n - 1 and found False. Lets a cache write
+    every token's slot with its group's final state (identical writes, no pile-up on one dummy address)."""
+    n = kept.shape[-1]
+    tokens = torch.arange(n, device=kept.device).expand_as(kept)
+    candidates = torch.where(kept, tokens, n)
+    end = candidates.flip(-1).cummin(-1).values.flip(-1)
+    return end.clamp_max(n - 1), end < n
 
 
 # --------------------------------------------------------------------------- §3/§4 attention

@@ -238,7 +238,7 @@ def test_paged_decode_attention_matches_twin(d, groups, dtype, num_splits, use_d
     layer = 1
     args = (q, cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids.to(DEVICE), layer, d ** -0.5, P)
     expected = paged_decode_attention_ref(*args)
-    sums = dict(use_dot=False, defer_sums=True) if use_dot == "defer" else dict(use_dot=use_dot)
+    sums = dict(use_dot=False, defer_sums=True) if use_dot == "defer" else dict(use_dot=use_dot, defer_sums=False)
     out = triton_kernels.paged_decode_attention(*args, num_splits=num_splits, **sums)
     torch.testing.assert_close(out, expected, **tolerance(dtype))
     assert (out[seq_ids == PAD_ROW] == 0).all()  # the padding row

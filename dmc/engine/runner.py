@@ -27,6 +27,7 @@ the ring as its ``pending`` window.
 
 from __future__ import annotations
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -41,6 +42,7 @@ from ..kernels import get_kernels
 from .cache import OutOfPages, PagedKVCache, SequenceView, allocate_pages
 from .eviction import EngineEviction
 from .layers import DecodeOps, fuse_projections
+from .sampling import to_device
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, bool]:
@@ -128,27 +130,35 @@ class ModelRunner:
             raise OutOfPages(f"a prefill batch of {sum(sizes)} tokens ({len(sizes)} chunks) may need {need} pages, "
                              f"{cache.free_page_count()} free")
         device = cache.device
-        ids = torch.tensor([[t for c in chunks for t in c]], device=device)
-        positions = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(seen, sizes)])[None]
-        ends = torch.tensor(sizes, device=device).cumsum(0)
-        segments = list(zip((ends - torch.tensor(sizes, device=device)).tolist(), ends.tolist()))
+        # Host lists reach the GPU in non-blocking pinned copies (a torch.tensor(list, device=cuda) makes the
+        # host wait for the queued work); the segment bounds stay on the host.
+        ends = list(itertools.accumulate(sizes))
+        segments = [(end - n, end) for end, n in zip(ends, sizes)]
+        ids = to_device([[t for c in chunks for t in c]], torch.long, device)
+        positions = to_device([[s + i for s, n in zip(seen, sizes) for i in range(n)]], torch.long, device)
+        last = to_device([ends], torch.long, device)[0] - 1
         views = [SequenceView(cache, row, s) if self.eviction is None else self.eviction.sequence_view(row, s)
                  for row, s in zip(rows, seen)]
         runtime = self.model.dmc_runtime
         batches = []
         for s, n in zip(seen, sizes):
             starts = torch.zeros(1, n, dtype=torch.bool, device=device)
-            starts[0, 0] = s == 0  # a sequence's first token always appends
+            if s == 0:
+                starts[:, :1].fill_(True)  # a sequence's first token always appends (a fill: no host copy)
             batches.append(DMCBatch(starts=starts, vanilla=runtime.vanilla, channel_scale=runtime.channel_scale,
                                     forced_period=self.forced_period))
         hidden = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(hidden, positions)
-        for index, layer in enumerate(self.base.layers):
-            x = layer.input_layernorm(hidden)
-            hidden = hidden + layer.self_attn.forward_packed(x, (cos, sin), positions, segments,
-                                                             [view.layers[index] for view in views], batches)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.model.lm_head(self.base.norm(hidden[0, ends - 1])).float()
+        layers = self.base.layers
+        x = layers[0].input_layernorm(hidden)
+        for index, layer in enumerate(layers):
+            attn_out = layer.self_attn.forward_packed(x, (cos, sin), positions, segments,
+                                                      [view.layers[index] for view in views], batches)
+            # as in the decode step: residual adds fused with the next norm, the MLP's gate/up in one GEMM
+            hidden, x = self.ops.add_norm(hidden, attn_out, layer.post_attention_layernorm)
+            following = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.base.norm
+            hidden, x = self.ops.add_norm(hidden, self.ops.mlp(layer, self.decode_layers[index], x), following)
+        return self.model.lm_head(x[0, last]).float()
 
     # ------------------------------------------------------------------ decode
     @torch.inference_mode()

@@ -28,6 +28,11 @@ from .. import core
 # wasted FLOPs are free in a memory-bound kernel, and dots get cp.async pipelining), 128-slot tiles, and
 # only as many splits as needed to fill the GPU: 2.8-3.0 TB/s vs 2.4 with CUDA-core sums and 16 splits.
 ATTENTION_BLOCK_TOKENS = 128
+# fp8 pages with MHA take the CUDA-core sums kept per slot row, over 32-slot tiles: on an H200 at the CR 4 + fp8
+# batch (397 rows x 32 heads, ~900 slots) 0.93 ms a layer (3.1 TB/s) against 1.22 (2.4 TB/s) for the tensor-core
+# dots, whose fp8 -> fp16 conversion goes through shared memory (docs/throughput_runs/h200_engine/
+# attention_sweep_modes.md); bf16 pages stay on the dots (4.3 TB/s against 3.6).
+FP8_SUMS_BLOCK_TOKENS = 32
 MAX_SPLITS = 16
 ROWS_PER_WAVE = 2048  # (row, KV head) programs that keep an H100 busy with one split each
 
@@ -389,13 +394,15 @@ def default_splits(max_pages: int, rows: int = ROWS_PER_WAVE) -> int:
 def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: int, scale: float,
                            page_size: int, *, num_splits: int | None = None, block_tokens: int | None = None,
                            num_warps: int = 4, num_stages: int | None = None,
-                           use_dot: bool | None = None, defer_sums: bool = False, k_scale: torch.Tensor | None = None,
+                           use_dot: bool | None = None, defer_sums: bool | None = None,
+                           k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, read_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Triton twin of :func:`.reference.paged_decode_attention_ref` (same arguments and result).
 
     ``read_dtype``: what fp8 pages are converted to for the dots (default :func:`fp8_read_dtype`).
-    ``use_dot`` False (MHA only): CUDA-core sums instead of tensor-core dots; ``defer_sums`` then keeps the
-    weighted values per slot row and reduces them once per split (see the split kernel).
+    ``use_dot`` False (MHA only): CUDA-core sums instead of tensor-core dots; ``defer_sums`` (default: True with
+    the sums) then keeps the weighted values per slot row and reduces them once per split (see the split kernel).
+    Default (None): the dots, except for fp8 pools with MHA (:data:`FP8_SUMS_BLOCK_TOKENS`).
 
     ``num_splits`` (default :func:`default_splits`) only trades parallelism for reduction work. The
     partial buffers ``[B, Hq, splits, D]`` come from the caching allocator, which a CUDA graph capture
@@ -410,12 +417,15 @@ def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: 
     part_out = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    use_dot = True if use_dot is None else use_dot
+    if use_dot is None:
+        use_dot = not (k_pool.dtype == torch.float8_e4m3fn and g == 1)
+        if not use_dot and block_tokens is None:
+            block_tokens = FP8_SUMS_BLOCK_TOKENS
     if not use_dot and g != 1:
         raise ValueError(f"CUDA-core sums (use_dot=False) need one query per KV head, got {g} (GQA): use the dots")
     pages = _pages_per_iteration(d, page_size) if block_tokens is None else max(1, block_tokens // page_size)
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    if defer_sums and not use_dot:
+    if not use_dot and (defer_sums is None or defer_sums):
         extra["ACC_ROWS"] = pages * page_size
     _attention_split_kernel[(b, h, splits)](
         q, k_pool, v_pool, page_table, lens, seq_ids, part_out, part_lse, layer, scale * 1.4426950408889634,
