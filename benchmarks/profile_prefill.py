@@ -59,12 +59,72 @@ def sync_sites(step, top: int = 12) -> list[list]:
     return [[n, site] for site, n in sites.most_common(top)]
 
 
+# Where the host spends a prefill step (inclusive, nested sections overlap): (label, module path, attribute
+# path). With no sync inside the forward the host runs ahead of the GPU, so these are its own costs.
+HOST_SECTIONS = (
+    ("forward_packed (attention, all)", "dmc.hf.attention", "DMCAttention.forward_packed"),
+    ("q/k/v projections + norms", "dmc.hf.attention", "DMCAttention._heads"),
+    ("decision channel", "dmc.core", "split_decision_channel"),
+    ("decisions", "dmc.core", "inference_decisions"),
+    ("pooling (window terms, chunk states)", "dmc.hf.attention", "DMCAttention._pool_on_cache"),
+    ("visible slots", "dmc.engine.cache", "_LayerView.visible_slots"),
+    ("attention kernel (_attend)", "dmc.hf.attention", "DMCAttention._attend"),
+    ("commit (slot writes, window state)", "dmc.engine.cache", "_LayerView.commit"),
+    ("  page growth", "dmc.engine.cache", "PagedKVCache.grow"),
+    ("  window state", "dmc.core", "next_window_state"),
+    ("  set window state", "dmc.engine.cache", "PagedKVCache.set_window_state"),
+    ("add + norm", "dmc.engine.layers", "DecodeOps.add_norm"),
+    ("MLP", "dmc.engine.layers", "DecodeOps.mlp"),
+)
+
+
+def host_sections(step) -> list[list]:
+    """Run ``step`` once with each of :data:`HOST_SECTIONS` wrapped in a host timer (no sync added):
+    ``[[label, host ms, calls], ...]`` plus the whole step's wall ms (which includes the final wait)."""
+    import importlib
+    import time
+    totals: dict[str, list] = {}
+    patched = []
+
+    def timed(label, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                cell = totals.setdefault(label, [0.0, 0])
+                cell[0] += time.perf_counter() - t0
+                cell[1] += 1
+        return wrapper
+
+    for label, module, attr in HOST_SECTIONS:
+        owner = importlib.import_module(module)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = owner.__dict__[name]
+        patched.append((owner, name, original))
+        setattr(owner, name, timed(label, original))
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    try:
+        t0 = time.perf_counter()
+        step()
+        sync()
+        wall = (time.perf_counter() - t0) * 1e3
+    finally:
+        for owner, name, original in patched:
+            setattr(owner, name, original)
+    return [["whole step (wall)", wall, 1]] + [[label, totals[label][0] * 1e3, totals[label][1]]
+                                                for label, _, _ in HOST_SECTIONS if label in totals]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/throughput_runs")
     parser.add_argument("--crs", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--prompt-len", type=int, default=2048)
-    parser.add_argument("--requests", type=int, default=10,
+    parser.add_argument("--requests", type=int, default=12,
                         help="prompts queued (enough for the warm-up, the profiled steps and one sync-debug step)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--context", type=int, default=4096)
@@ -91,6 +151,8 @@ def main() -> int:
         row["tokens_per_s"] = llm.prefill_chunk / row["wall_ms"] * 1e3
         if llm.scheduler.waiting:  # one more step, unprofiled, naming where the host waits for the GPU
             row["sync_sites"] = sync_sites(llm._prefill_step)
+        if llm.scheduler.waiting:  # and one timing the host's sections
+            row["host_sections_ms"] = host_sections(llm._prefill_step)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del llm
@@ -119,6 +181,10 @@ def main() -> int:
         if r.get("sync_sites"):
             lines += ["", f"Where the host waited for the GPU, CR {r['cr']} (one more step, CUDA sync debug mode):", ""]
             lines += [f"- {n} `{site}`" for n, site in r["sync_sites"]]
+        if r.get("host_sections_ms"):
+            lines += ["", f"Host time by section, CR {r['cr']} (one more step, unprofiled; inclusive, nested "
+                      "sections overlap; no sync added):", "", "| section | host ms | calls |", "|---|---|---|"]
+            lines += [f"| {label} | {ms:.1f} | {calls} |" for label, ms, calls in r["host_sections_ms"]]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -8,6 +8,7 @@ import torch
 from conftest import dmc_model
 from test_engine import GREEDY, _assert_no_leak, _engine, _hf_greedy, _prompts, _row_state
 
+from dmc.engine import runner
 from dmc.engine.cache import SequenceView
 
 LENGTHS = (23, 5, 41, 1, 12)
@@ -58,7 +59,7 @@ def _alone(model, engine_kw, prompts):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_batched_prefill_leaves_the_states_of_prefilling_alone(name):
+def test_batched_prefill_leaves_the_states_of_prefilling_alone(name, monkeypatch):
     """One forward of five prompts of different lengths (1 to 41 tokens), then the same prompts fed in
     uneven chunks over three batched calls (a long prompt continuing beside new ones): every row ends as
     the prompt prefilled alone leaves it, and each chunk's last logits are the same."""
@@ -67,9 +68,13 @@ def test_batched_prefill_leaves_the_states_of_prefilling_alone(name):
     prompts = _prompts(LENGTHS, seed=3)
     alone = _alone(model, engine_kw, prompts)
 
+    packs = _spy_packed(monkeypatch)
     llm = _engine(model, **engine_kw)
     rows = [llm.cache.open_row() for _ in prompts]
     logits = llm.runner.prefill_batch(rows, prompts, [0] * len(prompts))
+    delayed = bool(model_kw.get("merge_delay"))
+    # five first chunks: one packed group in every layer (the delay ring keeps to the per-chunk path)
+    assert packs == ([] if delayed else [[0, 1, 2, 3, 4]] * model.config.num_hidden_layers)
     for i, prompt in enumerate(prompts):
         torch.testing.assert_close(logits[i], alone[i][0], atol=1e-4, rtol=1e-4)
         _assert_same_state(_state(llm, rows[i], len(prompt)), alone[i][1])
@@ -80,6 +85,7 @@ def test_batched_prefill_leaves_the_states_of_prefilling_alone(name):
     rows = [chunked.cache.open_row() for _ in prompts]
     seen = [0] * len(prompts)
     plan = [{0: 10, 2: 3, 3: 1}, {0: 13, 1: 2, 2: 30, 4: 7}, {1: 3, 2: 8, 4: 5}]  # prompt -> tokens this call
+    packs.clear()
     for call in plan:
         order = list(call)
         chunks = [prompts[i][seen[i]:seen[i] + call[i]] for i in order]
@@ -87,10 +93,48 @@ def test_batched_prefill_leaves_the_states_of_prefilling_alone(name):
         for i in order:
             seen[i] += call[i]
     assert seen == [len(p) for p in prompts]
+    # packed: all three chunks of the first call; in the second, the first chunks of prompts 1 and 4 (segments
+    # 1 and 3, not adjacent) while prompts 0 and 2 go on alone; nothing in the third
+    layers = model.config.num_hidden_layers
+    assert packs == ([] if delayed else [[0, 1, 2]] * layers + [[1, 3]] * layers)
     for i, prompt in enumerate(prompts):
         _assert_same_state(_state(chunked, rows[i], len(prompt)), alone[i][1])
     for j, i in enumerate(plan[-1]):  # the last call ended prompts 1, 2 and 4
         torch.testing.assert_close(logits[j], alone[i][0], atol=1e-4, rtol=1e-4)
+
+
+def _spy_packed(monkeypatch) -> list[list[int]]:
+    """Record, for every layer's packed write of first chunks, the segments it wrote (``PackedChunks.members``)."""
+    calls: list[list[int]] = []
+    inner = runner.commit_packed
+
+    def commit_packed(views, packed, *args):
+        calls.append(list(packed.members))
+        return inner(views, packed, *args)
+
+    monkeypatch.setattr(runner, "commit_packed", commit_packed)
+    return calls
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton pooling and FlexAttention need CUDA")
+@pytest.mark.parametrize("name", ["dmc-w4", "dmc-w12", "dmc-unbounded", "vanilla"])
+def test_gpu_packed_first_chunks_leave_the_states_of_prefilling_alone(name, monkeypatch):
+    """On CUDA the packed first chunks take the Triton pooling and FlexAttention with a document mask
+    (padded to a bucket); prefilling alone takes FlexAttention per chunk: the same logits and cache rows."""
+    model_kw, engine_kw = MODELS[name]
+    model = dmc_model("llama", **model_kw).cuda()
+    engine_kw = dict(device="cuda", dtype=torch.float32, kv_cache_memory=64 * 2**20, **engine_kw)
+    prompts = _prompts((23, 5, 41, 1, 12, 70), seed=4)
+    alone = _alone(model, engine_kw, prompts)
+    packs = _spy_packed(monkeypatch)
+    llm = _engine(model, **engine_kw)
+    rows = [llm.cache.open_row() for _ in prompts]
+    logits = llm.runner.prefill_batch(rows, prompts, [0] * len(prompts))
+    assert packs == [list(range(len(prompts)))] * model.config.num_hidden_layers
+    for i, prompt in enumerate(prompts):
+        torch.testing.assert_close(logits[i], alone[i][0], atol=1e-4, rtol=1e-4)
+        _assert_same_state(_state(llm, rows[i], len(prompt)), alone[i][1])
 
 
 def _spy(llm) -> list[list[int]]:

@@ -65,7 +65,7 @@ def _row_state(llm, row):
     cache, p = llm.cache, llm.cache.layout.page_size
     lens = cache.lens[:, row].long()
     s = int(lens.max())
-    slots = torch.arange(s)
+    slots = torch.arange(s, device=lens.device)
     pages = cache.page_table[:, row][..., slots // p].long()
     mask = (slots < lens[..., None])[..., None]
     keys = cache.k_pool[pages, slots % p] * mask

@@ -383,18 +383,19 @@ class PagedKVCache:
             raise OutOfPages(f"a prefill chunk of {tokens} tokens may need {need} pages, "
                              f"{self.free_page_count()} free")
 
-    def grow(self, layer: int, row: int, new_lens: torch.Tensor) -> None:
+    def grow(self, layer: int, row: int | torch.Tensor, new_lens: torch.Tensor) -> None:
         """Allocate the pages that let the heads of a row hold ``new_lens`` [H] slots (keeping the
-        ready page), on the device: no host sync (the caller checked the room with check_room)."""
+        ready page), on the device: no host sync (the caller checked the room with check_room). ``row`` may
+        be a tensor of rows ``[S]`` with ``new_lens`` ``[S, H]``: the pages each would take, in that order."""
         p = self.layout.page_size
         have = self.lens[layer, row].long() // p + 1
         want = new_lens.long() // p + 1
         m = torch.arange(self.layout.pages_per_head, device=self.device)
-        needed = (m >= have[:, None]) & (m < want[:, None])  # [H, M]
+        needed = (m >= have[..., None]) & (m < want[..., None])  # [(S,) H, M]
         order = needed.flatten().long().cumsum(0) - 1
         take = (self.free_top - 1 - order).clamp(0, self.free_pages.shape[0] - 1)
         table = self.page_table[layer, row]
-        table.copy_(torch.where(needed, self.free_pages[take].view_as(table), table))
+        self.page_table[layer, row] = torch.where(needed, self.free_pages[take].view_as(table), table)
         self.free_top -= needed.sum()
 
     def shrink(self, layer: int, row: int, new_lens: torch.Tensor) -> None:
@@ -431,7 +432,21 @@ class PagedKVCache:
         if self.layout.unbounded:
             self.ring[layer, row] = state
             return
-        state = state.roll(seen % state.shape[1], dims=1)
+        self._store_ring(layer, row, state.roll(seen % state.shape[1], dims=1))
+
+    def set_window_states(self, layer: int, rows: torch.Tensor, roll_index: torch.Tensor, state: torch.Tensor) -> None:
+        """:meth:`set_window_state` for several rows ``[S]`` at once: ``state`` ``[S, H, R, 2D + 1]``, each
+        row's ring entry j taking its entry ``roll_index[s, j]`` (the roll by its tokens seen)."""
+        if self.layout.vanilla:
+            return
+        if self.layout.unbounded:
+            self.ring[layer, rows] = state
+            return
+        index = roll_index[:, None, :, None].expand(-1, state.shape[1], -1, state.shape[-1])
+        self._store_ring(layer, rows, state.gather(2, index))
+
+    def _store_ring(self, layer: int, row, state: torch.Tensor) -> None:
+        """The ring entries of ``row`` (an int or rows ``[S]``): weights and raw k, v (terms / ω)."""
         weight = state[..., -1]
         self.ring_w[layer, row] = weight
         self.ring_kv[layer, row] = (state[..., :-1] / torch.where(weight > 0, weight, 1.0)[..., None]).to(self.dtype)
@@ -552,6 +567,42 @@ class _LayerView(SlotCacheLayer):
             state = core.next_window_state(alpha, terms, self.window, _pad_prefix(prefix, width), sums)
             cache.set_window_state(self.layer, self.row, self.committed + n, state[0])
         self.committed += n
+
+
+def commit_packed(views: list[_LayerView], packed, alpha, k_bar, v_bar, tail_alpha, tail_terms, tail_sums) -> None:
+    """:meth:`_LayerView.commit` of several sequences' first chunks at once (one layer; the views' rows are
+    empty), with a fixed number of tensor ops whatever the number of chunks: ``packed`` is the forward's
+    :class:`dmc.hf.attention.PackedChunks`, ``alpha`` ``[1, H, n]`` and the states ``[1, H, n, D]`` of all
+    their tokens back to back; ``tail_*`` the window terms each chunk leaves (``[1, H, S, R, ·]``) or, for an
+    unbounded window, its running sums. The same slots, pages (taken in the chunks' order) and window states
+    as committing each chunk alone: a chunk's first token appends, so the kept tokens (:func:`dmc.core.ends_slot`)
+    and the slot ends never cross from one chunk into the next."""
+    cache, layer = views[0].cache, views[0].layer
+    p, d = cache.layout.page_size, k_bar.shape[-1]
+    kept = core.ends_slot(alpha[0])  # [H, n]
+    count = kept.long().cumsum(-1)
+    before = count.index_select(1, packed.first) - kept.index_select(1, packed.first).long()  # [H, S]
+    slot = count - 1 - before.index_select(1, packed.segment_of_token)  # a kept token's slot in its row
+    new_lens = count.index_select(1, packed.last) - before  # [H, S]
+    cache.grow(layer, packed.rows, new_lens.T)
+    # As in _LayerView.commit: every token writes its slot with the state of the token that ends it.
+    end, _ = core.slot_ends(kept)  # each chunk's last token ends a slot: the end never leaves the chunk
+    slot = slot.gather(1, end)
+    heads = torch.arange(slot.shape[0], device=slot.device)[:, None]
+    page = cache.page_table[layer][packed.row_of_token[None, :], heads, slot // p].long()
+    flat = (page * p + slot % p).flatten()
+    rows = end[..., None].expand(-1, -1, d)
+    cache.k_pool.view(-1, d)[flat] = quantise(k_bar[0].gather(1, rows).reshape(-1, d), cache.kv_dtype,
+                                              cache.k_scale[layer])
+    cache.v_pool.view(-1, d)[flat] = quantise(v_bar[0].gather(1, rows).reshape(-1, d), cache.kv_dtype,
+                                              cache.v_scale[layer])
+    cache.lens[layer, packed.rows] = new_lens.T.to(torch.int32)
+    if not cache.layout.vanilla:
+        window = cache.layout.window
+        state = core.next_window_state(tail_alpha, tail_terms, window, tail_terms[..., :0, :], tail_sums)
+        cache.set_window_states(layer, packed.rows, packed.roll_index, state[0].transpose(0, 1))
+    for view, (lo, hi) in zip(views, packed.bounds):
+        view.committed += hi - lo
 
 
 def _pad_prefix(prefix: torch.Tensor, width: int) -> torch.Tensor:

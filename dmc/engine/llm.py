@@ -276,14 +276,15 @@ class LLM:
             if request.prefill_left == 0:
                 sched.prefilled(request)
                 done.append(i)
-                if self.eviction is None:  # with eviction the cap, not a ratio, bounds the pages
-                    # Pages hold the tokens that went through DMC; a delayed model's raw window is fixed memory.
-                    slots = self.cache.lens[:, request.row].sum().item()
-                    committed = request.seen - self.cache.raw_held(request.seen)
-                    sched.estimate.observe(committed * self.cache.layout.rows, slots)
         if not done:
             return []
         finished = [requests[i] for i in done]
+        if self.eviction is None:  # with eviction the cap, not a ratio, bounds the pages
+            # Pages hold the tokens that went through DMC; a delayed model's raw window is fixed memory.
+            rows = to_device([[r.row for r in finished]], torch.long, self.device)[0]
+            for request, slots in zip(finished, self.cache.lens[:, rows].sum(dim=(0, 2)).tolist()):  # one wait
+                committed = request.seen - self.cache.raw_held(request.seen)
+                sched.estimate.observe(committed * self.cache.layout.rows, slots)
         tokens = sample(logits[done], SamplingBatch.build([r.params for r in finished], [r.seed for r in finished],
                                                          [len(r.output_ids) for r in finished], self.device))
         return self._postprocess(finished, tokens)

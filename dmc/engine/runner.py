@@ -35,11 +35,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..config import DMCConfig, is_dmc
-from ..hf.attention import DMCBatch
+from ..hf.attention import DMCBatch, PackedChunks
 from ..hf.convert import dmc_config_from
 from ..hf.modeling import FAMILIES
 from ..kernels import get_kernels
-from .cache import OutOfPages, PagedKVCache, SequenceView, allocate_pages
+from .cache import OutOfPages, PagedKVCache, SequenceView, allocate_pages, commit_packed
 from .eviction import EngineEviction
 from .layers import DecodeOps, fuse_projections
 from .sampling import to_device
@@ -69,6 +69,41 @@ def decode_ops(device: torch.device | str) -> SimpleNamespace:
     """The decode step's operations on ``device``: the kernels (:func:`dmc.kernels.get_kernels`)
     and the cache's page allocator (a few tensor ops, no kernel: the same everywhere)."""
     return SimpleNamespace(**vars(get_kernels(device)), allocate_pages=allocate_pages)
+
+
+def pack_first_chunks(members: list[int], segments: list[tuple[int, int]], rows: list[int], width: int,
+                      device) -> PackedChunks:
+    """The :class:`~dmc.hf.attention.PackedChunks` of the segments ``members`` of a batched prefill (first
+    chunks: their rows are empty), whose cache rows are ``rows[i]``; ``width`` = W - 1 entries of window
+    state (0: unbounded window). Everything is laid out on the host and reaches the device in four pinned
+    copies, once per forward."""
+    bounds, lo = [], 0
+    for i in members:
+        n = segments[i][1] - segments[i][0]
+        bounds.append((lo, lo + n))
+        lo += n
+    total, count = lo, len(members)
+    contiguous = all(segments[a][1] == segments[b][0] for a, b in zip(members, members[1:]))
+    bucket = max(128, 1 << (total - 1).bit_length())  # FlexAttention's compiled kernel: one per bucket
+    segment_of_token = [s for s, (a, b) in enumerate(bounds) for _ in range(b - a)]
+    per_token = to_device([segment_of_token, [rows[members[s]] for s in segment_of_token],
+                           [int(t == bounds[s][0]) for t, s in enumerate(segment_of_token)]], torch.long, device)
+    document_ids = to_device([segment_of_token + [count] * (bucket - total)], torch.int32, device)
+    per_chunk = to_device([[a for a, _ in bounds], [b - 1 for _, b in bounds], [rows[i] for i in members]],
+                          torch.long, device)
+    tail = [[b - width + j for j in range(width)] for _, b in bounds]
+    real = [[int(t >= a) for t in ts] for ts, (a, _) in zip(tail, bounds)]
+    roll = [[(j - (b - a) % width) % width for j in range(width)] for a, b in bounds] if width else [[]] * count
+    tails = to_device([[max(t, 0) for ts in tail for t in ts], [r for rs in real for r in rs],
+                       [r for rs in roll for r in rs]], torch.long, device).view(3, count, width)
+    token_index = None if contiguous else to_device(
+        [[t for i in members for t in range(*segments[i])]], torch.long, device)[0]
+    return PackedChunks(
+        members=members, bounds=bounds, token_range=(segments[members[0]][0], segments[members[-1]][1])
+        if contiguous else None, token_index=token_index, starts=per_token[2:3].bool(), document_ids=document_ids,
+        segment_of_token=per_token[0], first=per_chunk[0], last=per_chunk[1], tail_index=tails[0],
+        tail_real=tails[1].bool(), rows=per_chunk[2], row_of_token=per_token[1], roll_index=tails[2],
+        commit=commit_packed)
 
 
 class ModelRunner:
@@ -147,13 +182,19 @@ class ModelRunner:
                 starts[:, :1].fill_(True)  # a sequence's first token always appends (a fill: no host copy)
             batches.append(DMCBatch(starts=starts, vanilla=runtime.vanilla, channel_scale=runtime.channel_scale,
                                     forced_period=self.forced_period))
+        # Sequences starting here (no eviction, no delay ring) run as one packed group in every layer.
+        window = cache.layout.window
+        fresh = [i for i, s in enumerate(seen) if s == 0]
+        packed = None
+        if len(fresh) > 1 and self.eviction is None and not self.delay and (window is None or window > 1):
+            packed = pack_first_chunks(fresh, segments, rows, 0 if window is None else window - 1, device)
         hidden = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(hidden, positions)
         layers = self.base.layers
         x = layers[0].input_layernorm(hidden)
         for index, layer in enumerate(layers):
             attn_out = layer.self_attn.forward_packed(x, (cos, sin), positions, segments,
-                                                      [view.layers[index] for view in views], batches)
+                                                      [view.layers[index] for view in views], batches, packed)
             # as in the decode step: residual adds fused with the next norm, the MLP's gate/up in one GEMM
             hidden, x = self.ops.add_norm(hidden, attn_out, layer.post_attention_layernorm)
             following = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.base.norm

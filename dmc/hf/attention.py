@@ -55,6 +55,59 @@ class DMCBatch:
     block_mask: object = None  # FlexAttention's mask, built by the first layer that needs it
 
 
+@dataclass
+class PackedChunks:
+    """Several sequences' first chunks (each on an empty cache) among the segments of a packed inference
+    forward, the engine's batched prefill: each layer runs their decisions, pooling and attention once over
+    all of them, and writes their cache rows in one call (:meth:`DMCAttention.forward_packed`). Built once
+    per forward by the engine (:func:`dmc.engine.runner.pack_first_chunks`); every layer reads it.
+
+    Exact: a chunk's first token appends (``starts``), so no group of the pooling reaches into the chunk
+    before it, and each chunk's queries see only its own keys (``document_ids``): every chunk gets what
+    it gets when fed alone (spec §7.4). Device tensors are built on the host, copied once.
+
+    Attributes:
+        members: the chunks' indices among the forward's segments (in order).
+        bounds: each chunk's token range within the packed tokens ``[lo, hi)``.
+        token_range: the packed tokens' range in the forward's row when they are contiguous, else None
+            and ``token_index`` (``[n]`` long) lists them.
+        starts: ``[1, n]`` bool, True at each chunk's first token.
+        document_ids: ``[1, bucket]`` int32, the chunk of each token, right-padded to a power-of-two
+            bucket (the compiled FlexAttention exists once per bucket) with one more id for the padding.
+        segment_of_token: ``[n]`` long; ``first``, ``last``: ``[S]`` long, each chunk's first/last token.
+        tail_index, tail_real: ``[S, W-1]``, each chunk's last W-1 token indices (clamped at 0) and
+            whether each lies in the chunk: the window state after it (bounded windows; else ``[S, 0]``).
+        rows: ``[S]`` long, the chunks' cache rows (for the cache's writes); ``row_of_token`` ``[n]``;
+            ``roll_index``: ``[S, W-1]`` long, where each entry of the window state goes in its ring.
+        commit: ``commit(layer_caches, packed, alpha, k_bar, v_bar, tail_alpha, tail_terms, tail_sums)``,
+            the cache's write of all the chunks of one layer.
+    """
+
+    members: list[int]
+    bounds: list[tuple[int, int]]
+    token_range: tuple[int, int] | None
+    token_index: torch.Tensor | None
+    starts: torch.Tensor
+    document_ids: torch.Tensor
+    segment_of_token: torch.Tensor
+    first: torch.Tensor
+    last: torch.Tensor
+    tail_index: torch.Tensor
+    tail_real: torch.Tensor
+    rows: torch.Tensor
+    row_of_token: torch.Tensor
+    roll_index: torch.Tensor
+    commit: object
+    block_mask: object = None  # FlexAttention's document mask, built by the first layer
+
+    def select(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """The packed tokens of ``x`` along ``dim``."""
+        if self.token_range is not None:
+            lo, hi = self.token_range
+            return x.narrow(dim, lo, hi - lo)
+        return x.index_select(dim, self.token_index)
+
+
 class DMCAttention(nn.Module):
     """Drop-in replacement for ``LlamaAttention``/``MistralAttention``/``Qwen2Attention``/
     ``Qwen3Attention`` that computes DMC (see module docstring).
@@ -135,15 +188,16 @@ class DMCAttention(nn.Module):
 
     def forward_packed(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                        position_ids: torch.Tensor, segments: list[tuple[int, int]], layer_caches: list,
-                       batches: list[DMCBatch]) -> torch.Tensor:
+                       batches: list[DMCBatch], packed: PackedChunks | None = None) -> torch.Tensor:
         """Inference over several sequences' chunks packed in one row (the engine's batched prefill).
 
         ``hidden_states`` ``[1, N, hidden]`` holds the chunks back to back; segment s is the token range
         ``segments[s]`` of one sequence, on top of its own cache layer ``layer_caches[s]``, with its own
-        :class:`DMCBatch` (starts, mode). The projections run once over all N tokens; decisions, pooling,
-        the DMC mask and the cache writes run per segment, through exactly the code a chunk fed alone
-        takes (:meth:`_inference`), so the caches end as if each chunk had been fed alone.
-        Returns the attention output after ``o_proj``, ``[1, N, hidden]``.
+        :class:`DMCBatch` (starts, mode). The projections run once over all N tokens. The first chunks
+        that ``packed`` names (sequences with an empty cache) run their decisions, pooling, attention and
+        cache writes once for all of them (:meth:`_inference_packed`); every other segment runs exactly
+        the code a chunk fed alone takes (:meth:`_inference`). Either way the caches end as if each chunk
+        had been fed alone. Returns the attention output after ``o_proj``, ``[1, N, hidden]``.
         """
         first = batches[0]
         scale = first.channel_scale if first.vanilla else 1.0
@@ -151,14 +205,82 @@ class DMCAttention(nn.Module):
         k = self._heads(self.k_proj, self.k_norm, hidden_states, scale)
         v = self._heads(self.v_proj, None, hidden_states)
         cos, sin = position_embeddings
-        outs = []
-        for (start, end), layer_cache, batch in zip(segments, layer_caches, batches):
-            s = slice(start, end)
-            outs.append(self._inference(q[:, :, s], k[:, :, s], v[:, :, s], cos[:, s], sin[:, s],
-                                        position_ids[:, s], layer_cache, batch))
+        outs: list[torch.Tensor | None] = [None] * len(segments)
+        if packed is not None:
+            take = packed.select
+            out = self._inference_packed(take(q, 2), take(k, 2), take(v, 2), take(cos, 1), take(sin, 1),
+                                         take(position_ids, 1), [layer_caches[i] for i in packed.members],
+                                         packed, batches[packed.members[0]])
+            for i, (lo, hi) in zip(packed.members, packed.bounds):
+                outs[i] = out[:, :, lo:hi]
+        for i, ((start, end), layer_cache, batch) in enumerate(zip(segments, layer_caches, batches)):
+            if outs[i] is None:
+                s = slice(start, end)
+                outs[i] = self._inference(q[:, :, s], k[:, :, s], v[:, :, s], cos[:, s], sin[:, s],
+                                          position_ids[:, s], layer_cache, batch)
         self.decisions = self.decision_logits = None  # per segment; nothing collects them here
-        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        if packed is None or len(packed.members) < len(segments):  # else the packed output is the whole row
+            out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
         return self.o_proj(out.transpose(1, 2).reshape(1, hidden_states.shape[1], -1))
+
+    def _inference_packed(self, q, k, v, cos, sin, positions, layer_caches, packed: PackedChunks,
+                          batch: DMCBatch) -> torch.Tensor:
+        """The first chunks of ``packed`` (``q``, ``k``, ``v`` ``[1, heads, n, D]`` pre-RoPE, their tokens
+        back to back): what :meth:`_attend_cached` does for each chunk on an empty cache (hard decisions,
+        windowed pooling with no prefix, the §3 mask), once over all of them, the mask kept within each
+        chunk; then ``packed.commit`` writes all their cache rows. Returns ``[1, H*G, n, D]``."""
+        b, h, n, _ = k.shape
+        window = self.dmc.window
+        sums = None
+        if batch.vanilla:
+            alpha = torch.zeros(b, h, n, device=q.device)
+            importance = torch.ones_like(alpha)
+            q, k_bar = apply_rotary_pos_emb(q, k, cos, sin)
+            v_bar, plain = v, DMCBatch(vanilla=True)
+            # plain causal attention per chunk (SDPA's flash kernel: faster than a masked packed kernel)
+            out = torch.cat([self._attend(q[:, :, lo:hi], k_bar[:, :, lo:hi], v_bar[:, :, lo:hi],
+                                          alpha[..., lo:hi], plain) for lo, hi in packed.bounds], dim=2)
+        else:
+            q, k, logits, importance = core.split_decision_channel(q, k, self.dmc.init_offset, self.dmc.logit_scale)
+            alpha = core.inference_decisions(logits, packed.starts, positions.expand(b, n), batch.forced_period)
+            no_prefix = k.new_zeros(b, h, 0, 2 * k.shape[-1] + 1, dtype=torch.float32)
+            if q.is_cuda and window is not None and window > 1:
+                from ..kernels.triton_kernels import chunk_states  # here: triton is optional on a CPU
+                k_bar, v_bar = chunk_states(k, v, importance, alpha, no_prefix, cos, sin, window)
+            else:
+                sums = core.pool_with_prefix(alpha, core.weighted_terms(importance, k, v), window, no_prefix)
+                k_bar, v_bar = pooled_keys(sums, cos, sin, q.dtype)
+            q = core.zero_last_channel(_rope_q(q, cos, sin))
+            out = self._attend_packed(q, k_bar, v_bar, core.key_bias_from_hard(alpha), packed)
+        # The window state each chunk leaves: its last W-1 terms (α = 1, terms 0 before the chunk: the zero
+        # prefix of a first chunk), or for an unbounded window the running sums at its last token.
+        index, real = packed.tail_index, packed.tail_real
+        tail_alpha = alpha[..., index].masked_fill(~real, 1.0)
+        tail_terms = core.weighted_terms(importance[..., index], k[..., index, :], v[..., index, :]) * real[..., None]
+        tail_sums = None if sums is None or window is not None else sums[..., packed.last, None, :]
+        packed.commit(layer_caches, packed, alpha, k_bar, v_bar, tail_alpha, tail_terms, tail_sums)
+        return out
+
+    def _attend_packed(self, q, k_bar, v_bar, key_bias, packed: PackedChunks) -> torch.Tensor:
+        """The §3 attention of packed first chunks, each within its own chunk. FlexAttention runs once over
+        all of them with the document mask of ``packed.document_ids`` (built once per forward), padded to its
+        bucket (the padding is a document of its own); the other implementations, which materialise the
+        mask (O(n²) for n packed tokens), run per chunk."""
+        n = q.shape[-2]
+        impl = self.runtime.attn_implementation
+        if impl == "auto":
+            impl = _auto_attention(q)
+        if impl != "flex":
+            return torch.cat([self._attend(q[:, :, lo:hi], k_bar[:, :, lo:hi], v_bar[:, :, lo:hi], key_bias[..., lo:hi],
+                                           DMCBatch()) for lo, hi in packed.bounds], dim=2)
+        size = packed.document_ids.shape[-1]
+        if size != n:
+            pad = (0, 0, 0, size - n)
+            q, k_bar, v_bar = F.pad(q, pad), F.pad(k_bar, pad), F.pad(v_bar, pad)
+            key_bias = F.pad(key_bias, (0, size - n), value=float("-inf"))
+        if packed.block_mask is None:
+            packed.block_mask = causal_block_mask(packed.document_ids, 1, size, q.device)
+        return flex_attend(q, k_bar, v_bar, key_bias, packed.document_ids, self.scaling, packed.block_mask)[..., :n, :]
 
     def _inference(self, q, k, v, cos, sin, positions, layer_cache, batch: DMCBatch) -> torch.Tensor:
         """Hard decisions, then the cached (``layer_cache`` given) or full-sequence attention of eval mode.

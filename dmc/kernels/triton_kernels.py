@@ -278,7 +278,7 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
                             D: tl.constexpr, M: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGES: tl.constexpr,
                             SPLITS: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
                             k_scale_ptr=None, v_scale_ptr=None, FP8: tl.constexpr = False,
-                            READ: tl.constexpr = None, ACC_ROWS: tl.constexpr = 1):
+                            READ: tl.constexpr = None, ACC_ROWS: tl.constexpr = 1, DIRECT: tl.constexpr = False):
     """Stage 1, one (batch row, KV head, split): the G queries of the group over a contiguous share
     of the head's pages, online softmax in fp32 (log2 domain).
 
@@ -290,7 +290,8 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
     accumulate per slot row in a ``[BLOCK, D]`` register tile that reduces once at the end (``ACC_ROWS`` =
     BLOCK: no cross-warp reduction in the loop). FP8 pools: e4m3 is converted to ``READ``
     (exactly; fp16 for 16-bit queries, which are clamped to its range), the layer's k scale folds into the
-    score scale and its v scale into the output.
+    score scale and its v scale into the output. ``DIRECT`` (one split): write the normalised output itself
+    (no partials, no reduce pass).
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -353,10 +354,14 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if FP8:
         out = out * tl.load(v_scale_ptr + layer)
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     row = (b * H * G + h * G + g) * SPLITS + split  # [G_PAD] index into [B, Hq, SPLITS]
-    tl.store(part_out_ptr + row[:, None] * D + d[None, :], out, mask=(g < G)[:, None] & seen[:, None])
-    tl.store(part_lse_ptr + row, lse, mask=g < G)
+    if DIRECT:  # one split, the whole head: part_out_ptr is the output [B, Hq, D] (zeros for a head with no slot)
+        tl.store(part_out_ptr + row[:, None] * D + d[None, :], out.to(part_out_ptr.dtype.element_ty),
+                 mask=(g < G)[:, None])
+    else:
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(part_out_ptr + row[:, None] * D + d[None, :], out, mask=(g < G)[:, None] & seen[:, None])
+        tl.store(part_lse_ptr + row, lse, mask=g < G)
 
 
 @triton.jit
@@ -414,9 +419,10 @@ def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: 
     q = _rows(q)
     _check_cache(k_pool, v_pool, page_table, lens, seq_ids)
     splits = num_splits or default_splits(page_table.shape[-1], b * h)
-    part_out = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # One split (large batches): the split kernel normalises and writes the output itself, no reduce pass.
+    part_out = out if splits == 1 else torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
+    part_lse = out if splits == 1 else torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     if use_dot is None:
         use_dot = not (k_pool.dtype == torch.float8_e4m3fn and g == 1)
         if not use_dot and block_tokens is None:
@@ -433,9 +439,10 @@ def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: 
         ROWS=lens.shape[1], H=h, G=g, G_PAD=max(16, triton.next_power_of_2(g)) if use_dot else 1, D=d,
         M=page_table.shape[-1], PAGE_SIZE=page_size, PAGES=pages,
         SPLITS=splits, USE_DOT=use_dot, **_attention_pool_args(q, k_pool, k_scale, v_scale, layer, read_dtype),
-        num_warps=num_warps, **extra)
-    _attention_reduce_kernel[(b * hq,)](part_out, part_lse, out, D=d, SPLITS=splits,
-                                        SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1)
+        DIRECT=splits == 1, num_warps=num_warps, **extra)
+    if splits > 1:
+        _attention_reduce_kernel[(b * hq,)](part_out, part_lse, out, D=d, SPLITS=splits,
+                                            SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1)
     return out
 
 

@@ -58,7 +58,7 @@ for s in "${STEPS[@]}"; do
         $PY benchmarks/profile_prefill.py --out "$OUT" --crs ${PREFILL_CRS:-4 1} --label "${PROFILE_LABEL:-before}" ;;
     gpu-tests) run_step gpu-tests 200 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
         tests/test_kernels_delay.py tests/test_kv_fp8_kernels.py tests/test_decode_layers.py tests/test_engine.py \
-        tests/test_kv_fp8.py tests/test_engine_delay.py tests/test_engine_eviction.py ;;
+        tests/test_kv_fp8.py tests/test_engine_delay.py tests/test_engine_eviction.py tests/test_batched_prefill.py ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
