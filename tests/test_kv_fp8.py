@@ -1,5 +1,5 @@
-"""The engine's FP8 KV cache (``kv_cache_dtype="fp8"``, issue #15): e4m3 pools with per-layer scales 1.0,
-only the stored slots quantised. Checked on tiny random DMC models whose decisions merge:
+"""The engine's FP8 KV cache (``kv_cache_dtype="fp8"``, issue #15): e4m3 pools with a scale per (layer, KV
+head), 1.0 or given (calibration: tests/test_kv_scales.py), only the stored slots quantised. Checked on tiny random DMC models whose decisions merge:
 
 - layer 0's pages are exactly the quantised pages of the exact cache (its inputs do not depend on the cache),
   and its window state is the exact one: merges sum exact values, quantisation never builds up;
@@ -26,6 +26,7 @@ from test_engine_delay import triton_decode
 import dmc
 from dmc.baselines import EvictionPolicy
 from dmc.cli._engine_args import add_engine_arguments
+from dmc.engine import KVScales
 from dmc.engine.cache import CacheLayout
 from dmc.engine.llm import KV_CACHE_DTYPES
 from dmc.kernels.reference import quantise
@@ -61,31 +62,40 @@ def _forced_logits(llm, prompt, chunk: int, prefix: int):
 
 
 def _layer_pages(cache, layer: int, row: int):
+    """A row's stored slots in ``layer``: lens ``[H]``, keys and values ``[N, D]`` (head by head) and the KV head
+    of each ``[N]``."""
     lens = cache.lens[layer, row].long()
     slots = torch.arange(int(lens.max()))
     pages = cache.page_table[layer, row][:, slots // cache.layout.page_size].long()
     visible = slots < lens[:, None]
+    heads = torch.arange(len(lens))[:, None].expand_as(visible)[visible]
     return lens, cache.k_pool[pages, slots % cache.layout.page_size][visible], \
-        cache.v_pool[pages, slots % cache.layout.page_size][visible]
+        cache.v_pool[pages, slots % cache.layout.page_size][visible], heads
 
 
-@pytest.mark.parametrize("mode", ["dmc", "unbounded", "delayed"])
-def test_layer0_slots_are_the_exact_slots_quantised(mode):
+@pytest.mark.parametrize("mode, scaled", [("dmc", False), ("unbounded", False), ("delayed", False), ("dmc", True),
+                                          ("delayed", True)])
+def test_layer0_slots_are_the_exact_slots_quantised(mode, scaled):
     """Layer 0 sees the same inputs with either cache, so its decisions, slot counts and window state are the
-    exact cache's and its pages hold exactly ``quantise(exact slot)``: only the stored slot is rounded, a
-    merge rewrites it from the exact state (chunked prefill and decode steps, merges happening)."""
+    exact cache's and its pages hold exactly ``quantise(exact slot, its head's scale)``: only the stored slot
+    is rounded, a merge rewrites it from the exact state (chunked prefill and decode steps, merges happening).
+    ``scaled``: a different scale for every (layer, KV head), given as ``kv_scales``."""
     make, options = MODES[mode]
     model = make()
     prompt = _prompts((60,), seed=3)[0]
-    exact, fp8 = _engine(model, **options), _engine(model, kv_cache_dtype="fp8", **options)
+    shape = (model.config.num_hidden_layers, model.config.num_key_value_heads)
+    scales = KVScales(torch.rand(shape, generator=torch.Generator().manual_seed(0)) + 0.05,
+                      torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 0.1 + 0.01) if scaled else None
+    exact, fp8 = _engine(model, **options), _engine(model, kv_cache_dtype="fp8", kv_scales=scales, **options)
     _, row_a = _forced_logits(exact, prompt, 16, 40)
     _, row_b = _forced_logits(fp8, prompt, 16, 40)
-    lens_a, k_a, v_a = _layer_pages(exact.cache, 0, row_a)
-    lens_b, k_b, v_b = _layer_pages(fp8.cache, 0, row_b)
+    lens_a, k_a, v_a, heads = _layer_pages(exact.cache, 0, row_a)
+    lens_b, k_b, v_b, _ = _layer_pages(fp8.cache, 0, row_b)
     assert torch.equal(lens_a, lens_b) and int(lens_a.sum()) < 0.8 * len(prompt) * lens_a.numel()  # merges
     assert k_b.dtype == FP8
-    assert torch.equal(k_b.float(), quantise(k_a, FP8).float())
-    assert torch.equal(v_b.float(), quantise(v_a, FP8).float())
+    k_scale, v_scale = (None, None) if scales is None else (scales.k[0][heads, None], scales.v[0][heads, None])
+    assert torch.equal(k_b.float(), quantise(k_a, FP8, k_scale).float())
+    assert torch.equal(v_b.float(), quantise(v_a, FP8, v_scale).float())
     seen = len(prompt) - fp8.cache.raw_held(len(prompt))
     torch.testing.assert_close(fp8.cache.window_prefix(0, row_b, seen), exact.cache.window_prefix(0, row_a, seen),
                                rtol=0, atol=0)
@@ -151,14 +161,15 @@ def test_fp8_triton_decode_equals_twins(mode):
 
 
 def test_pools_are_e4m3_and_hold_twice_the_pages_of_bf16():
-    """The pools are float8_e4m3fn with fp32 [L] scales of 1.0; the window and delay rings keep the model
+    """The pools are float8_e4m3fn with fp32 [L, H] scales of 1.0; the window and delay rings keep the model
     dtype; the memory plan counts a byte an element: the same KV memory gives twice bf16's pages."""
     model = dmc_model("qwen2", window=4, merge_delay=3)
     llm = _engine(model, kv_cache_dtype="fp8")
     cache = llm.cache
     assert cache.k_pool.dtype == FP8 and cache.v_pool.dtype == FP8
     assert cache.ring_kv.dtype == torch.float32 and cache.delay_kv.dtype == torch.float32
-    assert torch.equal(cache.k_scale, torch.ones(2)) and torch.equal(cache.v_scale, torch.ones(2))
+    ones = torch.ones(model.config.num_hidden_layers, model.config.num_key_value_heads)
+    assert torch.equal(cache.k_scale, ones) and torch.equal(cache.v_scale, ones)
     assert _engine(model).cache.k_pool.dtype == torch.float32  # auto: the model dtype
 
     plan = dict(dtype=torch.bfloat16, device="cpu", max_model_len=4096, max_num_seqs=8, window=12, vanilla=False,
@@ -202,19 +213,21 @@ def test_quality_benchmark_scores_auto_and_fp8_through_the_engine(tmp_path):
         (data / f"{i}.py").write_text(text)
     out = tmp_path / "out"
     assert kv_fp8_quality.main([str(model_dir), "--heldout", str(data), "--out", str(out), "--windows", "2",
-                                "--window-len", "48", "--chunk", "8", "--device", "cpu"]) == 0
+                                "--window-len", "48", "--chunk", "8", "--calibration-windows", "1",
+                                "--device", "cpu"]) == 0
     result = json.loads((out / "kv_fp8_quality.json").read_text())
     rows = {r["kv_cache_dtype"]: r for r in result["rows"]}
-    assert set(rows) == {"auto", "fp8"} and result["meta"]["gpu"] == "cpu"
+    assert set(rows) == {"auto", "fp8", "fp8-calibrated"} and result["meta"]["gpu"] == "cpu"
     for row in rows.values():
         assert row["model"] == str(model_dir) and row["windows"] == 2 and row["tokens"] == 2 * 47
         assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1
         assert row["realized_cr"] > 1.2  # merges happened
-    assert rows["fp8"]["perplexity"] != rows["auto"]["perplexity"]
-    assert abs(rows["fp8"]["perplexity"] / rows["auto"]["perplexity"] - 1) < 0.05
-    assert rows["fp8"]["realized_cr"] == pytest.approx(rows["auto"]["realized_cr"], rel=0.1)
+    for fp8 in ("fp8", "fp8-calibrated"):
+        assert rows[fp8]["perplexity"] != rows["auto"]["perplexity"]
+        assert abs(rows[fp8]["perplexity"] / rows["auto"]["perplexity"] - 1) < 0.05
+        assert rows[fp8]["realized_cr"] == pytest.approx(rows["auto"]["realized_cr"], rel=0.1)
     table = (out / "kv_fp8_quality.md").read_text()
-    assert "relative cost (fp8/auto − 1)" in table and "| dmc |" in table
+    assert "relative cost (fp8/auto − 1)" in table and "relative cost (calibrated)" in table and "| dmc |" in table
 
 
 def test_throughput_rows_of_fp8_pages_have_their_own_config_and_column():

@@ -21,7 +21,9 @@ with interpreter():
     from dmc.kernels import triton_kernels as T
 
 FP8 = torch.float8_e4m3fn
-K_SCALE, V_SCALE = torch.tensor([0.5, 2.0]), torch.tensor([1.5, 0.25])  # one per layer (LAYERS = 2)
+# One per (layer, KV head), all different: a kernel that read another head's or layer's scale would disagree.
+K_SCALE = torch.linspace(0.25, 2.0, LAYERS * HEADS).reshape(LAYERS, HEADS)
+V_SCALE = torch.linspace(1.5, 0.125, LAYERS * HEADS).reshape(LAYERS, HEADS)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -86,7 +88,8 @@ def test_fp8_decode_update_matches_twin_with_merges(d, groups, window):
         torch.testing.assert_close(q_rot, q_twin, rtol=1e-5, atol=1e-5)
         assert cache.k_pool.dtype == FP8 and torch.equal(cache.lens, twin.lens)
         # A one-ulp difference in the fp32 slot can round to the neighbouring e4m3 value: compare as values.
-        for got, want, scale in ((cache.k_pool, twin.k_pool, K_SCALE[layer]), (cache.v_pool, twin.v_pool, V_SCALE[layer])):
+        for got, want, scale in ((cache.k_pool, twin.k_pool, K_SCALE[layer].max()),
+                                  (cache.v_pool, twin.v_pool, V_SCALE[layer].max())):
             torch.testing.assert_close(got.float(), want.float(), rtol=0.07, atol=2.0 ** -9 * float(scale))
             assert (got.view(torch.uint8) != want.view(torch.uint8)).float().mean() < 1e-3
         torch.testing.assert_close(cache.ring, twin.ring, rtol=1e-5, atol=1e-5)

@@ -20,8 +20,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "--max-num-seqs sequences can use, at most 40%% of the available memory and 4 GiB)")
     # "auto" and the names of dmc.engine.llm.KV_CACHE_DTYPES (spelt out: this parser does not import torch)
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
-                        help="page pool dtype: auto (the model dtype) or fp8 (e4m3 pages, per-layer scales 1.0: twice "
-                             "the pages in the same memory; the DMC window state stays exact)")
+                        help="page pool dtype: auto (the model dtype) or fp8 (e4m3 pages, a scale per layer and KV head, "
+                             "1.0 unless --kv-scales: twice the pages in the same memory; the DMC window state "
+                             "stays exact)")
+    parser.add_argument("--kv-scales", default=None, metavar="PATH",
+                        help="fp8 scales per (layer, KV head), a safetensors file saved by "
+                             "LLM.calibrate_kv_scales(prompts).save(PATH) (needs --kv-cache-dtype fp8)")
     parser.add_argument("--vanilla", action="store_true", help="run a DMC model uncompressed (every token appends)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs (CUDA only)")
     parser.add_argument("--eviction", choices=["h2o", "tova"], default=None,
@@ -70,11 +74,13 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.kv_cache_memory_gib is not None and not args.kv_cache_memory_gib > 0:
         raise ValueError(f"--kv-cache-memory-gib must be > 0, got {args.kv_cache_memory_gib}")
+    if args.kv_scales is not None and args.kv_cache_dtype != "fp8":
+        raise ValueError("--kv-scales are the scales of an fp8 cache: add --kv-cache-dtype fp8")
     kv = None if args.kv_cache_memory_gib is None else int(args.kv_cache_memory_gib * 2**30)
     return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=kv, vanilla=args.vanilla,
                 cuda_graphs=not args.no_cuda_graphs, eviction=_eviction_policy(args),
-                kv_cache_dtype=args.kv_cache_dtype)
+                kv_cache_dtype=args.kv_cache_dtype, kv_scales=args.kv_scales)
 
 
 def load_errors() -> tuple[type[BaseException], ...]:

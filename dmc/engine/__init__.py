@@ -4,9 +4,10 @@
 """
 
 from .cache import CacheLayout, OutOfPages, PagedKVCache
+from .kv_scales import KVScales
 from .llm import LLM
 from .params import RequestOutput, SamplingParams
 from .scheduler import Request, RequestStatus
 
-__all__ = ["LLM", "CacheLayout", "OutOfPages", "PagedKVCache", "Request", "RequestOutput", "RequestStatus",
+__all__ = ["LLM", "CacheLayout", "KVScales", "OutOfPages", "PagedKVCache", "Request", "RequestOutput", "RequestStatus",
            "SamplingParams"]

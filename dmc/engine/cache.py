@@ -13,8 +13,9 @@ importances (fp32), for an unbounded one the running sums (fp32); see
 CUDA-graph bucket.
 
 FP8 pages (``kv_cache_dtype="fp8"``): the pools hold e4m3 (``torch.float8_e4m3fn``, 1 byte an element, so
-the same memory holds twice the pages of bf16) with a k and a v scale per layer (``k_scale``, ``v_scale`` fp32
-``[L]``, all 1.0: no calibration, as vLLM without one). Only the stored slot is quantised, by the rule of
+the same memory holds twice the pages of bf16) with a k and a v scale per (layer, KV head) (``k_scale``,
+``v_scale`` fp32 ``[L, H]``): 1.0 until :meth:`PagedKVCache.set_kv_scales` sets calibrated ones
+(:meth:`dmc.engine.LLM.calibrate_kv_scales`). Only the stored slot is quantised, by the rule of
 :func:`dmc.kernels.reference.quantise` / ``dequantise``; the window state and the delay ring stay in fp32 /
 the model dtype, so merges sum exact values.
 
@@ -44,7 +45,7 @@ import torch
 
 from .. import core
 from ..hf.cache import DMCCache, SlotCacheLayer
-from ..kernels.reference import dequantise, quantise
+from ..kernels.reference import dequantise, head_scales, quantise
 
 
 # --------------------------------------------------------------------------- cache operations
@@ -282,10 +283,13 @@ class PagedKVCache:
         d, p = layout.head_dim, layout.page_size
         self.k_pool = torch.zeros(layout.num_pages, p, d, dtype=self.kv_dtype, device=self.device)
         self.v_pool = torch.zeros(layout.num_pages, p, d, dtype=self.kv_dtype, device=self.device)
-        # Per-layer scales of fp8 pools: 1.0, uncalibrated (e4m3 covers ±448, far beyond the k, v of the
-        # models we run). Kept for every dtype (the kernels ignore them unless the pools are fp8).
-        self.k_scale = torch.ones(lay, dtype=torch.float32, device=self.device)
-        self.v_scale = torch.ones(lay, dtype=torch.float32, device=self.device)
+        # Scales of fp8 pools per (layer, KV head): 1.0 until calibrated (set_kv_scales; e4m3 covers ±448, far
+        # beyond the k, v of the models we run, but small heads fall into its subnormals). Kept for every dtype
+        # (the kernels ignore them unless the pools are fp8). Updated in place: captured graphs read them.
+        self.k_scale = torch.ones(lay, h, dtype=torch.float32, device=self.device)
+        self.v_scale = torch.ones(lay, h, dtype=torch.float32, device=self.device)
+        # Calibration (observe_kv): the largest |k|, |v| of the states prefill stores, per (layer, KV head).
+        self.kv_amax: tuple[torch.Tensor, torch.Tensor] | None = None
         self.page_table = torch.zeros(lay, rows, h, layout.pages_per_head, dtype=torch.int32, device=self.device)
         self.lens = torch.zeros(lay, rows, h, dtype=torch.int32, device=self.device)
         # Window state (only what the mode needs; the kernels take all three tensors).
@@ -306,6 +310,36 @@ class PagedKVCache:
         self.free_top = torch.tensor([layout.num_pages - 1], dtype=torch.int64, device=self.device)
         self._free_rows = list(range(layout.max_seqs))[::-1]
         self.scratch_row = layout.max_seqs
+
+    # ------------------------------------------------------------------ fp8 scales
+    def set_kv_scales(self, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
+        """Set the fp8 scales ``[L, H]`` (stored = clamp(x / scale, ±448)). Only while no slot is stored: slots
+        written with the old scales would be read with the new ones."""
+        shape = tuple(self.k_scale.shape)
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if tuple(scale.shape) != shape:
+                raise ValueError(f"{name} must be [num_layers, num_kv_heads] = {list(shape)}, got {list(scale.shape)}")
+            if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+                raise ValueError(f"{name} must be finite and positive")
+        if bool(self.lens.any()):
+            raise RuntimeError("fp8 scales can only change while the cache stores no slot: finish or abort every "
+                               "request first")
+        self.k_scale.copy_(k_scale.to(self.k_scale))
+        self.v_scale.copy_(v_scale.to(self.v_scale))
+
+    def observe_kv(self, on: bool) -> None:
+        """Start (zeroed) or stop recording :attr:`kv_amax` from what prefill stores."""
+        self.kv_amax = (torch.zeros_like(self.k_scale), torch.zeros_like(self.v_scale)) if on else None
+
+    def store_states(self, layer: int, flat: torch.Tensor, k_states: torch.Tensor, v_states: torch.Tensor) -> None:
+        """Write prefill's states ``[H, n, D]`` (head h's at the flat pool slots ``flat`` ``[H * n]``), fp8 pools
+        quantised with the layer's per-head scales as the decode kernels do; record their range while observing."""
+        d = k_states.shape[-1]
+        if self.kv_amax is not None:
+            for amax, states in zip(self.kv_amax, (k_states, v_states)):
+                amax[layer] = torch.maximum(amax[layer], states.detach().abs().amax(dim=(1, 2)).float())
+        self.k_pool.view(-1, d)[flat] = quantise(k_states, self.kv_dtype, self.k_scale[layer][:, None, None]).reshape(-1, d)
+        self.v_pool.view(-1, d)[flat] = quantise(v_states, self.kv_dtype, self.v_scale[layer][:, None, None]).reshape(-1, d)
 
     # ------------------------------------------------------------------ accounting
     def free_page_count(self) -> int:
@@ -534,8 +568,8 @@ class _LayerView(SlotCacheLayer):
                                        cache.layout.page_size)
         slots = torch.arange(keys.shape[-2], device=like.device)
         base = lens - core.merges_into_last(alpha[..., 0], lens, valid[:, 0]).long()
-        keys = dequantise(keys, cache.k_scale[self.layer]).to(like.dtype)  # fp8 pools: the stored values
-        values = dequantise(values, cache.v_scale[self.layer]).to(like.dtype)
+        keys = dequantise(keys, head_scales(cache.k_scale, self.layer)).to(like.dtype)  # fp8: the stored values
+        values = dequantise(values, head_scales(cache.v_scale, self.layer)).to(like.dtype)
         return keys, values, slots[None, None, :] < base[..., None]
 
     def commit(self, alpha, valid, k_bar, v_bar, prefix, terms, sums) -> None:
@@ -554,13 +588,9 @@ class _LayerView(SlotCacheLayer):
         slot = slot.gather(1, end)
         page = cache.page_table[self.layer, self.row].gather(1, slot // p).long()
         flat = torch.where(found, page * p + slot % p, 0).flatten()
-        d = k_bar.shape[-1]
-        rows = end[..., None].expand(-1, -1, d)
+        rows = end[..., None].expand(-1, -1, k_bar.shape[-1])
         # fp8 pools: quantised as the decode kernels do (the window state below stays exact).
-        cache.k_pool.view(-1, d)[flat] = quantise(k_bar[0].gather(1, rows).reshape(-1, d), cache.kv_dtype,
-                                                  cache.k_scale[self.layer])
-        cache.v_pool.view(-1, d)[flat] = quantise(v_bar[0].gather(1, rows).reshape(-1, d), cache.kv_dtype,
-                                                  cache.v_scale[self.layer])
+        cache.store_states(self.layer, flat, k_bar[0].gather(1, rows), v_bar[0].gather(1, rows))
         cache.lens[self.layer, self.row] = new_lens.to(torch.int32)
         if not cache.layout.vanilla:
             width = cache.layout.ring_width
@@ -592,10 +622,7 @@ def commit_packed(views: list[_LayerView], packed, alpha, k_bar, v_bar, tail_alp
     page = cache.page_table[layer][packed.row_of_token[None, :], heads, slot // p].long()
     flat = (page * p + slot % p).flatten()
     rows = end[..., None].expand(-1, -1, d)
-    cache.k_pool.view(-1, d)[flat] = quantise(k_bar[0].gather(1, rows).reshape(-1, d), cache.kv_dtype,
-                                              cache.k_scale[layer])
-    cache.v_pool.view(-1, d)[flat] = quantise(v_bar[0].gather(1, rows).reshape(-1, d), cache.kv_dtype,
-                                              cache.v_scale[layer])
+    cache.store_states(layer, flat, k_bar[0].gather(1, rows), v_bar[0].gather(1, rows))
     cache.lens[layer, packed.rows] = new_lens.T.to(torch.int32)
     if not cache.layout.vanilla:
         window = cache.layout.window

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..baselines.eviction import EvictionPolicy, keep_scores, kept_slots, slot_attention
-from ..kernels.reference import dequantise
+from ..kernels.reference import dequantise, head_scales
 from .cache import CacheLayout, PagedKVCache, SequenceView, _LayerView, gather_slots
 
 
@@ -76,7 +76,7 @@ class EngineEviction:
         positions = positions.masked_fill(~visible[0], -1)[None]  # [1, H, S]
         scores = (self.scores[layer, row][:, kept_before] * earlier)[None] if self.h2o else None
         query_positions = seen + torch.arange(q.shape[-2], device=cache.device)[None]
-        scored = dequantise(keys, cache.k_scale[layer])  # fp8: the stored values (fp32); else keys itself
+        scored = dequantise(keys, head_scales(cache.k_scale, layer))  # fp8: the stored values (fp32); else keys itself
         attention = slot_attention(q, scored, positions, query_positions, scale, valid, last_only=not self.h2o)
         keep, scores = keep_scores(self.policy, attention, scores, positions)
         if keys.shape[-2] > budget:
@@ -118,7 +118,7 @@ class EngineEviction:
         slot_pos.scatter_(2, last, positions.long()[:, None, None].expand_as(last))
         slot_pos = slot_pos.masked_fill(~visible, -1)
         scores = self.scores[layer, rows].scatter_(2, last, 0.0) if self.h2o else None
-        keys = dequantise(keys, cache.k_scale[layer])  # fp8: the stored values (fp32)
+        keys = dequantise(keys, head_scales(cache.k_scale, layer))  # fp8: the stored values (fp32)
         attention = slot_attention(q_rot[:, :, None, :], keys, slot_pos, positions.long()[:, None], scale,
                                    active[:, None], last_only=not self.h2o)
         keep, scores = keep_scores(self.policy, attention, scores, slot_pos)

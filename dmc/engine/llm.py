@@ -13,6 +13,7 @@ from ..hf.convert import fold_logit_scale
 from ..stats import CompressionStats
 from .cache import CacheLayout, PagedKVCache
 from .eviction import EngineEviction
+from .kv_scales import DEFAULT_HEADROOM, KVScales
 from .params import RequestOutput, SamplingParams
 from .runner import ModelRunner, load_model
 from .sampling import SamplingBatch, sample, to_device
@@ -59,8 +60,9 @@ class LLM:
         forced_period: benchmarks only: replace the decision channel by α_t = 1[t % period != 0]
             so that random weights compress at exactly CR = period.
         kv_cache_dtype: the page pools' dtype: "auto" (the model dtype) or "fp8" (e4m3, 1 byte an element:
-            the same ``kv_cache_memory`` holds twice the pages of bf16). fp8 scales are per layer and 1.0
-            (no calibration, as vLLM without one; e4m3 spans ±448). Only the stored slots are quantised:
+            the same ``kv_cache_memory`` holds twice the pages of bf16), with a k and a v scale per (layer,
+            KV head): 1.0 (e4m3 spans ±448) unless ``kv_scales`` or :meth:`calibrate_kv_scales` sets them
+            (:mod:`dmc.engine.kv_scales`). Only the stored slots are quantised:
             the DMC window state and the delayed-merging ring stay in fp32 / the model dtype, so merges sum
             exact values; attention inside a prefill chunk uses the chunk's exact keys.
         eviction: an H2O or TOVA :class:`~dmc.baselines.EvictionPolicy`: the fixed-budget eviction
@@ -68,6 +70,8 @@ class LLM:
             for real (:mod:`dmc.engine.eviction`). The model runs uncompressed: a plain model, or a
             DMC one with ``vanilla=True`` (a DMC model that merges is refused). Decode steps are
             slower than plain ones (the slots' attention probabilities are recomputed in PyTorch).
+        kv_scales: fp8 scales (a :class:`~dmc.engine.kv_scales.KVScales` or the path of one saved by
+            :meth:`KVScales.save`); only with ``kv_cache_dtype="fp8"``.
         seed: draws the seeds of requests that do not give one.
 
     A model with delayed merging (``merge_delay`` > 0 in its DMC config) runs exactly (the HF path's
@@ -80,7 +84,7 @@ class LLM:
                  kv_cache_memory: int | None = None, admission_margin: float = 0.1, cuda_graphs: bool = True,
                  prefill_chunk: int = 4096, prefill_attention: str = "auto", vanilla: bool = False, forced_period: int = 0, seed: int = 0,
                  progress: bool = True, eviction: EvictionPolicy | None = None,
-                 kv_cache_dtype: str = "auto") -> None:
+                 kv_cache_dtype: str = "auto", kv_scales: KVScales | str | None = None) -> None:
         self.device = resolve_device(device)
         if kv_cache_dtype != "auto" and kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be 'auto' (the model dtype) or one of {', '.join(KV_CACHE_DTYPES)} "
@@ -98,6 +102,8 @@ class LLM:
             dtype = next(model.parameters()).dtype  # a loaded model keeps its dtype
         self.dtype = _resolve_dtype(dtype, self.device)
         self.kv_cache_dtype = self.dtype if kv_cache_dtype == "auto" else KV_CACHE_DTYPES[kv_cache_dtype]
+        if kv_scales is not None and self.kv_cache_dtype != torch.float8_e4m3fn:
+            raise ValueError("kv_scales are the scales of an fp8 cache: pass kv_cache_dtype='fp8' with them")
         if isinstance(model, torch.nn.Module):
             self.model, plain = model.to(device=self.device, dtype=self.dtype).eval(), False
         else:
@@ -141,6 +147,9 @@ class LLM:
                 lambda shape: EngineEviction.sequence_bytes(shape, eviction)), merge_delay=self.dmc.merge_delay,
             kv_dtype=self.kv_cache_dtype)
         self.cache = PagedKVCache(layout, self.dtype, self.device, kv_dtype=self.kv_cache_dtype)
+        if kv_scales is not None:
+            scales = kv_scales if isinstance(kv_scales, KVScales) else KVScales.load(kv_scales)
+            self.cache.set_kv_scales(scales.k, scales.v)
         self.runner = ModelRunner(self.model, self.cache, vanilla=self.vanilla, forced_period=forced_period,
                                   eviction=None if eviction is None else EngineEviction(eviction, self.cache))
         prior = 1.0 if self.vanilla else float(forced_period or self.dmc.target_cr or 1.0)
@@ -206,6 +215,35 @@ class LLM:
             vars(self.scheduler.estimate).update(estimate)
             self._next_id = next_id
         return {"prompt_lengths": lengths, "graph_buckets": graphs}
+
+    def calibrate_kv_scales(self, prompts: Sequence[str | list[int]],
+                            headroom: float = DEFAULT_HEADROOM) -> KVScales:
+        """Prefill ``prompts`` (one generated token each) while recording the largest |k|, |v| that every
+        (layer, KV head) stores, and return the scales that map ``headroom`` times them to e4m3's 448
+        (:mod:`dmc.engine.kv_scales`). An fp8 engine also starts using them; any engine can calibrate scales
+        to save (:meth:`KVScales.save`) for an fp8 one. Call it before serving (ValueError with unfinished
+        requests); the admission's CR estimate and the request ids are left as they were."""
+        if self.has_unfinished():
+            raise ValueError("calibrate_kv_scales() runs with no request in flight: this engine has unfinished ones")
+        if isinstance(prompts, (str, torch.Tensor)) or not prompts:
+            raise ValueError("calibrate_kv_scales() takes a non-empty list of prompts (text or token ids)")
+        estimate, next_id = vars(self.scheduler.estimate).copy(), self._next_id
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, seed=0)
+        self.cache.observe_kv(True)
+        try:
+            outputs = self.generate(list(prompts), params)
+            amax = self.cache.kv_amax
+        finally:
+            self.cache.observe_kv(False)
+            vars(self.scheduler.estimate).update(estimate)
+            self._next_id = next_id
+        failed = [o for o in outputs if o.finish_reason == "error"]
+        if failed:
+            raise ValueError(f"{len(failed)} calibration prompt(s) were refused: {failed[0].error}")
+        scales = KVScales.from_amax(*amax, headroom=headroom)
+        if self.kv_cache_dtype == torch.float8_e4m3fn:
+            self.cache.set_kv_scales(scales.k, scales.v)
+        return scales
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
         """Queue one request (the server's entry point); run :meth:`step` to advance it."""

@@ -11,9 +11,9 @@ paged split-K attention (then, for the H2O/TOVA baselines, :mod:`dmc.engine.evic
 the last layer the allocator tops up pages. Without host syncs it is captured in CUDA graphs, one
 per batch-size bucket.
 
-FP8 pages (``kv_cache_dtype="fp8"``): the kernels get the cache's per-layer ``k_scale``/``v_scale`` and
+FP8 pages (``kv_cache_dtype="fp8"``): the kernels get the cache's ``k_scale``/``v_scale`` (per layer and KV head) and
 quantise the slot they write, dequantise what they read; prefill does the same in the
-:class:`SequenceView` (``commit`` and ``visible_slots``).
+:class:`SequenceView` (``commit`` and ``visible_slots``, through ``PagedKVCache.store_states``).
 
 Delayed merging (``merge_delay`` w > 0): every head also holds its last w tokens raw, in the cache's
 delay ring. A decode step puts the new token there; the token it replaces (w older) goes through the
@@ -232,7 +232,7 @@ class ModelRunner:
         b = hidden.shape[0]
         cos, sin = self.base.rotary_emb(hidden[:, None], positions.long()[:, None])
         cos, sin = cos[:, 0], sin[:, 0]
-        scales = dict(k_scale=cache.k_scale, v_scale=cache.v_scale)  # per layer; used only by fp8 pools
+        scales = dict(k_scale=cache.k_scale, v_scale=cache.v_scale)  # [L, H]; used only by fp8 pools
         if self.delay:
             leave_cos, leave_sin = self._enter_delay_ring(hidden, cos, sin, positions, seq_ids)
         layers = self.base.layers

@@ -27,9 +27,9 @@ from .. import core
 
 
 # --------------------------------------------------------------------------- FP8 pages
-# kv_cache_dtype="fp8": the pools hold e4m3 (torch.float8_e4m3fn) and every layer has a k and a v scale
-# (``k_scale``, ``v_scale`` fp32 ``[L]``; None = 1.0): stored = clamp(x / scale, ±448) cast to e4m3, read =
-# fp32(stored) * scale. Only the pages are quantised; the DMC window state (ring, sums) and the delayed-merging
+# kv_cache_dtype="fp8": the pools hold e4m3 (torch.float8_e4m3fn) and every (layer, KV head) has a k and a v
+# scale (``k_scale``, ``v_scale`` fp32 ``[L, H]``; None = 1.0): stored = clamp(x / scale, ±448) cast to e4m3,
+# read = fp32(stored) * scale. Only the pages are quantised; the DMC window state (ring, sums) and the delayed-merging
 # ring stay in fp32 / the model dtype, and a merge rewrites the last slot from that exact state.
 FP8_MAX = 448.0  # largest finite e4m3fn value
 
@@ -40,7 +40,7 @@ def is_fp8(dtype: torch.dtype) -> bool:
 
 def quantise(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` as pool elements of ``dtype``: a plain cast, or for fp8 ``clamp(x / scale, ±448)`` rounded to
-    nearest even (a scalar ``scale`` tensor or None = 1)."""
+    nearest even (``scale`` a tensor that broadcasts over ``x``, or None = 1)."""
     if not is_fp8(dtype):
         return x.to(dtype)
     x = x.float() if scale is None else x.float() / scale
@@ -54,8 +54,15 @@ def dequantise(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tens
     return x.float() if scale is None else x.float() * scale
 
 
-def _scale(scales: torch.Tensor | None, layer: int) -> torch.Tensor | None:
-    return None if scales is None else scales[layer]
+def head_scales(scales: torch.Tensor | None, layer: int) -> torch.Tensor | None:
+    """The ``[H, 1, 1]`` scales of ``layer``'s KV heads (from ``[L, H]``), to broadcast over ``[..., H, S, D]``
+    slots; None stays None (1.0)."""
+    return None if scales is None else scales[layer][:, None, None]
+
+
+def _row_scales(scales: torch.Tensor | None, layer: int) -> torch.Tensor | None:
+    """``layer``'s scales ``[H, 1]``, to broadcast over one token's ``[B, H, D]``."""
+    return None if scales is None else scales[layer][:, None]
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -81,7 +88,7 @@ def decode_update_ref(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_poo
         init_offset: c. window: W or None. vanilla: plain attention (α = 0, ω = 1, channel
             D-1 kept). page_size: P. forced_period: benchmarks only; > 0 replaces the decision
             channel by α_t = 1[t % period != 0] (every head compresses at CR = period).
-        k_scale, v_scale: per-layer fp32 scales ``[L]`` of fp8 pools (None = 1.0; ignored otherwise).
+        k_scale, v_scale: per-(layer, KV head) fp32 scales ``[L, H]`` of fp8 pools (None = 1.0; ignored otherwise).
 
     Returns:
         ``(q_rot, alpha)``: rotated queries ``[B, H*G, D]`` (channel D-1 zeroed unless vanilla)
@@ -155,8 +162,8 @@ def commit_token_ref(kf, vf, alpha, weight, cos, sin, seq_ids, pos, layer: int, 
     slot = old - core.merges_into_last(alpha, old).long()  # a merge overwrites the last slot
     page = page_table[layer, rows[:, None], torch.arange(h, device=kf.device)[None], slot // page_size].long()
     sel = active[:, None].expand(b, h)
-    k_pool[page[sel], (slot % page_size)[sel]] = quantise(k_bar[sel], k_pool.dtype, _scale(k_scale, layer))
-    v_pool[page[sel], (slot % page_size)[sel]] = quantise(v_bar[sel], v_pool.dtype, _scale(v_scale, layer))
+    k_pool[page[sel], (slot % page_size)[sel]] = quantise(k_bar, k_pool.dtype, _row_scales(k_scale, layer))[sel]
+    v_pool[page[sel], (slot % page_size)[sel]] = quantise(v_bar, v_pool.dtype, _row_scales(v_scale, layer))[sel]
     lens[layer, rows[active]] = (slot + 1)[active].to(lens.dtype)
     if vanilla:
         pass
@@ -233,8 +240,8 @@ def _row_slots(k_pool, v_pool, page_table, lens, seq_ids, layer: int, page_size:
     length = lens[layer, rows].long() * (seq_ids >= 0)[:, None]  # [B, H]
     slots = torch.arange(max(int(length.max()) if length.numel() else 0, 1), device=k_pool.device)
     pages = page_table[layer, rows][..., slots // page_size].long()  # [B, H, S_max]
-    keys = dequantise(k_pool[pages, slots % page_size], _scale(k_scale, layer))
-    values = dequantise(v_pool[pages, slots % page_size], _scale(v_scale, layer))
+    keys = dequantise(k_pool[pages, slots % page_size], head_scales(k_scale, layer))
+    values = dequantise(v_pool[pages, slots % page_size], head_scales(v_scale, layer))
     return keys, values, slots < length[..., None]
 
 
@@ -257,7 +264,7 @@ def paged_decode_attention_ref(q, k_pool, v_pool, page_table, lens, seq_ids, lay
     """Attention of one query per row over its heads' slots (GQA: G query heads per KV head).
 
     ``q``: rotated queries ``[B, H*G, D]``. Returns ``[B, H*G, D]`` (zeros on skipped rows). fp8 pools are
-    read as ``fp32 * k_scale[layer]`` / ``v_scale[layer]`` (None = 1.0).
+    read as ``fp32 * k_scale[layer, head]`` / ``v_scale[layer, head]`` (None = 1.0).
     """
     keys, values, visible = _row_slots(k_pool, v_pool, page_table, lens, seq_ids, layer, page_size, k_scale, v_scale)
     return _grouped_attention(q, keys, values, visible, scale)

@@ -13,7 +13,7 @@ They reuse the building blocks of :mod:`.triton_kernels`: the decision (``_decis
   visible) and merges that partial with the splits' by their log-sum-exp: one softmax over both.
 
 FP8 pools (``torch.float8_e4m3fn``) as in :mod:`.triton_kernels`: the leaving token's slot is quantised with
-the layer's scales (``_to_pool``), the split stage reads e4m3 with them; the delay ring is never quantised.
+its (layer, KV head)'s scales (``_to_pool``), the split stage reads e4m3 with them; the delay ring is never quantised.
 
 Like :mod:`.triton_kernels`, the wrappers never read device memory on the host and allocate only
 data-independent shapes, so a delayed decode step can be captured in a CUDA graph.
@@ -33,14 +33,14 @@ from .triton_kernels import (_attention_pool_args, _attention_split_kernel, _che
 # --------------------------------------------------------------------------- decode update
 @triton.jit
 def _commit(k, v, alpha, weight, cos, sin, t, head, dims, side, last, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr,
-            ring_ptr, ring_kv_ptr, ring_w_ptr, k_scale_ptr, v_scale_ptr, layer, D: tl.constexpr, M: tl.constexpr,
+            ring_ptr, ring_kv_ptr, ring_w_ptr, k_scale_ptr, v_scale_ptr, scale_index, D: tl.constexpr, M: tl.constexpr,
             R: tl.constexpr, R_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, UNBOUNDED: tl.constexpr,
             FP8: tl.constexpr):
     """One token of one head through the DMC update (:func:`.reference.commit_token_ref`): window sums,
     k̄ rotated at the token's position with channel D-1 zeroed, slot write (a merge overwrites the last
     slot), lens bump. ``k``, ``v`` fp32 ``[1, 2, D/2]`` (k channel D-1 zeroed); ``head`` indexes lens,
-    page table and window state. fp8 pools: the slot is quantised with the layer's scales (only the slot:
-    the window state stays exact)."""
+    page table and window state. fp8 pools: the slot is quantised with the scales at ``scale_index`` (its
+    (layer, KV head)'s; only the slot: the window state stays exact)."""
     head64 = head.to(tl.int64)
     k_sum, v_sum, z_sum = _window_sums(ring_ptr + head64 * (2 * D + 1), ring_kv_ptr + head64 * (R * 2 * D),
                                        ring_w_ptr + head64 * R, k, v, weight, alpha, t, dims, D, R, R_PAD, UNBOUNDED)
@@ -50,8 +50,8 @@ def _commit(k, v, alpha, weight, cos, sin, t, head, dims, side, last, k_pool_ptr
     slot = tl.where((alpha > 0.5) & (old > 0), old - 1, old)
     page = tl.load(table_ptr + head64 * M + slot // PAGE_SIZE)
     at = page.to(tl.int64) * (PAGE_SIZE * D) + (slot % PAGE_SIZE) * D + dims
-    tl.store(k_pool_ptr + at, _to_pool(k_rot, k_scale_ptr, layer, k_pool_ptr.dtype.element_ty, FP8))
-    tl.store(v_pool_ptr + at, _to_pool(v_sum / z, v_scale_ptr, layer, v_pool_ptr.dtype.element_ty, FP8))
+    tl.store(k_pool_ptr + at, _to_pool(k_rot, k_scale_ptr, scale_index, k_pool_ptr.dtype.element_ty, FP8))
+    tl.store(v_pool_ptr + at, _to_pool(v_sum / z, v_scale_ptr, scale_index, v_pool_ptr.dtype.element_ty, FP8))
     tl.store(lens_ptr + head, slot + 1)
 
 
@@ -103,7 +103,7 @@ def _delayed_update_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, leave_cos_ptr,
         leave_sin = tl.load(leave_sin_ptr + b * D + dims).to(tl.float32)
         _commit(k_old, v_old, alpha_old, weight_old, leave_cos, leave_sin, t - W, head, dims, side, last,
                 k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, ring_ptr, ring_kv_ptr, ring_w_ptr, k_scale_ptr,
-                v_scale_ptr, layer, D, M, R, R_PAD, PAGE_SIZE, UNBOUNDED, FP8)
+                v_scale_ptr, layer * H + h, D, M, R, R_PAD, PAGE_SIZE, UNBOUNDED, FP8)
     tl.debug_barrier()  # every thread has read the leaving entry before it is overwritten
     dtype = delay_kv_ptr.dtype.element_ty
     tl.store(raw + dims, k.to(dtype))
@@ -135,7 +135,7 @@ def delayed_decode_update(q, k, v, cos, sin, leave_cos, leave_sin, seq_ids, pos,
         ROWS=lens.shape[1], H=h, G=hq // h, G_PAD=triton.next_power_of_2(hq // h), D=d, M=page_table.shape[-1],
         R=width, R_PAD=triton.next_power_of_2(width), W=delay_kv.shape[3], PAGE_SIZE=page_size,
         UNBOUNDED=window is None, FLOOR=core.IMPORTANCE_FLOOR,
-        **_pool_args(q, k_pool, k_scale, v_scale, layer), num_warps=1)
+        **_pool_args(q, k_pool, k_scale, v_scale, layer, h), num_warps=1)
     return q_rot, alpha
 
 
@@ -212,7 +212,7 @@ def delayed_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, pos, 
         q, k_pool, v_pool, page_table, lens, seq_ids, part_out, part_lse, layer, scale_log2, q.stride(0), q.stride(1),
         ROWS=lens.shape[1], H=h, G=g, G_PAD=max(16, triton.next_power_of_2(g)) if use_dot else 1, D=d,
         M=page_table.shape[-1], PAGE_SIZE=page_size, PAGES=_pages_per_iteration(d, page_size), SPLITS=splits,
-        USE_DOT=use_dot, **_attention_pool_args(q, k_pool, k_scale, v_scale, layer),
+        USE_DOT=use_dot, **_attention_pool_args(q, k_pool, k_scale, v_scale, layer, h),
         num_warps=num_warps)
     delay = delay_kv.shape[3]
     _window_reduce_kernel[(b * hq,)](

@@ -9,8 +9,8 @@ kernels index them from their shapes, which makes the page stride a compile-time
 vectorised loads). q/k/v may be strided views of a projection output (last dim contiguous).
 
 FP8 pools (``torch.float8_e4m3fn``, ``kv_cache_dtype="fp8"``): the update stores ``clamp(x / scale, ±448)``
-as e4m3, attention reads e4m3 (exact in the query dtype) and applies the per-layer scales to the scores and
-the output; ``k_scale``/``v_scale`` fp32 ``[L]`` (None = 1.0), as the twins define.
+as e4m3, attention reads e4m3 (exact in the query dtype) and applies the (layer, KV head)'s scales to the scores
+and the output; ``k_scale``/``v_scale`` fp32 ``[L, H]`` (None = 1.0), as the twins define.
 """
 
 from __future__ import annotations
@@ -64,24 +64,34 @@ def _fp8_grid(x):
 
 
 @triton.jit
-def _to_pool(x, scale_ptr, layer, dtype: tl.constexpr, FP8: tl.constexpr):
-    """fp32 ``x`` as pool elements: a cast, or for fp8 ``clamp(x / scale[layer], ±448)`` as e4m3 (the twin's
-    :func:`.reference.quantise`)."""
+def _to_pool(x, scale_ptr, scale_index, dtype: tl.constexpr, FP8: tl.constexpr):
+    """fp32 ``x`` as pool elements: a cast, or for fp8 ``clamp(x / scale, ±448)`` as e4m3 with the scale at
+    ``scale_index`` (``layer * H + head`` of ``[L, H]``; the twin's :func:`.reference.quantise`)."""
     if FP8:
-        x = x / tl.load(scale_ptr + layer)
+        x = x / tl.load(scale_ptr + scale_index)
         x = _fp8_grid(tl.minimum(tl.maximum(x, -448.0), 448.0))
     return x.to(dtype)
 
 
-def _scales(scale: torch.Tensor | None, layer: int, device) -> torch.Tensor:
-    """A per-layer scale vector for the kernels (None: ones, a data-independent allocation)."""
-    return torch.ones(layer + 1, dtype=torch.float32, device=device) if scale is None else scale
+def _scales(scale: torch.Tensor | None, layer: int, heads: int, device) -> torch.Tensor:
+    """The ``[L, H]`` scales for the kernels, checked (None: ones, a data-independent allocation)."""
+    if scale is None:
+        return torch.ones(layer + 1, heads, dtype=torch.float32, device=device)
+    if scale.dim() != 2 or scale.shape[1] != heads or scale.shape[0] <= layer or scale.dtype != torch.float32 \
+            or not scale.is_contiguous():
+        raise ValueError(f"fp8 scales must be contiguous fp32 [num_layers, num_kv_heads={heads}] covering layer "
+                         f"{layer}, got {scale.dtype} {tuple(scale.shape)}")
+    return scale
 
 
-def _pool_args(q, k_pool, k_scale, v_scale, layer: int) -> dict:
-    """The kernel arguments that follow from the pools' dtype: ``FP8`` and the per-layer scale vectors."""
-    return dict(k_scale_ptr=_scales(k_scale, layer, q.device), v_scale_ptr=_scales(v_scale, layer, q.device),
-                FP8=k_pool.dtype == torch.float8_e4m3fn)
+def _pool_args(q, k_pool, k_scale, v_scale, layer: int, heads: int) -> dict:
+    """The kernel arguments that follow from the pools' dtype: ``FP8`` and the (layer, KV head) scales."""
+    fp8 = k_pool.dtype == torch.float8_e4m3fn
+    if not fp8:  # never read: no check, and the tensors of the graph-captured step stay what they are
+        ones = torch.ones(1, dtype=torch.float32, device=q.device) if k_scale is None else k_scale
+        return dict(k_scale_ptr=ones, v_scale_ptr=ones if v_scale is None else v_scale, FP8=False)
+    return dict(k_scale_ptr=_scales(k_scale, layer, heads, q.device),
+                v_scale_ptr=_scales(v_scale, layer, heads, q.device), FP8=True)
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -94,11 +104,12 @@ def fp8_read_dtype(q_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if q_dtype == torch.float32 else torch.float16
 
 
-def _attention_pool_args(q, k_pool, k_scale, v_scale, layer: int, read_dtype: torch.dtype | None = None) -> dict:
+def _attention_pool_args(q, k_pool, k_scale, v_scale, layer: int, heads: int,
+                         read_dtype: torch.dtype | None = None) -> dict:
     """:func:`_pool_args` plus the dtype fp8 pages are read in (``read_dtype``, default :func:`fp8_read_dtype`)
     and the dots' precision of the split stage: exact (ieee) when its operands are fp32 (fp32 pools, or fp8
     pools read in fp32), else tf32."""
-    args = _pool_args(q, k_pool, k_scale, v_scale, layer)
+    args = _pool_args(q, k_pool, k_scale, v_scale, layer, heads)
     read = (read_dtype or fp8_read_dtype(q.dtype)) if args["FP8"] else k_pool.dtype
     return {**args, "READ": _TL_DTYPES[read], "PRECISION": "ieee" if read == torch.float32 else "tf32"}
 
@@ -240,8 +251,8 @@ def _decode_update_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, seq_ptr, pos_pt
     page = tl.load(table_ptr + head.to(tl.int64) * M + slot // PAGE_SIZE)
     at = page.to(tl.int64) * (PAGE_SIZE * D) + (slot % PAGE_SIZE) * D + dims
     # Only this slot is quantised: on a merge it is rewritten from the fp32 sums, never read back.
-    tl.store(k_pool_ptr + at, _to_pool(k_rot, k_scale_ptr, layer, k_pool_ptr.dtype.element_ty, FP8))
-    tl.store(v_pool_ptr + at, _to_pool(v_bar, v_scale_ptr, layer, v_pool_ptr.dtype.element_ty, FP8))
+    tl.store(k_pool_ptr + at, _to_pool(k_rot, k_scale_ptr, layer * H + h, k_pool_ptr.dtype.element_ty, FP8))
+    tl.store(v_pool_ptr + at, _to_pool(v_bar, v_scale_ptr, layer * H + h, v_pool_ptr.dtype.element_ty, FP8))
     tl.store(lens_ptr + head, slot + 1)
 
 
@@ -266,7 +277,7 @@ def decode_update(q, k, v, cos, sin, seq_ids, pos, layer: int, k_pool, v_pool, p
         ROWS=lens.shape[1], H=h, G=hq // h, G_PAD=triton.next_power_of_2(hq // h), D=d,
         M=page_table.shape[-1], R=width, R_PAD=triton.next_power_of_2(width), PAGE_SIZE=page_size,
         VANILLA=vanilla, UNBOUNDED=window is None, FLOOR=core.IMPORTANCE_FLOOR,
-        **_pool_args(q, k_pool, k_scale, v_scale, layer), num_warps=1)
+        **_pool_args(q, k_pool, k_scale, v_scale, layer, page_table.shape[2]), num_warps=1)
     return q_rot, alpha
 
 
@@ -290,7 +301,7 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
     accumulate per slot row in a ``[BLOCK, D]`` register tile that reduces once at the end (``ACC_ROWS`` =
     BLOCK: no cross-warp reduction in the loop). FP8 pools: e4m3 is converted to ``READ``
     (exactly; fp16 for 16-bit queries, which are clamped to its range), the layer's k scale folds into the
-    score scale and its v scale into the output. ``DIRECT`` (one split): write the normalised output itself
+    score scale and its v scale into the output (one pair per (layer, KV head)). ``DIRECT`` (one split): write the normalised output itself
     (no partials, no reduce pass).
     """
     b = tl.program_id(0)
@@ -316,7 +327,7 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
     acc = tl.zeros([G_PAD, D], tl.float32)
     acc_rows = tl.zeros([ACC_ROWS, D], tl.float32)  # ACC_ROWS > 1: per-slot partial sums (G = 1, CUDA cores)
     if FP8:
-        scale_log2 = scale_log2 * tl.load(k_scale_ptr + layer)
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr + layer * H + h)
         if READ == tl.float16:  # bf16 queries beyond fp16's range would become inf
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0)
     for p in range(first, end, PAGES):
@@ -353,7 +364,7 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if FP8:
-        out = out * tl.load(v_scale_ptr + layer)
+        out = out * tl.load(v_scale_ptr + layer * H + h)
     row = (b * H * G + h * G + g) * SPLITS + split  # [G_PAD] index into [B, Hq, SPLITS]
     if DIRECT:  # one split, the whole head: part_out_ptr is the output [B, Hq, D] (zeros for a head with no slot)
         tl.store(part_out_ptr + row[:, None] * D + d[None, :], out.to(part_out_ptr.dtype.element_ty),
@@ -438,7 +449,7 @@ def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: 
         q.stride(0), q.stride(1),
         ROWS=lens.shape[1], H=h, G=g, G_PAD=max(16, triton.next_power_of_2(g)) if use_dot else 1, D=d,
         M=page_table.shape[-1], PAGE_SIZE=page_size, PAGES=pages,
-        SPLITS=splits, USE_DOT=use_dot, **_attention_pool_args(q, k_pool, k_scale, v_scale, layer, read_dtype),
+        SPLITS=splits, USE_DOT=use_dot, **_attention_pool_args(q, k_pool, k_scale, v_scale, layer, h, read_dtype),
         DIRECT=splits == 1, num_warps=num_warps, **extra)
     if splits > 1:
         _attention_reduce_kernel[(b * hq,)](part_out, part_lse, out, D=d, SPLITS=splits,
