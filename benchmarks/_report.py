@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: write one named section of a Markdown report in place."""
+"""Shared by the benchmark scripts: write one named section of a Markdown report in place, and a run's files."""
 
 from __future__ import annotations
 
@@ -32,3 +32,12 @@ def write_results(out: str | pathlib.Path, name: str, rows: list[dict], **meta) 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return meta
+
+
+def write_report(out: str | pathlib.Path, name: str, meta: dict, rows: list[dict], markdown: str) -> None:
+    """Write ``out/<name>.json`` (meta and rows) and ``out/<name>.md`` (the rendered report), then print it."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)

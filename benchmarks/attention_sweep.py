@@ -27,6 +27,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _report import write_report  # noqa: E402
 from throughput import cuda_time  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -157,11 +158,7 @@ def main() -> int:
         rows += sweep(int(batch), args.heads, int(mean_len), [128], [None], splits=args.splits, **common)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": args.shapes,
             "heads": args.heads, "command": "python " + " ".join(sys.argv)}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attention_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "attention_sweep.md").write_text(report(rows, meta))
-    print(report(rows, meta))
+    write_report(args.out, "attention_sweep", meta, rows, report(rows, meta))
     return 0
 
 

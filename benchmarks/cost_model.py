@@ -26,6 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _report import write_report  # noqa: E402
 from throughput import SHAPE, cuda_time  # noqa: E402  (the benchmark model's shape)
 
 POOL_BYTES = {"auto": 2, "fp8": 1}  # bytes an element: bf16 (the benchmark's model dtype) or e4m3
@@ -111,11 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"gpu": gpu, "torch": torch.__version__, "copy_tb_s": bandwidth / 1e12,
             "bandwidth_from": args.bandwidth_from,
             "command": " ".join(["python", "benchmarks/cost_model.py", *(argv if argv is not None else sys.argv[1:])])}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cost_model.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "cost_model.md").write_text(report(rows, meta))
-    print(report(rows, meta))
+    write_report(args.out, "cost_model", meta, rows, report(rows, meta))
     return 0
 
 
