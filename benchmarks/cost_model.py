@@ -96,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the copy bandwidth is measured on the GPU the rows were recorded on: no CUDA device here "
               "(or pass --bandwidth-from an earlier cost_model.json of that GPU)", file=sys.stderr)
         return 2
+    paths = [args.rows, args.profile] + ([args.bandwidth_from] if args.bandwidth_from else [])
+    missing = [path for path in paths if not pathlib.Path(path).is_file()]
+    if missing:
+        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
     results = json.loads(pathlib.Path(args.rows).read_text())
     profile = json.loads(pathlib.Path(args.profile).read_text())
     if args.bandwidth_from is not None:

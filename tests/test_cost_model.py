@@ -55,6 +55,8 @@ def test_an_earlier_runs_bandwidth_renders_new_rows_without_a_gpu(tmp_path):
     result = json.loads((out / "cost_model.json").read_text())
     assert result["meta"]["copy_tb_s"] == 4.0 and result["rows"][0]["model_ms"] == pytest.approx(
         51 * 3584 * 512 * 1024 / 4e12 * 1e3 + 3.5)
+    assert cost_model.main(["--rows", str(tmp_path / "none.json"), "--profile", str(profile), "--out", str(out),
+                            "--bandwidth-from", str(earlier)]) == 2
     earlier.write_text(json.dumps({"meta": {"gpu": "NVIDIA H100", "copy_tb_s": 3.0}}))
     assert cost_model.main(["--rows", str(rows), "--profile", str(profile), "--out", str(out),
                             "--bandwidth-from", str(earlier)]) == 2

@@ -138,7 +138,7 @@ def test_bad_scales_and_bad_calibration_calls_are_refused(tmp_path):
         KVScales.from_amax(torch.ones(shape), torch.ones(shape), headroom=0.5)
     llm = _engine(model, kv_cache_dtype="fp8")
     with pytest.raises(ValueError, match=r"must be \[num_layers, num_kv_heads\] = "):
-        llm.cache.set_kv_scales(torch.ones(shape[0] + 1, shape[1]), torch.ones(shape[0] + 1, shape[1]))
+        llm.cache.set_kv_scales(KVScales(torch.ones(shape[0] + 1, shape[1]), torch.ones(shape[0] + 1, shape[1])))
     with pytest.raises(ValueError, match="non-empty list of prompts"):
         llm.calibrate_kv_scales([])
     llm.add_request(_prompts((10,))[0], dmc.SamplingParams(max_tokens=3))
@@ -146,4 +146,4 @@ def test_bad_scales_and_bad_calibration_calls_are_refused(tmp_path):
     with pytest.raises(ValueError, match="no request in flight"):
         llm.calibrate_kv_scales(_prompts((10,)))
     with pytest.raises(RuntimeError, match="only change while the cache stores no slot"):
-        llm.cache.set_kv_scales(torch.ones(shape), torch.ones(shape))
+        llm.cache.set_kv_scales(KVScales(torch.ones(shape), torch.ones(shape)))

@@ -312,20 +312,18 @@ class PagedKVCache:
         self.scratch_row = layout.max_seqs
 
     # ------------------------------------------------------------------ fp8 scales
-    def set_kv_scales(self, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
-        """Set the fp8 scales ``[L, H]`` (stored = clamp(x / scale, ±448)). Only while no slot is stored: slots
-        written with the old scales would be read with the new ones."""
-        shape = tuple(self.k_scale.shape)
-        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if tuple(scale.shape) != shape:
-                raise ValueError(f"{name} must be [num_layers, num_kv_heads] = {list(shape)}, got {list(scale.shape)}")
-            if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-                raise ValueError(f"{name} must be finite and positive")
+    def set_kv_scales(self, scales) -> None:
+        """Set the fp8 scales (a :class:`dmc.engine.kv_scales.KVScales`, checked finite and positive there) of
+        this cache's ``[L, H]``. Only while no slot is stored: slots written with the old scales would be read
+        with the new ones."""
+        shape = list(self.k_scale.shape)
+        if list(scales.k.shape) != shape:
+            raise ValueError(f"the scales must be [num_layers, num_kv_heads] = {shape}, got {list(scales.k.shape)}")
         if bool(self.lens.any()):
             raise RuntimeError("fp8 scales can only change while the cache stores no slot: finish or abort every "
                                "request first")
-        self.k_scale.copy_(k_scale.to(self.k_scale))
-        self.v_scale.copy_(v_scale.to(self.v_scale))
+        self.k_scale.copy_(scales.k.to(self.k_scale))
+        self.v_scale.copy_(scales.v.to(self.v_scale))
 
     def observe_kv(self, on: bool) -> None:
         """Start (zeroed) or stop recording :attr:`kv_amax` from what prefill stores."""

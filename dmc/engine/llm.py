@@ -149,7 +149,7 @@ class LLM:
         self.cache = PagedKVCache(layout, self.dtype, self.device, kv_dtype=self.kv_cache_dtype)
         if kv_scales is not None:
             scales = kv_scales if isinstance(kv_scales, KVScales) else KVScales.load(kv_scales)
-            self.cache.set_kv_scales(scales.k, scales.v)
+            self.cache.set_kv_scales(scales)
         self.runner = ModelRunner(self.model, self.cache, vanilla=self.vanilla, forced_period=forced_period,
                                   eviction=None if eviction is None else EngineEviction(eviction, self.cache))
         prior = 1.0 if self.vanilla else float(forced_period or self.dmc.target_cr or 1.0)
@@ -242,7 +242,7 @@ class LLM:
             raise ValueError(f"{len(failed)} calibration prompt(s) were refused: {failed[0].error}")
         scales = KVScales.from_amax(*amax, headroom=headroom)
         if self.kv_cache_dtype == torch.float8_e4m3fn:
-            self.cache.set_kv_scales(scales.k, scales.v)
+            self.cache.set_kv_scales(scales)
         return scales
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
