@@ -32,13 +32,9 @@ from throughput import cuda_time  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 # The split kernel's inner products: tensor-core dots (the engine's default), CUDA-core sums reduced over the
-# tile's slots every iteration, or CUDA-core sums kept per slot row and reduced once (MHA only, all but dot).
+# tile's slots every iteration, or CUDA-core sums kept per slot row and reduced once (MHA only, both).
 MODES = {"dot": {"use_dot": True}, "sum": {"use_dot": False, "defer_sums": False},
-         "defer": {"use_dot": False, "defer_sums": True},
-         # the deferred sums with the rescale skipped while the max stays, then also fp8 -> fp32 by integer ops
-         "defer-lazy": {"use_dot": False, "defer_sums": True, "lazy_rescale": True},
-         "defer-f16bits": {"use_dot": False, "defer_sums": True, "lazy_rescale": True, "fp8_convert": "f16-bits"},
-         "defer-f32bits": {"use_dot": False, "defer_sums": True, "lazy_rescale": True, "fp8_convert": "f32-bits"}}
+         "defer": {"use_dot": False, "defer_sums": True}}
 
 
 def ragged_cache(batch: int, heads: int, mean_len: int, dtype: torch.dtype, page_size: int = 16, d: int = 128,
@@ -145,9 +141,8 @@ def main() -> int:
     parser.add_argument("--warps", nargs="+", type=int, default=[4, 8], help="num_warps tried")
     parser.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4],
                         help="then, at the default tile, these split counts")
-    parser.add_argument("--fp8-reads", nargs="+", default=["default"], choices=["default", "float16", "bfloat16", "float8_e4m3fn"],
-                        help="dtypes fp8 pages are read in (default: the engine's fp8_read_dtype; float8_e4m3fn: e4m3 "
-                             "tensor-core dots, queries and probabilities quantised too)")
+    parser.add_argument("--fp8-reads", nargs="+", default=["default"], choices=["default", "float16", "bfloat16"],
+                        help="dtypes fp8 pages are read in (default: the engine's fp8_read_dtype)")
     parser.add_argument("--modes", nargs="+", default=["dot"], choices=list(MODES),
                         help="inner products tried: dot (tensor cores), sum / defer (CUDA cores; MHA)")
     args = parser.parse_args()

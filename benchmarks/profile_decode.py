@@ -6,6 +6,9 @@ For each (CR, batch): fill the batch (prompt ``--prompt-len`` tokens each, gener
 never to finish), then
 
 - time ``--steps`` decode steps as the engine runs them (CUDA graphs on): wall ms per step;
+- time the batch's captured decode graph alone, replayed back to back (CUDA events): the GPU's time per step
+  with no host work between steps, so the step's wall time minus it is what the host adds (sampling's
+  launch, postprocessing, scheduling, input copies; the replays advance the cache a few tokens);
 - profile the same number of steps without CUDA graphs (``torch.profiler``, CUDA activity): GPU time
   per step by kernel group (weight GEMMs, DMC update, paged attention, allocator, sampling, the rest)
   and the host's share (wall − GPU busy).
@@ -73,6 +76,14 @@ def timed_steps(llm, steps: int) -> float:
         llm.step()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps * 1e3
+
+
+def graph_replay_ms(llm, batch: int, steps: int) -> float:
+    """ms per replay of the decode graph ``batch`` runs in, back to back on the GPU (its static inputs as the
+    last engine step left them: each replay decodes those rows once more, a token further into their cache)."""
+    from throughput import cuda_time
+    bucket = min(size for size in llm.runner.graph_buckets if size >= batch)
+    return cuda_time(llm.runner.graphs[bucket].graph.replay, steps) * 1e3
 
 
 def profiled_steps(llm, steps: int, step=None, groups=GROUPS) -> dict:
@@ -144,6 +155,7 @@ def main() -> int:
         fill(llm, batch, args.prompt_len, args.steps)
         timed_steps(llm, 3)  # warm-up (graph capture, autotuning)
         row["graph_step_ms"] = timed_steps(llm, args.steps)
+        row["graph_replay_ms"] = graph_replay_ms(llm, batch, args.steps)
         # The same batch, a few tokens on, eager (no graph bucket matches): what the profiler can see.
         llm.runner.graph_buckets = []
         timed_steps(llm, 2)
@@ -168,16 +180,17 @@ def write_report(out: pathlib.Path, rows: list[dict], meta: dict, prompt_len: in
     lines = [f"# Decode-step profile ({meta['gpu']}{', ' + label_ if label_ else ''})", "",
              f"Written by `{meta['command']}` (torch {meta['torch']}). Llama-2-7B shape, bf16, random weights, "
              f"decisions forced to CR r; prompt {prompt_len} tokens per sequence. Graph step: the engine as it "
-             f"runs (CUDA graphs); the rest: the same steps eager under torch.profiler (GPU time per step by kernel "
+             f"runs (CUDA graphs); graph GPU: its graph replayed back to back (no host work between steps); the rest: the same steps eager under torch.profiler (GPU time per step by kernel "
              f"group; host = wall − GPU busy; host syncs: the host's waits for the GPU per step).", ""]
     if meta.get("note"):
         lines += [meta["note"], ""]
-    lines += ["| CR | batch | graph step ms | eager wall ms | GPU ms | host ms | host syncs | " + " | ".join(groups)
-              + " | other |", "|" + "---|" * (7 + len(groups) + 1)]
+    lines += ["| CR | batch | graph step ms | graph GPU ms | eager wall ms | GPU ms | host ms | host syncs | " + " | ".join(groups)
+              + " | other |", "|" + "---|" * (8 + len(groups) + 1)]
     for r in rows:
         e = r["eager"]
         cells = [f"{e['groups_ms'].get(g, 0.0):.2f}" for g in groups]
-        lines.append(f"| {label(r)} | {r['batch']} | {r['graph_step_ms']:.2f} | {e['wall_ms']:.2f} | {e['gpu_ms']:.2f} | "
+        replay = f"{r['graph_replay_ms']:.2f}" if "graph_replay_ms" in r else "-"
+        lines.append(f"| {label(r)} | {r['batch']} | {r['graph_step_ms']:.2f} | {replay} | {e['wall_ms']:.2f} | {e['gpu_ms']:.2f} | "
                      f"{e['host_ms']:.2f} | {e.get('host_syncs', 0):.0f} | " + " | ".join(cells)
                      + f" | {e['groups_ms'].get('other', 0.0):.2f} |")
     for r in rows:

@@ -222,7 +222,6 @@ BF16_DOT = pytest.mark.skipif(DEVICE == "cpu", reason="Triton's interpreter mult
     pytest.param(16, 1, torch.float32, 2, False, id="mha-cuda-core-sums"),
     pytest.param(16, 1, torch.float32, 2, "defer", id="mha-cuda-core-deferred-sums"),
     pytest.param(32, 1, torch.bfloat16, 1, "defer", id="mha-bf16-deferred-sums"),
-    pytest.param(16, 1, torch.float32, 2, "lazy", id="mha-deferred-sums-lazy-rescale"),
     pytest.param(32, 2, torch.float32, 1, None, id="gqa-one-split"),
     pytest.param(16, 2, torch.float32, 3, None, id="gqa-three-splits"),
     pytest.param(32, 1, torch.bfloat16, 2, False, id="mha-bf16-sums"),
@@ -239,8 +238,7 @@ def test_paged_decode_attention_matches_twin(d, groups, dtype, num_splits, use_d
     layer = 1
     args = (q, cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids.to(DEVICE), layer, d ** -0.5, P)
     expected = paged_decode_attention_ref(*args)
-    sums = {"defer": dict(use_dot=False, defer_sums=True), "lazy": dict(use_dot=False, lazy_rescale=True)}.get(
-        use_dot, dict(use_dot=use_dot, defer_sums=False))
+    sums = dict(use_dot=False, defer_sums=True) if use_dot == "defer" else dict(use_dot=use_dot, defer_sums=False)
     out = triton_kernels.paged_decode_attention(*args, num_splits=num_splits, **sums)
     torch.testing.assert_close(out, expected, **tolerance(dtype))
     assert (out[seq_ids == PAD_ROW] == 0).all()  # the padding row

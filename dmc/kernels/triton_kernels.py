@@ -31,7 +31,8 @@ ATTENTION_BLOCK_TOKENS = 128
 # fp8 pages with MHA take the CUDA-core sums kept per slot row, over 32-slot tiles: on an H200 at the CR 4 + fp8
 # batch (397 rows x 32 heads, ~900 slots) 0.93 ms a layer (3.1 TB/s) against 1.22 (2.4 TB/s) for the tensor-core
 # dots, whose fp8 -> fp16 conversion goes through shared memory (docs/throughput_runs/h200_engine/
-# attention_sweep_modes.md); bf16 pages stay on the dots (4.3 TB/s against 3.6).
+# attention_sweep_modes.md); bf16 pages stay on the dots (4.3 TB/s against 3.6). Not faster there (commit 49e19d5,
+# attention_sweep_fp8_convert.md and _e4m3_dot.md): e4m3 -> fp32 by integer ops, a lazy rescale, e4m3 dots.
 FP8_SUMS_BLOCK_TOKENS = 32
 MAX_SPLITS = 16
 ROWS_PER_WAVE = 2048  # (row, KV head) programs that keep an H100 busy with one split each
@@ -73,30 +74,6 @@ def _to_pool(x, scale_ptr, scale_index, dtype: tl.constexpr, FP8: tl.constexpr):
     return x.to(dtype)
 
 
-@triton.jit
-def _e4m3_to_f32(x, HOW: tl.constexpr):
-    """e4m3 ``x`` as fp32, exactly (every finite e4m3 value is an fp32 value; NaN, which the pools never hold,
-    becomes a finite value). The CUDA-core sums' conversion, three ways (:data:`FP8_CONVERSIONS`), because the
-    hardware's conversion instructions, not the bytes, can bound an fp8 kernel:
-    ``HOW`` 0 (not here): Triton's casts (e4m3 -> fp16 -> fp32 conversion instructions); 1: the bits moved into an fp16 by integer ops (exponent field shifted into fp16's; the value is then x·2^-8,
-    also for e4m3's subnormals, which land on fp16 subnormals), one fp16 -> fp32 cast and a ·2^8;
-    2: straight to fp32 bits by integer ops with the exponent re-biased (+120), and e4m3's subnormals (exponent
-    field 0, m·2^-9) fixed by one fused multiply-add (the re-biased bits read 2^-7 + m·2^-10); no fp32
-    subnormal ever occurs, so a flush-to-zero mode cannot change it."""
-    if HOW == 1:
-        b = x.to(tl.uint8, bitcast=True).to(tl.int16)
-        h = ((b & 0x7F) << 7) | ((b & 0x80) << 8)
-        return h.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
-    b = x.to(tl.uint8, bitcast=True).to(tl.int32)
-    m = b & 0x7F
-    y = ((m << 20) + 0x3C000000).to(tl.float32, bitcast=True)
-    y = tl.where(m < 8, y * 2.0 - 0.015625, y)
-    return (y.to(tl.int32, bitcast=True) | ((b & 0x80) << 24)).to(tl.float32, bitcast=True)
-
-
-FP8_CONVERSIONS = {"cvt": 0, "f16-bits": 1, "f32-bits": 2}
-
-
 def _scales(scale: torch.Tensor | None, layer: int, heads: int, device) -> torch.Tensor:
     """The ``[L, H]`` scales for the kernels, checked (None: ones, a data-independent allocation)."""
     if scale is None:
@@ -118,8 +95,7 @@ def _pool_args(q, k_pool, k_scale, v_scale, layer: int, heads: int) -> dict:
                 v_scale_ptr=_scales(v_scale, layer, heads, q.device), FP8=True)
 
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float8_e4m3fn: tl.float8e4nv}
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def fp8_read_dtype(q_dtype: torch.dtype) -> torch.dtype:
@@ -314,8 +290,7 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
                             D: tl.constexpr, M: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGES: tl.constexpr,
                             SPLITS: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
                             k_scale_ptr=None, v_scale_ptr=None, FP8: tl.constexpr = False,
-                            READ: tl.constexpr = None, ACC_ROWS: tl.constexpr = 1, DIRECT: tl.constexpr = False,
-                            LAZY: tl.constexpr = False, FP8_CONVERT: tl.constexpr = 0):
+                            READ: tl.constexpr = None, ACC_ROWS: tl.constexpr = 1, DIRECT: tl.constexpr = False):
     """Stage 1, one (batch row, KV head, split): the G queries of the group over a contiguous share
     of the head's pages, online softmax in fp32 (log2 domain).
 
@@ -356,11 +331,6 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
         scale_log2 = scale_log2 * tl.load(k_scale_ptr + layer * H + h)
         if READ == tl.float16:  # bf16 queries beyond fp16's range would become inf
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0)
-        if USE_DOT and READ == tl.float8e4nv:  # e4m3 dots: the queries quantised too, by their absmax
-            q = q.to(tl.float32)
-            q_scale = tl.maximum(tl.max(tl.max(tl.abs(q), axis=1), axis=0), 1e-30) / 448.0
-            q = (q / q_scale).to(tl.float8e4nv)
-            scale_log2 = scale_log2 * q_scale
     for p in range(first, end, PAGES):
         slot = p * PAGE_SIZE + tok
         valid = slot < length
@@ -368,15 +338,10 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
         at = page[:, None] * (PAGE_SIZE * D) + (slot % PAGE_SIZE)[:, None] * D + d[None, :]
         keys = tl.load(k_pool_ptr + at, mask=valid[:, None], other=0.0)
         values = tl.load(v_pool_ptr + at, mask=valid[:, None], other=0.0)
-        if FP8 and FP8_CONVERT > 0:  # CUDA-core sums only: straight to fp32 by integer ops
-            keys = _e4m3_to_f32(keys, FP8_CONVERT)
-            values = _e4m3_to_f32(values, FP8_CONVERT)
-        elif FP8:
+        if FP8:
             keys = keys.to(READ)
             values = values.to(READ)
-        if USE_DOT and FP8 and READ == tl.float8e4nv:
-            scores = tl.dot(q, tl.trans(keys))
-        elif USE_DOT:
+        if USE_DOT:
             scores = tl.dot(q.to(keys.dtype), tl.trans(keys), input_precision=PRECISION)
         else:
             scores = tl.sum(keys.to(tl.float32) * q.to(tl.float32), axis=1)[None, :]
@@ -385,20 +350,11 @@ def _attention_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, lens_ptr, 
         rescale = tl.exp2(m_i - m_new)
         probs = tl.exp2(scores - m_new[:, None])
         l_i = l_i * rescale + tl.sum(probs, axis=1)
-        if USE_DOT and FP8 and READ == tl.float8e4nv:  # probabilities as e4m3 too, ·256 off its subnormals
-            update = tl.dot((probs * 256.0).to(values.dtype), values) * 0.00390625
-            acc = acc * rescale[:, None] + update
-        elif USE_DOT:
+        if USE_DOT:
             update = tl.dot(probs.to(values.dtype), values, input_precision=PRECISION)
             acc = acc * rescale[:, None] + update
         elif ACC_ROWS > 1:
-            if LAZY:  # rescale only when the running max moved (a factor of 1 changes nothing)
-                factor = tl.max(rescale, axis=0)
-                if factor < 1.0:
-                    acc_rows = acc_rows * factor
-                acc_rows += tl.sum(probs, axis=0)[:, None] * values.to(tl.float32)
-            else:
-                acc_rows = acc_rows * tl.max(rescale, axis=0) + tl.sum(probs, axis=0)[:, None] * values.to(tl.float32)
+            acc_rows = acc_rows * tl.max(rescale, axis=0) + tl.sum(probs, axis=0)[:, None] * values.to(tl.float32)
         else:
             update = tl.sum(tl.sum(probs, axis=0)[:, None] * values.to(tl.float32), axis=0)[None, :]
             acc = acc * rescale[:, None] + update
@@ -456,17 +412,14 @@ def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: 
                            page_size: int, *, num_splits: int | None = None, block_tokens: int | None = None,
                            num_warps: int = 4, num_stages: int | None = None,
                            use_dot: bool | None = None, defer_sums: bool | None = None,
-                           lazy_rescale: bool = False, fp8_convert: str = "cvt", k_scale: torch.Tensor | None = None,
+                           k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, read_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Triton twin of :func:`.reference.paged_decode_attention_ref` (same arguments and result).
 
     ``read_dtype``: what fp8 pages are converted to for the dots (default :func:`fp8_read_dtype`).
     ``use_dot`` False (MHA only): CUDA-core sums instead of tensor-core dots; ``defer_sums`` (default: True with
     the sums) then keeps the weighted values per slot row and reduces them once per split (see the split kernel).
-    Default (None): the dots, except for fp8 pools with MHA (:data:`FP8_SUMS_BLOCK_TOKENS`). With the deferred sums,
-    ``lazy_rescale`` skips the per-slot rescale in iterations that leave the running max where it was, and
-    ``fp8_convert`` picks how fp8 pages become fp32 (:data:`FP8_CONVERSIONS`, see :func:`_e4m3_to_f32`); both
-    give the same result and only change the instructions.
+    Default (None): the dots, except for fp8 pools with MHA (:data:`FP8_SUMS_BLOCK_TOKENS`).
 
     ``num_splits`` (default :func:`default_splits`) only trades parallelism for reduction work. The
     partial buffers ``[B, Hq, splits, D]`` come from the caching allocator, which a CUDA graph capture
@@ -486,16 +439,12 @@ def paged_decode_attention(q, k_pool, v_pool, page_table, lens, seq_ids, layer: 
         use_dot = not (k_pool.dtype == torch.float8_e4m3fn and g == 1)
         if not use_dot and block_tokens is None:
             block_tokens = FP8_SUMS_BLOCK_TOKENS
-    if fp8_convert not in FP8_CONVERSIONS:
-        raise ValueError(f"fp8_convert must be one of {sorted(FP8_CONVERSIONS)}, got {fp8_convert!r}")
     if not use_dot and g != 1:
         raise ValueError(f"CUDA-core sums (use_dot=False) need one query per KV head, got {g} (GQA): use the dots")
     pages = _pages_per_iteration(d, page_size) if block_tokens is None else max(1, block_tokens // page_size)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     if not use_dot and (defer_sums is None or defer_sums):
         extra["ACC_ROWS"] = pages * page_size
-    if not use_dot:
-        extra.update(LAZY=lazy_rescale, FP8_CONVERT=FP8_CONVERSIONS[fp8_convert])
     _attention_split_kernel[(b, h, splits)](
         q, k_pool, v_pool, page_table, lens, seq_ids, part_out, part_lse, layer, scale * 1.4426950408889634,
         q.stride(0), q.stride(1),

@@ -5,13 +5,11 @@
 # and benchmarks.md, --resume: rows already there are kept and not re-run), or the decode profile. A step
 # starts only if the time left covers its estimate, so the script can be called again (e.g. by the real-model
 # round once the GPU is idle) to finish what did not fit. Steps: prefill cr1 cr4 cr8 cr4-fp8 cr1-fp8 profile sweep
-# sweep-modes sweep-defer sweep-fp8-convert profile-prefill gpu-tests gpu-kernel-tests
+# sweep-modes sweep-defer profile-prefill gpu-tests
 # (sweep: benchmarks/attention_sweep.py, the paged attention's tile at the fp8 batch; sweep-modes: its inner
 # products, tensor-core dots vs CUDA-core sums, at the CR 4 bf16 and fp8 batches; sweep-defer: the tile of the
-# deferred sums at the fp8 batch; sweep-fp8-convert: the deferred sums' lazy rescale and fp8 -> fp32 conversions
-# (instructions vs integer ops) at the fp8 batch; profile-prefill:
-# benchmarks/profile_prefill.py at PREFILL_CRS, default "4 1"; gpu-tests: the kernel and engine test files on the GPU;
-# gpu-kernel-tests: the paged-attention and fp8 kernel test files only)
+# deferred sums at the fp8 batch; profile-prefill:
+# benchmarks/profile_prefill.py at PREFILL_CRS, default "4 1"; gpu-tests: the kernel and engine test files on the GPU)
 # (default: all, in that order; the profile is named PROFILE_LABEL, default "before": before any change of
 # issue #15's per-row overhead; PROFILE_CONFIGS: its CR:batch[:fp8] configs). Logs go to RESULTS_DIR/logs.
 set -u
@@ -56,16 +54,11 @@ for s in "${STEPS[@]}"; do
     sweep-defer) [ -f "$OUT/defer/attention_sweep.json" ] || run_step sweep-defer 90 $PY benchmarks/attention_sweep.py \
         --out "$OUT/defer" --shapes 397:896:fp8 --modes defer --blocks 16 32 64 --stages default 1 2 --warps 1 2 4 \
         --splits 1 2 ;;
-    sweep-fp8-convert) [ -f "$OUT/fp8-convert/attention_sweep.json" ] || run_step sweep-fp8-convert 150 $PY \
-        benchmarks/attention_sweep.py --out "$OUT/fp8-convert" --shapes 397:896:fp8 \
-        --modes defer defer-lazy defer-f16bits defer-f32bits --blocks 16 32 64 --stages default --warps 2 4 8 --splits 1 ;;
     profile-prefill) [ -f "$OUT/profile_prefill_${PROFILE_LABEL:-before}.json" ] || run_step profile-prefill 120 \
         $PY benchmarks/profile_prefill.py --out "$OUT" --crs ${PREFILL_CRS:-4 1} --label "${PROFILE_LABEL:-before}" ;;
     gpu-tests) run_step gpu-tests 200 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
         tests/test_kernels_delay.py tests/test_kv_fp8_kernels.py tests/test_decode_layers.py tests/test_engine.py \
         tests/test_kv_fp8.py tests/test_engine_delay.py tests/test_engine_eviction.py tests/test_batched_prefill.py ;;
-    gpu-kernel-tests) run_step gpu-kernel-tests 90 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
-        tests/test_kv_fp8_kernels.py ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
