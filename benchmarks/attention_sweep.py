@@ -38,18 +38,29 @@ MODES = {"dot": {"use_dot": True}, "sum": {"use_dot": False, "defer_sums": False
 
 
 def ragged_cache(batch: int, heads: int, mean_len: int, dtype: torch.dtype, page_size: int = 16, d: int = 128,
-                 seed: int = 0, device: str = "cuda", q_dtype: torch.dtype = torch.bfloat16):
-    """One layer's pools, page table and lens ``[1, batch + 1, heads]`` (row ``batch`` is the scratch row)."""
+                 seed: int = 0, device: str = "cuda", q_dtype: torch.dtype = torch.bfloat16, pool_gib: float = 0.0,
+                 contiguous: bool = False):
+    """One layer's pools, page table and lens ``[1, batch + 1, heads]`` (row ``batch`` is the scratch row).
+    ``pool_gib``: the k and v pools together at least this large, the used pages scattered over all of it (as in
+    the engine, whose pools fill the GPU), else just the pages used. ``contiguous``: each head's pages one run,
+    the heads one after another, instead of scattered."""
     g = torch.Generator(device=device).manual_seed(seed)
     lens = torch.randint(mean_len // 2, mean_len * 3 // 2 + 1, (1, batch + 1, heads), device=device, generator=g,
                          dtype=torch.int32)
     pages_per_head = math.ceil(int(lens.max()) / page_size) + 1
     held = lens.long() // page_size + 1
-    total = int(held.sum()) + 1
-    k_pool = torch.randn(total, page_size, d, device=device, generator=g).to(dtype)
-    v_pool = torch.randn(total, page_size, d, device=device, generator=g).to(dtype)
+    used = int(held.sum()) + 1
+    page_bytes = page_size * d * torch.tensor([], dtype=dtype).element_size()
+    total = max(used, int(pool_gib * 2**30 / (2 * page_bytes)))
+    k_pool = torch.empty(total, page_size, d, device=device, dtype=dtype)
+    v_pool = torch.empty(total, page_size, d, device=device, dtype=dtype)
     table = torch.zeros(1, batch + 1, heads, pages_per_head, dtype=torch.int32, device=device)
     ids = torch.randperm(total - 1, device=device, generator=g).int() + 1  # scattered pages
+    if contiguous:
+        ids = torch.arange(1, total, device=device, dtype=torch.int32)
+    filled = torch.cat([torch.zeros(1, dtype=torch.long, device=device), ids[: used - 1].long()])
+    k_pool[filled] = torch.randn(used, page_size, d, device=device, generator=g).to(dtype)
+    v_pool[filled] = torch.randn(used, page_size, d, device=device, generator=g).to(dtype)
     m = torch.arange(pages_per_head, device=device)
     table[m < held[..., None]] = ids[: int(held.sum())]
     q = torch.randn(batch, heads, d, device=device, generator=g).to(q_dtype)
@@ -65,18 +76,20 @@ def cuda_ms(fn) -> float:
 def sweep(batch: int, heads: int, mean_len: int, blocks: list[int], stages: list[int | None], *,
           dtypes=tuple(DTYPES), device: str = "cuda", q_dtype: torch.dtype = torch.bfloat16,
           timer=cuda_ms, warps: list[int] = (4,), splits: list[int | None] = (None,),
-          reads: list[torch.dtype | None] = (None,), modes: list[str] = ("dot",)) -> list[dict]:
+          reads: list[torch.dtype | None] = (None,), modes: list[str] = ("dot",), pool_gib: float = 0.0,
+          contiguous: bool = False) -> list[dict]:
     """One row per (pool dtype, block_tokens, num_stages, num_warps, num_splits): time (``timer(fn)`` ms) and
     the error vs the twin. ``q_dtype``: the queries' (the engine's model dtype; Triton's CPU interpreter only
     computes fp32 right). ``splits`` None: the engine's :func:`default_splits`. ``reads``: the dtypes fp8 pages are
     read in (None: the engine's :func:`fp8_read_dtype`); bf16 pools ignore it. ``modes``: the split kernel's inner
-    products, :data:`MODES` (the CUDA-core ones need MHA)."""
+    products, :data:`MODES` (the CUDA-core ones need MHA). ``pool_gib``, ``contiguous``: :func:`ragged_cache`'s."""
     from dmc.kernels import reference, triton_kernels
 
     rows = []
     for name in dtypes:
         q, k_pool, v_pool, table, lens, seq_ids = ragged_cache(batch, heads, mean_len, DTYPES[name], device=device,
-                                                               q_dtype=q_dtype)
+                                                               q_dtype=q_dtype, pool_gib=pool_gib,
+                                                               contiguous=contiguous)
         scale = q.shape[-1] ** -0.5
         used = lens[0, :batch].long()
         pool_bytes = int(used.sum()) * q.shape[-1] * 2 * k_pool.element_size()
@@ -145,6 +158,10 @@ def main() -> int:
                         help="dtypes fp8 pages are read in (default: the engine's fp8_read_dtype)")
     parser.add_argument("--modes", nargs="+", default=["dot"], choices=list(MODES),
                         help="inner products tried: dot (tensor cores), sum / defer (CUDA cores; MHA)")
+    parser.add_argument("--pool-gib", type=float, default=0.0,
+                        help="k + v pools of at least this many GiB, the used pages scattered over them (the engine's "
+                             "pools fill the GPU); default: only the pages used")
+    parser.add_argument("--contiguous", action="store_true", help="each head's pages in one run (default: scattered)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention_sweep.py needs a CUDA GPU")
@@ -153,11 +170,11 @@ def main() -> int:
     rows = []
     for shape in args.shapes:
         batch, mean_len, dtype = shape.split(":")
-        common = dict(dtypes=(dtype,), reads=reads, modes=args.modes)
+        common = dict(dtypes=(dtype,), reads=reads, modes=args.modes, pool_gib=args.pool_gib, contiguous=args.contiguous)
         rows += sweep(int(batch), args.heads, int(mean_len), args.blocks, stages, warps=args.warps, **common)
         rows += sweep(int(batch), args.heads, int(mean_len), [128], [None], splits=args.splits, **common)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": args.shapes,
-            "heads": args.heads, "command": "python " + " ".join(sys.argv)}
+            "heads": args.heads, "pool_gib": args.pool_gib, "contiguous": args.contiguous, "command": "python " + " ".join(sys.argv)}
     write_report(args.out, "attention_sweep", meta, rows, report(rows, meta))
     return 0
 

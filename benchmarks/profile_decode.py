@@ -78,12 +78,53 @@ def timed_steps(llm, steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-def graph_replay_ms(llm, batch: int, steps: int) -> float:
-    """ms per replay of the decode graph ``batch`` runs in, back to back on the GPU (its static inputs as the
-    last engine step left them: each replay decodes those rows once more, a token further into their cache)."""
-    from throughput import cuda_time
+def graph_replay(llm, batch: int):
+    """The replay of the decode graph ``batch`` runs in (its static inputs as the last engine step left them:
+    each replay decodes those rows once more, a token further into their cache)."""
     bucket = min(size for size in llm.runner.graph_buckets if size >= batch)
-    return cuda_time(llm.runner.graphs[bucket].graph.replay, steps) * 1e3
+    return llm.runner.graphs[bucket].graph.replay
+
+
+def graph_replay_ms(llm, batch: int, steps: int) -> float:
+    """ms per replay of the decode graph, back to back on the GPU (CUDA events)."""
+    from throughput import cuda_time
+    return cuda_time(graph_replay(llm, batch), steps) * 1e3
+
+
+def attention_alone_ms(llm, layers=(0, -1), iters: int = 20) -> dict:
+    """The paged attention kernel called by itself on the engine's own cache (its pools, page tables and lens as
+    the batch left them; random queries), ms per call at a few layers: set against the same kernel inside the
+    step and against attention_sweep.py's synthetic cache of the same shape."""
+    from throughput import cuda_time
+
+    from dmc.kernels import triton_kernels
+    cache = llm.cache
+    rows = [r.row for r in llm.scheduler.running if not r.prefilling]
+    seq_ids = torch.tensor(rows, dtype=torch.int32, device=cache.device)
+    heads = cache.page_table.shape[2]
+    group = llm.model.config.num_attention_heads // heads
+    d = cache.k_pool.shape[-1]
+    q = torch.randn(len(rows), heads * group, d, device=cache.device, dtype=llm.runner.model.dtype)
+    out = {}
+    for layer in layers:
+        layer = layer % cache.lens.shape[0]
+        out[str(layer)] = cuda_time(lambda: triton_kernels.paged_decode_attention(
+            q, cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids, layer, d ** -0.5,
+            cache.layout.page_size, k_scale=cache.k_scale, v_scale=cache.v_scale), iters) * 1e3
+    # The first layer's pages copied into a pool of their own, each head's pages in one run, the table renumbered:
+    # the same work on a compact layout.
+    layer, size = 0, cache.layout.page_size
+    lens = cache.lens[layer:layer + 1].clone()
+    table = cache.page_table[layer:layer + 1].clone()
+    used = torch.arange(table.shape[-1], device=cache.device) < (lens[..., None] + size - 1) // size
+    ids = table[used].long()
+    pools = [torch.cat([pool[:1], pool[ids]]) for pool in (cache.k_pool, cache.v_pool)]
+    table[used] = torch.arange(1, ids.numel() + 1, dtype=table.dtype, device=cache.device)
+    out["compact_0"] = cuda_time(lambda: triton_kernels.paged_decode_attention(
+        q, *pools, table, lens, seq_ids, 0, d ** -0.5, size, k_scale=cache.k_scale[:1].contiguous(),
+        v_scale=cache.v_scale[:1].contiguous()), iters) * 1e3
+    out["mean_slots"] = float(cache.lens[:, seq_ids.long()].float().mean())
+    return out
 
 
 def profiled_steps(llm, steps: int, step=None, groups=GROUPS) -> dict:
@@ -156,6 +197,10 @@ def main() -> int:
         timed_steps(llm, 3)  # warm-up (graph capture, autotuning)
         row["graph_step_ms"] = timed_steps(llm, args.steps)
         row["graph_replay_ms"] = graph_replay_ms(llm, batch, args.steps)
+        # The graph's kernels under the profiler (CUPTI sees the kernels a graph launches): their busy time
+        # against the replays' span says how much of the graph's GPU time is gaps between kernels.
+        row["graph"] = profiled_steps(llm, args.steps, step=graph_replay(llm, batch))
+        row["attention_alone_ms"] = attention_alone_ms(llm)
         # The same batch, a few tokens on, eager (no graph bucket matches): what the profiler can see.
         llm.runner.graph_buckets = []
         timed_steps(llm, 2)
@@ -193,9 +238,35 @@ def write_report(out: pathlib.Path, rows: list[dict], meta: dict, prompt_len: in
         lines.append(f"| {label(r)} | {r['batch']} | {r['graph_step_ms']:.2f} | {replay} | {e['wall_ms']:.2f} | {e['gpu_ms']:.2f} | "
                      f"{e['host_ms']:.2f} | {e.get('host_syncs', 0):.0f} | " + " | ".join(cells)
                      + f" | {e['groups_ms'].get('other', 0.0):.2f} |")
+    graphed = [r for r in rows if "graph" in r]
+    if graphed:
+        lines += ["", "Inside the graph: its replays back to back under torch.profiler (span: wall ms per replay; "
+                  "kernels: their busy ms; gaps: span − kernels), by kernel group:", "",
+                  "| CR | batch | span ms | kernels ms | gaps ms | " + " | ".join(groups) + " | other |",
+                  "|" + "---|" * (5 + len(groups) + 1)]
+        for r in graphed:
+            g = r["graph"]
+            cells = [f"{g['groups_ms'].get(name, 0.0):.2f}" for name in groups]
+            lines.append(f"| {label(r)} | {r['batch']} | {g['wall_ms']:.2f} | {g['gpu_ms']:.2f} | {g['host_ms']:.2f} | "
+                         + " | ".join(cells) + f" | {g['groups_ms'].get('other', 0.0):.2f} |")
+    alone = [r for r in rows if "attention_alone_ms" in r]
+    if alone:
+        lines += ["", "The paged attention kernel called alone on the engine's cache after those steps (random queries; "
+                  "ms per layer, CUDA events), against inside the graph (its ms per step / layers):", "",
+                  "| CR | batch | mean slots | alone, first layer | alone, last layer | first layer, pages compacted | "
+                  "in the graph, per layer |", "|---|---|---|---|---|---|---|"]
+        for r in alone:
+            a = r["attention_alone_ms"]
+            layers = [k for k in a if k.isdigit()]
+            inside = r.get("graph", {}).get("groups_ms", {}).get("paged attention (Triton)")
+            per_layer = f"{inside / (int(layers[-1]) + 1):.3f}" if inside is not None else "-"
+            lines.append(f"| {label(r)} | {r['batch']} | {a['mean_slots']:.0f} | {a[layers[0]]:.3f} | "
+                         f"{a[layers[-1]]:.3f} | {a.get('compact_0', float('nan')):.3f} | {per_layer} |")
     for r in rows:
         lines += ["", f"Top kernels, CR {label(r)}, batch {r['batch']} (ms per step):", ""]
         lines += [f"- {v:.3f} `{k}`" for k, v in r["eager"]["top_kernels_ms"]]
+        if "graph" in r:
+            lines += ["", "Inside the graph:", ""] + [f"- {v:.3f} `{k}`" for k, v in r["graph"]["top_kernels_ms"]]
     text = "\n".join(lines) + "\n"
     (out / f"{name}.md").write_text(text)
     return text
