@@ -170,11 +170,13 @@ def main() -> int:
     rows = []
     for shape in args.shapes:
         batch, mean_len, dtype = shape.split(":")
-        common = dict(dtypes=(dtype,), reads=reads, modes=args.modes, pool_gib=args.pool_gib, contiguous=args.contiguous)
+        common = dict(dtypes=(dtype,), reads=reads, modes=args.modes, pool_gib=args.pool_gib,
+                      contiguous=args.contiguous)
         rows += sweep(int(batch), args.heads, int(mean_len), args.blocks, stages, warps=args.warps, **common)
         rows += sweep(int(batch), args.heads, int(mean_len), [128], [None], splits=args.splits, **common)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": args.shapes,
-            "heads": args.heads, "pool_gib": args.pool_gib, "contiguous": args.contiguous, "command": "python " + " ".join(sys.argv)}
+            "heads": args.heads, "pool_gib": args.pool_gib, "contiguous": args.contiguous,
+            "command": "python " + " ".join(sys.argv)}
     write_report(args.out, "attention_sweep", meta, rows, report(rows, meta))
     return 0
 

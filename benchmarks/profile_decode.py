@@ -105,12 +105,16 @@ def attention_alone_ms(llm, layers=(0, -1), iters: int = 20) -> dict:
     group = llm.model.config.num_attention_heads // heads
     d = cache.k_pool.shape[-1]
     q = torch.randn(len(rows), heads * group, d, device=cache.device, dtype=llm.runner.model.dtype)
+    def ms(k_pool, v_pool, table, lens, layer, k_scale, v_scale) -> float:
+        return cuda_time(lambda: triton_kernels.paged_decode_attention(
+            q, k_pool, v_pool, table, lens, seq_ids, layer, d ** -0.5, cache.layout.page_size, k_scale=k_scale,
+            v_scale=v_scale), iters) * 1e3
+
     out = {}
     for layer in layers:
         layer = layer % cache.lens.shape[0]
-        out[str(layer)] = cuda_time(lambda: triton_kernels.paged_decode_attention(
-            q, cache.k_pool, cache.v_pool, cache.page_table, cache.lens, seq_ids, layer, d ** -0.5,
-            cache.layout.page_size, k_scale=cache.k_scale, v_scale=cache.v_scale), iters) * 1e3
+        out[str(layer)] = ms(cache.k_pool, cache.v_pool, cache.page_table, cache.lens, layer, cache.k_scale,
+                             cache.v_scale)
     # The first layer's pages copied into a pool of their own, each head's pages in one run, the table renumbered:
     # the same work on a compact layout.
     layer, size = 0, cache.layout.page_size
@@ -120,9 +124,7 @@ def attention_alone_ms(llm, layers=(0, -1), iters: int = 20) -> dict:
     ids = table[used].long()
     pools = [torch.cat([pool[:1], pool[ids]]) for pool in (cache.k_pool, cache.v_pool)]
     table[used] = torch.arange(1, ids.numel() + 1, dtype=table.dtype, device=cache.device)
-    out["compact_0"] = cuda_time(lambda: triton_kernels.paged_decode_attention(
-        q, *pools, table, lens, seq_ids, 0, d ** -0.5, size, k_scale=cache.k_scale[:1].contiguous(),
-        v_scale=cache.v_scale[:1].contiguous()), iters) * 1e3
+    out["compact_0"] = ms(*pools, table, lens, 0, cache.k_scale[:1].contiguous(), cache.v_scale[:1].contiguous())
     out["mean_slots"] = float(cache.lens[:, seq_ids.long()].float().mean())
     return out
 
@@ -225,18 +227,19 @@ def write_report(out: pathlib.Path, rows: list[dict], meta: dict, prompt_len: in
     lines = [f"# Decode-step profile ({meta['gpu']}{', ' + label_ if label_ else ''})", "",
              f"Written by `{meta['command']}` (torch {meta['torch']}). Llama-2-7B shape, bf16, random weights, "
              f"decisions forced to CR r; prompt {prompt_len} tokens per sequence. Graph step: the engine as it "
-             f"runs (CUDA graphs); graph GPU: its graph replayed back to back (no host work between steps); the rest: the same steps eager under torch.profiler (GPU time per step by kernel "
-             f"group; host = wall − GPU busy; host syncs: the host's waits for the GPU per step).", ""]
+             f"runs (CUDA graphs); graph GPU: its graph replayed back to back (no host work between steps); the rest: "
+             f"the same steps eager under torch.profiler (GPU time per step by kernel group; host = wall − GPU busy; "
+             f"host syncs: the host's waits for the GPU per step).", ""]
     if meta.get("note"):
         lines += [meta["note"], ""]
-    lines += ["| CR | batch | graph step ms | graph GPU ms | eager wall ms | GPU ms | host ms | host syncs | " + " | ".join(groups)
-              + " | other |", "|" + "---|" * (8 + len(groups) + 1)]
+    lines += ["| CR | batch | graph step ms | graph GPU ms | eager wall ms | GPU ms | host ms | host syncs | "
+              + " | ".join(groups) + " | other |", "|" + "---|" * (8 + len(groups) + 1)]
     for r in rows:
         e = r["eager"]
         cells = [f"{e['groups_ms'].get(g, 0.0):.2f}" for g in groups]
         replay = f"{r['graph_replay_ms']:.2f}" if "graph_replay_ms" in r else "-"
-        lines.append(f"| {label(r)} | {r['batch']} | {r['graph_step_ms']:.2f} | {replay} | {e['wall_ms']:.2f} | {e['gpu_ms']:.2f} | "
-                     f"{e['host_ms']:.2f} | {e.get('host_syncs', 0):.0f} | " + " | ".join(cells)
+        lines.append(f"| {label(r)} | {r['batch']} | {r['graph_step_ms']:.2f} | {replay} | {e['wall_ms']:.2f} | "
+                     f"{e['gpu_ms']:.2f} | {e['host_ms']:.2f} | {e.get('host_syncs', 0):.0f} | " + " | ".join(cells)
                      + f" | {e['groups_ms'].get('other', 0.0):.2f} |")
     graphed = [r for r in rows if "graph" in r]
     if graphed:
