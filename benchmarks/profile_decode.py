@@ -254,16 +254,21 @@ def write_report(out: pathlib.Path, rows: list[dict], meta: dict, prompt_len: in
                          + " | ".join(cells) + f" | {g['groups_ms'].get('other', 0.0):.2f} |")
     alone = [r for r in rows if "attention_alone_ms" in r]
     if alone:
+        from cost_model import slot_bytes
+        from throughput import SHAPE
         lines += ["", "The paged attention kernel called alone on the engine's cache after those steps (random queries; "
                   "ms per layer, CUDA events), against inside the graph (its ms per step / layers):", "",
-                  "| CR | batch | mean slots | alone, first layer | alone, last layer | first layer, pages compacted | "
-                  "in the graph, per layer |", "|---|---|---|---|---|---|---|"]
+                  "| CR | batch | mean slots | alone, first layer | TB/s | alone, last layer | first layer, pages compacted | "
+                  "in the graph, per layer |", "|---|---|---|---|---|---|---|---|"]
         for r in alone:
             a = r["attention_alone_ms"]
             layers = [k for k in a if k.isdigit()]
             inside = r.get("graph", {}).get("groups_ms", {}).get("paged attention (Triton)")
             per_layer = f"{inside / (int(layers[-1]) + 1):.3f}" if inside is not None else "-"
-            lines.append(f"| {label(r)} | {r['batch']} | {a['mean_slots']:.0f} | {a[layers[0]]:.3f} | "
+            # the bytes one layer's attention reads: its slots' k and v (cost_model's slot bytes, all layers / L)
+            layer_bytes = r["batch"] * a["mean_slots"] * slot_bytes(r["kv_cache_dtype"]) / SHAPE["num_hidden_layers"]
+            tb_s = layer_bytes / (a[layers[0]] * 1e-3) / 1e12
+            lines.append(f"| {label(r)} | {r['batch']} | {a['mean_slots']:.0f} | {a[layers[0]]:.3f} | {tb_s:.2f} | "
                          f"{a[layers[-1]]:.3f} | {a.get('compact_0', float('nan')):.3f} | {per_layer} |")
     for r in rows:
         lines += ["", f"Top kernels, CR {label(r)}, batch {r['batch']} (ms per step):", ""]
