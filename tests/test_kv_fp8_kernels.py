@@ -163,3 +163,25 @@ def test_attention_sweep_tiles_all_agree_with_the_twin():
     read = "float16" if cuda else "float32"  # the engine reads fp8 as fp16 for bf16 queries
     assert f"| 3 | 38 | fp8 | {read} | defer | 64 | None | 8 | 3 |" in attention_sweep.report(rows, {"gpu": "cpu", "command": "test",
                                                                                "heads": 2})
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["scattered", "one-run-per-head"])
+def test_attention_sweep_large_pool_places_pages_as_asked(contiguous):
+    """attention_sweep.py's --pool-gib / --contiguous cache: a pool larger than the pages used, the table pointing
+    only at filled pages (each head's in one run when asked), and the kernel over it equal to the twin."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import attention_sweep
+
+    q, k_pool, v_pool, table, lens, seq_ids = attention_sweep.ragged_cache(
+        3, 2, 40, torch.float32, device=DEVICE, q_dtype=torch.float32, pool_gib=2 ** -8, contiguous=contiguous)
+    held = (lens.long() // 16 + 1)[0]  # pages per head
+    assert k_pool.shape[0] > int(held.sum()) + 1  # the pool is larger than the pages used
+    pages = table[0][torch.arange(table.shape[-1], device=DEVICE) < held[..., None]]
+    assert pages.unique().numel() == pages.numel() and int(pages.min()) >= 1
+    if contiguous:  # each head's pages, then the next head's: one run from page 1
+        assert torch.equal(pages, torch.arange(1, pages.numel() + 1, dtype=pages.dtype, device=DEVICE))
+    else:
+        assert int(pages.max()) > pages.numel()  # spread beyond the first pages
+    args = (q, k_pool, v_pool, table, lens, seq_ids, 0, 128 ** -0.5, 16)
+    torch.testing.assert_close(T.paged_decode_attention(*args), R.paged_decode_attention_ref(*args), rtol=1e-5,
+                               atol=1e-5)
