@@ -12,6 +12,7 @@ from ..baselines.eviction import EvictionPolicy
 from ..hf.convert import fold_logit_scale
 from ..stats import CompressionStats
 from .cache import CacheLayout, PagedKVCache
+from .detokenizer import Detokenizer
 from .eviction import EngineEviction
 from .kv_scales import DEFAULT_HEADROOM, KVScales
 from .params import RequestOutput, SamplingParams
@@ -363,6 +364,8 @@ class LLM:
             try:
                 p.validate()
                 request.prompt_ids = self._tokenize(prompt)
+                if self.tokenizer is not None:
+                    request.detokenizer = Detokenizer(self.tokenizer, p.stop)
             except ValueError as exc:
                 self.scheduler.finish(request, "error", str(exc))
             else:
@@ -396,12 +399,12 @@ class LLM:
             reason = "length"
         else:
             reason = None
-        if self.tokenizer is not None:
-            request.text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
-            for stop in p.stop:
-                cut = request.text.find(stop)
-                if cut >= 0:
-                    request.text, reason = request.text[:cut], "stop"
+        detokenizer = request.detokenizer
+        if detokenizer is not None:
+            detokenizer.update(request.output_ids, final=reason is not None)
+            request.text = detokenizer.text
+            if detokenizer.stopped:
+                reason = "stop"
         if reason is not None:
             self._finish(request, reason)
 
@@ -418,8 +421,9 @@ class LLM:
                             compression=request.compression, num_preemptions=request.preemptions)
         if delta:
             out.new_token_ids = request.output_ids[request.streamed_tokens:]
-            out.new_text = request.text[request.streamed_chars:]
-            request.streamed_tokens, request.streamed_chars = len(request.output_ids), len(request.text)
+            end = request.stable_text_length()
+            out.new_text = request.text[request.streamed_chars:end]
+            request.streamed_tokens, request.streamed_chars = len(request.output_ids), max(request.streamed_chars, end)
         return out
 
     # ------------------------------------------------------------------ sizing

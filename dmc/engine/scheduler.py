@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .cache import PagedKVCache
+from .detokenizer import Detokenizer
 from .params import SamplingParams
 
 
@@ -46,13 +47,20 @@ class Request:
     error: str | None = None
     compression: dict | None = None
     preemptions: int = 0
-    text: str = ""
+    text: str = ""  # the output's text so far (cut before a stop string), when the engine has a tokenizer
+    detokenizer: Detokenizer | None = None  # keeps ``text`` up to date a few tokens at a time
     streamed_tokens: int = 0
     streamed_chars: int = 0
 
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    def stable_text_length(self) -> int:
+        """How much of ``text`` can no longer change (the rest could still begin a stop string)."""
+        if self.detokenizer is None:
+            return len(self.text)
+        return self.detokenizer.stable_length(self.finished)
 
     @property
     def total_tokens(self) -> int:
