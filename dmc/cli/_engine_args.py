@@ -98,7 +98,8 @@ def load_errors() -> tuple[type[BaseException], ...]:
 def describe_load_error(model: str, exc: BaseException) -> str:
     """One line for a failed model load: the error, and for unreadable weights what to do."""
     message = " ".join(str(exc).split()) or type(exc).__name__
-    if type(exc).__name__ == "SafetensorError" or "safetensors" in message.lower():
+    kind = getattr(exc, "kind", None) or type(exc).__name__  # an engine process's error names its type
+    if kind == "SafetensorError" or "safetensors" in message.lower():
         return (f"cannot read the weights in {model} ({message}): the file is truncated or corrupt; copy or save "
                 "the model again")
     return f"cannot load the model in {model}: {message}"

@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import sys
-import time
 
 from ._engine_args import (add_engine_arguments, add_forced_cr_argument, check_forced_cr, describe_load_error,
                            engine_kwargs, load_errors)
@@ -30,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, seconds running requests get to finish before they are aborted")
     parser.add_argument("--max-body-mib", type=float, default=32.0, help="largest request body (413 above)")
     parser.add_argument("--seed", type=int, default=0, help="draws the seeds of requests that give none")
+    parser.add_argument("--engine", default="process", choices=["process", "thread"],
+                        help="where the engine runs: a process of its own (no interpreter lock shared with the HTTP "
+                             "handlers) or a thread of the server's process")
     parser.add_argument("--warmup", default="auto", choices=["auto", "on", "off"],
                         help="before serving, compile the prefill attention of every prompt-length bucket and capture "
                              "the decode graphs (LLM.warmup), so that no request waits for a compilation; auto: on CUDA")
@@ -42,11 +44,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..serve import EngineLoop, Metrics, ServerConfig, build_app
+        from ..serve import EngineLoop, EngineProcess, Metrics, ServerConfig, build_app
+        from ..serve.engine_core import EngineSpec, build_llm
+        from ..serve.engine_loop import EngineError
     except ImportError as exc:
         print(f"dmc serve: needs FastAPI and uvicorn ({exc}); pip install 'dmc[serve]'", file=sys.stderr)
         return 2
-    from ..engine import LLM
 
     try:
         kwargs = engine_kwargs(args)
@@ -63,29 +66,29 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.served_model_name or os.path.basename(os.path.abspath(args.model))
     metrics = Metrics(name)
-    def make_llm():
-        llm = LLM(args.model, progress=False, seed=args.seed, forced_period=args.forced_cr, **kwargs)
-        if args.warmup == "on" or (args.warmup == "auto" and llm.device.type == "cuda"):
-            start = time.perf_counter()
-            done = llm.warmup()
-            logging.getLogger("dmc.serve").info("warmed up in %.1f s: prompt lengths %s, decode graphs for batches %s",
-                                                time.perf_counter() - start, done["prompt_lengths"],
-                                                done["graph_buckets"])
-        return llm
-
-    engine = EngineLoop(make_llm, metrics)
+    spec = EngineSpec(args.model, kwargs, seed=args.seed, forced_period=args.forced_cr, warmup=args.warmup)
+    if args.engine == "process":
+        engine = EngineProcess(spec, metrics, log_level=args.log_level.upper())
+    else:
+        engine = EngineLoop(lambda: build_llm(spec), metrics)
     try:
         engine.start()
+    except EngineError as exc:  # raised in the engine process: its type is known by name only
+        if exc.kind not in {e.__name__ for e in load_errors()}:
+            print(f"dmc serve: the engine did not start: {exc.kind}: {exc}", file=sys.stderr)
+            return 3
+        print(f"dmc serve: {describe_load_error(args.model, exc)}", file=sys.stderr)
+        return 2
     except load_errors() as exc:
         print(f"dmc serve: {describe_load_error(args.model, exc)}", file=sys.stderr)
         return 2
-    llm = engine.llm
+    info = engine.info
     tokenizer = None
-    if llm.tokenizer is not None:  # the server's own copy: the engine thread decodes with the engine's
+    if info["has_tokenizer"]:  # the server's own copy (prompts); the engine detokenizes with its own
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-    vocab = getattr(getattr(getattr(llm, "model", None), "config", None), "vocab_size", None) or 2**31
-    config = ServerConfig(model_name=name, tokenizer=tokenizer, max_model_len=llm.max_model_len, vocab_size=vocab,
+    config = ServerConfig(model_name=name, tokenizer=tokenizer, max_model_len=info["max_model_len"],
+                          vocab_size=info["vocab_size"],
                           api_key=args.api_key, max_body_bytes=int(args.max_body_mib * 2**20))
     app = build_app(engine, config)
 
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                                    timeout_graceful_shutdown=args.shutdown_timeout))
     logging.getLogger("dmc.serve").info("serving %s as %r on http://%s:%d (max_model_len %d, %s pages free)",
-                                        args.model, name, args.host, args.port, llm.max_model_len,
+                                        args.model, name, args.host, args.port, info["max_model_len"],
                                         engine.snapshot.get("free_pages"))
     # uvicorn re-raises the signal that stopped it once it has shut down, under the handler found at start:
     # a SIGTERM that shut the server down cleanly ends the process with status 0 (SIGINT still exits 130).

@@ -33,7 +33,7 @@ class ServerConfig:
     """What the routes need besides the engine loop."""
 
     model_name: str
-    tokenizer: object | None  # the server's own copy (the engine thread decodes with its own)
+    tokenizer: object | None  # the server's own copy, for prompts (the engine detokenizes with its own)
     max_model_len: int
     vocab_size: int
     api_key: str | None = None
@@ -240,6 +240,8 @@ class _Choices:
         for delta in self.final.values():
             if delta.finish_reason == "shutdown":
                 return APIError(503, "the server is shutting down; retry on another replica", code="shutting_down")
+            if delta.finish_reason == "unavailable":
+                return APIError(503, delta.error or "the engine is not running", code="engine_unavailable")
             if delta.finish_reason == "error":
                 status = 500 if (delta.error or "").startswith("engine error") else 400
                 return APIError(status, delta.error or "the engine refused this request")
@@ -336,7 +338,7 @@ async def _stream(rid, created, model, object_, chat, include_usage, choices: _C
         if delta is None:
             continue
         choices.add(delta)
-        if delta.finish_reason in ("error", "shutdown"):
+        if delta.finish_reason in ("error", "shutdown", "unavailable"):
             error = choices.error()
             yield f"data: {json.dumps(error.body())}\n\n"
             continue

@@ -1,25 +1,36 @@
-"""The one engine loop: a thread that owns ``dmc.LLM`` and runs continuous batching for every client.
+"""The server's side of the engine: submit and abort requests, and hand each step's outputs to the HTTP requests.
 
-HTTP handlers never touch the engine. They put commands on a thread-safe queue (``submit``,
-``abort``); the loop drains it between steps, calls ``LLM.add_request`` / ``LLM.step`` /
-``LLM.abort``, and hands each request's new text and tokens to the asyncio queue of the HTTP
-request that owns it (one ``call_soon_threadsafe`` per step). So all clients share each decode
-step, and no lock is held around a request.
+HTTP handlers never touch the engine. They give :class:`RequestHandle` objects to an :class:`EngineLoop`, which
+sends them to the :class:`~dmc.serve.engine_core.EngineCore` as plain commands and receives one
+:class:`~dmc.serve.engine_core.StepOutputs` message per engine step. That message is turned into one
+:class:`Delta` per request that changed, the Prometheus metrics are updated (time to first token and
+inter-token latency as the server sees them), and the deltas reach their requests' asyncio queues with one
+``call_soon_threadsafe`` per event loop and step.
+
+- :class:`EngineProcess` (``dmc serve``'s default) runs the core in a process of its own, fed through two
+  pipes; a reader thread here receives its messages. If that process dies, every open request ends with a
+  503 ("unavailable"), /health answers 503, and new requests are refused at once.
+- :class:`EngineLoop` runs the core in a thread of this process (``dmc serve --engine thread``; the tests'
+  in-process apps).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import multiprocessing
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .engine_core import IDLE_POLL, EngineCore, EngineSpec, StepOutputs, Submission, engine_info, run_engine_process
 from .metrics import Metrics
 
 log = logging.getLogger("dmc.serve")
+_keys = itertools.count()
 
 
 @dataclass
@@ -30,7 +41,7 @@ class Delta:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finished: bool = False
-    finish_reason: str | None = None  # stop, length, aborted, error, shutdown
+    finish_reason: str | None = None  # stop, length, aborted, error, shutdown, unavailable
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -39,227 +50,204 @@ class Delta:
 
 
 class RequestHandle:
-    """One engine request (one choice of one HTTP request) and its streaming state. Only the engine
-    thread touches the fields below ``sink``; the HTTP side reads what arrives in ``sink``."""
+    """One engine request (one choice of one HTTP request) as the server sees it: its queue of deltas and its
+    timings."""
 
     def __init__(self, index: int, prompt_ids: list[int], params, sink: asyncio.Queue,
                  loop: asyncio.AbstractEventLoop) -> None:
+        self.key = next(_keys)  # names it to the engine core
         self.index, self.prompt_ids, self.params = index, prompt_ids, params
         self.sink, self.loop = sink, loop
         self.arrival = time.perf_counter()
-        self.request = None  # the engine's request, once submitted
-        self.sent_tokens = 0
-        self.sent_chars = 0
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
-        # Text that could still turn into a stop string is held back until it cannot.
-        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.completion_tokens = 0
         self.done = False
         self.emitted = False
 
 
-def _state(request) -> tuple[list[int], str, str | None, str | None, dict | None, int]:
-    """The fields of an engine request (what ``LLM.add_request`` returns) that the server reads."""
-    return (request.output_ids, request.text, request.finish_reason, request.error, request.compression,
-            request.preemptions)
+class EngineError(RuntimeError):
+    """The engine could not be started; ``kind`` is the name of the exception that stopped it."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class EngineLoop:
-    """Owns the engine in a background thread; see the module docstring.
+    """The engine core in a background thread of this process; see the module docstring.
 
     Args:
         make_llm: builds the :class:`dmc.LLM` (called in the engine thread, which then owns it).
         metrics: updated after every step.
-        idle_poll: seconds the idle loop waits for a command before looking again.
     """
 
-    def __init__(self, make_llm: Callable[[], object], metrics: Metrics, idle_poll: float = 0.05) -> None:
+    def __init__(self, make_llm: Callable[[], object] | None, metrics: Metrics) -> None:
         self._make_llm = make_llm
         self.metrics = metrics
-        self.idle_poll = idle_poll
-        self.llm = None
+        self.info: dict = {}  # max_model_len, vocab_size, has_tokenizer, device (engine_core.engine_info)
+        self._handles: dict[int, RequestHandle] = {}  # key -> handle, while unfinished
+        self._lock = threading.Lock()  # the handles' registration and closing, from both threads
+        self._dead: str | None = None  # why the engine stopped serving (None: it serves, or has not started)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._handles: dict[int, RequestHandle] = {}  # engine request id -> handle, while unfinished
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._stopping = False
-        self._pages_at = 0.0
-        # Read by /health (plain values written by the engine thread).
+        # Read by /health (plain values written when a step's message arrives).
         self.snapshot: dict = {"running": 0, "waiting": 0, "free_pages": None, "total_pages": None}
+        self.steps = 0
+        self.step_seconds = 0.0
 
-    # ------------------------------------------------------------------ called from other threads
+    # ------------------------------------------------------------------ called from the HTTP side
     def start(self) -> None:
         """Start the thread and wait until the engine is built (re-raises its construction error)."""
-        self._thread = threading.Thread(target=self._run, name="dmc-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run_thread, name="dmc-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
             raise self._error
 
     def submit(self, handles: list[RequestHandle]) -> None:
-        self._commands.put(("add", handles))
+        with self._lock:
+            if self._dead is None:
+                for handle in handles:
+                    self._handles[handle.key] = handle
+        if self._dead is not None:
+            self._post([(h, self._closing(h, "unavailable", self._dead)) for h in handles])
+            return
+        self.metrics.prompt_tokens.labels(self.metrics.model).inc(sum(len(h.prompt_ids) for h in handles))
+        self._command(("add", [Submission(h.key, h.prompt_ids, h.params) for h in handles]))
 
     def abort(self, handles: list[RequestHandle]) -> None:
-        self._commands.put(("abort", handles))
+        """End these requests now ("aborted"); the engine frees their pages at its next step."""
+        closed = []
+        with self._lock:
+            for handle in handles:
+                if not handle.done and self._handles.pop(handle.key, None) is not None:
+                    closed.append((handle, self._closing(handle, "aborted", None)))
+        if closed:
+            self._command(("abort", [h.key for h, _ in closed]))
+            self._post(closed)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Abort what still runs, free its pages, end the thread."""
         if self._thread is None or not self._thread.is_alive():
             return
-        self._commands.put(("stop", None))
+        self._command(("stop", None))
         self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._dead is None and self._thread is not None and self._thread.is_alive()
+
+    def _command(self, command: tuple) -> None:
+        self._commands.put(command)
+
+    def _started(self, info: dict) -> None:
+        self.info = info
+        self.snapshot["free_pages"] = self.snapshot["total_pages"] = info.get("free_pages")
+        self.metrics.set_pages(info.get("free_pages"), info.get("free_pages"))
 
     # ------------------------------------------------------------------ the engine thread
-    def _run(self) -> None:
+    def _run_thread(self) -> None:
         try:
-            self.llm = self._make_llm()
-            self._update_pages(force=True)
+            llm = self._make_llm()
+            self._started(engine_info(llm))
         except BaseException as exc:  # noqa: BLE001 - handed to start()
             self._error = exc
             self._ready.set()
             return
         self._ready.set()
-        llm = self.llm
-        while not self._stopping:
-            busy = llm.has_unfinished()
-            for command in self._drain(block=not busy):
-                self._execute(*command)
-            if self._stopping:
-                break
-            if not llm.has_unfinished():
-                self._publish(force_pages=True)
-                continue
-            try:
-                changed = llm.step()
-            except Exception as exc:  # an engine bug: fail what runs, keep serving
-                log.exception("engine step failed; aborting the %d running request(s)", len(self._handles))
-                self._fail_all(f"engine error: {type(exc).__name__}: {exc}", "error")
-                continue
-            self._deliver(changed)
-            self._publish()
-        self._fail_all("the server is shutting down", "shutdown")
-        self._publish(force_pages=True)
+        try:
+            EngineCore(llm, self._receive, self._dispatch).run()
+        except BaseException as exc:  # noqa: BLE001 - the loop itself broke: nothing serves any more
+            log.exception("the engine loop stopped")
+            self._die(f"the engine stopped: {type(exc).__name__}: {exc}")
 
-    def _drain(self, block: bool) -> list[tuple]:
+    def _receive(self, block: bool) -> list:
         commands = []
         try:
-            commands.append(self._commands.get(timeout=self.idle_poll) if block else self._commands.get_nowait())
+            commands.append(self._commands.get(timeout=IDLE_POLL) if block else self._commands.get_nowait())
             while True:
                 commands.append(self._commands.get_nowait())
         except queue.Empty:
             pass
         return commands
 
-    def _execute(self, kind: str, handles) -> None:
-        if kind == "stop":
-            self._stopping = True
-        elif kind == "add":
-            finished = []
-            for handle in handles:
-                try:
-                    handle.request = self.llm.add_request(handle.prompt_ids, handle.params)
-                except Exception as exc:  # noqa: BLE001 - refused by the engine: this request only
-                    self._close(handle, "error", f"{type(exc).__name__}: {exc}", None)
-                    continue
-                self.metrics.prompt_tokens.labels(self.metrics.model).inc(len(handle.prompt_ids))
-                if handle.request.finished:  # refused at once (bad params)
-                    finished.append(handle)
-                else:
-                    self._handles[handle.request.id] = handle
-            for handle in finished:
-                self._emit_now(handle, handle.request)
-        elif kind == "abort":
-            for handle in handles:
-                if handle.request is not None and not handle.done:
-                    self.llm.abort(handle.request)
-                    self._handles.pop(handle.request.id, None)
-                    self._close(handle, "aborted", None, None)
-
-    def _emit_now(self, handle: RequestHandle, request) -> None:
-        updates: list = []
-        self._update(handle, request, time.perf_counter(), updates)
-        self._post(updates)
-
-    def _deliver(self, changed) -> None:
+    # ------------------------------------------------------------------ a step's outputs → the HTTP requests
+    def _dispatch(self, step: StepOutputs) -> None:
         now = time.perf_counter()
-        updates: list = []
-        for request in changed:
-            handle = self._handles.get(request.id)
-            if handle is not None:
-                self._update(handle, request, now, updates)
-        self._post(updates)
-
-    def _update(self, handle: RequestHandle, request, now: float, updates: list) -> None:
-        output_ids, text, reason, error, compression, preemptions = _state(request)
-        new_ids = output_ids[handle.sent_tokens:]
         m, model = self.metrics, self.metrics.model
-        if new_ids:  # a step can bring two tokens (the prefill's and the decode's): each gets an ITL sample
-            gaps = len(new_ids)
-            if handle.first_token_at is None:
-                handle.first_token_at = now
-                m.ttft.labels(model).observe(now - handle.arrival)
-                gaps, gap = gaps - 1, 0.0
-            else:
-                gap = (now - handle.last_token_at) / gaps
-            for _ in range(gaps):
-                m.itl.labels(model).observe(gap)
-            handle.last_token_at = now
-            m.generation_tokens.labels(model).inc(len(new_ids))
-        finished = reason is not None
-        end = len(text)
-        if not finished:  # hold back a possible stop string's start and a partial UTF-8 character
-            end -= handle.holdback
-            while end > handle.sent_chars and text[end - 1] == "\ufffd":
-                end -= 1
-        piece = text[handle.sent_chars:end] if end > handle.sent_chars else ""
-        if not (new_ids or piece or finished):
-            return
-        delta = Delta(index=handle.index, text=piece, token_ids=list(new_ids), prompt_tokens=len(handle.prompt_ids),
-                      completion_tokens=len(output_ids), first=not handle.emitted)
-        handle.emitted = True
-        handle.sent_tokens = len(output_ids)
-        handle.sent_chars = max(handle.sent_chars, end)
-        if finished:
-            self._handles.pop(request.id, None)
-            handle.done = True
-            delta.finished, delta.finish_reason, delta.error, delta.compression = True, reason, error, compression
-            m.requests.labels(model, reason).inc()
-            if preemptions:
-                m.preemptions.labels(model).inc(preemptions)
-            if compression:
-                m.observe_compression(compression["cr"] * compression["slots"], compression["slots"])
-            m.e2e.labels(model).observe(now - handle.arrival)
-        updates.append((handle, delta))
+        updates = []
+        tokens = 0
+        with self._lock:
+            for out in step.outputs:
+                handle = self._handles.get(out.key)
+                if handle is None or handle.done:  # aborted by its client meanwhile
+                    continue
+                new = len(out.token_ids)
+                if new:  # a step can bring two tokens (the prefill's and the decode's): each gets an ITL sample
+                    gaps = new
+                    if handle.first_token_at is None:
+                        handle.first_token_at = now
+                        m.ttft.labels(model).observe(now - handle.arrival)
+                        gaps, gap = gaps - 1, 0.0
+                    else:
+                        gap = (now - handle.last_token_at) / gaps
+                    for _ in range(gaps):
+                        m.itl.labels(model).observe(gap)
+                    handle.last_token_at = now
+                    tokens += new
+                handle.completion_tokens = out.completion_tokens or handle.completion_tokens
+                delta = Delta(index=handle.index, text=out.text, token_ids=out.token_ids,
+                              prompt_tokens=len(handle.prompt_ids), completion_tokens=handle.completion_tokens,
+                              first=not handle.emitted)
+                handle.emitted = True
+                if out.finish_reason is not None:
+                    self._handles.pop(out.key, None)
+                    handle.done = True
+                    delta.finished, delta.finish_reason, delta.error = True, out.finish_reason, out.error
+                    delta.compression = out.compression
+                    m.requests.labels(model, out.finish_reason).inc()
+                    if out.preemptions:
+                        m.preemptions.labels(model).inc(out.preemptions)
+                    if out.compression:
+                        m.observe_compression(out.compression["cr"] * out.compression["slots"],
+                                              out.compression["slots"])
+                    m.e2e.labels(model).observe(now - handle.arrival)
+                updates.append((handle, delta))
+        if tokens:
+            m.generation_tokens.labels(model).inc(tokens)
+        self._post(updates)
+        self.snapshot.update(running=step.running, waiting=step.waiting, free_pages=step.free_pages,
+                             total_pages=step.total_pages)
+        m.set_queues(step.running, step.waiting)
+        m.set_pages(step.free_pages, step.total_pages)
+        if step.outputs:
+            self.steps += 1
+            self.step_seconds += step.step_seconds
 
-    def _close(self, handle: RequestHandle, reason: str, error: str | None, updates: list | None) -> None:
+    def _closing(self, handle: RequestHandle, reason: str, error: str | None) -> Delta:
+        """The last delta of a request the server ends itself (aborted; the engine gone)."""
         handle.done = True
         self.metrics.requests.labels(self.metrics.model, reason).inc()
         delta = Delta(index=handle.index, finished=True, finish_reason=reason, error=error,
-                      prompt_tokens=len(handle.prompt_ids), completion_tokens=handle.sent_tokens,
+                      prompt_tokens=len(handle.prompt_ids), completion_tokens=handle.completion_tokens,
                       first=not handle.emitted)
         handle.emitted = True
-        if updates is None:
-            self._post([(handle, delta)])
-        else:
-            updates.append((handle, delta))
+        return delta
 
-    def _fail_all(self, message: str, reason: str) -> None:
-        updates: list = []
-        for handle in list(self._handles.values()):
-            try:
-                self.llm.abort(handle.request)
-            except Exception:  # noqa: BLE001 - the engine may be broken; the handle is closed anyway
-                log.exception("abort failed")
-            self._close(handle, reason, message, updates)
-        self._handles.clear()
-        self._post(updates)
+    def _die(self, why: str) -> None:
+        """The engine is gone: end every open request with a 503 ("unavailable"); later ones get it at once."""
+        with self._lock:
+            self._dead = why
+            handles = list(self._handles.values())
+            self._handles.clear()
+            closing = [(h, self._closing(h, "unavailable", why)) for h in handles if not h.done]
+        self._post(closing)
 
-    def _post(self, updates: list) -> None:
+    @staticmethod
+    def _post(updates: list) -> None:
         """Hand the deltas to their HTTP requests' queues (one event-loop callback per loop)."""
         by_loop: dict = {}
         for handle, delta in updates:
@@ -270,27 +258,86 @@ class EngineLoop:
             except RuntimeError:  # the event loop is closed (server gone)
                 pass
 
-    def _publish(self, force_pages: bool = False) -> None:
-        running = sum(1 for h in self._handles.values() if h.first_token_at is not None)
-        waiting = len(self._handles) - running
-        self.metrics.set_queues(running, waiting)
-        self.snapshot["running"], self.snapshot["waiting"] = running, waiting
-        self._update_pages(force_pages)
 
-    def _update_pages(self, force: bool = False) -> None:
-        """Free pages (a host sync on GPU: at most every 50 ms while busy, always when idle)."""
-        now = time.perf_counter()
-        if not force and now - self._pages_at < 0.05:
-            return
-        self._pages_at = now
-        cache = getattr(self.llm, "cache", None)
+class EngineProcess(EngineLoop):
+    """The engine core in a process of its own (spawned: CUDA is initialised there only), built from ``spec``;
+    see the module docstring."""
+
+    def __init__(self, spec: EngineSpec, metrics: Metrics, log_level: str = "INFO") -> None:
+        super().__init__(None, metrics)
+        self.spec, self.log_level = spec, log_level
+        self._process = None
+        self._send_lock = threading.Lock()
+        self._stopped = threading.Event()  # the core said it stopped (a clean exit)
+
+    def start(self) -> None:
+        """Spawn the engine process and wait until its engine is built (EngineError if it could not be)."""
+        ctx = multiprocessing.get_context("spawn")
+        commands_out, self._commands_in = ctx.Pipe(duplex=False)
+        self._outputs, outputs_in = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=run_engine_process, name="dmc-engine", daemon=True,
+                                    args=(self.spec, commands_out, outputs_in, self.log_level))
+        self._process.start()
+        commands_out.close()  # the child's ends: closed here, so that either side sees the other go
+        outputs_in.close()
         try:
-            free = int(cache.free_page_count())
-            total = int(getattr(self.llm, "initial_free_pages", None) or free)
-        except Exception:  # noqa: BLE001 - the engine may not expose its pool
+            kind, payload = self._outputs.recv()
+        except (EOFError, OSError):
+            self._process.join(5)
+            raise EngineError("EngineProcessDied",
+                              f"the engine process exited with code {self._process.exitcode} before it was ready")
+        if kind == "failed":
+            self._process.join(10)
+            raise EngineError(*payload)
+        self._started(payload)
+        self._thread = threading.Thread(target=self._read, name="dmc-engine-reader", daemon=True)
+        self._thread.start()
+
+    def _command(self, command: tuple) -> None:
+        try:
+            with self._send_lock:
+                self._commands_in.send(command)
+        except (BrokenPipeError, OSError):
+            self._die(self._death())
+
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, payload = self._outputs.recv()
+            except (EOFError, OSError):
+                break
+            if kind == "step":
+                self._dispatch(payload)
+            elif kind == "stopped":
+                self._stopped.set()
+                break
+        if not self._stopped.is_set():
+            self._process.join(5)
+            self._die(self._death())
+
+    def _death(self) -> str:
+        code = None if self._process is None else self._process.exitcode
+        return (f"the engine process exited (code {code}); the server cannot generate any more: restart it"
+                if code is not None else "the engine process stopped answering; restart the server")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Abort what still runs, free its pages, end the engine process (killed if it does not end in time)."""
+        if self._process is None:
             return
-        self.snapshot["free_pages"], self.snapshot["total_pages"] = free, total
-        self.metrics.set_pages(free, total)
+        if self._process.is_alive():
+            self._command(("stop", None))
+            if self._thread is not None:
+                self._thread.join(timeout)
+            self._process.join(5)
+        if self._process.is_alive():
+            log.warning("the engine process did not stop in time: terminating it")
+            self._process.terminate()
+            self._process.join(5)
+
+    @property
+    def alive(self) -> bool:
+        return (self._dead is None and self._process is not None and self._process.is_alive()
+                and self._thread is not None and self._thread.is_alive())
 
 
 def _put_all(items) -> None:
