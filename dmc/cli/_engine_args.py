@@ -26,6 +26,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-scales", default=None, metavar="PATH",
                         help="fp8 scales per (layer, KV head), a safetensors file saved by "
                              "LLM.calibrate_kv_scales(prompts).save(PATH) (needs --kv-cache-dtype fp8)")
+    parser.add_argument("--prefill-chunk", type=int, default=4096,
+                        help="most prompt tokens prefilled in one engine step (one forward; the chunks of several "
+                             "prompts share it, a longer prompt goes over several steps)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens one engine step may process, decode and prefill together: decoding requests "
+                             "count first, prefill gets the rest (at most --prefill-chunk), so arrivals cannot stall "
+                             "running requests for long; >= --max-num-seqs (default: none, prefill gets "
+                             "--prefill-chunk whatever decodes; dmc serve: 2048)")
     parser.add_argument("--vanilla", action="store_true", help="run a DMC model uncompressed (every token appends)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs (CUDA only)")
     parser.add_argument("--eviction", choices=["h2o", "tova"], default=None,
@@ -74,13 +82,19 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.kv_cache_memory_gib is not None and not args.kv_cache_memory_gib > 0:
         raise ValueError(f"--kv-cache-memory-gib must be > 0, got {args.kv_cache_memory_gib}")
+    if args.prefill_chunk < 1:
+        raise ValueError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    if args.max_num_batched_tokens is not None and args.max_num_batched_tokens < args.max_num_seqs:
+        raise ValueError(f"--max-num-batched-tokens must be >= --max-num-seqs ({args.max_num_seqs}): every decoding "
+                         f"sequence takes one token of a step; got {args.max_num_batched_tokens}")
     if args.kv_scales is not None and args.kv_cache_dtype != "fp8":
         raise ValueError("--kv-scales are the scales of an fp8 cache: add --kv-cache-dtype fp8")
     kv = None if args.kv_cache_memory_gib is None else int(args.kv_cache_memory_gib * 2**30)
     return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=kv, vanilla=args.vanilla,
                 cuda_graphs=not args.no_cuda_graphs, eviction=_eviction_policy(args),
-                kv_cache_dtype=args.kv_cache_dtype, kv_scales=args.kv_scales)
+                kv_cache_dtype=args.kv_cache_dtype, kv_scales=args.kv_scales, prefill_chunk=args.prefill_chunk,
+                max_num_batched_tokens=args.max_num_batched_tokens)
 
 
 def load_errors() -> tuple[type[BaseException], ...]:

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="before serving, compile the prefill attention of every prompt-length bucket and capture "
                              "the decode graphs (LLM.warmup), so that no request waits for a compilation; auto: on CUDA")
     add_forced_cr_argument(parser)
+    # Serving: a step's decoding requests count against its tokens, so a wave of prompts is prefilled over
+    # several steps instead of stalling hundreds of streams (vLLM's default for its API server).
+    parser.set_defaults(max_num_batched_tokens=2048)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="server log level (one line per request at info)")
 

@@ -52,8 +52,13 @@ class LLM:
             ``CPU_KV_CACHE_CAP`` bytes.
         admission_margin: admit assuming the observed CR divided by (1 + margin).
         cuda_graphs: capture the decode step in batch-size buckets (CUDA only).
-        prefill_chunk: prompt tokens prefilled per engine step, in one forward: the chunks of several
+        prefill_chunk: most prompt tokens prefilled per engine step, in one forward: the chunks of several
             requests share it (a longer prompt is prefilled in chunks over several steps).
+        max_num_batched_tokens: the tokens one engine step may process, decode and prefill together (chunked
+            prefill, as vLLM's option of that name): the step's decoding requests count first, prefill gets what
+            is left (at most ``prefill_chunk``), so that arriving prompts cannot stall the running ones for
+            long. None: prefill gets ``prefill_chunk`` tokens whatever decodes (the best offline throughput).
+            At least ``max_num_seqs``.
         prefill_attention: attention of a prompt's first chunk: "auto" (flex on CUDA, sdpa on CPU),
             "flex" (FlexAttention with the DMC mask, compiled once per power-of-two length bucket),
             "sdpa" (a boolean DMC mask, no compilation, slower) or "dense".
@@ -83,7 +88,7 @@ class LLM:
     def __init__(self, model, *, tokenizer=None, dtype: str | torch.dtype = "auto", device: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 256, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory: int | None = None, admission_margin: float = 0.1, cuda_graphs: bool = True,
-                 prefill_chunk: int = 4096, prefill_attention: str = "auto", vanilla: bool = False, forced_period: int = 0, seed: int = 0,
+                 prefill_chunk: int = 4096, max_num_batched_tokens: int | None = None, prefill_attention: str = "auto", vanilla: bool = False, forced_period: int = 0, seed: int = 0,
                  progress: bool = True, eviction: EvictionPolicy | None = None,
                  kv_cache_dtype: str = "auto", kv_scales: KVScales | str | None = None) -> None:
         self.device = resolve_device(device)
@@ -131,6 +136,12 @@ class LLM:
         if max_num_seqs < 1 or prefill_chunk < 1 or not -1 < admission_margin:
             raise ValueError("max_num_seqs and prefill_chunk must be >= 1 and admission_margin > -1")
         self.prefill_chunk = prefill_chunk
+        if max_num_batched_tokens is not None and (not isinstance(max_num_batched_tokens, int)
+                                                   or max_num_batched_tokens < max_num_seqs):
+            raise ValueError(f"max_num_batched_tokens must be an integer >= max_num_seqs ({max_num_seqs}: every "
+                             f"decoding sequence takes one token of a step), got {max_num_batched_tokens!r} "
+                             "(--max-num-batched-tokens)")
+        self.max_num_batched_tokens = max_num_batched_tokens
         if eviction is not None and eviction.budget >= self.max_model_len:
             raise ValueError(f"the eviction budget ({eviction.budget} slots) must be below max_model_len "
                              f"({self.max_model_len}): else nothing is ever evicted")
@@ -271,7 +282,10 @@ class LLM:
         """One engine step: schedule, prefill a batch of prompt chunks (admitting what fits), decode one
         token for every running request that is past its prefill, postprocess. Returns the requests
         that changed."""
-        changed = self._prefill_step()
+        budget = self.prefill_chunk
+        if self.max_num_batched_tokens is not None:  # the decoding requests' tokens come first
+            budget = min(budget, self.max_num_batched_tokens - self.scheduler.decoding_count())
+        changed = self._prefill_step(budget) if budget > 0 else []
         batch, starved = self.scheduler.schedule_decode()
         if starved is not None:
             self.scheduler.finish(starved, "error", OUT_OF_MEMORY_DECODING)
@@ -280,15 +294,15 @@ class LLM:
             changed += self._postprocess(batch, self._decode(batch))
         return changed
 
-    def _prefill_step(self) -> list[Request]:
+    def _prefill_step(self, budget: int | None = None) -> list[Request]:
         """This step's batched prefill: the chunks the scheduler picks (requests already prefilling go on,
-        then newly admitted ones; ``prefill_chunk`` tokens in all), in one forward. A request whose whole
+        then newly admitted ones; ``budget`` tokens in all, default ``prefill_chunk``), in one forward. A request whose whole
         feed is now in the cache gets its first token sampled. Returns the requests that changed.
 
         With eviction (H2O, TOVA) the chunks run one per forward, each scheduled after the one before
         has been cut to the budget: a batch would hold every chunk's pages at once, uncut."""
         changed: list[Request] = []
-        budget = self.prefill_chunk
+        budget = self.prefill_chunk if budget is None else budget
         while budget > 0:
             chunks, starved = self.scheduler.schedule_prefill(budget, None if self.eviction is None else 1)
             if starved is not None:

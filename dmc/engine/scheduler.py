@@ -230,6 +230,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def decoding_count(self) -> int:
+        """Running requests past their prefill: each takes one token of the next step."""
+        return sum(1 for r in self.running if not r.prefilling)
+
     def schedule_decode(self) -> tuple[list[Request], Request | None]:
         """``(batch, starved)``: the requests to decode this step, preempting the newest running ones
         until the step's worst case fits the free pages; ``starved`` is a lone request that cannot fit
