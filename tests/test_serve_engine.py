@@ -18,6 +18,7 @@ pytest.importorskip("fastapi")
 import dmc  # noqa: E402
 from dmc.serve import EngineLoop, EngineProcess, Metrics, ServerConfig, build_app  # noqa: E402
 from dmc.serve.engine_core import EngineCore, EngineSpec, Submission  # noqa: E402
+from dmc.engine.step_timer import StepTimer  # noqa: E402
 from dmc.serve.engine_loop import EngineError  # noqa: E402
 
 KWARGS = {"device": "cpu", "max_model_len": 128, "max_num_seqs": 8, "cuda_graphs": False}
@@ -50,6 +51,7 @@ def test_core_sends_one_message_per_step_with_every_changed_request(model_dir):
             return [("stop", None)]
         return []
 
+    llm.step_timer = StepTimer()  # count the core's steps only
     core = EngineCore(llm, receive, messages.append)
     core.run()
     tokens, text, reasons = {}, {}, {}
@@ -67,6 +69,9 @@ def test_core_sends_one_message_per_step_with_every_changed_request(model_dir):
         assert text[100 + s] == ref.text
         assert reasons[100 + s] == "length"
     assert llm.cache.free_page_count() == llm.initial_free_pages  # every page back
+    profile = llm.step_timer.summary()  # every step counted, by section
+    assert profile["steps"] == sum(1 for m in messages if m.step_seconds) > 0
+    assert {"schedule", "prefill", "decode", "postprocess", "outputs", "send"} <= set(profile["ms_per_step"])
 
 
 async def _stream(client, body):
@@ -119,6 +124,9 @@ def test_engine_serves_the_same_text_as_llm_generate(model_dir, mode):
         assert engine.snapshot["free_pages"] == engine.snapshot["total_pages"] is not None
     finally:
         engine.stop()
+    profile = engine.profile()
+    assert profile["engine"]["steps"] == profile["server"]["steps"] > 0
+    assert {"decode", "postprocess", "send"} <= set(profile["engine"]["ms_per_step"])
 
 
 def test_a_dying_engine_process_gives_503s_not_a_hang(model_dir):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import pathlib
 import signal
 import sys
 
@@ -39,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Serving: a step's decoding requests count against its tokens, so a wave of prompts is prefilled over
     # several steps instead of stalling hundreds of streams (vLLM's default for its API server).
     parser.set_defaults(max_num_batched_tokens=2048)
+    parser.add_argument("--profile-steps", default=None, metavar="PATH",
+                        help="at shutdown, write where the engine's steps spent their time (ms per step by section: "
+                             "schedule, prefill, decode, postprocess, outputs, send) and the server's handling of "
+                             "them, as JSON")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="server log level (one line per request at info)")
 
@@ -110,4 +116,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda sig, frame: None)
     server.run()
     engine.stop()
+    profile = engine.profile()
+    logging.getLogger("dmc.serve").info("engine time per step: %s", json.dumps(profile, separators=(",", ":")))
+    if args.profile_steps:
+        pathlib.Path(args.profile_steps).write_text(json.dumps(profile, indent=2) + "\n")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -13,6 +14,7 @@ from ..hf.convert import fold_logit_scale
 from ..stats import CompressionStats
 from .cache import CacheLayout, PagedKVCache
 from .detokenizer import Detokenizer
+from .step_timer import StepTimer
 from .eviction import EngineEviction
 from .kv_scales import DEFAULT_HEADROOM, KVScales
 from .params import RequestOutput, SamplingParams
@@ -168,6 +170,7 @@ class LLM:
         self.scheduler = Scheduler(self.cache, max_num_seqs, CompressionEstimate(prior, admission_margin),
                                    slot_cap=self._slot_cap, prefill_chunk=prefill_chunk)
         self._next_id = 0
+        self.step_timer = StepTimer()  # where the steps' time goes, by section (LLM.step_timer.summary())
         self.initial_free_pages = self.cache.free_page_count()
         if cuda_graphs:
             self.runner.use_cuda_graphs([b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs])
@@ -226,6 +229,7 @@ class LLM:
         finally:
             vars(self.scheduler.estimate).update(estimate)
             self._next_id = next_id
+            self.step_timer = StepTimer()  # the warm-up's steps are not the workload's
         return {"prompt_lengths": lengths, "graph_buckets": graphs}
 
     def calibrate_kv_scales(self, prompts: Sequence[str | list[int]],
@@ -282,16 +286,23 @@ class LLM:
         """One engine step: schedule, prefill a batch of prompt chunks (admitting what fits), decode one
         token for every running request that is past its prefill, postprocess. Returns the requests
         that changed."""
+        timer = self.step_timer
+        timer.steps += 1
         budget = self.prefill_chunk
         if self.max_num_batched_tokens is not None:  # the decoding requests' tokens come first
             budget = min(budget, self.max_num_batched_tokens - self.scheduler.decoding_count())
         changed = self._prefill_step(budget) if budget > 0 else []
+        start = time.perf_counter()
         batch, starved = self.scheduler.schedule_decode()
         if starved is not None:
             self.scheduler.finish(starved, "error", OUT_OF_MEMORY_DECODING)
             changed.append(starved)
+        start = timer.add("schedule", start)
         if batch:
-            changed += self._postprocess(batch, self._decode(batch))
+            tokens = self._decode(batch).tolist()  # the host waits for the GPU here
+            start = timer.add("decode", start)
+            changed += self._postprocess(batch, tokens)
+            timer.add("postprocess", start)
         return changed
 
     def _prefill_step(self, budget: int | None = None) -> list[Request]:
@@ -304,10 +315,12 @@ class LLM:
         changed: list[Request] = []
         budget = self.prefill_chunk if budget is None else budget
         while budget > 0:
+            start = time.perf_counter()
             chunks, starved = self.scheduler.schedule_prefill(budget, None if self.eviction is None else 1)
             if starved is not None:
                 self.scheduler.finish(starved, "error", OUT_OF_MEMORY_PREFILL)
                 changed.append(starved)
+            self.step_timer.add("schedule", start)
             if not chunks:
                 break
             changed += self._prefill_chunks(chunks)
@@ -320,6 +333,7 @@ class LLM:
         """Feed ``(request, tokens)`` chunks in one forward; sample the first token of each request whose
         feed is now all in the cache (those are returned)."""
         sched = self.scheduler
+        start = time.perf_counter()
         requests = [r for r, _ in chunks]
         feeds = [r.to_feed()[r.seen:r.seen + size] for r, size in chunks]
         logits = self.runner.prefill_batch([r.row for r in requests], feeds, [r.seen for r in requests])
@@ -330,6 +344,7 @@ class LLM:
                 sched.prefilled(request)
                 done.append(i)
         if not done:
+            self.step_timer.add("prefill", start)
             return []
         finished = [requests[i] for i in done]
         if self.eviction is None:  # with eviction the cap, not a ratio, bounds the pages
@@ -340,7 +355,11 @@ class LLM:
                 sched.estimate.observe(committed * self.cache.layout.rows, slots)
         tokens = sample(logits[done], SamplingBatch.build([r.params for r in finished], [r.seed for r in finished],
                                                          [len(r.output_ids) for r in finished], self.device))
-        return self._postprocess(finished, tokens)
+        tokens = tokens.tolist()  # the host waits for the GPU here
+        start = self.step_timer.add("prefill", start)
+        changed = self._postprocess(finished, tokens)
+        self.step_timer.add("postprocess", start)
+        return changed
 
     def _decode(self, batch: list[Request]) -> torch.Tensor:
         """One decode step of ``batch``: the sampled tokens ``[B]``. Every input goes to the device before the
@@ -355,10 +374,10 @@ class LLM:
             request.seen += 1
         return sample(logits, sampling)
 
-    def _postprocess(self, requests: list[Request], tokens: torch.Tensor) -> list[Request]:
+    def _postprocess(self, requests: list[Request], tokens: list[int]) -> list[Request]:
         """Append each request's new token; finish those that hit a stop or their length."""
-        for request, token in zip(requests, tokens.tolist()):
-            self._append(request, int(token))
+        for request, token in zip(requests, tokens):
+            self._append(request, token)
         return list(requests)
 
     # ------------------------------------------------------------------ request lifecycle

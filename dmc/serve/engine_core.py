@@ -116,26 +116,35 @@ class EngineCore:
         llm = self.llm
         while not self._stopping:
             outputs: list[Output] = []
-            for kind, payload in self.receive(not llm.has_unfinished()):
+            busy = llm.has_unfinished()
+            commands = self.receive(not busy)
+            start = time.perf_counter()
+            for kind, payload in commands:
                 self._execute(kind, payload, outputs)
             if self._stopping:
                 break
-            start = time.perf_counter()
             if llm.has_unfinished():
+                timer = llm.step_timer
+                start = timer.add("commands", start) if busy else time.perf_counter()
                 try:
                     changed = llm.step()
                 except Exception as exc:  # an engine bug: fail what runs, keep serving
                     log.exception("engine step failed; aborting the %d running request(s)", len(self._by_id))
                     self._fail_all(f"engine error: {type(exc).__name__}: {exc}", "error", outputs)
                 else:
+                    collect = time.perf_counter()
                     for request in changed:
                         tracked = self._by_id.get(request.id)
                         if tracked is not None:
                             self._collect(tracked, outputs)
-            elif not outputs:
+                    timer.add("outputs", collect)
+                sent = time.perf_counter()
+                self._send(outputs, sent - start)
+                timer.add("send", sent)
+            elif outputs:
+                self._send(outputs, 0.0)
+            else:
                 self._send(outputs, 0.0, force_pages=True)  # idle: the state, so /health stays current
-                continue
-            self._send(outputs, time.perf_counter() - start)
         outputs = []
         self._fail_all("the server is shutting down", "shutdown", outputs)
         self._send(outputs, 0.0, force_pages=True)
@@ -235,4 +244,4 @@ def run_engine_process(spec: EngineSpec, commands, outputs, log_level: str = "IN
             os._exit(0)  # the server is gone: nobody reads the outputs
 
     EngineCore(llm, receive, emit).run()
-    outputs.send(("stopped", None))
+    outputs.send(("stopped", llm.step_timer.summary()))

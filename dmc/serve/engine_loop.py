@@ -95,8 +95,13 @@ class EngineLoop:
         self._error: BaseException | None = None
         # Read by /health (plain values written when a step's message arrives).
         self.snapshot: dict = {"running": 0, "waiting": 0, "free_pages": None, "total_pages": None}
-        self.steps = 0
-        self.step_seconds = 0.0
+        # Where the time goes (EngineLoop.profile()): the engine's sections, filled when it stops, and the
+        # server's handling of the engine's messages.
+        self.engine_profile: dict | None = None
+        self._dispatch_seconds = 0.0
+        self._messages = 0
+        self._busy_messages = 0
+        self._step_seconds = 0.0
 
     # ------------------------------------------------------------------ called from the HTTP side
     def start(self) -> None:
@@ -163,6 +168,7 @@ class EngineLoop:
         except BaseException as exc:  # noqa: BLE001 - the loop itself broke: nothing serves any more
             log.exception("the engine loop stopped")
             self._die(f"the engine stopped: {type(exc).__name__}: {exc}")
+        self.engine_profile = llm.step_timer.summary()
 
     def _receive(self, block: bool) -> list:
         commands = []
@@ -175,6 +181,14 @@ class EngineLoop:
         return commands
 
     # ------------------------------------------------------------------ a step's outputs → the HTTP requests
+    def profile(self) -> dict:
+        """The engine's time per step by section (once it stopped) and the server's per message of the engine."""
+        messages = max(self._messages, 1)
+        return {"engine": self.engine_profile,
+                "server": {"messages": self._messages, "steps": self._busy_messages,
+                           "dispatch_ms_per_message": round(self._dispatch_seconds / messages * 1e3, 4),
+                           "engine_step_ms": round(self._step_seconds / max(self._busy_messages, 1) * 1e3, 4)}}
+
     def _dispatch(self, step: StepOutputs) -> None:
         now = time.perf_counter()
         m, model = self.metrics, self.metrics.model
@@ -223,9 +237,11 @@ class EngineLoop:
                              total_pages=step.total_pages)
         m.set_queues(step.running, step.waiting)
         m.set_pages(step.free_pages, step.total_pages)
-        if step.outputs:
-            self.steps += 1
-            self.step_seconds += step.step_seconds
+        self._messages += 1
+        if step.step_seconds:
+            self._busy_messages += 1
+            self._step_seconds += step.step_seconds
+        self._dispatch_seconds += time.perf_counter() - now
 
     def _closing(self, handle: RequestHandle, reason: str, error: str | None) -> Delta:
         """The last delta of a request the server ends itself (aborted; the engine gone)."""
@@ -309,6 +325,7 @@ class EngineProcess(EngineLoop):
             if kind == "step":
                 self._dispatch(payload)
             elif kind == "stopped":
+                self.engine_profile = payload
                 self._stopped.set()
                 break
         if not self._stopped.is_set():
