@@ -406,6 +406,9 @@ def test_disconnects_free_pages(server):
     assert idle["running"] == idle["waiting"] == 0
     assert idle["free_pages"] == start["free_pages"] == idle["total_pages"]
     assert server.metric("dmc_requests_total", 'finish_reason="aborted"') - aborted == 32  # none ran to the end
+    # A streaming client that leaves is logged as a non-streaming one that leaves: 499, finish=client gone.
+    gone = [line for line in server.log().splitlines() if "POST /v1/completions 499 " in line]
+    assert len(gone) >= 32 and all("finish=client gone" in line for line in gone)
 
 
 def test_load_generator_script(server, tmp_path):

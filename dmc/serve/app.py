@@ -61,13 +61,8 @@ def build_app(engine: EngineLoop, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        message = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem(s))"
-        return JSONResponse(APIError(400, message, param=".".join(loc) or None).body(), status_code=400)
+        error = validation_error(exc.errors(), config.vocab_size)
+        return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -118,6 +113,34 @@ def build_app(engine: EngineLoop, config: ServerConfig) -> FastAPI:
                               chat=True)
 
     return app
+
+
+def validation_error(errors: list[dict], vocab_size: int) -> APIError:
+    """One 400 for pydantic's errors of a request body: what is wrong and with which field, in the client's terms
+    (a body that is no JSON; a prompt that is none of its accepted forms, each of which pydantic reports)."""
+    first = errors[0] if errors else {}
+    where = first.get("loc", ())
+    if first.get("type") == "json_invalid":
+        at = where[-1] if len(where) > 1 and isinstance(where[-1], int) else None
+        detail = (first.get("ctx") or {}).get("error")
+        return APIError(400, "the request body is not valid JSON" + (f" ({detail} at character {at})" if at is not None
+                        and detail else f" (at character {at})" if at is not None else "")
+                        + ": send one JSON object", code="invalid_json")
+    fields = [[str(x) for x in e.get("loc", ()) if x != "body"] for e in errors]
+    if fields and fields[0][:1] == ["prompt"]:
+        about_prompt = [e for e, f in zip(errors, fields) if f[:1] == ["prompt"]]
+        others = len(errors) - len(about_prompt)
+        if any(e.get("type") in ("greater_than_equal", "less_than_equal") and e.get("loc", ())[-1:] != ("prompt",)
+               and isinstance(e.get("input"), int) for e in about_prompt):
+            message = f"prompt token ids must be in [0, {vocab_size})"
+        else:
+            message = "prompt must be text, a list of token ids, or a list (a batch) of either"
+        return APIError(400, message + (f" (and {others} more problem(s))" if others else ""), param="prompt")
+    loc = fields[0] if fields else []
+    message = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return APIError(400, message, param=".".join(loc) or None)
 
 
 # ---------------------------------------------------------------------- request → engine requests
@@ -225,6 +248,7 @@ class _Choices:
         self.text = {h.index: [] for h in handles}
         self.token_ids = {h.index: [] for h in handles}
         self.final: dict[int, Delta] = {}
+        self.completed = False  # a stream sent all it had to (its client did not leave first)
 
     def add(self, delta: Delta) -> None:
         self.text[delta.index].append(delta.text)
@@ -281,7 +305,7 @@ async def _respond(request: Request, body, prompt_ids, handles, sink, engine: En
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream(rid, created, body.model, object_ + (".chunk" if chat else ""), chat, include_usage,
                          choices, sink, request)
-        return _SSE(events, on_close=lambda: _abort_unfinished(engine, choices))
+        return _SSE(events, on_close=lambda: _close_stream(request, engine, choices))
     watcher = asyncio.create_task(_watch_disconnect(request, sink))
     try:
         while not choices.done:
@@ -312,6 +336,14 @@ async def _respond(request: Request, body, prompt_ids, handles, sink, engine: En
         out.append(choice)
     return {"id": rid, "object": object_, "created": created, "model": body.model, "choices": out,
             "usage": choices.usage(), "dmc_compression": choices.compression()}
+
+
+def _close_stream(request: Request, engine: EngineLoop, choices: _Choices) -> None:
+    """However a stream ended: abort what still runs; a stream its client left is logged as a non-streaming
+    request its client left is (499, finish=client gone)."""
+    if not choices.completed:
+        request.state.dmc.update(choices.log_fields(), finish="client gone", status=499)
+    _abort_unfinished(engine, choices)
 
 
 def _abort_unfinished(engine: EngineLoop, choices: _Choices) -> None:
@@ -361,6 +393,7 @@ async def _stream(rid, created, model, object_, chat, include_usage, choices: _C
     if include_usage:
         yield event([], usage=True, dmc_compression=choices.compression())
     yield "data: [DONE]\n\n"
+    choices.completed = True
 
 
 class _SSE(StreamingResponse):
@@ -405,11 +438,11 @@ class _Gate:
                 await self.app(scope, receive, send_status)
         finally:
             path = scope["path"]
-            fields = scope["state"].get("dmc") or {}
+            fields = dict(scope["state"].get("dmc") or {})
+            shown = fields.pop("status", None) or status[0] or "-"  # a stream its client left: 499, as a plain one
             line = " ".join(f"{k}={v}" for k, v in fields.items())
             level = logging.DEBUG if path in ("/health", "/metrics") else logging.INFO
-            log.log(level, "%s %s %s %.3fs %s", scope["method"], path, status[0] or "-",
-                    time.perf_counter() - start, line)
+            log.log(level, "%s %s %s %.3fs %s", scope["method"], path, shown, time.perf_counter() - start, line)
 
     def _refuse(self, scope) -> APIError | None:
         if not scope["path"].startswith("/v1/"):
