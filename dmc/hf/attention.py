@@ -309,9 +309,9 @@ class DMCAttention(nn.Module):
         out = self._attend_packed_delayed(q, k_bar, v_bar, k_raw, v_raw, core.key_bias_from_hard(alpha), packed)
         leave = packed.leaving
         if leave is not None:
-            # The leaving tokens' decisions alone, as the chunk's commit sees them: the last leaving token of a
-            # chunk ends its slot whatever the raw token after it decides (that one merges into it later, in
-            # the decode step); gathered back to back, the next leaving token is a chunk's first (α = 0).
+            # The leaving tokens gathered back to back, as each chunk's commit sees them: the last leaving token
+            # of a chunk ends its slot whatever the raw token after it decides (that one merges, if it does, when
+            # it leaves the window), and the next leaving token is another chunk's first (α = 0).
             take = leave.select
             tails = _window_tails(alpha, importance, k, v, sums, leave.source(leave.tail_index), leave.tail_real,
                                   leave.source(leave.last), self.dmc.window)
