@@ -8,9 +8,17 @@ and GPU ms per step, GPU time by kernel group, the top kernels and the host sync
 GPU time is well under its wall time is waiting on the host (Python, launches, syncs); one more step runs with
 CUDA's sync debug mode to name the lines where the host waits for the GPU.
 
+Delayed merging: ``--merge-delay W`` gives the model merge_delay w = W (CR 1 is the vanilla engine, which keeps
+no raw window: use CRs above 1); ``--per-segment`` turns the packing of first chunks off, so that every chunk runs
+alone per layer (what a delayed model's prefill did before its first chunks were packed): a before/after pair
+on one checkout. ``--tiny`` swaps in a small model (2 layers, hidden 256) and runs where there is no GPU (no
+CUDA times then: wall ms and the top host ops), a smoke test of the script.
+
 Writes ``OUT/profile_prefill[_LABEL].json`` and ``.md`` (GPU named, command recorded)::
 
     python benchmarks/profile_prefill.py --out docs/throughput_runs [--crs 1 4] [--label before]
+    python benchmarks/profile_prefill.py --crs 4 --merge-delay 32 --per-segment --label delay32-per-segment
+    python benchmarks/profile_prefill.py --crs 4 --merge-delay 32 --label delay32-packed
 """
 
 from __future__ import annotations
@@ -66,6 +74,11 @@ HOST_SECTIONS = (
     ("q/k/v projections + norms", "dmc.hf.attention", "DMCAttention._heads"),
     ("decision channel", "dmc.core", "split_decision_channel"),
     ("decisions", "dmc.core", "inference_decisions"),
+    ("packed first chunks (all)", "dmc.hf.attention", "DMCAttention._inference_packed"),
+    ("  pooling of packed first chunks", "dmc.hf.attention", "DMCAttention._pool_first_chunks"),
+    ("  packed commit (slot writes, window state)", "dmc.engine.runner", "commit_packed"),
+    ("  packed delay-ring write", "dmc.engine.runner", "hold_packed"),
+    ("chunk alone, delayed merging (all)", "dmc.hf.attention", "DMCAttention._attend_cached_delayed"),
     ("pooling (window terms, chunk states)", "dmc.hf.attention", "DMCAttention._pool_on_cache"),
     ("visible slots", "dmc.engine.cache", "_LayerView.visible_slots"),
     ("attention kernel (_attend)", "dmc.hf.attention", "DMCAttention._attend"),
@@ -105,7 +118,7 @@ def host_sections(step) -> list[list]:
         original = owner.__dict__[name]
         patched.append((owner, name, original))
         setattr(owner, name, timed(label, original))
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # (--tiny on a CPU)
     sync()
     try:
         t0 = time.perf_counter()
@@ -119,6 +132,39 @@ def host_sections(step) -> list[list]:
                                                 for label, _, _ in HOST_SECTIONS if label in totals]
 
 
+def tiny_model(device) -> torch.nn.Module:
+    """``--tiny``: a small Llama-shaped DMC model (2 layers, hidden 256, heads of 64), random weights, fp32 on a
+    CPU and bf16 on a GPU: a smoke test of the script, not a measurement."""
+    import transformers
+
+    from dmc.config import DMCConfig
+    from dmc.hf.convert import dmc_config_from
+    from dmc.hf.modeling import FAMILIES
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
+    config = dmc_config_from(config, DMCConfig(window=12), FAMILIES[0])
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return FAMILIES[0].dmc_causal_lm_class(config).to(device=device, dtype=dtype).eval()
+
+
+def cpu_steps(llm, steps: int, step) -> dict:
+    """:func:`profile_decode.profiled_steps` without a GPU (``--tiny`` on a CPU): wall ms per step and the top
+    ops by their own host time (no GPU times)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - t0) / steps * 1e3
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    return {"wall_ms": wall, "gpu_ms": 0.0, "host_ms": wall, "host_syncs": 0.0, "groups_ms": {},
+            "top_kernels_ms": [[e.key[:90], e.self_cpu_time_total / steps / 1e3] for e in ops]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/throughput_runs")
@@ -128,28 +174,47 @@ def main() -> int:
                         help="prompts queued (enough for the warm-up, the profiled steps and one sync-debug step)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--prefill-chunk", type=int, default=4096, help="prompt tokens per engine step (the engine's)")
     parser.add_argument("--label", default="", help="names this run in the report (e.g. before/after a change)")
+    parser.add_argument("--merge-delay", type=int, default=0,
+                        help="w of delayed merging (0: off; the default retrofit recipe uses 32); CR 1 keeps none")
+    parser.add_argument("--per-segment", action="store_true",
+                        help="no packing of first chunks: every chunk alone per layer (the 'before' of packing)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a small model instead of the 7B shape; runs without a GPU (smoke test)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/profile_prefill.py needs a CUDA GPU")
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        sys.exit("benchmarks/profile_prefill.py needs a CUDA GPU (or --tiny, a smoke test)")
+    import dataclasses
+
     import dmc
+    from dmc.engine import runner
     from throughput import build_model, engine_mode, free_model
-    model = build_model(dmc_model=True)
+    model = build_model(dmc_model=True) if not args.tiny else tiny_model("cuda" if cuda else "cpu")
+    if args.merge_delay:
+        model.set_dmc_config(dataclasses.replace(model.dmc_config, merge_delay=args.merge_delay))
+    if args.per_segment:
+        runner.pack_first_chunks = lambda *a, **k: None  # prefill_batch then runs every chunk alone
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = []
     for cr in args.crs:
         kwargs = engine_mode(cr)
         llm = dmc.LLM(model, max_model_len=args.context, max_num_seqs=args.requests, admission_margin=0.0,
-                      progress=False, **kwargs)
+                      prefill_chunk=args.prefill_chunk, progress=False, **({} if cuda else {"device": "cpu"}), **kwargs)
+        assert llm.cache.layout.delay_width == (0 if cr == 1 else args.merge_delay)
         gen = torch.Generator().manual_seed(0)
         params = dmc.SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
         for _ in range(args.requests):
             llm.add_request(torch.randint(3, 32000, (args.prompt_len,), generator=gen).tolist(), params)
         llm._prefill_step()  # warm-up: compiles this length's attention
-        torch.cuda.synchronize()
+        sync()
+        profiled = (profiled_steps(llm, args.steps, step=llm._prefill_step, groups=PREFILL_GROUPS) if cuda
+                    else cpu_steps(llm, args.steps, llm._prefill_step))
         row = {"cr": cr, "prompt_len": args.prompt_len, "prefill_chunk": llm.prefill_chunk,
-               **profiled_steps(llm, args.steps, step=llm._prefill_step, groups=PREFILL_GROUPS)}
+               "merge_delay": llm.cache.layout.delay_width, "packed": not args.per_segment, **profiled}
         row["tokens_per_s"] = llm.prefill_chunk / row["wall_ms"] * 1e3
-        if llm.scheduler.waiting:  # one more step, unprofiled, naming where the host waits for the GPU
+        if llm.scheduler.waiting and cuda:  # one more step, unprofiled, naming where the host waits for the GPU
             row["sync_sites"] = sync_sites(llm._prefill_step)
         if llm.scheduler.waiting:  # and one timing the host's sections
             row["host_sections_ms"] = host_sections(llm._prefill_step)
@@ -159,14 +224,17 @@ def main() -> int:
         free_model()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "label": args.label,
-            "command": "python " + " ".join(sys.argv)}
+    meta = {"gpu": torch.cuda.get_device_name() if cuda else "no GPU (CPU)", "torch": torch.__version__,
+            "label": args.label, "command": "python " + " ".join(sys.argv), "merge_delay": args.merge_delay,
+            "first_chunks": "per segment" if args.per_segment else "packed", "model": "tiny" if args.tiny else "7B"}
     name = "profile_prefill" + (f"_{args.label}" if args.label else "")
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     group_names = list(dict.fromkeys(g for _, g in PREFILL_GROUPS))
     lines = [f"# Prefill-step profile ({meta['gpu']}{', ' + args.label if args.label else ''})", "",
-             f"Written by `{meta['command']}` (torch {meta['torch']}). Llama-2-7B shape, bf16, random weights, "
-             f"decisions forced to CR r; prompts of {args.prompt_len} tokens, each step one batched prefill "
+             f"Written by `{meta['command']}` (torch {meta['torch']}). "
+             + ("Tiny model (smoke test: not a measurement)" if args.tiny else "Llama-2-7B shape, bf16") +
+             f", random weights, decisions forced to CR r, merge_delay w = {args.merge_delay} (CR > 1), first "
+             f"chunks {meta['first_chunks']}; prompts of {args.prompt_len} tokens, each step one batched prefill "
              f"forward of prefill_chunk tokens (several prompts' chunks), under torch.profiler. Host = wall − GPU "
              f"busy; tok/s here is under the profiler (slower than unprofiled).", "",
              "| CR | wall ms | GPU ms | host ms | host syncs | tok/s | " + " | ".join(group_names) + " | other |",

@@ -630,6 +630,25 @@ def commit_packed(views: list[_LayerView], packed, alpha, k_bar, v_bar, tail_alp
         view.committed += hi - lo
 
 
+def hold_packed(views: list[_LayerView], packed, k, v, alpha, importance, cos, sin) -> None:
+    """The delay ring after several sequences' first chunks (one layer, delayed merging): what
+    :attr:`_LayerView.pending`'s setter stores after each chunk alone, its last min(n, w) tokens raw (token t at
+    ring index t % w), in a fixed number of tensor ops whatever the number of chunks. ``packed`` is the forward's
+    :class:`dmc.hf.attention.PackedChunks` (``hold_index``: those tokens among the packed ones, ``hold_rows``,
+    ``hold_slots``: where each goes), ``k`` (channel D-1 zeroed, before RoPE) and ``v`` ``[1, H, n, D]``, ``alpha``,
+    ``importance`` ``[1, H, n]``, ``cos``, ``sin`` ``[1, n, D]`` of all the packed tokens. Each (row, ring index)
+    is written once: a chunk's raw tokens are at most w consecutive positions."""
+    cache, layer = views[0].cache, views[0].layer
+    index, rows, slots = packed.hold_index, packed.hold_rows, packed.hold_slots
+    # [H, p, ·] -> [p, H, ·]: a slice between the two index tensors puts their dimension first
+    cache.delay_kv[layer][rows, :, slots] = torch.cat([k[0], v[0]], -1)[:, index].transpose(0, 1).to(cache.dtype)
+    cache.delay_aw[layer][rows, :, slots] = torch.stack([alpha[0], importance[0]], -1)[:, index].transpose(0, 1).float()
+    if layer == cache.layout.num_layers - 1:  # one table per row, as the setter writes it
+        cache.delay_rope[rows, slots] = torch.stack([cos[0, index], sin[0, index]], 1).to(cache.dtype)
+    for view, held in zip(views, packed.held):
+        view.held, view._pending = held, None
+
+
 def _pad_prefix(prefix: torch.Tensor, width: int) -> torch.Tensor:
     """An empty prefix (first chunk) as ``width`` zero entries, so that the state has the ring's width."""
     if prefix.shape[-2] == width:

@@ -20,9 +20,11 @@ delay ring. A decode step puts the new token there; the token it replaces (w old
 DMC update with its own α, ω and position; the query attends over the slots and the raw keys in one
 softmax. On CUDA those are the kernels of :mod:`dmc.kernels.triton_delayed` (no host sync, so the step
 is captured in CUDA graphs like any other); elsewhere their PyTorch twins
-(:func:`dmc.kernels.reference.delayed_decode_update_ref`, ``delayed_decode_attention_ref``). Prefill is
-the HF path's own ``_attend_cached_delayed`` over the :class:`SequenceView`, which reads and writes
-the ring as its ``pending`` window.
+(:func:`dmc.kernels.reference.delayed_decode_update_ref`, ``delayed_decode_attention_ref``). A continuing
+prefill chunk is the HF path's own ``_attend_cached_delayed`` over the :class:`SequenceView`, which reads and
+writes the ring as its ``pending`` window; the first chunks of a batched prefill run packed
+(``_inference_packed_delayed``: one pooling and attention over all of them, their slots and ring written in
+one call each), leaving the same cache.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from ..hf.attention import DMCBatch, PackedChunks
 from ..hf.convert import dmc_config_from
 from ..hf.modeling import FAMILIES
 from ..kernels import get_kernels
-from .cache import OutOfPages, PagedKVCache, SequenceView, allocate_pages, commit_packed
+from .cache import OutOfPages, PagedKVCache, SequenceView, allocate_pages, commit_packed, hold_packed
 from .eviction import EngineEviction
 from .layers import DecodeOps, fuse_projections
 from .sampling import to_device
@@ -72,23 +74,46 @@ def decode_ops(device: torch.device | str) -> SimpleNamespace:
 
 
 def pack_first_chunks(members: list[int], segments: list[tuple[int, int]], rows: list[int], width: int,
-                      device) -> PackedChunks:
+                      device, delay: int = 0) -> PackedChunks:
     """The :class:`~dmc.hf.attention.PackedChunks` of the segments ``members`` of a batched prefill (first
     chunks: their rows are empty), whose cache rows are ``rows[i]``; ``width`` = W - 1 entries of window
-    state (0: unbounded window). Everything is laid out on the host and reaches the device in four pinned
-    copies, once per forward."""
+    state (0: unbounded window); ``delay``: merge_delay w (0: off). Everything is laid out on the host and
+    reaches the device in a few pinned copies (four, or with delayed merging up to nine), once per forward."""
+    packed = _pack(members, [segments[i] for i in members], rows, 0 if delay else width, device, commit_packed,
+                   flex=True)
+    if not delay:
+        return packed
+    # Delayed merging: of a chunk of n tokens the first n - w leave the window (their slots and window state:
+    # one write, as first chunks of their own) and the last min(n, w) stay raw in the delay ring.
+    leaving = [(i, (lo, hi - delay)) for i, (lo, hi) in zip(members, packed.bounds) if hi - lo > delay]
+    if leaving:
+        packed.leaving = _pack([i for i, _ in leaving], [r for _, r in leaving], rows, width, device, commit_packed,
+                               flex=False)
+    held = [(t, rows[i], (t - lo) % delay) for i, (lo, hi) in zip(members, packed.bounds)
+            for t in range(max(lo, hi - delay), hi)]
+    hold = to_device([list(column) for column in zip(*held)], torch.long, device)
+    packed.delay, packed.held, packed.hold = delay, [min(hi - lo, delay) for lo, hi in packed.bounds], hold_packed
+    packed.hold_index, packed.hold_rows, packed.hold_slots = hold[0], hold[1], hold[2]
+    return packed
+
+
+def _pack(members: list[int], ranges: list[tuple[int, int]], rows: list[int], width: int, device, commit,
+          flex: bool) -> PackedChunks:
+    """:func:`pack_first_chunks`' layout of the token ranges ``ranges`` (of the tensors its ``select`` reads,
+    one per member) back to back; ``flex``: with FlexAttention's document ids."""
     bounds, lo = [], 0
-    for i in members:
-        n = segments[i][1] - segments[i][0]
-        bounds.append((lo, lo + n))
-        lo += n
+    for a, b in ranges:
+        bounds.append((lo, lo + b - a))
+        lo += b - a
     total, count = lo, len(members)
-    contiguous = all(segments[a][1] == segments[b][0] for a, b in zip(members, members[1:]))
-    bucket = max(128, 1 << (total - 1).bit_length())  # FlexAttention's compiled kernel: one per bucket
+    contiguous = all(ranges[s][1] == ranges[s + 1][0] for s in range(count - 1))
     segment_of_token = [s for s, (a, b) in enumerate(bounds) for _ in range(b - a)]
     per_token = to_device([segment_of_token, [rows[members[s]] for s in segment_of_token],
                            [int(t == bounds[s][0]) for t, s in enumerate(segment_of_token)]], torch.long, device)
-    document_ids = to_device([segment_of_token + [count] * (bucket - total)], torch.int32, device)
+    document_ids = None
+    if flex:
+        bucket = max(128, 1 << (total - 1).bit_length())  # FlexAttention's compiled kernel: one per bucket
+        document_ids = to_device([segment_of_token + [count] * (bucket - total)], torch.int32, device)
     per_chunk = to_device([[a for a, _ in bounds], [b - 1 for _, b in bounds], [rows[i] for i in members]],
                           torch.long, device)
     tail = [[b - width + j for j in range(width)] for _, b in bounds]
@@ -97,13 +122,13 @@ def pack_first_chunks(members: list[int], segments: list[tuple[int, int]], rows:
     tails = to_device([[max(t, 0) for ts in tail for t in ts], [r for rs in real for r in rs],
                        [r for rs in roll for r in rs]], torch.long, device).view(3, count, width)
     token_index = None if contiguous else to_device(
-        [[t for i in members for t in range(*segments[i])]], torch.long, device)[0]
+        [[t for a, b in ranges for t in range(a, b)]], torch.long, device)[0]
     return PackedChunks(
-        members=members, bounds=bounds, token_range=(segments[members[0]][0], segments[members[-1]][1])
-        if contiguous else None, token_index=token_index, starts=per_token[2:3].bool(), document_ids=document_ids,
+        members=members, bounds=bounds, token_range=(ranges[0][0], ranges[-1][1]) if contiguous else None,
+        token_index=token_index, starts=per_token[2:3].bool(), document_ids=document_ids,
         segment_of_token=per_token[0], first=per_chunk[0], last=per_chunk[1], tail_index=tails[0],
         tail_real=tails[1].bool(), rows=per_chunk[2], row_of_token=per_token[1], roll_index=tails[2],
-        commit=commit_packed)
+        commit=commit)
 
 
 class ModelRunner:
@@ -182,12 +207,15 @@ class ModelRunner:
                 starts[:, :1].fill_(True)  # a sequence's first token always appends (a fill: no host copy)
             batches.append(DMCBatch(starts=starts, vanilla=runtime.vanilla, channel_scale=runtime.channel_scale,
                                     forced_period=self.forced_period))
-        # Sequences starting here (no eviction, no delay ring) run as one packed group in every layer.
+        # Sequences starting here (no eviction) run as one packed group in every layer. Without delayed merging
+        # a chunk alone takes the same kernels unpacked; with it, a chunk alone would take the dense path of
+        # continuing chunks (its mask materialised), so even one first chunk is packed.
         window = cache.layout.window
         fresh = [i for i, s in enumerate(seen) if s == 0]
         packed = None
-        if len(fresh) > 1 and self.eviction is None and not self.delay and (window is None or window > 1):
-            packed = pack_first_chunks(fresh, segments, rows, 0 if window is None else window - 1, device)
+        if len(fresh) > (0 if self.delay else 1) and self.eviction is None and (window is None or window > 1):
+            packed = pack_first_chunks(fresh, segments, rows, 0 if window is None else window - 1, device,
+                                       self.delay)
         hidden = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(hidden, positions)
         layers = self.base.layers

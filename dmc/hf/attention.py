@@ -72,8 +72,8 @@ class PackedChunks:
         token_range: the packed tokens' range in the forward's row when they are contiguous, else None
             and ``token_index`` (``[n]`` long) lists them.
         starts: ``[1, n]`` bool, True at each chunk's first token.
-        document_ids: ``[1, bucket]`` int32, the chunk of each token, right-padded to a power-of-two
-            bucket (the compiled FlexAttention exists once per bucket) with one more id for the padding.
+        document_ids: ``[1, bucket]`` int32, the chunk of each token, right-padded to a power-of-two bucket (the
+            compiled FlexAttention exists once per bucket) with one more id for the padding (None in ``leaving``).
         segment_of_token: ``[n]`` long; ``first``, ``last``: ``[S]`` long, each chunk's first/last token.
         tail_index, tail_real: ``[S, W-1]``, each chunk's last W-1 token indices (clamped at 0) and
             whether each lies in the chunk: the window state after it (bounded windows; else ``[S, 0]``).
@@ -81,6 +81,17 @@ class PackedChunks:
             ``roll_index``: ``[S, W-1]`` long, where each entry of the window state goes in its ring.
         commit: ``commit(layer_caches, packed, alpha, k_bar, v_bar, tail_alpha, tail_terms, tail_sums)``,
             the cache's write of all the chunks of one layer.
+        delay: merge_delay w (0: off). With delayed merging a chunk of n tokens sends its first n - w through
+            DMC (they leave the window) and keeps its last min(n, w) raw in the delay ring, as
+            :meth:`DMCAttention._attend_cached_delayed` does for it alone. Then ``leaving`` describes the
+            tokens that leave the window (None when no chunk is longer than w): a group of its own over the
+            packed tokens (its ``select`` takes them from the packed ones, its ``members``, ``bounds``, ``first``,
+            ``last``, ``rows``, ``row_of_token``, ``segment_of_token``, ``tail_*`` and ``roll_index`` are those
+            of the chunks longer than w, restricted to those tokens), whose ``commit`` writes their slots and
+            window state; this group's own ``commit``, ``tail_*`` and ``roll_index`` are then unused.
+        held: each chunk's raw tokens, min(n, w); ``hold_index``, ``hold_rows``, ``hold_slots``: ``[p]`` long, the
+            packed tokens that stay raw, their cache rows and ring indices (position % w);
+            ``hold(layer_caches, packed, k, v, alpha, importance, cos, sin)`` writes them into the ring.
     """
 
     members: list[int]
@@ -88,7 +99,7 @@ class PackedChunks:
     token_range: tuple[int, int] | None
     token_index: torch.Tensor | None
     starts: torch.Tensor
-    document_ids: torch.Tensor
+    document_ids: torch.Tensor | None
     segment_of_token: torch.Tensor
     first: torch.Tensor
     last: torch.Tensor
@@ -99,6 +110,13 @@ class PackedChunks:
     roll_index: torch.Tensor
     commit: object
     block_mask: object = None  # FlexAttention's document mask, built by the first layer
+    delay: int = 0
+    leaving: "PackedChunks | None" = None
+    held: list[int] | None = None
+    hold_index: torch.Tensor | None = None
+    hold_rows: torch.Tensor | None = None
+    hold_slots: torch.Tensor | None = None
+    hold: object = None
 
     def select(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """The packed tokens of ``x`` along ``dim``."""
@@ -106,6 +124,12 @@ class PackedChunks:
             lo, hi = self.token_range
             return x.narrow(dim, lo, hi - lo)
         return x.index_select(dim, self.token_index)
+
+    def source(self, index: torch.Tensor) -> torch.Tensor:
+        """Where the tokens ``index`` (among this group's) lie in the tensor :meth:`select` takes them from."""
+        if self.token_range is not None:
+            return index + self.token_range[0]
+        return self.token_index[index]
 
 
 class DMCAttention(nn.Module):
@@ -209,8 +233,7 @@ class DMCAttention(nn.Module):
         if packed is not None:
             take = packed.select
             out = self._inference_packed(take(q, 2), take(k, 2), take(v, 2), take(cos, 1), take(sin, 1),
-                                         take(position_ids, 1), [layer_caches[i] for i in packed.members],
-                                         packed, batches[packed.members[0]])
+                                         take(position_ids, 1), layer_caches, packed, batches[packed.members[0]])
             for i, (lo, hi) in zip(packed.members, packed.bounds):
                 outs[i] = out[:, :, lo:hi]
         for i, ((start, end), layer_cache, batch) in enumerate(zip(segments, layer_caches, batches)):
@@ -228,7 +251,10 @@ class DMCAttention(nn.Module):
         """The first chunks of ``packed`` (``q``, ``k``, ``v`` ``[1, heads, n, D]`` pre-RoPE, their tokens
         back to back): what :meth:`_attend_cached` does for each chunk on an empty cache (hard decisions,
         windowed pooling with no prefix, the §3 mask), once over all of them, the mask kept within each
-        chunk; then ``packed.commit`` writes all their cache rows. Returns ``[1, H*G, n, D]``."""
+        chunk; then ``packed.commit`` writes all their cache rows (``layer_caches``: the forward's, one per
+        segment). Delayed merging: :meth:`_inference_packed_delayed`. Returns ``[1, H*G, n, D]``."""
+        if packed.delay:
+            return self._inference_packed_delayed(q, k, v, cos, sin, positions, layer_caches, packed, batch)
         b, h, n, _ = k.shape
         window = self.dmc.window
         sums = None
@@ -243,23 +269,80 @@ class DMCAttention(nn.Module):
         else:
             q, k, logits, importance = core.split_decision_channel(q, k, self.dmc.init_offset, self.dmc.logit_scale)
             alpha = core.inference_decisions(logits, packed.starts, positions.expand(b, n), batch.forced_period)
-            no_prefix = k.new_zeros(b, h, 0, 2 * k.shape[-1] + 1, dtype=torch.float32)
-            if q.is_cuda and window is not None and window > 1:
-                from ..kernels.triton_kernels import chunk_states  # here: triton is optional on a CPU
-                k_bar, v_bar = chunk_states(k, v, importance, alpha, no_prefix, cos, sin, window)
-            else:
-                sums = core.pool_with_prefix(alpha, core.weighted_terms(importance, k, v), window, no_prefix)
-                k_bar, v_bar = pooled_keys(sums, cos, sin, q.dtype)
+            k_bar, v_bar, sums = self._pool_first_chunks(k, v, importance, alpha, cos, sin)
             q = core.zero_last_channel(_rope_q(q, cos, sin))
             out = self._attend_packed(q, k_bar, v_bar, core.key_bias_from_hard(alpha), packed)
-        # The window state each chunk leaves: its last W-1 terms (α = 1, terms 0 before the chunk: the zero
-        # prefix of a first chunk), or for an unbounded window the running sums at its last token.
-        index, real = packed.tail_index, packed.tail_real
-        tail_alpha = alpha[..., index].masked_fill(~real, 1.0)
-        tail_terms = core.weighted_terms(importance[..., index], k[..., index, :], v[..., index, :]) * real[..., None]
-        tail_sums = None if sums is None or window is not None else sums[..., packed.last, None, :]
-        packed.commit(layer_caches, packed, alpha, k_bar, v_bar, tail_alpha, tail_terms, tail_sums)
+        packed.commit([layer_caches[i] for i in packed.members], packed, alpha, k_bar, v_bar,
+                      *_window_tails(alpha, importance, k, v, sums, packed.tail_index, packed.tail_real, packed.last,
+                                     window))
         return out
+
+    def _pool_first_chunks(self, k, v, importance, alpha, cos, sin):
+        """Pooled states ``(k̄, v̄, sums)`` of packed first chunks (no window prefix; a chunk's first token
+        appends, so no group reaches into the chunk before it): the Triton pooling on CUDA for a bounded
+        window (``sums`` None), else the PyTorch one."""
+        window = self.dmc.window
+        no_prefix = k.new_zeros(*k.shape[:2], 0, 2 * k.shape[-1] + 1, dtype=torch.float32)
+        if k.is_cuda and window is not None and window > 1:
+            from ..kernels.triton_kernels import chunk_states  # here: triton is optional on a CPU
+            return (*chunk_states(k, v, importance, alpha, no_prefix, cos, sin, window), None)
+        sums = core.pool_with_prefix(alpha, core.weighted_terms(importance, k, v), window, no_prefix)
+        return (*pooled_keys(sums, cos, sin, k.dtype), sums)
+
+    def _inference_packed_delayed(self, q, k, v, cos, sin, positions, layer_caches, packed: PackedChunks,
+                                  batch: DMCBatch) -> torch.Tensor:
+        """:meth:`_inference_packed` with delayed merging (``merge_delay`` w > 0): what
+        :meth:`_attend_cached_delayed` does for each chunk on an empty cache, once over all of them.
+
+        One decision split and one pooling over all the packed tokens (a token's pooled state depends only on
+        its chunk's tokens up to it, so the states of the tokens that leave the window are those the chunk
+        alone computes for them; the others' are never seen); attention with the delayed mask (pooled state j
+        iff j <= i - w, raw key j iff i - w < j <= i) within each chunk; then the first n - w tokens of every
+        chunk are committed in one write (``packed.leaving``: slots and window state) and its last min(n, w)
+        raw ones go into the delay ring in another (``packed.hold``)."""
+        b, h, n, _ = k.shape
+        q, k, logits, importance = core.split_decision_channel(q, k, self.dmc.init_offset, self.dmc.logit_scale)
+        alpha = core.inference_decisions(logits, packed.starts, positions.expand(b, n), batch.forced_period)
+        k_bar, v_bar, sums = self._pool_first_chunks(k, v, importance, alpha, cos, sin)
+        k_raw, v_raw = raw_states(k, v, cos, sin)
+        q = core.zero_last_channel(_rope_q(q, cos, sin))
+        out = self._attend_packed_delayed(q, k_bar, v_bar, k_raw, v_raw, core.key_bias_from_hard(alpha), packed)
+        leave = packed.leaving
+        if leave is not None:
+            # The leaving tokens gathered back to back, as each chunk's commit sees them: the last leaving token
+            # of a chunk ends its slot whatever the raw token after it decides (that one merges, if it does, when
+            # it leaves the window), and the next leaving token is another chunk's first (α = 0).
+            take = leave.select
+            tails = _window_tails(alpha, importance, k, v, sums, leave.source(leave.tail_index), leave.tail_real,
+                                  leave.source(leave.last), self.dmc.window)
+            leave.commit([layer_caches[i] for i in leave.members], leave, take(alpha, 2), take(k_bar, 2),
+                         take(v_bar, 2), *tails)
+        packed.hold([layer_caches[i] for i in packed.members], packed, k, v, alpha, importance, cos, sin)
+        return out
+
+    def _attend_packed_delayed(self, q, k_bar, v_bar, k_raw, v_raw, key_bias, packed: PackedChunks) -> torch.Tensor:
+        """The delayed-merging attention of packed first chunks (:meth:`_attend_delayed` of each chunk alone).
+        FlexAttention runs once over all of them with the delayed mask within ``packed.document_ids`` (built
+        once per forward), padded to its bucket (the padding is a document of its own, each padding query
+        seeing at least its own raw key); the other implementations, which materialise the mask, run per
+        chunk."""
+        n = q.shape[-2]
+        impl = self.runtime.attn_implementation
+        if impl == "auto":
+            impl = _auto_attention(q)
+        if impl != "flex":
+            return torch.cat([self._attend_delayed(q[:, :, lo:hi], k_bar[:, :, lo:hi], v_bar[:, :, lo:hi],
+                                                   k_raw[:, :, lo:hi], v_raw[:, :, lo:hi], key_bias[..., lo:hi],
+                                                   DMCBatch()) for lo, hi in packed.bounds], dim=2)
+        size = packed.document_ids.shape[-1]
+        if size != n:
+            pad = (0, 0, 0, size - n)
+            q, k_bar, v_bar, k_raw, v_raw = (F.pad(x, pad) for x in (q, k_bar, v_bar, k_raw, v_raw))
+            key_bias = F.pad(key_bias, (0, size - n), value=float("-inf"))
+        if packed.block_mask is None:
+            packed.block_mask = delayed_block_mask(packed.document_ids, 1, size, packed.delay, q.device)
+        return flex_attend_delayed(q, k_bar, v_bar, k_raw, v_raw, key_bias, packed.delay, self.scaling,
+                                   packed.block_mask)[..., :n, :]
 
     def _attend_packed(self, q, k_bar, v_bar, key_bias, packed: PackedChunks) -> torch.Tensor:
         """The §3 attention of packed first chunks, each within its own chunk. FlexAttention runs once over
@@ -380,7 +463,7 @@ class DMCAttention(nn.Module):
         if leaving:
             out = {name: x.narrow(PENDING_DIMS[name], 0, leaving) for name, x in both.items()}
             a_l, valid_l = out["alpha"], out["valid"]
-            # The PyTorch pooling, as measured in round 3 (the fused kernel is untried here on a GPU).
+            # The PyTorch pooling: the fused kernel has not been checked on a GPU against it on this path.
             k_bar, v_bar, prefix, terms, sums = self._pool_on_cache(out["k"], out["v"], a_l, out["importance"],
                                                                     out["cos"], out["sin"], layer_cache, q.dtype,
                                                                     fused=False)
@@ -459,6 +542,17 @@ FLEX_MIN_HEAD_DIM = 16
 
 def _auto_attention(q: torch.Tensor) -> str:
     return "flex" if q.is_cuda and q.shape[-1] >= FLEX_MIN_HEAD_DIM else "dense"
+
+
+def _window_tails(alpha, importance, k, v, sums, index, real, last, window: int | None):
+    """The window state each of several packed first chunks leaves, as ``commit_packed`` takes it:
+    ``(tail_alpha, tail_terms, tail_sums)``, its last W-1 terms (``index`` ``[S, W-1]`` into the pooled tokens,
+    ``real`` whether each lies in the chunk: α = 1 and terms 0 before it, the zero prefix of a first chunk), or
+    for an unbounded window the running sums at its last token (``last`` ``[S]``)."""
+    tail_alpha = alpha[..., index].masked_fill(~real, 1.0)
+    tail_terms = core.weighted_terms(importance[..., index], k[..., index, :], v[..., index, :]) * real[..., None]
+    tail_sums = None if sums is None or window is not None else sums[..., last, None, :]
+    return tail_alpha, tail_terms, tail_sums
 
 
 def _rope_q(q, cos, sin):
