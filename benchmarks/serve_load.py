@@ -278,7 +278,9 @@ def write_rows(path: str | pathlib.Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     about = ("written by benchmarks/serve_load.py (--results): one row per run; a run with the same "
              f"({', '.join(ROW_KEY)}) replaces its row; see the script's docstring for the fields")
-    path.write_text(json.dumps({"about": about, "rows": rows}, indent=1) + "\n")
+    body = ",\n".join("  " + json.dumps(r) for r in rows)  # a row a line: diffs show the runs that changed
+    path.write_text(f'{{"about": {json.dumps(about)},\n "rows": [\n{body}\n ]}}\n' if rows else
+                    json.dumps({"about": about, "rows": []}) + "\n")
 
 
 def _num(v, fmt: str = ".0f") -> str:
@@ -660,6 +662,7 @@ async def run_all(args, url: str, model: str, runs: list[dict]) -> list[dict]:
 
             poller = asyncio.create_task(poll())
             desc = f"{run['clients']} clients" if run["clients"] else f"rate {run['request_rate']:g}/s"
+            print(f"run {len(results) + 1} of {len(runs)}: {desc}, {len(bodies)} requests", flush=True)
             records, duration = await run_load(
                 client, bodies, clients=run["clients"], request_rate=run["request_rate"],
                 max_concurrency=args.max_concurrency, burstiness=args.burstiness, seed=args.seed,
@@ -719,8 +722,15 @@ def make_row(result: dict, meta: dict) -> dict:
     return {k: row[k] for k in ROW_FIELDS}
 
 
+def run_name(result: dict) -> str:
+    if result["clients"]:
+        return f"{result['clients']} clients"
+    rate = result["request_rate"]
+    return "rate inf" if rate == "inf" else f"rate {rate:g}/s"
+
+
 def one_line(result: dict) -> str:
-    load = f"{result['clients']} clients" if result["clients"] else f"rate {result['request_rate']}"
+    load = run_name(result)
     f = lambda d, p: "-" if d[p] is None else f"{d[p] * 1000:.1f}"  # noqa: E731
     return (f"[{load}] {result['completed']}/{result['requests']} completed, {result['failed']} failed; "
             f"{result['output_tokens_per_s']:.1f} output tok/s; TTFT p50/p99 {f(result['ttft_s'], 'p50')}/"
@@ -732,9 +742,11 @@ def one_line(result: dict) -> str:
 def markdown(result: dict, meta: dict) -> str:
     ms = lambda d: " / ".join("-" if v is None else f"{v * 1000:.1f}" for v in d.values())  # noqa: E731
     cr = result["realized_cr"]
+    cap = f" (at most {result['max_concurrency']} in flight)" if result["max_concurrency"] else ""
     load = (f"{result['clients']} concurrent streaming clients" if result["clients"] else
-            f"Poisson arrivals at {result['request_rate']} requests/s (burstiness {result['burstiness']:g}"
-            + (f", at most {result['max_concurrency']} in flight)" if result["max_concurrency"] else ")"))
+            f"every request sent at once{cap}" if result["request_rate"] == "inf" else
+            f"arrivals at {result['request_rate']:g} requests/s (gamma inter-arrival times of shape "
+            f"{result['burstiness']:g}: 1 is Poisson){cap}")
     return "\n".join([
         f"### Serving load: {meta['label']}",
         "",
@@ -848,6 +860,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         return args
     if args.merge:
         fail("--merge goes with --render-only")
+    if args.save_detailed and not (args.out and not args.out.endswith(".md")):
+        fail("--save-detailed goes with --out PATH.json (the per-request timestamps go there)")
     if not (args.url or args.model):
         fail("say which server to load: --url URL (a running one) or --model DIR (started here)")
     if args.server_args and not args.model:
@@ -967,18 +981,16 @@ def main(argv=None) -> list[dict]:
             "target_cr": args.target_cr, "kv_cache_gib": args.kv_cache_gib, "prompt_text": args.prompt_text,
             "seed": args.seed, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": " ".join(shlex.quote(a) for a in (sys.argv if argv is None else ["serve_load.py", *argv]))}
-    for result in results:
-        print(markdown(result, {**meta, "label": meta["label"]}))
+    labels = [meta["label"] + ("" if len(results) == 1 else f", {run_name(r)}") for r in results]
+    for result, label in zip(results, labels):
+        print(markdown(result, {**meta, "label": label}))
     summary = summary_text(results)
     if summary:
         print(summary)
     if args.out:
         if args.out.endswith(".md"):
             from _report import write_section
-            for result in results:
-                label = meta["label"] + ("" if len(results) == 1 else
-                                         f", {result['clients']} clients" if result["clients"] else
-                                         f", rate {result['request_rate']}")
+            for result, label in zip(results, labels):
                 slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
                 write_section(args.out, f"serve_load-{slug}",
                               markdown(result, {**meta, "label": label}) + f"\n\nCommand: `{meta['command']}`")
