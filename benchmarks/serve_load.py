@@ -712,8 +712,8 @@ def make_row(result: dict, meta: dict) -> dict:
         "output_tokens_per_s": round(result["output_tokens_per_s"], 2),
         "total_tokens_per_s": round(result["total_tokens_per_s"], 2),
         "requests_per_s": round(result["requests_per_s"], 4),
-        **{f"{name}_{p}_ms": _ms(result[f"{src}_s"][p]) for name, src in (("ttft", "ttft"), ("tpot", "tpot"),
-                                                                          ("itl", "itl")) for p in ("p50", "p90", "p99")},
+        **{f"{name}_{p}_ms": _ms(result[f"{name}_s"][p]) for name in ("ttft", "tpot", "itl")
+           for p in ("p50", "p90", "p99")},
         "e2el_p50_ms": _ms(result["e2e_s"]["p50"]), "e2el_p99_ms": _ms(result["e2e_s"]["p99"]),
         "goodput_rps": round(result["goodput_rps"], 4), "slo": slo_text(result["slos"]), "slo_met": result["slo_met"],
         "peak_running": result["peak_running_polled"], "preemptions": result["preemptions"], "seed": meta["seed"],
@@ -753,7 +753,7 @@ def markdown(result: dict, meta: dict) -> str:
         f"`benchmarks/serve_load.py` on **{meta['device']}**, {meta['date']}, commit {meta['commit']}; model "
         f"`{meta['model']}`, server args `{meta['server_args'] or '-'}`; {load}, "
         f"{result['requests']} requests, prompt lengths {result['prompt_lens']}, generation lengths "
-        f"{result['gen_lens']} (uniform mix, greedy, ignore_eos); prompts: {result.get('prompts', 'random token ids')}.",
+        f"{result['gen_lens']} (uniform mix, greedy, ignore_eos); prompts: {result['prompts']}.",
         "",
         "| output tok/s | total tok/s | req/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | ITL p50/p90/p99 ms "
         "| e2e p50/p90/p99 ms | goodput req/s | peak running | peak KV pages | realized CR | preemptions | failed |",
@@ -794,7 +794,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     target.add_argument("--model", help="start `dmc serve MODEL` here (a free port), load it, stop it")
     target.add_argument("--render-only", action="store_true",
                         help="run nothing: merge --merge files into --results and rewrite --report from it")
-    parser.add_argument("--server-args", default="", help="more `dmc serve` flags, one string (with --model)")
+    parser.add_argument("--server-args", default="",
+                        help="more `dmc serve` flags, one string (with --model; a flag alone: --server-args=--vanilla)")
     parser.add_argument("--server-log", default="serve_load_server.log", help="the started server's output")
     parser.add_argument("--startup-timeout", type=float, default=900, help="seconds to wait for the server")
     parser.add_argument("--api-key", default=os.environ.get("DMC_API_KEY"), help="the server's key, if any")
@@ -930,6 +931,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             fail("--results: say what the server runs with --method vanilla|dmc (not derivable here)")
         if args.target_cr is None and args.method == "dmc":
             fail("--results: say the DMC model's target CR with --target-cr (its config.json has none)")
+        if args.url and not args.device_name:
+            fail("--results with --url: name the server's GPU with --device-name (it is not detected from here)")
     return args
 
 

@@ -162,6 +162,9 @@ def test_derive_method(tmp_path):
     (["--url", "http://x", "--results", "r.json"], "--method"),
     (["--url", "http://x", "--results", "r.json", "--method", "dmc"], "--target-cr"),
     (["--url", "http://x", "--results", "r.txt"], ".json"),
+    (["--url", "http://x", "--results", "r.json", "--method", "vanilla"], "--device-name"),
+    (["--url", "http://x", "--save-detailed"], "--out"),
+    (["--url", "http://x", "--merge", "a.json"], "--render-only"),
     (["--url", "http://x", "--method", "vanilla", "--target-cr", "4"], "vanilla"),
     (["--clients", "4"], "--url URL"),
     (["--render-only"], "--results"),
@@ -172,6 +175,25 @@ def test_bad_flags_one_line(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error:" in err and message in err, err
+
+
+def test_method_flags_against_the_started_server(tmp_path, capsys):
+    """With --model, --method / --target-cr / --kv-cache-gib default to what the server args and config.json say,
+    and a flag that contradicts them is refused."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "dmc_llama", "vocab_size": 50,
+                                                      "dmc": {"target_cr": 4.0}}))
+    base = ["--model", str(tmp_path), "--results", "r.json"]
+    args = sl.parse_args(base + ["--server-args", "--kv-cache-memory-gib 1"])
+    assert (args.method, args.target_cr, args.kv_cache_gib, args.vocab_size) == ("dmc", 4.0, 1.0, 50)
+    args = sl.parse_args(base + ["--server-args", "--max-model-len 64 --vanilla"])
+    assert (args.method, args.target_cr, args.kv_cache_gib) == ("vanilla", 1.0, None)
+    for extra, message in ((["--server-args=--vanilla", "--method", "dmc"], "runs vanilla"),
+                           (["--server-args", "--forced-cr 8", "--target-cr", "4"], "target CR is 8"),
+                           (["--target-cr", "8"], "target CR is 4"),
+                           (["--server-args", "--kv-cache-memory-gib 1", "--kv-cache-gib", "2"], "--kv-cache-gib")):
+        with pytest.raises(SystemExit):
+            sl.parse_args(base + extra)
+        assert message in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- against a real server
