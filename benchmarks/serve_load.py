@@ -311,28 +311,30 @@ def serving_table(rows: list[dict], results_name: str = "docs/results/serving.js
         f"Written by `benchmarks/serve_load.py` from `{results_name}` (`--results`, `--report`; re-render with "
         "`--render-only`): one row per run, keyed by (GPU, model, method, target CR, KV GiB, prompts, "
         "prompt / generated tokens, load); re-running a run replaces its row, and `commit` is the code that "
-        "measured it. Load: *N clients* = N concurrent streaming clients, each sending its next request when "
-        "one finishes; *R/s* = Poisson arrivals at R requests/s (*inf*: all at once). TTFT: send to first "
-        "token; ITL: every gap between two tokens; TPOT per request = (e2e − TTFT) / (output tokens − 1); "
-        "goodput: completed requests/s meeting every SLO; *SLO met*: nothing failed and the p99s within "
-        "the limits. Every request generates its length (ignore_eos, greedy).",
+        "measured it. *Peak running*: the most requests the server held at once (polled from /metrics). "
+        "Load: *N clients* = N concurrent streaming clients, each sending its next request when one finishes; "
+        "*R/s* = Poisson arrivals at R requests/s (*inf*: all at once). TTFT: send to first token; ITL: every "
+        "gap between two tokens; TPOT per request = (e2e − TTFT) / (output tokens − 1); goodput: completed "
+        "requests/s meeting every SLO; *SLO met*: nothing failed and the p99s within the limits. Every request "
+        "generates its length (ignore_eos, greedy).",
         "",
         "| GPU | model | method | target CR | realized CR | KV GiB | prompts | prompt / gen tokens | load "
-        "| requests (failed) | output tok/s | total tok/s | TTFT p50 / p99 ms | ITL p50 ms | TPOT p50 / p99 ms "
-        "| goodput req/s | SLO (ms) | SLO met | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| requests (failed) | peak running | output tok/s | total tok/s | TTFT p50 / p99 ms | ITL p50 ms "
+        "| TPOT p50 / p99 ms | goodput req/s | SLO (ms) | SLO met | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['gpu']} | {r['model']} | {r['method']} | {_num(r.get('target_cr'), 'g')} "
             f"| {_num(r.get('realized_cr'), '.2f')} | {_num(r.get('kv_cache_gib'), 'g')} | {r['prompts']} "
-            f"| {_lens(r)} | {_load(r)} | {r['requests']} ({r['failed']}) | {_num(r['output_tokens_per_s'])} "
+            f"| {_lens(r)} | {_load(r)} | {r['requests']} ({r['failed']}) | {_num(r.get('peak_running'))} "
+            f"| {_num(r['output_tokens_per_s'])} "
             f"| {_num(r['total_tokens_per_s'])} | {_num(r['ttft_p50_ms'])} / {_num(r['ttft_p99_ms'])} "
             f"| {_num(r['itl_p50_ms'], '.1f')} | {_num(r['tpot_p50_ms'], '.1f')} / {_num(r.get('tpot_p99_ms'), '.1f')} "
             f"| {_num(r['goodput_rps'], '.2f')} | {r.get('slo') or '-'} | {'yes' if r.get('slo_met') else 'no'} "
             f"| {r['commit']} |")
     if not rows:
-        lines.append("| (no runs recorded) |" + " |" * 18)
+        lines.append("| (no runs recorded) |" + " |" * 19)
     sweeps: dict[tuple, list[dict]] = {}
     for r in rows:
         if r.get("request_rate") is not None and r["request_rate"] != "inf":
@@ -357,6 +359,15 @@ def serving_table(rows: list[dict], results_name: str = "docs/results/serving.js
                 f"| {_num(r.get('kv_cache_gib'), 'g')} | {r['prompts']} | {_lens(r)} | {r.get('slo') or '-'} "
                 f"| {rates} | {highest} | {'-' if best is None else _num(best['output_tokens_per_s'])} | {commits} |")
     return "\n".join(lines)
+
+
+def shown_path(path: str | pathlib.Path) -> str:
+    """``path`` relative to the repository when inside it (as the table names its source)."""
+    path = pathlib.Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def write_serving_section(path: str | pathlib.Path, table: str) -> None:
@@ -942,7 +953,7 @@ def render(args) -> None:
         rows = upsert_rows(rows, load_rows(path))
     write_rows(args.results, rows)
     if args.report:
-        write_serving_section(args.report, serving_table(rows))
+        write_serving_section(args.report, serving_table(rows, shown_path(args.results)))
     print(f"{len(rows)} rows in {args.results}" + (f"; table written to {args.report}" if args.report else ""))
 
 
@@ -1006,7 +1017,7 @@ def main(argv=None) -> list[dict]:
         write_rows(args.results, rows)
         print(f"{len(results)} rows recorded in {args.results}")
         if args.report:
-            write_serving_section(args.report, serving_table(rows))
+            write_serving_section(args.report, serving_table(rows, shown_path(args.results)))
             print(f"the Serving table of {args.report} rewritten ({len(rows)} rows)")
     if any(r["failed"] for r in results):
         for r in results:
