@@ -31,7 +31,8 @@ stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 STD=$(PYTHONPATH=$NEW $PY -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 SITE=$(PYTHONPATH=$NEW $PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 HELDOUT=("$STD/json" "$STD/http" "$STD/email" "$STD/asyncio")
-COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2> /dev/null || echo unknown)}
+COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2> /dev/null || echo unknown)}  # this code's (the device copy has no .git)
+OLD_COMMIT=${OLD_COMMIT:-3374748}  # the code in KEEP/old
 SERVE_JSON=$RESULTS/serving.json SERVE_MD=$RESULTS/benchmarks.md
 
 if [ -n "${SMOKE:-}" ]; then
@@ -48,14 +49,17 @@ else
   RATES="8 16 32 48"; RATE_REQUESTS=96
 fi
 
-# serve_load: label, PYTHONPATH of the server, model dir, method, target CR, server flags, then load flags.
+# serve_load: label, PYTHONPATH of the server (the code it runs), its commit, model dir, model name, server flags,
+# then load flags (method and target CR are derived from the server flags and the model's config).
 load() {
-  local label=$1 path=$2 model=$3 method=$4 cr=$5 server=$6; shift 6
+  local label=$1 path=$2 commit=$3 model=$4 name=$5 server=$6; shift 6
+  local json=$SERVE_JSON md=$SERVE_MD
+  [ "$commit" = "$OLD_COMMIT" ] && json=$RESULTS/serving_before.json md=$RESULTS/benchmarks_before.md
   stamp "load: $label"
-  PYTHONPATH=$path timeout 900 $PY benchmarks/serve_load.py --model "$model" --server-args "$server" \
-    --server-log "$LOGS/server-$label.log" --label "$label" --method "$method" --target-cr "$cr" \
-    --commit "$COMMIT" --results "$SERVE_JSON" --out "$SERVE_MD" "$@" > "$LOGS/load-$label.log" 2>&1
-  stamp "load: $label: rc $? ($(grep -E 'output tok/s|Error|error' "$LOGS/load-$label.log" | tail -1 | cut -c1-200))"
+  PYTHONPATH=$path timeout 900 $PY benchmarks/serve_load.py --model "$model" --server-args="$server" \
+    --server-log "$LOGS/server-$label.log" --label "$label" --model-name "$name" --commit "$commit" --no-progress \
+    --results "$json" --report "$md" --out "$RESULTS/load-$label.json" "$@" > "$LOGS/load-$label.log" 2>&1
+  stamp "load: $label: rc $? ($(tail -3 "$LOGS/load-$label.log" | tr '\n' ' ' | cut -c1-240))"
 }
 # py-spy: sample every process of the server started by the load generator (engine process included) for a while.
 spy() {  # label, seconds (run in the background beside a load)
@@ -73,16 +77,12 @@ spy() {  # label, seconds (run in the background beside a load)
     --output "$PROFILES/pyspy-$1.txt" > "$LOGS/pyspy-$1.log" 2>&1
 }
 
-# ---------------------------------------------------------------------- phase A: the 7B shape
+# ---------------------------------------------------------------------- phase A0: the 7B-shaped model, while the GGUF comes
+M7=$KEEP/model-7b
 if [ -z "${SKIP_A:-}" ]; then
-  stamp "phase A: the 7B-shaped model"
-  M7=$KEEP/model-7b
+  stamp "phase A0: writing the 7B-shaped model"
   PYTHONPATH=$NEW $PY experiments/serve/make_benchmark_model.py "$M7" ${SMOKE:+--tiny} > "$LOGS/model-7b.log" 2>&1 \
     || stamp "model-7b failed: $(tail -1 "$LOGS/model-7b.log")"
-  load 7b-vanilla "$NEW" "$M7" vanilla 1 "$A_SERVER --vanilla" $A_LOAD
-  load 7b-cr4 "$NEW" "$M7" dmc 4 "$A_SERVER --forced-cr 4" $A_LOAD
-  load 7b-cr8 "$NEW" "$M7" dmc 8 "$A_SERVER --forced-cr 8" $A_LOAD
-  rm -rf "$M7"
 fi
 
 # ---------------------------------------------------------------------- phase B: the real SmolLM2-135M
@@ -93,55 +93,70 @@ if [ -n "${SMOKE:-}" ]; then
     > "$LOGS/model-small.log" 2>&1
 else
   for _ in $(seq 1200); do [ -f "$KEEP/GGUF_READY" ] && break; sleep 1; done
-  [ -f "$KEEP/GGUF_READY" ] || { stamp "no GGUF: phase B skipped"; touch "$KEEP/DONE"; exit 1; }
-  PYTHONPATH=$NEW $PY -m dmc.cli.main import-gguf "$KEEP/smollm2.gguf" --out "$MODEL" > "$LOGS/import.log" 2>&1 \
-    || { stamp "import failed: $(tail -1 "$LOGS/import.log")"; touch "$KEEP/DONE"; exit 1; }
+  [ -f "$KEEP/GGUF_READY" ] || { stamp "no GGUF: phase B skipped"; SKIP_B=1; }
+  [ -n "${SKIP_B:-}" ] || PYTHONPATH=$NEW $PY -m dmc.cli.main import-gguf "$KEEP/smollm2.gguf" --out "$MODEL" \
+    > "$LOGS/import.log" 2>&1 || { stamp "import failed: $(tail -1 "$LOGS/import.log")"; SKIP_B=1; }
 fi
-stamp "retrofit: DMC 4x, the default recipe"
-if [ -n "${SMOKE:-}" ]; then
-  TRAIN="seq_len=64 micro_batch_size=2 grad_accum=1 warmup_steps=1 zero_out_steps=1 retrofit_steps=3 finetune_steps=1"
-  TRAIN+=" hard_steps=1 eval_every=100 eval_batches=1 save_every=100000"
-  DATA=("$STD/json") EVAL=(--eval-windows 2 --eval-batch-size 2)
-else
-  TRAIN="seq_len=1024 micro_batch_size=4 grad_accum=4 lr=3e-4 min_lr=3e-5 warmup_steps=10 zero_out_steps=30"
-  TRAIN+=" retrofit_steps=180 finetune_steps=72 hard_steps=18 eval_every=100 eval_batches=4 save_every=100000"
-  DATA=("$SITE/sympy" "$SITE/pandas") EVAL=(--eval-windows 16 --eval-batch-size 8)
-fi
-read -r -a TRAIN_ARGS <<< "$TRAIN token_cache=$KEEP/tokens"
-PYTHONPATH=$NEW $PY -m dmc.cli.main study "$MODEL" --data "${DATA[@]}" --heldout "${HELDOUT[@]}" "${EVAL[@]}" \
-  --out "$KEEP/study" --crs 4 --methods dmc --only dmc@4 --set "${TRAIN_ARGS[@]}" > "$LOGS/retrofit.log" 2>&1
-DMC4=$KEEP/study/runs/dmc-4x/model
-[ -f "$DMC4/config.json" ] || { stamp "the retrofit failed: $(tail -2 "$LOGS/retrofit.log")"; touch "$KEEP/DONE"; exit 1; }
-PYTHONPATH=$NEW $PY -m dmc.cli.main study --out "$KEEP/study" --report-only > "$LOGS/report.log" 2>&1
-stamp "retrofit done: $(grep -iE 'realized|perplexity' "$LOGS/retrofit.log" | tail -2 | tr '\n' ' ' | cut -c1-200)"
+phase_b() {
+  stamp "retrofit: DMC 4x, the default recipe"
+  if [ -n "${SMOKE:-}" ]; then
+    TRAIN="seq_len=64 micro_batch_size=2 grad_accum=1 warmup_steps=1 zero_out_steps=1 retrofit_steps=3 finetune_steps=1"
+    TRAIN+=" hard_steps=1 eval_every=100 eval_batches=1 save_every=100000"
+    DATA=("$STD/xml") EVAL=(--eval-windows 2 --eval-batch-size 2)
+  else
+    TRAIN="seq_len=1024 micro_batch_size=4 grad_accum=4 lr=3e-4 min_lr=3e-5 warmup_steps=10 zero_out_steps=30"
+    TRAIN+=" retrofit_steps=180 finetune_steps=72 hard_steps=18 eval_every=100 eval_batches=4 save_every=100000"
+    DATA=("$SITE/sympy" "$SITE/pandas") EVAL=(--eval-windows 16 --eval-batch-size 8)
+  fi
+  read -r -a TRAIN_ARGS <<< "$TRAIN token_cache=$KEEP/tokens"
+  PYTHONPATH=$NEW $PY -m dmc.cli.main study "$MODEL" --data "${DATA[@]}" --heldout "${HELDOUT[@]}" "${EVAL[@]}" \
+    --out "$KEEP/study" --crs 4 --methods dmc --only dmc@4 --set "${TRAIN_ARGS[@]}" > "$LOGS/retrofit.log" 2>&1
+  DMC4=$KEEP/study/runs/dmc-4x/model
+  [ -f "$DMC4/config.json" ] || { stamp "the retrofit failed: $(tail -2 "$LOGS/retrofit.log")"; return 1; }
+  PYTHONPATH=$NEW $PY -m dmc.cli.main study --out "$KEEP/study" --report-only > "$LOGS/report.log" 2>&1
+  stamp "retrofit done: $(grep -iE 'realized|perplexity' "$LOGS/retrofit.log" | tail -2 | tr '\n' ' ' | cut -c1-200)"
 
-TEXT=(--prompt-text "${HELDOUT[@]}")
-SPY_S=${SPY_S:-20}
-if [ -d "$KEEP/old" ]; then
-  load before-smollm2-original "$OLD" "$MODEL" vanilla 1 "$B_SERVER" $B_LOAD "${TEXT[@]}"
-  spy before-smollm2-dmc4 "$SPY_S" & SPY=$!
-  load before-smollm2-dmc4 "$OLD" "$DMC4" dmc 4 "$B_SERVER" $B_LOAD "${TEXT[@]}"
+  TEXT=(--prompt-text "${HELDOUT[@]}")
+  SPY_S=${SPY_S:-20}
+  NB="SmolLM2-135M (real)" ND="SmolLM2-135M DMC 4x (default recipe)"
+  if [ -d "$KEEP/old" ]; then
+    load before-smollm2-original "$OLD" "$OLD_COMMIT" "$MODEL" "$NB" "$B_SERVER" $B_LOAD "${TEXT[@]}"
+    spy before-smollm2-dmc4 "$SPY_S" & SPY=$!
+    load before-smollm2-dmc4 "$OLD" "$OLD_COMMIT" "$DMC4" "$ND" "$B_SERVER" $B_LOAD "${TEXT[@]}"
+    wait $SPY 2> /dev/null
+  fi
+  load smollm2-original "$NEW" "$COMMIT" "$MODEL" "$NB" "$B_SERVER --profile-steps $PROFILES/steps-smollm2-original.json" \
+    $B_LOAD "${TEXT[@]}"
+  spy smollm2-dmc4 "$SPY_S" & SPY=$!
+  load smollm2-dmc4 "$NEW" "$COMMIT" "$DMC4" "$ND" "$B_SERVER --profile-steps $PROFILES/steps-smollm2-dmc4.json" \
+    $B_LOAD "${TEXT[@]}"
   wait $SPY 2> /dev/null
+  read -r -a RATE_LIST <<< "$RATES"
+  POISSON=(--requests "$RATE_REQUESTS" --request-rate "${RATE_LIST[@]}" --goodput ttft:2000 tpot:50 "${TEXT[@]}")
+  POISSON+=(--prompt-lens "$(sed -E 's/.*--prompt-lens ([^ ]+).*/\1/' <<< "$B_LOAD")")
+  POISSON+=(--gen-lens "$(sed -E 's/.*--gen-lens ([^ ]+).*/\1/' <<< "$B_LOAD")")
+  load smollm2-original-poisson "$NEW" "$COMMIT" "$MODEL" "$NB" "$B_SERVER" "${POISSON[@]}"
+  load smollm2-dmc4-poisson "$NEW" "$COMMIT" "$DMC4" "$ND" "$B_SERVER" "${POISSON[@]}"
+  for m in original dmc4; do
+    dir=$MODEL; [ $m = dmc4 ] && dir=$DMC4
+    stamp "offline engine: $m"
+    PYTHONPATH=$NEW timeout 600 $PY benchmarks/offline_generate.py --model "$dir" --engine-args "$B_SERVER" \
+      --concurrency "$(sed -E 's/.*--clients ([0-9]+).*/\1/' <<< "$B_LOAD")" $B_LOAD "${TEXT[@]}" \
+      --out "$RESULTS/offline-$m.json" > "$LOGS/offline-$m.log" 2>&1
+    stamp "offline engine: $m: rc $? ($(tail -1 "$LOGS/offline-$m.log" | cut -c1-200))"
+  done
+}
+[ -n "${SKIP_B:-}" ] || phase_b
+
+# ---------------------------------------------------------------------- phase A: the 7B shape
+if [ -z "${SKIP_A:-}" ]; then
+  stamp "phase A: the 7B-shaped model"
+  N7="Llama-2-7B shape (random weights)"
+  load 7b-vanilla "$NEW" "$COMMIT" "$M7" "$N7" "$A_SERVER --vanilla" $A_LOAD
+  load 7b-cr4 "$NEW" "$COMMIT" "$M7" "$N7" "$A_SERVER --forced-cr 4" $A_LOAD
+  load 7b-cr8 "$NEW" "$COMMIT" "$M7" "$N7" "$A_SERVER --forced-cr 8" $A_LOAD
+  rm -rf "$M7"
 fi
-load smollm2-original "$NEW" "$MODEL" vanilla 1 "$B_SERVER --profile-steps $PROFILES/steps-smollm2-original.json" \
-  $B_LOAD "${TEXT[@]}"
-spy smollm2-dmc4 "$SPY_S" & SPY=$!
-load smollm2-dmc4 "$NEW" "$DMC4" dmc 4 "$B_SERVER --profile-steps $PROFILES/steps-smollm2-dmc4.json" \
-  $B_LOAD "${TEXT[@]}"
-wait $SPY 2> /dev/null
-read -r -a RATE_LIST <<< "$RATES"
-load smollm2-original-poisson "$NEW" "$MODEL" vanilla 1 "$B_SERVER" --requests "$RATE_REQUESTS" \
-  --request-rate "${RATE_LIST[@]}" --prompt-lens 1024 --gen-lens 256 "${TEXT[@]}"
-load smollm2-dmc4-poisson "$NEW" "$DMC4" dmc 4 "$B_SERVER" --requests "$RATE_REQUESTS" \
-  --request-rate "${RATE_LIST[@]}" --prompt-lens 1024 --gen-lens 256 "${TEXT[@]}"
-for m in original dmc4; do
-  dir=$MODEL; [ $m = dmc4 ] && dir=$DMC4
-  stamp "offline engine: $m"
-  PYTHONPATH=$NEW timeout 600 $PY benchmarks/offline_generate.py --model "$dir" --engine-args "$B_SERVER" \
-    --concurrency "$(sed -E 's/.*--clients ([0-9]+).*/\1/' <<< "$B_LOAD")" $B_LOAD "${TEXT[@]}" \
-    --out "$RESULTS/offline-$m.json" > "$LOGS/offline-$m.log" 2>&1
-  stamp "offline engine: $m: rc $? ($(tail -1 "$LOGS/offline-$m.log" | cut -c1-200))"
-done
 
 # ---------------------------------------------------------------------- phase C: delayed merging, GPU tests
 if [ -z "${SMOKE:-}" ]; then
@@ -150,9 +165,16 @@ if [ -z "${SMOKE:-}" ]; then
     > "$LOGS/delay_decode.log" 2>&1
   stamp "delay_decode: rc $? ($(tail -1 "$LOGS/delay_decode.log" | cut -c1-200))"
   stamp "GPU tests"
-  PYTHONPATH=$NEW timeout 300 $PY -m pytest -q -x -p no:cacheprovider tests/test_batched_prefill.py \
+  PYTHONPATH=$NEW timeout 300 $PY -m pytest -q -x -p no:cacheprovider -m gpu tests/test_batched_prefill.py \
     tests/test_engine_delay.py > "$LOGS/gpu-tests.log" 2>&1
   stamp "GPU tests: $(tail -1 "$LOGS/gpu-tests.log")"
+  stamp "profile_prefill: delayed merging, first chunks per segment (before) and packed (after)"
+  for how in before after; do
+    PYTHONPATH=$NEW timeout 240 $PY benchmarks/profile_prefill.py --crs 4 --merge-delay 32 --prompt-len 512 \
+      --out "$RESULTS" --label "delay32-$how" $([ $how = before ] && echo --per-segment) \
+      > "$LOGS/profile-prefill-$how.log" 2>&1
+    stamp "profile_prefill $how: rc $? ($(tail -1 "$LOGS/profile-prefill-$how.log" | cut -c1-200))"
+  done
 fi
 stamp "done"
 touch "$KEEP/DONE"
