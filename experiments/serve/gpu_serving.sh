@@ -54,7 +54,7 @@ fi
 load() {
   local label=$1 path=$2 commit=$3 model=$4 name=$5 server=$6; shift 6
   local json=$SERVE_JSON md=$SERVE_MD
-  [ "$commit" = "$OLD_COMMIT" ] && json=$RESULTS/serving_before.json md=$RESULTS/benchmarks_before.md
+  [ "$commit" = "$OLD_COMMIT" ] && name="$name, server of $OLD_COMMIT"  # its own rows beside this code's
   stamp "load: $label"
   PYTHONPATH=$path timeout 900 $PY benchmarks/serve_load.py --model "$model" --server-args="$server" \
     --server-log "$LOGS/server-$label.log" --label "$label" --model-name "$name" --commit "$commit" --no-progress \
