@@ -13,7 +13,8 @@
 #     samples the DMC servers' stacks: where the host time goes; the new server also writes --profile-steps);
 #   - a Poisson sweep of request rates, the original vs DMC 4x;
 #   - the offline engine (LLM.generate with the tokenizer) on the same prompts at the same concurrency.
-# Phase C: benchmarks/delay_decode.py (delayed merging's decode step vs w = 0) and the GPU tests of the prefill.
+# Then the GPU tests and profiles of the packed delayed prefill, phase A's loads, and benchmarks/delay_decode.py
+# (delayed merging's decode step vs w = 0), in that order (what matters most first: a lease may end early).
 # Rows go to KEEP/results (serving.json and benchmarks.md, as benchmarks/serve_load.py writes them), logs to
 # KEEP/logs, the py-spy profiles and step profiles to KEEP/profiles; KEEP/DONE marks the end.
 # A CPU smoke test sets SMOKE=1 (tiny models, small loads, no GGUF: phase B retrofits a tiny model).
@@ -44,9 +45,9 @@ if [ -n "${SMOKE:-}" ]; then
 else
   A_LOAD="--clients 128 --requests 160 --prompt-lens 1024,2048 --gen-lens 256,512"
   A_SERVER="--max-model-len 4096 --max-num-seqs 256 --kv-cache-memory-gib 16"
-  B_LOAD="--clients 128 --requests 256 --prompt-lens 1024 --gen-lens 256"
+  B_LOAD="--clients 128 --requests 192 --prompt-lens 1024 --gen-lens 256"
   B_SERVER="--max-model-len 2048 --max-num-seqs 256 --kv-cache-memory-gib 1"
-  RATES="8 16 32 48"; RATE_REQUESTS=96
+  RATES="8 24 48"; RATE_REQUESTS=80
 fi
 
 # serve_load: label, PYTHONPATH of the server (the code it runs), its commit, model dir, model name, server flags,
@@ -104,9 +105,13 @@ phase_b() {
     TRAIN+=" hard_steps=1 eval_every=100 eval_batches=1 save_every=100000"
     DATA=("$STD/xml") EVAL=(--eval-windows 2 --eval-batch-size 2)
   else
-    TRAIN="seq_len=1024 micro_batch_size=4 grad_accum=4 lr=3e-4 min_lr=3e-5 warmup_steps=10 zero_out_steps=30"
-    TRAIN+=" retrofit_steps=180 finetune_steps=72 hard_steps=18 eval_every=100 eval_batches=4 save_every=100000"
-    DATA=("$SITE/sympy" "$SITE/pandas") EVAL=(--eval-windows 16 --eval-batch-size 8)
+    # The default recipe (merge_delay 32 included) with its stages shortened to 140 steps (2.29M tokens against
+    # 4.92M; LONG=1: the full 300): serving speed follows the realized CR, which is measured and recorded.
+    STEPS="zero_out_steps=10 retrofit_steps=90 finetune_steps=30 hard_steps=10"
+    [ -n "${LONG:-}" ] && STEPS="zero_out_steps=30 retrofit_steps=180 finetune_steps=72 hard_steps=18"
+    TRAIN="seq_len=1024 micro_batch_size=4 grad_accum=4 lr=3e-4 min_lr=3e-5 warmup_steps=10 $STEPS"
+    TRAIN+=" eval_every=100000 eval_batches=4 save_every=100000"
+    DATA=("$SITE/sympy" "$SITE/pandas") EVAL=(--eval-windows 8 --eval-batch-size 8)
   fi
   read -r -a TRAIN_ARGS <<< "$TRAIN token_cache=$KEEP/tokens"
   PYTHONPATH=$NEW $PY -m dmc.cli.main study "$MODEL" --data "${DATA[@]}" --heldout "${HELDOUT[@]}" "${EVAL[@]}" \
@@ -118,7 +123,7 @@ phase_b() {
 
   TEXT=(--prompt-text "${HELDOUT[@]}")
   SPY_S=${SPY_S:-20}
-  NB="SmolLM2-135M (real)" ND="SmolLM2-135M DMC 4x (default recipe)"
+  NB="SmolLM2-135M (real)" ND="SmolLM2-135M DMC 4x (default recipe${LONG:-, 140 steps})"
   if [ -d "$KEEP/old" ]; then
     load before-smollm2-original "$OLD" "$OLD_COMMIT" "$MODEL" "$NB" "$B_SERVER" $B_LOAD "${TEXT[@]}"
     spy before-smollm2-dmc4 "$SPY_S" & SPY=$!
@@ -148,22 +153,8 @@ phase_b() {
 }
 [ -n "${SKIP_B:-}" ] || phase_b
 
-# ---------------------------------------------------------------------- phase A: the 7B shape
-if [ -z "${SKIP_A:-}" ]; then
-  stamp "phase A: the 7B-shaped model"
-  N7="Llama-2-7B shape (random weights)"
-  load 7b-vanilla "$NEW" "$COMMIT" "$M7" "$N7" "$A_SERVER --vanilla" $A_LOAD
-  load 7b-cr4 "$NEW" "$COMMIT" "$M7" "$N7" "$A_SERVER --forced-cr 4" $A_LOAD
-  load 7b-cr8 "$NEW" "$COMMIT" "$M7" "$N7" "$A_SERVER --forced-cr 8" $A_LOAD
-  rm -rf "$M7"
-fi
-
 # ---------------------------------------------------------------------- phase C: delayed merging, GPU tests
 if [ -z "${SMOKE:-}" ]; then
-  stamp "delay_decode"
-  PYTHONPATH=$NEW timeout 300 $PY benchmarks/delay_decode.py --context 2048 --cr 4 --delays 0 32 --out "$RESULTS" \
-    > "$LOGS/delay_decode.log" 2>&1
-  stamp "delay_decode: rc $? ($(tail -1 "$LOGS/delay_decode.log" | cut -c1-200))"
   stamp "GPU tests"
   PYTHONPATH=$NEW timeout 300 $PY -m pytest -q -x -p no:cacheprovider -m gpu tests/test_batched_prefill.py \
     tests/test_engine_delay.py > "$LOGS/gpu-tests.log" 2>&1
@@ -175,6 +166,22 @@ if [ -z "${SMOKE:-}" ]; then
       > "$LOGS/profile-prefill-$how.log" 2>&1
     stamp "profile_prefill $how: rc $? ($(tail -1 "$LOGS/profile-prefill-$how.log" | cut -c1-200))"
   done
+fi
+# ---------------------------------------------------------------------- phase A: the 7B shape
+if [ -z "${SKIP_A:-}" ]; then
+  stamp "phase A: the 7B-shaped model"
+  N7="Llama-2-7B shape (random weights)"
+  load 7b-vanilla "$NEW" "$COMMIT" "$M7" "$N7" "$A_SERVER --vanilla" $A_LOAD
+  load 7b-cr4 "$NEW" "$COMMIT" "$M7" "$N7" "$A_SERVER --forced-cr 4" $A_LOAD
+  load 7b-cr8 "$NEW" "$COMMIT" "$M7" "$N7" "$A_SERVER --forced-cr 8" $A_LOAD
+  rm -rf "$M7"
+fi
+
+if [ -z "${SMOKE:-}" ]; then
+  stamp "delay_decode"
+  PYTHONPATH=$NEW timeout 300 $PY benchmarks/delay_decode.py --context 2048 --cr 4 --delays 0 32 --out "$RESULTS" \
+    > "$LOGS/delay_decode.log" 2>&1
+  stamp "delay_decode: rc $? ($(tail -1 "$LOGS/delay_decode.log" | cut -c1-200))"
 fi
 stamp "done"
 touch "$KEEP/DONE"
