@@ -47,7 +47,7 @@ else
   A_SERVER="--max-model-len 4096 --max-num-seqs 256 --kv-cache-memory-gib 16"
   B_LOAD="--clients 128 --requests 192 --prompt-lens 1024 --gen-lens 256"
   B_SERVER="--max-model-len 2048 --max-num-seqs 256 --kv-cache-memory-gib 1"
-  RATES="8 24 48"; RATE_REQUESTS=80
+  RATES="8 24 48"; RATE_REQUESTS=64
 fi
 
 # serve_load: label, PYTHONPATH of the server (the code it runs), its commit, model dir, model name, server flags,
@@ -125,7 +125,8 @@ phase_b() {
   SPY_S=${SPY_S:-20}
   NB="SmolLM2-135M (real)" ND="SmolLM2-135M DMC 4x (default recipe${LONG:-, 140 steps})"
   if [ -d "$KEEP/old" ]; then
-    load before-smollm2-original "$OLD" "$OLD_COMMIT" "$MODEL" "$NB" "$B_SERVER" $B_LOAD "${TEXT[@]}"
+    [ -n "${BEFORE_ORIGINAL:-}" ] && load before-smollm2-original "$OLD" "$OLD_COMMIT" "$MODEL" "$NB" "$B_SERVER" \
+      $B_LOAD "${TEXT[@]}"
     spy before-smollm2-dmc4 "$SPY_S" & SPY=$!
     load before-smollm2-dmc4 "$OLD" "$OLD_COMMIT" "$DMC4" "$ND" "$B_SERVER" $B_LOAD "${TEXT[@]}"
     wait $SPY 2> /dev/null
@@ -142,7 +143,7 @@ phase_b() {
   POISSON+=(--gen-lens "$(sed -E 's/.*--gen-lens ([^ ]+).*/\1/' <<< "$B_LOAD")")
   load smollm2-original-poisson "$NEW" "$COMMIT" "$MODEL" "$NB" "$B_SERVER" "${POISSON[@]}"
   load smollm2-dmc4-poisson "$NEW" "$COMMIT" "$DMC4" "$ND" "$B_SERVER" "${POISSON[@]}"
-  for m in original dmc4; do
+  for m in ${OFFLINE:-dmc4}; do  # OFFLINE="original dmc4": both
     dir=$MODEL; [ $m = dmc4 ] && dir=$DMC4
     stamp "offline engine: $m"
     PYTHONPATH=$NEW timeout 600 $PY benchmarks/offline_generate.py --model "$dir" --engine-args "$B_SERVER" \
