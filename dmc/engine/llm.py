@@ -59,7 +59,8 @@ class LLM:
         max_num_batched_tokens: the tokens one engine step may process, decode and prefill together (chunked
             prefill, as vLLM's option of that name): the step's decoding requests count first, prefill gets what
             is left (at most ``prefill_chunk``), so that arriving prompts cannot stall the running ones for
-            long. None: prefill gets ``prefill_chunk`` tokens whatever decodes (the best offline throughput).
+            long. A prompt that fits ``prefill_chunk`` is not split (its rest would take the slower
+            continuation path): it waits for a step with room, or runs whole as a step's only new chunk. None: prefill gets ``prefill_chunk`` tokens whatever decodes (the best offline throughput).
             At least ``max_num_seqs``.
         prefill_attention: attention of a prompt's first chunk: "auto" (flex on CUDA, sdpa on CPU),
             "flex" (FlexAttention with the DMC mask, compiled once per power-of-two length bucket),
@@ -168,7 +169,8 @@ class LLM:
                                   eviction=None if eviction is None else EngineEviction(eviction, self.cache))
         prior = 1.0 if self.vanilla else float(forced_period or self.dmc.target_cr or 1.0)
         self.scheduler = Scheduler(self.cache, max_num_seqs, CompressionEstimate(prior, admission_margin),
-                                   slot_cap=self._slot_cap, prefill_chunk=prefill_chunk)
+                                   slot_cap=self._slot_cap, prefill_chunk=prefill_chunk,
+                                   whole_prompts=max_num_batched_tokens is not None)
         self._next_id = 0
         self.step_timer = StepTimer()  # where the steps' time goes, by section (LLM.step_timer.summary())
         self.initial_free_pages = self.cache.free_page_count()

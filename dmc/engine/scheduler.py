@@ -102,7 +102,7 @@ class Scheduler:
     one :class:`PagedKVCache` (whose rows it opens and closes)."""
 
     def __init__(self, cache: PagedKVCache, max_num_seqs: int, estimate: CompressionEstimate,
-                 slot_cap: int | None = None, prefill_chunk: int = 0) -> None:
+                 slot_cap: int | None = None, prefill_chunk: int = 0, whole_prompts: bool = False) -> None:
         layout = cache.layout
         self.cache = cache
         self.waiting: deque[Request] = deque()
@@ -115,6 +115,7 @@ class Scheduler:
         # decode step, but a chunk (prefill_chunk tokens at most) is held whole until it is cut.
         self.slot_cap = slot_cap
         self.prefill_chunk = prefill_chunk
+        self.whole_prompts = whole_prompts  # a prompt that fits prefill_chunk is never split (_first_chunk_size)
         # No sequence ever holds more (max_model_len slots and the ready page): admission never asks
         # for more than this, so the smallest pool the engine accepts runs the longest prompt.
         self.max_pages = layout.rows * layout.pages_per_head
@@ -169,7 +170,7 @@ class Scheduler:
             budget, free = budget - size, free - need
         while budget > 0 and len(chunks) != max_chunks and self.waiting:
             request = self.waiting[0]
-            size = self._chunk_size(len(request.to_feed()), budget)
+            size = self._first_chunk_size(len(request.to_feed()), budget, first_of_step=not chunks)
             if size == 0:
                 break
             need = self.rows + self.chunk_pages(size)  # the first page of every head, then the chunk
@@ -184,6 +185,19 @@ class Scheduler:
             chunks.append((request, size))
             budget, free = budget - size, free - need
         return chunks, None
+
+    def _first_chunk_size(self, feed: int, budget: int, first_of_step: bool) -> int:
+        """A newly admitted request's first chunk. A feed that fits ``prefill_chunk`` is never split: the rest of a
+        split feed would go through the continuation path (attention over the cached slots, one segment at a
+        time), many times slower than the packed first chunks. So it waits for the next step when the budget left
+        is short, unless it is the step's first chunk (then it runs whole, past the budget by at most
+        ``prefill_chunk``: every step makes progress). Only with ``whole_prompts`` (a step budget shared with
+        decode, which leaves odd remainders); otherwise the budget splits it."""
+        if not self.whole_prompts or self.slot_cap is not None or not self.prefill_chunk or feed > self.prefill_chunk:
+            return self._chunk_size(feed, budget)
+        if feed <= budget or first_of_step:
+            return feed
+        return 0
 
     def _chunk_size(self, left: int, budget: int) -> int:
         """A request's next chunk: what is left of its feed, at most the budget. With eviction a chunk is
