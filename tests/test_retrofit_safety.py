@@ -228,6 +228,33 @@ def test_finished_run_message_suggests_overwrite(work, finished, tmp_path):
     assert snapshot(out) == before
 
 
+def test_resume_of_a_finished_run_says_so_and_writes_nothing(work, finished, tmp_path):
+    out = copy_run(finished[0], tmp_path / "out")
+    before = snapshot(out)
+    code, stdout, stderr = run_cli(_argv(work, out, "--resume"))
+    assert code == 0, stderr[-3000:]
+    assert stdout.splitlines() == [f"{out} already holds the finished model of this run ({TOTAL_STEPS} steps); "
+                                   "nothing to resume (--overwrite trains it again)"]
+    assert "Traceback" not in stderr and "warning" not in stderr.lower(), stderr[-3000:]
+    assert snapshot(out) == before  # the model is not written again, the checkpoint and metrics are untouched
+
+
+def test_finished_run_keeps_only_its_last_checkpoint_unless_all_are_asked_for(work, finished, tmp_path):
+    _, stdout, _ = finished
+    out = finished[0]
+    assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir()) == ["latest", "step_00000007"]
+    assert (out / "run" / "checkpoints" / "latest").read_text() == "step_00000007"
+    kept = [line for line in stdout.splitlines() if line.startswith("checkpoints:")]
+    assert kept == ["checkpoints: kept the last one, run/checkpoints/step_00000007, removed 1 older "
+                    "(--keep-checkpoints all keeps every one)"]
+    code, stdout, stderr = run_cli(_argv(work, tmp_path / "all", "--keep-checkpoints", "all"))
+    assert code == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "all" / "run" / "checkpoints").iterdir()) == [
+        "latest", "step_00000002", "step_00000004", "step_00000005", "step_00000006", "step_00000007"]
+    assert not [line for line in stdout.splitlines() if line.startswith("checkpoints:")]
+    assert (tmp_path / "all" / "config.json").exists()
+
+
 # ------------------------------------------------------------------------------ 2. --resume --overwrite
 def test_resume_with_overwrite_is_refused_before_touching_anything(work, finished, tmp_path):
     out = copy_run(finished[0], tmp_path / "out")
@@ -308,6 +335,7 @@ def test_nan_patience_tolerates_that_many_more_steps(work, tmp_path):
     (["--beta2", "1.5"], "beta2 must be in [0, 1)"),
     (["--grad-clip", "0"], "grad_clip must be > 0"),
     (["--keep-checkpoints", "-1"], "keep_checkpoints must be >= 0"),
+    (["--keep-checkpoints", "some"], 'keep_checkpoints must be >= 0 or "all", got \'some\''),
     (["--nan-patience", "-1"], "nan_patience must be >= 0"),
     (["--zero-out-steps", "0", "--retrofit-steps", "0", "--finetune-steps", "0"], "the plan has no steps"),
 ])
@@ -434,8 +462,8 @@ def test_resume_falls_back_when_the_latest_checkpoint_is_truncated(work, tmp_pat
     assert (out / "config.json").exists()
     # set aside while it mattered, removed once the run wrote step 4 again
     assert "set aside as step_00000004.unreadable" in warning[0]
-    assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir()) == ["latest", "step_00000006",
-                                                                              "step_00000007"]
+    # (and once the run is finished only its last checkpoint stays)
+    assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir()) == ["latest", "step_00000007"]
 
 
 # ------------------------------------------------------------------------------ help, plan, final CR

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .. import core
 from ..config import DMCConfig, is_dmc
+from ..errors import one_line
 from ..hf.convert import UnsupportedModelError, convert, set_logit_scale, zero_decision_channels
 from ..hf.modeling import FAMILIES
 from .config import ConfigError, TrainConfig
@@ -166,8 +167,7 @@ class LMObjective:
         return {}
 
     def step_values(self, mode: StepMode, sums: dict[str, torch.Tensor], seq_len: int) -> dict:
-        """The numbers a step adds to its metrics from the reduced :meth:`step_sums`; updates the
-        state carried across steps."""
+        """The numbers a step adds to its metrics from the reduced :meth:`step_sums`."""
         return {}
 
     def on_stage_end(self, model, stage: str) -> None:
@@ -186,6 +186,8 @@ class LMObjective:
 
     # state carried across steps (checkpointed)
     def after_step(self, mode: StepMode, achieved_cr: float | None) -> dict:
+        """The update of that state once per global step, from the step's achieved CR (None: no
+        decisions were taken); returns the numbers it adds to the step's metrics."""
         return {}
 
     def state_dict(self) -> dict:
@@ -347,7 +349,6 @@ class DMCObjective(LMObjective):
         values["achieved_cr"] = achieved if achieved is not None else 1.0
         values["cr_weight"] = self.cr_weight
         values["noise_scale"] = mode.noise_scale
-        values.update(self.after_step(mode, achieved))
         values["channel_scale"] = mode.channel_scale
         return values
 
@@ -397,12 +398,3 @@ def load_weights(path: pathlib.Path, attn: str | None = None) -> torch.nn.Module
     except Exception as e:  # noqa: BLE001 - safetensors, torch.load, shape mismatches: same advice
         raise ConfigError(f"cannot load the weights in {path} ({one_line(e)}); a weight file may be truncated "
                           "or corrupt: copy the model directory again") from None
-
-
-def one_line(error: BaseException, limit: int = 200) -> str:
-    """The first line (first sentence, if long) of an exception's message."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    if len(text) > limit // 2 and ". " in text:
-        text = text[:text.index(". ") + 1]
-    return text if len(text) <= limit else text[:limit] + "..."
