@@ -1,4 +1,4 @@
-"""The decode cost model of the engine design (issue #15's check: "CR 1 step within 10% of the cost model")
+"""The decode cost model of the engine design (check: the CR 1 step within 10% of the cost model)
 against the recorded engine rows: T_step ≈ KV bytes read per step / copy bandwidth + weight GEMMs.
 
 - copy bandwidth: measured here, on this GPU (a device-to-device copy of ``--copy-gib``, read + written

@@ -1,4 +1,4 @@
-"""Where a decode step's time goes at large batch (issue #15): the engine on the Llama-2-7B-shaped
+"""Where a decode step's time goes at large batch: the engine on the Llama-2-7B-shaped
 benchmark model (benchmarks/throughput.py's ``build_model``, random bf16 weights, decisions forced to
 CR r), one GPU.
 

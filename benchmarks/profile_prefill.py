@@ -1,4 +1,4 @@
-"""Where an engine prefill step's time goes (issue #15): the engine on the Llama-2-7B-shaped benchmark model
+"""Where an engine prefill step's time goes: the engine on the Llama-2-7B-shaped benchmark model
 (benchmarks/throughput.py's ``build_model``, random bf16 weights, decisions forced to CR r), one GPU.
 
 For each CR: queue ``--requests`` prompts of ``--prompt-len`` tokens, run one prefill step as warm-up
