@@ -34,8 +34,8 @@ TRAIN_ATTN_IMPLEMENTATIONS = ("auto", "flex", "dense")
 
 
 # Delayed merging by default (merge_delay None): 32 raw tokens, or a quarter of the slots a row keeps at the
-# target CR when that is less. Measured on SmolLM2-135M (docs/retrofit-recipe.md, round 3): 32 at 2x, 4x and
-# 8x on 1024-token rows (where 32 <= a quarter of the slots) met every quality target of issue #12.
+# target CR when that is less. Measured on SmolLM2-135M (docs/retrofit-recipe.md, "Delayed merging"): 32 at 2x,
+# 4x and 8x on 1024-token rows (where 32 <= a quarter of the slots) met every quality target set for the recipe.
 MERGE_DELAY_CAP = 32
 
 
@@ -139,7 +139,7 @@ class TrainConfig:
     finetune_steps: int = 2000
     cr_loss_weight: float = 1.0
     preset: str | None = None
-    # recipe levers (issue #12; the "paper" preset turns them off)
+    # recipe levers (docs/retrofit-recipe.md; the "paper" preset turns them off)
     logit_scale: float | None = None
     cr_constraint: str | None = None
     cr_dual_rate: float = 0.5

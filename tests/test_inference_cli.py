@@ -1,10 +1,11 @@
-"""Issue 11, the eval / generate / bench / engine side: nothing lost, nothing silently wrong, one-line errors.
+"""The eval / generate / bench commands and the engine under them: nothing lost, nothing silently
+wrong, one-line errors.
 
 `dmc eval` checks its arguments and outputs before any work, prints each figure as it comes and keeps
-what was computed when a later step fails (item 3, NaN of item 5); the CPU page pool is sized from the
-available memory and the error names the flags that help (item 6); `dmc generate --stream` reports a
-failed request and honours --json (item 8); an abandoned stream aborts its request (item 10); and
-the traceback cases of the issue that belong to these commands end in one line.
+what was computed when a later step fails (a non-finite perplexity included); the CPU page pool is sized
+from the available memory and the error names the flags that help; `dmc generate --stream` reports a
+failed request and honours --json; an abandoned stream aborts its request; and what used to end in a
+traceback in these commands ends in one line.
 """
 
 import json
@@ -76,7 +77,7 @@ def _eval(args, capsys):
     return code, captured.out, captured.err
 
 
-# ---------------------------------------------------------------------------------------------- item 3: dmc eval
+# ---------------------------------------------------------------------------------------------- dmc eval
 
 
 @pytest.mark.parametrize("case", ["out_under_a_file", "out_is_a_directory", "out_is_a_data_file",
@@ -454,7 +455,7 @@ def test_help_texts_show_defaults(command, capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
-# ---------------------------------------------------------------------------------------------- item 6: CPU pool
+# ---------------------------------------------------------------------------------------------- the CPU page pool
 
 
 def test_cpu_pool_is_sized_from_available_memory(tmp_path, monkeypatch, capsys):
@@ -494,7 +495,7 @@ def test_small_cpu_pool_is_only_as_large_as_the_sequences_need():
     assert layout.num_pages == 2 * layout.rows * layout.pages_per_head + 1
 
 
-# ---------------------------------------------------------------------------------------------- item 8: --stream
+# ---------------------------------------------------------------------------------------------- generate --stream
 
 
 def test_stream_reports_a_failed_request_like_the_plain_form(plain_dir, capsys):
@@ -527,7 +528,7 @@ def test_stream_takes_one_prompt(plain_dir, capsys):
     assert "--stream takes one prompt, got 2" in _one_line_error(capsys.readouterr().err, "dmc generate:")
 
 
-# ---------------------------------------------------------------------------------------------- item 10: abort
+# ---------------------------------------------------------------------------------------------- an abandoned stream
 
 
 def _llm(model):

@@ -1,4 +1,4 @@
-"""Training mode: Gumbel-sigmoid decisions, compression loss, gradients, FlexAttention vs dense."""
+"""DMC attention in training mode: Gumbel-sigmoid decisions, compression loss, gradients, FlexAttention vs dense."""
 
 import pytest
 import torch

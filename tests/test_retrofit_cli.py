@@ -1,4 +1,4 @@
-"""Issue 11, the retrofit CLI and its run directory: nothing lost, nothing silently wrong.
+"""The retrofit CLI and its run directory: nothing lost, nothing silently wrong.
 
 Every case drives the CLI (``dmc.cli.main.main``) the way a user would and checks the exact outcome:
 the exit code, a one-line message that says what to do, no traceback, and the files that must
@@ -145,7 +145,7 @@ def copy_run(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
     return target
 
 
-# ------------------------------------------------------------------------------ 1. --overwrite deletes only a run of ours
+# ------------------------------------------------------------------------------ --overwrite deletes only a run of ours
 def test_out_equal_to_the_input_model_is_refused_and_the_model_survives(work):
     before = snapshot(work / "model")
     for extra in ((), ("--overwrite",)):
@@ -255,7 +255,7 @@ def test_finished_run_keeps_only_its_last_checkpoint_unless_all_are_asked_for(wo
     assert (tmp_path / "all" / "config.json").exists()
 
 
-# ------------------------------------------------------------------------------ 2. --resume --overwrite
+# ------------------------------------------------------------------------------ --resume --overwrite
 def test_resume_with_overwrite_is_refused_before_touching_anything(work, finished, tmp_path):
     out = copy_run(finished[0], tmp_path / "out")
     before = snapshot(out)
@@ -268,7 +268,7 @@ def test_resume_with_overwrite_is_refused_before_touching_anything(work, finishe
     assert snapshot(out) == before
 
 
-# ------------------------------------------------------------------------------ 9. a failed start leaves nothing
+# ------------------------------------------------------------------------------ a failed start leaves nothing
 def test_failed_start_leaves_no_run_behind(work, tmp_path):
     out = tmp_path / "runs" / "new"
     code, _, stderr = run_cli(_argv(work, out, "--data", str(tmp_path / "missing")))
@@ -292,7 +292,7 @@ def test_overwrite_that_fails_to_start_keeps_the_previous_run(work, finished, tm
     assert snapshot(out) == before  # the old run is removed only once the new one has loaded
 
 
-# ------------------------------------------------------------------------------ 5. a diverging run stops
+# ------------------------------------------------------------------------------ a diverging run stops
 def test_non_finite_loss_stops_without_a_model_and_keeps_the_last_good_checkpoint(work, tmp_path):
     out = tmp_path / "out"
     code, stdout, stderr = run_cli(_argv(work, out, "--lr", "1e9", "--save-every", "1"))
@@ -621,7 +621,7 @@ def _wait_for(predicate, what: str, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-# ------------------------------------------------------------------------------ 4. a lock on the run directory
+# ------------------------------------------------------------------------------ a lock on the run directory
 def test_second_process_on_the_same_out_is_refused_and_a_killed_one_leaves_no_stale_lock(work, server, tmp_path):
     out = tmp_path / "out"
     long_plan = [a if a != "3" else "100000" for a in PLAN]  # retrofit-steps 100000: it trains until killed
