@@ -159,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
                   "nothing to resume (--overwrite trains it again)")
             return 0
         out = trainer.run()
+        if trainer.checkpoints_note and os.environ.get("RANK", "0") == "0":
+            print(trainer.checkpoints_note)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

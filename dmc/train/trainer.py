@@ -1,9 +1,12 @@
 """The retrofit trainer: zero-out → retrofit → fine-tune (spec §5), one GPU to many.
 
-The project's one training loop. What differs between methods lives in the objective
-(:mod:`dmc.train.objectives`): with ``method="plain"`` the same loop continues training a stock
-model on the LM loss alone (the GQA up-training baseline, spec §8): same plan, data, optimiser,
-checkpoints; nothing converted. Callbacks see every step's metrics (logging, time budgets).
+The project's one training loop, built from small parts: the run directory (:mod:`dmc.train.rundir`:
+lock, identity, what ``--out`` holds), the model loaded and written per method (:mod:`dmc.train.models`),
+the objective (:mod:`dmc.train.objectives`: a step's mode, loss, metrics and carried state), the data
+(:mod:`dmc.train.data`) and the checkpoints (:mod:`dmc.train.checkpoint`). With ``method="plain"`` the
+same loop continues training a stock model on the LM loss alone (the GQA up-training baseline, spec §8):
+same plan, data, optimiser, checkpoints; nothing converted. Callbacks see every step's metrics
+(logging, time budgets).
 
 A straight loop over global steps. Everything random or scheduled is a function of the step
 (CR(s), μ(s), lr, the data rows, the Gumbel noise seeded by (seed, step, rank, micro-step)), so
@@ -35,6 +38,7 @@ from .config import ConfigError, TrainConfig
 from .data import PackedData
 from .distributed import Runtime, all_reduce_sum, barrier, init_runtime, shard_model
 from .metrics import MetricsLogger
+from .models import load_model, prepare_for_saving, saved_class
 from .objectives import LMObjective, Teacher, make_objective, noise_generator
 from .rundir import RunDirectory, check_output_location
 
@@ -105,6 +109,7 @@ class Retrofitter:
         self.total_steps = sum(length for _, length in self.plan)
         self.directory = RunDirectory(self.out, self.rt, ConfigError)
         self.finished = False  # set when --resume finds the run's model written: nothing is loaded then
+        self.checkpoints_note: str | None = None  # one line on the checkpoints a finished run kept
         try:
             self._check_output_dir()
             if self.finished:
@@ -176,10 +181,7 @@ class Retrofitter:
     def _load_model(self):
         import transformers
         cfg = self.cfg
-        path = pathlib.Path(cfg.model).expanduser()
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{cfg.model} is not a Hugging Face model directory (no config.json); pass the "
-                              "directory that save_pretrained wrote")
+        path = pathlib.Path(cfg.model).expanduser()  # holds a config.json (checked with the output directory)
         try:
             base_config = transformers.AutoConfig.from_pretrained(path)
         except Exception as e:  # noqa: BLE001 - broken JSON, unknown model type, ...
@@ -194,7 +196,7 @@ class Retrofitter:
         except Exception as e:  # noqa: BLE001 - any loading failure gets the same advice
             raise ConfigError(f"could not load the tokenizer of {cfg.model} ({e}); save it beside the model "
                               "with tokenizer.save_pretrained(DIR)") from e
-        return tokenizer, self.objective.load_model(path, base_config.model_type)
+        return tokenizer, load_model(cfg, path, base_config.model_type)
 
     def _prepare_model(self) -> None:
         model = self.model.to(self.rt.device)
@@ -487,15 +489,16 @@ class Retrofitter:
 
     def _drop_old_checkpoints(self) -> None:
         """A finished run keeps its last checkpoint only (the model is written; the checkpoint holds
-        the optimizer state to train on from), unless ``keep_checkpoints`` is "all"."""
+        the optimizer state to train on from), unless ``keep_checkpoints`` is "all". What was kept
+        and removed is in :attr:`checkpoints_note` (the CLI prints it)."""
         if self.cfg.keep_all_checkpoints:
             return
         removed = self.checkpointer.keep_only_latest()
         latest = self.checkpointer.latest()
-        if self.rt.is_main and latest is not None:
-            print(f"checkpoints: kept the last one, {latest.relative_to(self.out)}"
-                  + (f", removed {len(removed)} older" if removed else "")
-                  + " (--keep-checkpoints all keeps every one)")
+        if latest is not None:
+            self.checkpoints_note = (f"checkpoints: kept the last one, {latest.relative_to(self.out)}"
+                                     + (f", removed {len(removed)} older" if removed else "")
+                                     + " (--keep-checkpoints all keeps every one)")
 
     def _diverged(self, bad_steps: list[tuple[int, list[str]]]) -> None:
         first, terms = bad_steps[0]
@@ -519,7 +522,7 @@ class Retrofitter:
             final = self._unsharded_copy(state)
             fold_logit_scale(final)  # the saved model reads a = k[D-1] - c, as the paper's and the engine's
             self._write_summary()
-            self.objective.finalize(final)
+            prepare_for_saving(final, self.cfg)
             tmp = self.out / ".model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             final.save_pretrained(tmp)
@@ -532,7 +535,7 @@ class Retrofitter:
         return self.out
 
     def _unsharded_copy(self, state: dict) -> torch.nn.Module:
-        model = self.objective.model_class(self.model)(self.model.config)
+        model = saved_class(self.model)(self.model.config)
         model.load_state_dict(state, strict=True)
         model.generation_config = self.model.generation_config
         return model.eval()
