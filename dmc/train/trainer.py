@@ -108,11 +108,12 @@ class Retrofitter:
         self.plan = cfg.stage_steps()
         self.total_steps = sum(length for _, length in self.plan)
         self.directory = RunDirectory(self.out, self.rt, ConfigError)
-        self.finished = False  # set when --resume finds the run's model written: nothing is loaded then
+        self.finished = False  # set when --resume finds the run's model written: only the data is loaded then
         self.checkpoints_note: str | None = None  # one line on the checkpoints a finished run kept
         try:
             self._check_output_dir()
             if self.finished:
+                self._setup_finished()
                 return
             self._setup()
         except BaseException:
@@ -127,9 +128,7 @@ class Retrofitter:
         seq_len = min(cfg.seq_len, getattr(self.model.config, "max_position_embeddings", cfg.seq_len))
         cfg.check_merge_delay(seq_len, model_capped=seq_len < cfg.seq_len)
         self.seq_len = seq_len
-        self.data = PackedData.from_sources(cfg.data, self.tokenizer, seq_len, cfg.val_fraction, cfg.seed,
-                                            cfg.text_field, cfg.token_cache, progress=self.rt.is_main,
-                                            on_bad_file=cfg.on_bad_file)
+        self._load_data(progress=self.rt.is_main)
         if self.data.val_rows < self.rt.world and self.rt.is_main:
             print(f"note: the held-out split ({self.data.val_rows} rows of {seq_len} tokens) is too small to "
                   f"evaluate on {self.rt.world} process(es); raise --val-fraction to get validation loss")
@@ -150,6 +149,23 @@ class Retrofitter:
         self.metrics = MetricsLogger(self.run_dir, self.rt.is_main, cfg.tensorboard, cfg.wandb, cfg.wandb_project,
                                      cfg.to_dict(), self.step if cfg.resume else None)
 
+    def _setup_finished(self) -> None:
+        """A finished run asked to resume: no model, no optimizer, nothing written; the tokenizer and the
+        data (from the token cache) so that what a caller reads of a run (``data``, ``rows_per_step``) holds."""
+        import transformers
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(pathlib.Path(self.cfg.model).expanduser())
+        except Exception as e:  # noqa: BLE001 - any loading failure gets the same advice
+            raise ConfigError(f"could not load the tokenizer of {self.cfg.model} ({one_line(e)}); save it beside "
+                              "the model with tokenizer.save_pretrained(DIR)") from None
+        self._load_data(progress=False)
+
+    def _load_data(self, progress: bool) -> None:
+        cfg = self.cfg
+        self.data = PackedData.from_sources(cfg.data, self.tokenizer, self.seq_len, cfg.val_fraction, cfg.seed,
+                                            cfg.text_field, cfg.token_cache, progress=progress,
+                                            on_bad_file=cfg.on_bad_file)
+
     # ------------------------------------------------------------------------------ setup
     def _check_output_dir(self) -> None:
         """Refuse an --out that must not be written (or overwritten), take the run's lock, check
@@ -165,7 +181,7 @@ class Retrofitter:
         if state == RunDirectory.FINISHED:
             self.finished = True
             self.step = self.total_steps
-            self.seq_len = self._capped_seq_len(self.out)
+            self.seq_len = self._capped_seq_len(model_dir)
 
     def _capped_seq_len(self, model_dir: pathlib.Path) -> int:
         """The training row length: ``seq_len`` capped at the model's max positions."""
