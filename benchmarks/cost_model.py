@@ -13,7 +13,7 @@ against the recorded engine rows: T_step ≈ KV bytes read per step / copy bandw
 Writes ``OUT/cost_model.json`` and ``OUT/cost_model.md``::
 
     python benchmarks/cost_model.py --rows docs/results/throughput.json \\
-        --profile docs/throughput_runs/h200_engine/profile_decode_final.json --out docs/throughput_runs/h200_engine
+        --profile docs/results/engine_h200/profile_decode_final.json --out docs/results/engine_h200
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ CUDA's sync debug mode to name the lines where the host waits for the GPU.
 
 Writes ``OUT/profile_prefill[_LABEL].json`` and ``.md`` (GPU named, command recorded)::
 
-    python benchmarks/profile_prefill.py --out docs/throughput_runs [--crs 1 4] [--label before]
+    python benchmarks/profile_prefill.py --out docs/results/engine_h200 [--crs 1 4] [--label before]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def host_sections(step) -> list[list]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/throughput_runs")
+    parser.add_argument("--out", default="docs/results/engine_h200")
     parser.add_argument("--crs", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--prompt-len", type=int, default=2048)
     parser.add_argument("--requests", type=int, default=12,
