@@ -1,5 +1,5 @@
 """The paged split-K decode attention at the engine's large-batch shape, bf16 vs fp8 pages, swept over its
-tile (issue #15): one GPU.
+tile: one GPU.
 
 Why: at 4K context, CR 4 with fp8 pages ran batch 397 at 56.6 ms a step on an H200, where bf16 at CR 8
 (batch ~390, the same KV bytes) took 37.4 ms. The kernel loads a fixed number of *tokens* per iteration
@@ -12,7 +12,7 @@ for the mean slots, pages scattered; by block_tokens × num_stages × num_warps,
 (:func:`dmc.kernels.reference.paged_decode_attention_ref`) on the first rows. Writes
 ``OUT/attention_sweep.json`` and ``OUT/attention_sweep.md`` (TB/s of the pool bytes read, GPU named)::
 
-    python benchmarks/attention_sweep.py --out docs/throughput_runs [--shapes 397:896:fp8 201:896:bf16]
+    python benchmarks/attention_sweep.py --out docs/results/engine_h200 [--shapes 397:896:fp8 201:896:bf16]
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def report(rows: list[dict], meta: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/throughput_runs")
+    parser.add_argument("--out", default="docs/results/engine_h200")
     parser.add_argument("--shapes", nargs="+", default=["51:3584:bf16", "201:896:bf16", "390:448:bf16", "397:896:fp8"],
                         help="BATCH:MEAN_SLOTS:DTYPE (4K context: CR 1, 4, 8 at their batches; CR 4 fp8 at its batch)")
     parser.add_argument("--heads", type=int, default=32, help="KV heads")

@@ -1,4 +1,4 @@
-"""The decode cost model of the engine design (issue #15's check: "CR 1 step within 10% of the cost model")
+"""The decode cost model of the engine design (check: the CR 1 step within 10% of the cost model)
 against the recorded engine rows: T_step ≈ KV bytes read per step / copy bandwidth + weight GEMMs.
 
 - copy bandwidth: measured here, on this GPU (a device-to-device copy of ``--copy-gib``, read + written
@@ -13,7 +13,7 @@ against the recorded engine rows: T_step ≈ KV bytes read per step / copy bandw
 Writes ``OUT/cost_model.json`` and ``OUT/cost_model.md``::
 
     python benchmarks/cost_model.py --rows docs/results/throughput.json \\
-        --profile docs/throughput_runs/h200_engine/profile_decode_final.json --out docs/throughput_runs/h200_engine
+        --profile docs/results/engine_h200/profile_decode_final.json --out docs/results/engine_h200
 """
 
 from __future__ import annotations

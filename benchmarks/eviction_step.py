@@ -4,7 +4,7 @@ Llama-2-7B shape, random bf16 weights (benchmarks/throughput.py's model), prompt
 generated tokens, batch up to 64 in a 24 GiB page pool, eviction budget 384 = DMC's slots at CR 4;
 DMC compresses at exactly CR 4 (forced decisions). One JSON line per configuration:
 
-    python benchmarks/eviction_step.py > docs/throughput_runs/eviction_step_h100.txt
+    python benchmarks/eviction_step.py > eviction_step.txt   # (the H100 numbers: docs/benchmarks.md)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What the FP8 KV cache (``kv_cache_dtype="fp8"``, issue #15) costs in held-out perplexity, through the engine.
+"""What the FP8 KV cache (``kv_cache_dtype="fp8"``) costs in held-out perplexity, through the engine.
 
 For each model directory (a DMC model and, for comparison, the original vanilla one) and each
 cache (auto = the model dtype; fp8 = e4m3 pages with scales 1.0; fp8-calibrated = e4m3 pages with per-(layer,

@@ -1,4 +1,4 @@
-"""Where a decode step's time goes at large batch (issue #15): the engine on the Llama-2-7B-shaped
+"""Where a decode step's time goes at large batch: the engine on the Llama-2-7B-shaped
 benchmark model (benchmarks/throughput.py's ``build_model``, random bf16 weights, decisions forced to
 CR r), one GPU.
 
@@ -16,7 +16,7 @@ never to finish), then
 Writes ``OUT/profile_decode.json`` and a Markdown section into ``OUT/../benchmarks.md``-style file
 ``OUT/profile_decode.md`` (GPU named, command recorded)::
 
-    python benchmarks/profile_decode.py --out docs/throughput_runs [--configs 1:51 4:201 8:390]
+    python benchmarks/profile_decode.py --out docs/results/engine_h200 [--configs 1:51 4:201 8:390]
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def parse_config(spec: str) -> tuple[int, int, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/throughput_runs")
+    parser.add_argument("--out", default="docs/results/engine_h200")
     parser.add_argument("--configs", nargs="+", default=["1:51", "4:201", "8:390"],
                         help="CR:batch, or CR:batch:fp8 for fp8 KV pages (kv_cache_dtype='fp8')")
     parser.add_argument("--prompt-len", type=int, default=2048)

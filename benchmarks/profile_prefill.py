@@ -1,4 +1,4 @@
-"""Where an engine prefill step's time goes (issue #15): the engine on the Llama-2-7B-shaped benchmark model
+"""Where an engine prefill step's time goes: the engine on the Llama-2-7B-shaped benchmark model
 (benchmarks/throughput.py's ``build_model``, random bf16 weights, decisions forced to CR r), one GPU.
 
 For each CR: queue ``--requests`` prompts of ``--prompt-len`` tokens, run one prefill step as warm-up
@@ -16,7 +16,7 @@ CUDA times then: wall ms and the top host ops), a smoke test of the script.
 
 Writes ``OUT/profile_prefill[_LABEL].json`` and ``.md`` (GPU named, command recorded)::
 
-    python benchmarks/profile_prefill.py --out docs/throughput_runs [--crs 1 4] [--label before]
+    python benchmarks/profile_prefill.py --out docs/results/engine_h200 [--crs 1 4] [--label before]
     python benchmarks/profile_prefill.py --crs 4 --merge-delay 32 --per-segment --label delay32-per-segment
     python benchmarks/profile_prefill.py --crs 4 --merge-delay 32 --label delay32-packed
 """
@@ -167,7 +167,7 @@ def cpu_steps(llm, steps: int, step) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/throughput_runs")
+    parser.add_argument("--out", default="docs/results/engine_h200")
     parser.add_argument("--crs", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--prompt-len", type=int, default=2048)
     parser.add_argument("--requests", type=int, default=12,

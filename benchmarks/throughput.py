@@ -1,4 +1,4 @@
-"""Engine throughput on one GPU (issue #4's targets), following docs/../shared engine.md's protocol.
+"""Engine throughput on one GPU: decode tokens/s against the compression ratio, prefill, decode attention, HF.
 
 Model: Llama-2-7B shape (32 layers, 32 heads of 128, MLP 11008, vocab 32000), bf16, RANDOM
 weights. Decisions are driven (``forced_period``): every head merges all tokens but every r-th,

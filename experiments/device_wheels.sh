@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The wheels a lent H200 needs for experiments/real_model/gpu_round*.sh and experiments/engine_h200/bench.sh,
+# The wheels a lent H200 needs for experiments/real_model/run.sh and experiments/engine_h200/bench.sh,
 # into .whl/ (ignored by git; carried with `carry: [".whl"]`, ~17 MB). The machine's image has torch 2.11 and
 # transformers 5.17; the project pins transformers 5.23, `dmc import-gguf` needs gguf, `dmc serve` needs FastAPI,
-# uvicorn and pydantic — and fastapi >= 0.16x imports opentelemetry-api (round 5's `dmc serve` runs failed on
+# uvicorn and pydantic — and fastapi >= 0.16x imports opentelemetry-api (earlier `dmc serve` runs failed on
 # its absence: "No module named 'opentelemetry'"). On the machine:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site .whl/*.whl
 #   export PYTHONPATH=/root/site:$PWD

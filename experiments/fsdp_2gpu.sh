@@ -6,7 +6,7 @@
 #   bash experiments/fsdp_2gpu.sh WORKDIR LOGDIR
 set -euo pipefail
 WORK=${1:-/tmp/dmc_fsdp}
-LOGS=${2:-docs/fsdp_2gpu}
+LOGS=${2:-$WORK/logs}   # run.log and metrics.jsonl; the summary of a run goes in docs/fsdp_2gpu.md
 mkdir -p "$WORK" "$LOGS"
 STDLIB=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 DATA=("$STDLIB/json" "$STDLIB/email" "$STDLIB/http" "$STDLIB/logging" "$STDLIB/asyncio")

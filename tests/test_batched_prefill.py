@@ -1,4 +1,4 @@
-"""Batched prefill (issue #15): several requests' chunks in one forward leave every cache row exactly as
+"""Batched prefill: several requests' chunks in one forward leave every cache row exactly as
 prefilling each request alone does (slots, window state, delay ring; spec §7.4), and the engine's steps
 (a shared prefill budget, long prompts chunked over several steps) give the tokens of one-at-a-time runs.
 Tiny fp32 models with merges happening: DMC (bounded and unbounded windows), vanilla, delayed merging.

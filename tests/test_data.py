@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 import transformers
 
 from dmc.tiny import train_tokenizer
@@ -317,3 +318,60 @@ def test_bad_on_bad_file_value(tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="on_bad_file must be one of"):
         PackedData.from_sources([str(tmp_path)], tokenizer, 8, 0.0, 0, cache_dir=str(tmp_path / "c"),
                                 progress=False, on_bad_file="ignore")
+
+
+# ------------------------------------------------------------------------------ packing rows
+def _synthetic_data(lengths, seq_len=16, val_fraction=0.0, seed=0):
+    docs = [np.arange(1, n + 1, dtype=np.uint32) + 1000 * i for i, n in enumerate(lengths)]
+    shard = Shard(tokens=np.concatenate(docs), offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    return PackedData([shard], seq_len, val_fraction, seed), docs
+
+
+def test_packing_never_crosses_documents():
+    data, docs = _synthetic_data([5, 23, 2, 40, 7, 11, 3, 30], seq_len=16)
+    batch = data.train_rows(list(range(2 * data.rows_per_epoch)))  # two epochs
+    for ids, labels, doc_ids, pos in zip(batch.input_ids, batch.labels, batch.document_ids, batch.position_ids):
+        for seg in doc_ids.unique():
+            where = (doc_ids == seg).nonzero().flatten()
+            assert torch.equal(where, torch.arange(where[0], where[-1] + 1))  # contiguous
+            tokens = ids[where]
+            source = int(tokens[0]) // 1000
+            assert torch.all(tokens // 1000 == source)  # one source document
+            assert torch.all(tokens[1:] - tokens[:-1] == 1)  # an unbroken slice of it
+            assert torch.equal(pos[where], torch.arange(len(where)))  # positions restart
+            assert labels[where[0]] == -100 and torch.equal(labels[where[1:]], tokens[1:])
+    epoch0 = batch.input_ids[:data.rows_per_epoch]
+    epoch1 = batch.input_ids[data.rows_per_epoch:]
+    assert not torch.equal(epoch0, epoch1)  # reshuffled per epoch
+    again, _ = _synthetic_data([5, 23, 2, 40, 7, 11, 3, 30], seq_len=16)
+    assert torch.equal(again.train_rows([0, 5, 9]).input_ids, data.train_rows([0, 5, 9]).input_ids)  # seeded
+
+
+def test_held_out_split_is_disjoint_and_whole_documents():
+    data, _ = _synthetic_data([30] * 40, seq_len=16, val_fraction=0.1)
+    assert len(data.val_docs) == 4 and not set(data.val_docs) & set(data.train_docs)
+    val_tokens = torch.cat([b.input_ids.flatten() for b in data.val_batches(2, 100)])
+    assert set((val_tokens // 1000).tolist()) <= set(data.val_docs.tolist())
+    per_rank = [[b.input_ids.shape[0] for b in data.val_batches(2, 100, rank, 3)] for rank in range(3)]
+    assert per_rank[0] == per_rank[1] == per_rank[2] and sum(per_rank[0]) == data.val_rows // 3
+    train_tokens = data.train_rows(list(range(data.rows_per_epoch))).input_ids
+    assert not set((train_tokens // 1000).flatten().tolist()) & set(data.val_docs.tolist())
+
+
+def test_jsonl_parquet_and_text_sources(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "first doc"}\n\n{"text": "second doc"}\n')
+    (tmp_path / "b.txt").write_text("a whole file is one document")
+    pytest.importorskip("pyarrow")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"body": ["p1", "p2", None]}), tmp_path / "c.parquet")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "x.txt").write_text("skipped")
+    files = discover_files([str(tmp_path)])
+    assert [f.name for f in files] == ["a.jsonl", "b.txt", "c.parquet"]
+    assert list(read_documents(files[0], "text")) == ["first doc", "second doc"]
+    assert list(read_documents(files[2], "body")) == ["p1", "p2"]
+    with pytest.raises(ConfigError, match="no field 'body'"):
+        list(read_documents(files[0], "body"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        discover_files([str(tmp_path / "missing")])

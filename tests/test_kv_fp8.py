@@ -1,4 +1,4 @@
-"""The engine's FP8 KV cache (``kv_cache_dtype="fp8"``, issue #15): e4m3 pools with a scale per (layer, KV
+"""The engine's FP8 KV cache (``kv_cache_dtype="fp8"``): e4m3 pools with a scale per (layer, KV
 head), 1.0 or given (calibration: tests/test_kv_scales.py), only the stored slots quantised. Checked on tiny random DMC models whose decisions merge:
 
 - layer 0's pages are exactly the quantised pages of the exact cache (its inputs do not depend on the cache),
@@ -242,7 +242,7 @@ def test_throughput_rows_of_fp8_pages_have_their_own_config_and_column():
     legacy = {k: v for k, v in rows[0].items() if k != "kv_cache_dtype"}  # a row from before the flag
     table = throughput.report([legacy, *rows[1:]], "cpu")
     assert "| CR | KV dtype |" in table
-    # fp8 rows: against CR 1 of their own dtype, and against the bf16 engine's CR 1 (issue #15's FP8 target)
+    # fp8 rows: against CR 1 of their own dtype, and against the bf16 engine's CR 1 (what the FP8 target is stated against)
     assert "| 1024 | 4 | fp8 | 8 | 800 | 4.00x (8.00x bf16 CR 1) |" in table
     assert "| 1024 | 4 | auto | 8 | 400 | 4.00x |" in table
     only_bf16_base = throughput.report([legacy, rows[3]], "cpu")  # no fp8 CR 1 row: the bf16 one still counts

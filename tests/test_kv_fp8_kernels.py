@@ -1,4 +1,4 @@
-"""FP8 (e4m3) page pools in the decode kernels (issue #15, part 1: kernels and twins; the engine's
+"""FP8 (e4m3) page pools in the decode kernels (the kernels and their twins; the engine's
 ``kv_cache_dtype="fp8"`` is tested in test_kv_fp8.py). The Triton decode update and paged attention against their PyTorch
 twins with fp8 pools and per-layer k/v scales, merges happening; the kernel's own rounding to the e4m3
 grid against torch's cast. Without a GPU in Triton's interpreter, as test_kernels.py."""

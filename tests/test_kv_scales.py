@@ -1,4 +1,4 @@
-"""Calibrated fp8 scales per (layer, KV head) (:mod:`dmc.engine.kv_scales`, issue #15).
+"""Calibrated fp8 scales per (layer, KV head) (:mod:`dmc.engine.kv_scales`).
 
 - calibration records the range of exactly what prefill stores (the pooled, rotated keys and the values of
   every (layer, KV head)), whatever the cache dtype, and leaves the engine as it was (no page, no request id);

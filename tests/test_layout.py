@@ -1,4 +1,4 @@
-"""The package's import graph keeps the layout of the README (issue #13).
+"""The package's import graph keeps the layout of the README's map.
 
 Every ``import`` in ``dmc/`` counts, at module level or inside a function: a function-local import
 that hides a cycle is still a cycle.

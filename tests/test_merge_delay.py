@@ -184,7 +184,7 @@ def test_study_retrofits_with_a_delay_and_matches_the_eviction_budget(tmp_path):
               "--set", "zero_out_steps=1", "retrofit_steps=2", "finetune_steps=2", "seq_len=32",
               "micro_batch_size=2", "lr=1e-3", "eval_every=100", "tensorboard=false", "progress=false",
               "merge_delay=4", "--eval-windows", "2", "--eval-batch-size", "2"]
-    # As experiments/real_model/gpu_round3.sh runs it: the retrofit, then the baseline in another process.
+    # As experiments/real_model/run.sh runs it: the retrofit, then the baseline in another process.
     assert cli(common + ["--methods", "dmc", "--only", "dmc@2"]) == 0
     assert cli(common + ["--methods", "dmc", "h2o", "--only", "h2o@2"]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]

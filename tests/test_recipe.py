@@ -1,4 +1,4 @@
-"""The retrofit recipe's levers (issue #12): their math, their schedules, and that each one keeps
+"""The retrofit recipe's levers: their math, their schedules, and that each one keeps
 the inference semantics of spec §2-§3 (the logit scale folds away; the hard stage *is* inference)."""
 
 from __future__ import annotations

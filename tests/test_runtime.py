@@ -1,4 +1,4 @@
-"""The DMC runtime (issue #13 item 5): one mode object per model, the DMC config parsed once, runtime
+"""The DMC runtime: one mode object per model, the DMC config parsed once, runtime
 knobs never saved, no per-layer state."""
 
 from __future__ import annotations

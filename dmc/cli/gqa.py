@@ -17,16 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="new or empty output directory")
 
 
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= 300 else text[:300] + "..."
-
-
 def run(args: argparse.Namespace) -> int:
     import transformers
 
     from ..baselines import mean_pool_kv_heads
+    from ..errors import one_line
     from ..hf.convert import UnsupportedModelError
 
     out = pathlib.Path(args.out).expanduser()
@@ -43,14 +38,14 @@ def run(args: argparse.Namespace) -> int:
         try:
             transformers.AutoConfig.from_pretrained(model_dir)
         except Exception as e:  # noqa: BLE001 - broken JSON, unknown model type, ...
-            raise ValueError(f"cannot read {model_dir / 'config.json'} ({_one_line(e)}); copy the model directory "
+            raise ValueError(f"cannot read {model_dir / 'config.json'} ({one_line(e)}); copy the model directory "
                              "again or fix the file") from None
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
         except (MemoryError, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - truncated or corrupt weights
-            raise ValueError(f"cannot load the weights in {model_dir} ({_one_line(e)}); a weight file may be "
+            raise ValueError(f"cannot load the weights in {model_dir} ({one_line(e)}); a weight file may be "
                              "truncated or corrupt: copy the model directory again") from None
         pooled = mean_pool_kv_heads(model, args.ratio)
     except (ValueError, UnsupportedModelError) as e:
@@ -59,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         pooled.save_pretrained(out)
     except OSError as e:
-        print(f"error: cannot write the model into {out} ({e.strerror or _one_line(e)}); choose a writable --out",
+        print(f"error: cannot write the model into {out} ({e.strerror or one_line(e)}); choose a writable --out",
               file=sys.stderr)
         return 1
     try:

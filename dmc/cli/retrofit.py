@@ -75,7 +75,8 @@ _HELP = {
     "eval_every": "validation every N steps (and at the end)",
     "eval_batches": "micro-batches per validation",
     "save_every": "checkpoint every N steps (and at each stage end)",
-    "keep_checkpoints": "checkpoints kept in run/checkpoints (0 = all)",
+    "keep_checkpoints": "checkpoints kept in run/checkpoints while training; a finished run keeps the last one "
+                        "only ('all' or 0: keep every one)",
     "tensorboard": "write TensorBoard scalars to run/tensorboard",
     "wandb": "log to Weights & Biases",
     "wandb_project": "W&B project name",
@@ -151,7 +152,15 @@ def run(args: argparse.Namespace) -> int:
         values.pop("model", None)
     try:
         cfg = TrainConfig.from_file(args.config, **values) if args.config else TrainConfig(**values)
-        out = Retrofitter(cfg).run()
+        trainer = Retrofitter(cfg)
+        if trainer.finished:
+            trainer.run()  # releases the run directory; trains and writes nothing
+            print(f"{trainer.out} already holds the finished model of this run ({trainer.total_steps} steps); "
+                  "nothing to resume (--overwrite trains it again)")
+            return 0
+        out = trainer.run()
+        if trainer.checkpoints_note and os.environ.get("RANK", "0") == "0":
+            print(trainer.checkpoints_note)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

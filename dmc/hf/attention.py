@@ -463,7 +463,8 @@ class DMCAttention(nn.Module):
         if leaving:
             out = {name: x.narrow(PENDING_DIMS[name], 0, leaving) for name, x in both.items()}
             a_l, valid_l = out["alpha"], out["valid"]
-            # The PyTorch pooling: the fused kernel has not been checked on a GPU against it on this path.
+            # The PyTorch pooling: the form the delayed-merging retrofits were measured with (the fused
+            # kernel has not been run on this path on a GPU).
             k_bar, v_bar, prefix, terms, sums = self._pool_on_cache(out["k"], out["v"], a_l, out["importance"],
                                                                     out["cos"], out["sin"], layer_cache, q.dtype,
                                                                     fused=False)

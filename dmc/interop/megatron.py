@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..config import DMCConfig
+from ..errors import one_line
 
 CHECKPOINT_FILE = "model_optim_rng.pt"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -136,7 +137,7 @@ def _torch_load(file: Path, trust_pickle: bool) -> Any:
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(file)
     except Exception as e:  # noqa: BLE001 - any failure here means "not a readable torch zip file"
-        raise MegatronImportError(f"cannot read {file} as a torch checkpoint ({_one_line(e)}); if it is an old "
+        raise MegatronImportError(f"cannot read {file} as a torch checkpoint ({one_line(e)}); if it is an old "
                                   "(non-zip) torch file you trust, pass --trust-pickle") from None
     safe: list = []
     for name in names:
@@ -154,13 +155,8 @@ def _torch_load(file: Path, trust_pickle: bool) -> Any:
             except RuntimeError:  # not memory-mappable (old format): read it
                 return torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise MegatronImportError(f"cannot unpickle {file} safely ({_one_line(e)}); if you trust the file, pass "
+            raise MegatronImportError(f"cannot unpickle {file} safely ({one_line(e)}); if you trust the file, pass "
                                       "--trust-pickle (trust_pickle=True)") from None
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 @dataclass
@@ -474,7 +470,7 @@ def _load_tokenizer(tokenizer):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds; all mean "no tokenizer here"
-        raise MegatronImportError(f"cannot load a tokenizer from {path}: {_one_line(e)}") from None
+        raise MegatronImportError(f"cannot load a tokenizer from {path}: {one_line(e)}") from None
 
 
 def _check_output_dir(out: Path, force: bool) -> None:

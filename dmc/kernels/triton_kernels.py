@@ -30,9 +30,10 @@ from .. import core
 ATTENTION_BLOCK_TOKENS = 128
 # fp8 pages with MHA take the CUDA-core sums kept per slot row, over 32-slot tiles: on an H200 at the CR 4 + fp8
 # batch (397 rows x 32 heads, ~900 slots) 0.93 ms a layer (3.1 TB/s) against 1.22 (2.4 TB/s) for the tensor-core
-# dots, whose fp8 -> fp16 conversion goes through shared memory (docs/throughput_runs/h200_engine/
-# attention_sweep_modes.md); bf16 pages stay on the dots (4.3 TB/s against 3.6). Not faster there (commit 49e19d5,
-# attention_sweep_fp8_convert.md and _e4m3_dot.md): e4m3 -> fp32 by integer ops, a lazy rescale, e4m3 dots.
+# dots, whose fp8 -> fp16 conversion goes through shared memory (attention_sweep_modes.md in
+# docs/throughput_runs/h200_engine/ at commit 3374748); bf16 pages stay on the dots (4.3 TB/s against 3.6). Not
+# faster there (commit 49e19d5; attention_sweep_fp8_convert.md and _e4m3_dot.md, same place): e4m3 -> fp32 by
+# integer ops, a lazy rescale, e4m3 dots.
 FP8_SUMS_BLOCK_TOKENS = 32
 MAX_SPLITS = 16
 ROWS_PER_WAVE = 2048  # (row, KV head) programs that keep an H100 busy with one split each

@@ -11,6 +11,8 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..errors import one_line
+
 STAGES = ("zero-out", "retrofit", "finetune", "hard")
 METHODS = ("dmc", "plain")
 
@@ -32,8 +34,8 @@ TRAIN_ATTN_IMPLEMENTATIONS = ("auto", "flex", "dense")
 
 
 # Delayed merging by default (merge_delay None): 32 raw tokens, or a quarter of the slots a row keeps at the
-# target CR when that is less. Measured on SmolLM2-135M (docs/retrofit-recipe.md, round 3): 32 at 2x, 4x and
-# 8x on 1024-token rows (where 32 <= a quarter of the slots) met every quality target of issue #12.
+# target CR when that is less. Measured on SmolLM2-135M (docs/retrofit-recipe.md, "Delayed merging"): 32 at 2x,
+# 4x and 8x on 1024-token rows (where 32 <= a quarter of the slots) met every quality target set for the recipe.
 MERGE_DELAY_CAP = 32
 
 
@@ -137,7 +139,7 @@ class TrainConfig:
     finetune_steps: int = 2000
     cr_loss_weight: float = 1.0
     preset: str | None = None
-    # recipe levers (issue #12; the "paper" preset turns them off)
+    # recipe levers (docs/retrofit-recipe.md; the "paper" preset turns them off)
     logit_scale: float | None = None
     cr_constraint: str | None = None
     cr_dual_rate: float = 0.5
@@ -166,7 +168,8 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 8
     save_every: int = 500
-    keep_checkpoints: int = 2
+    # checkpoints kept while training; a finished run keeps its last one only, unless "all" (or 0)
+    keep_checkpoints: str | int = 2
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "dmc"
@@ -188,6 +191,8 @@ class TrainConfig:
             self.merge_delay = auto_merge_delay(self.seq_len, self.target_cr)
         if isinstance(self.data, str):
             self.data = [self.data]
+        if isinstance(self.keep_checkpoints, str) and self.keep_checkpoints.strip().lstrip("-").isdigit():
+            self.keep_checkpoints = int(self.keep_checkpoints)  # given on the command line or as YAML text
         self.stages = [s.strip() for s in (self.stages.split(",") if isinstance(self.stages, str) else self.stages)]
 
     def validate(self) -> None:
@@ -235,10 +240,13 @@ class TrainConfig:
 
     def _validate_ranges(self) -> None:
         for name in ("zero_out_steps", "steps_per_cr", "retrofit_steps", "finetune_steps", "warmup_steps",
-                     "keep_checkpoints", "nan_patience"):
+                     "nan_patience"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
+        keep = self.keep_checkpoints
+        if isinstance(keep, str) and keep.strip().lower() != "all" or isinstance(keep, int) and keep < 0:
+            raise ConfigError(f"keep_checkpoints must be >= 0 or \"all\", got {keep!r}")
         for name in ("eval_every", "save_every", "eval_batches", "max_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -319,6 +327,17 @@ class TrainConfig:
             return self.distill_weight
         return 1.0 if self.method == "dmc" else 0.0
 
+    @property
+    def keep_all_checkpoints(self) -> bool:
+        """Every checkpoint stays, also once the run is finished (``keep_checkpoints`` "all" or 0)."""
+        keep = self.keep_checkpoints
+        return keep == 0 or isinstance(keep, str) and keep.strip().lower() == "all"
+
+    @property
+    def checkpoints_kept(self) -> int:
+        """Checkpoints kept while training (0: all)."""
+        return 0 if self.keep_all_checkpoints else int(self.keep_checkpoints)
+
     def stage_steps(self) -> list[tuple[str, int]]:
         """The stages to run with their lengths."""
         lengths = {"zero-out": self.zero_out_steps, "retrofit": self.retrofit_total_steps,
@@ -347,7 +366,7 @@ class TrainConfig:
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"could not read the config file {path} ({_one_line(e)})") from None
+            raise ConfigError(f"could not read the config file {path} ({one_line(e)})") from None
         if path.suffix in (".yaml", ".yml"):
             import yaml
             try:
@@ -355,7 +374,7 @@ class TrainConfig:
             except yaml.YAMLError as e:
                 mark = getattr(e, "problem_mark", None)
                 where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-                raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or _one_line(e)}"
+                raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or one_line(e)}"
                                   ) from None
         else:
             try:
@@ -453,8 +472,3 @@ def _describe(hint) -> str:
         else:
             names.append(getattr(option, "__name__", str(option)))
     return " or ".join(names)
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -1,8 +1,9 @@
 """What a training step optimises: one object per method, so the trainer has a single loop.
 
-An objective owns every decision that differs between methods: which model it loads and saves, the
-mode and loss of a step, the noise it draws, what happens at the end of a stage, the numbers it adds
-to the step's metrics and the evaluation, and the end-of-run report. :class:`Retrofitter
+An objective owns what differs between methods in a step: its mode and loss, the noise it draws, what
+happens at the end of a stage, the numbers it adds to the step's metrics and the evaluation, the state
+it carries across steps (checkpointed) and the end-of-run report. Which model is loaded and written
+is :mod:`dmc.train.models`. :class:`Retrofitter
 <dmc.train.trainer.Retrofitter>` takes any object with this interface (``objective=``).
 
 - :class:`LMObjective` (``method="plain"``): next-token cross-entropy of a stock model (continued
@@ -19,17 +20,14 @@ trainer all-reduces, so the logged values are the same on one GPU and many.
 from __future__ import annotations
 
 import math
-import pathlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .. import core
-from ..config import DMCConfig, is_dmc
-from ..hf.convert import UnsupportedModelError, convert, set_logit_scale, zero_decision_channels
-from ..hf.modeling import FAMILIES
-from .config import ConfigError, TrainConfig
+from ..hf.convert import zero_decision_channels
+from .config import TrainConfig
 from .diagnostics import HeadDiagnostics, format_summary
 from .distributed import Runtime, all_reduce_sum
 
@@ -116,22 +114,6 @@ class LMObjective:
     def __init__(self, cfg: TrainConfig, teacher: Teacher | None = None) -> None:
         self.cfg, self.teacher = cfg, teacher
 
-    # the model it trains and writes
-    def load_model(self, path: pathlib.Path, model_type: str) -> torch.nn.Module:
-        """The model to train, loaded from ``path`` (a stock model of type ``model_type``)."""
-        if is_dmc(model_type):
-            raise ConfigError(f"{self.cfg.model} holds a DMC model; --method plain trains stock models (e.g. the "
-                              "output of `dmc gqa`): pass one, or use --method dmc")
-        # Stock attention: HF masks packed documents apart from the per-document position_ids.
-        return load_weights(path, {"flex": "flex_attention"}.get(self.cfg.attn_implementation))
-
-    def model_class(self, model: torch.nn.Module) -> type:
-        """The class of the model to save (``model`` may be wrapped, e.g. sharded by FSDP2)."""
-        return next(f for f in FAMILIES if f.model_type == model.config.model_type).causal_lm_class
-
-    def finalize(self, model: torch.nn.Module) -> None:
-        """Last changes to the unsharded model before it is saved."""
-
     # one step
     def mode(self, pos) -> StepMode:
         return StepMode(pos.name)
@@ -166,8 +148,7 @@ class LMObjective:
         return {}
 
     def step_values(self, mode: StepMode, sums: dict[str, torch.Tensor], seq_len: int) -> dict:
-        """The numbers a step adds to its metrics from the reduced :meth:`step_sums`; updates the
-        state carried across steps."""
+        """The numbers a step adds to its metrics from the reduced :meth:`step_sums`."""
         return {}
 
     def on_stage_end(self, model, stage: str) -> None:
@@ -186,6 +167,8 @@ class LMObjective:
 
     # state carried across steps (checkpointed)
     def after_step(self, mode: StepMode, achieved_cr: float | None) -> dict:
+        """The update of that state once per global step, from the step's achieved CR (None: no
+        decisions were taken); returns the numbers it adds to the step's metrics."""
         return {}
 
     def state_dict(self) -> dict:
@@ -238,36 +221,6 @@ class DMCObjective(LMObjective):
     def __init__(self, cfg: TrainConfig, teacher: Teacher | None = None) -> None:
         super().__init__(cfg, teacher)
         self.log_multiplier = 0.0  # dual ascent: CR-loss weight = cr_loss_weight · exp(this)
-
-    def load_model(self, path: pathlib.Path, model_type: str) -> torch.nn.Module:
-        """A DMC model: the one in ``path`` with this run's settings, or the stock one converted."""
-        cfg = self.cfg
-        model = load_weights(path)
-        settings = DMCConfig(window=cfg.window, init_offset=cfg.init_offset, temperature=cfg.temperature,
-                             target_cr=cfg.target_cr, attn_implementation=cfg.attn_implementation,
-                             merge_delay=cfg.merge_delay)
-        if is_dmc(model_type):
-            model.set_dmc_config(settings)
-            model.set_dmc_mode(**settings.runtime_settings())
-            set_logit_scale(model, cfg.logit_scale)  # same decisions, rows rescaled for the training lr
-            return model
-        # A fresh conversion: the rows of channel D-1 are zeroed (zero-out) before any decision counts.
-        try:
-            model = convert(model, replace(settings, logit_scale=cfg.logit_scale))
-        except UnsupportedModelError as e:
-            raise ConfigError(str(e)) from e
-        if "zero-out" not in cfg.stages:
-            import warnings
-            warnings.warn("the model is not a DMC model and the zero-out stage is skipped: zeroing the "
-                          "decision channels at once (run zero-out for a gentler start)", stacklevel=3)
-            zero_decision_channels(model)
-        return model
-
-    def model_class(self, model: torch.nn.Module) -> type:
-        return next(f for f in FAMILIES if isinstance(model, f.dmc_causal_lm_class)).dmc_causal_lm_class
-
-    def finalize(self, model: torch.nn.Module) -> None:
-        model.set_dmc_config(replace(model.dmc_config, target_cr=self.cfg.target_cr))
 
     def noise(self, seed: int, step: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
         return noise_generator(seed, step, rank, micro, device)
@@ -347,7 +300,6 @@ class DMCObjective(LMObjective):
         values["achieved_cr"] = achieved if achieved is not None else 1.0
         values["cr_weight"] = self.cr_weight
         values["noise_scale"] = mode.noise_scale
-        values.update(self.after_step(mode, achieved))
         values["channel_scale"] = mode.channel_scale
         return values
 
@@ -384,25 +336,3 @@ class DMCObjective(LMObjective):
 
 def make_objective(cfg: TrainConfig, teacher: Teacher | None = None) -> LMObjective:
     return DMCObjective(cfg, teacher) if cfg.method == "dmc" else LMObjective(cfg, teacher)
-
-
-def load_weights(path: pathlib.Path, attn: str | None = None) -> torch.nn.Module:
-    """The model of ``path`` in fp32; a truncated or corrupt weight file is a one-line ConfigError."""
-    import transformers
-    try:
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, **({"attn_implementation": attn} if attn else {}))
-    except (MemoryError, KeyboardInterrupt):
-        raise
-    except Exception as e:  # noqa: BLE001 - safetensors, torch.load, shape mismatches: same advice
-        raise ConfigError(f"cannot load the weights in {path} ({one_line(e)}); a weight file may be truncated "
-                          "or corrupt: copy the model directory again") from None
-
-
-def one_line(error: BaseException, limit: int = 200) -> str:
-    """The first line (first sentence, if long) of an exception's message."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    if len(text) > limit // 2 and ". " in text:
-        text = text[:text.index(". ") + 1]
-    return text if len(text) <= limit else text[:limit] + "..."

@@ -1,9 +1,12 @@
 """The retrofit trainer: zero-out → retrofit → fine-tune (spec §5), one GPU to many.
 
-The project's one training loop. What differs between methods lives in the objective
-(:mod:`dmc.train.objectives`): with ``method="plain"`` the same loop continues training a stock
-model on the LM loss alone (the GQA up-training baseline, spec §8): same plan, data, optimiser,
-checkpoints; nothing converted. Callbacks see every step's metrics (logging, time budgets).
+The project's one training loop, built from small parts: the run directory (:mod:`dmc.train.rundir`:
+lock, identity, what ``--out`` holds), the model loaded and written per method (:mod:`dmc.train.models`),
+the objective (:mod:`dmc.train.objectives`: a step's mode, loss, metrics and carried state), the data
+(:mod:`dmc.train.data`) and the checkpoints (:mod:`dmc.train.checkpoint`). With ``method="plain"`` the
+same loop continues training a stock model on the LM loss alone (the GQA up-training baseline, spec §8):
+same plan, data, optimiser, checkpoints; nothing converted. Callbacks see every step's metrics
+(logging, time budgets).
 
 A straight loop over global steps. Everything random or scheduled is a function of the step
 (CR(s), μ(s), lr, the data rows, the Gumbel noise seeded by (seed, step, rank, micro-step)), so
@@ -29,17 +32,17 @@ import torch
 from ..config import is_dmc
 from ..hf.convert import fold_logit_scale, supported_architectures
 from ..hf.modeling import FAMILIES, compile_decoder_layers
-from .checkpoint import (CheckpointException, Checkpointer, RunLock, RunLockedError, check_output_location,
-                         discard_run, interrupts_deferred, only_leftovers, unwrap_checkpoint_error)
+from ..errors import one_line
+from .checkpoint import CheckpointException, Checkpointer, interrupts_deferred, unwrap_checkpoint_error
 from .config import ConfigError, TrainConfig
 from .data import PackedData
 from .distributed import Runtime, all_reduce_sum, barrier, init_runtime, shard_model
 from .metrics import MetricsLogger
-from .objectives import LMObjective, Teacher, make_objective, noise_generator, one_line
+from .models import load_model, prepare_for_saving, saved_class
+from .objectives import LMObjective, Teacher, make_objective, noise_generator
+from .rundir import RunDirectory, check_output_location
 
 __all__ = ["Callback", "Retrofitter", "TrainingDiverged", "learning_rate", "locate", "noise_generator", "retrofit"]
-
-RUN_FILE = "run.json"
 
 
 class TrainingDiverged(RuntimeError):
@@ -104,14 +107,17 @@ class Retrofitter:
         self.run_dir = self.out / "run"
         self.plan = cfg.stage_steps()
         self.total_steps = sum(length for _, length in self.plan)
-        self._lock: RunLock | None = None
-        self._made_dirs: list[pathlib.Path] = []
-        self._discard_previous = False
+        self.directory = RunDirectory(self.out, self.rt, ConfigError)
+        self.finished = False  # set when --resume finds the run's model written: only the data is loaded then
+        self.checkpoints_note: str | None = None  # one line on the checkpoints a finished run kept
         try:
             self._check_output_dir()
+            if self.finished:
+                self._setup_finished()
+                return
             self._setup()
         except BaseException:
-            self._abandon_start()
+            self.directory.abandon()
             raise
 
     def _setup(self) -> None:
@@ -122,9 +128,7 @@ class Retrofitter:
         seq_len = min(cfg.seq_len, getattr(self.model.config, "max_position_embeddings", cfg.seq_len))
         cfg.check_merge_delay(seq_len, model_capped=seq_len < cfg.seq_len)
         self.seq_len = seq_len
-        self.data = PackedData.from_sources(cfg.data, self.tokenizer, seq_len, cfg.val_fraction, cfg.seed,
-                                            cfg.text_field, cfg.token_cache, progress=self.rt.is_main,
-                                            on_bad_file=cfg.on_bad_file)
+        self._load_data(progress=self.rt.is_main)
         if self.data.val_rows < self.rt.world and self.rt.is_main:
             print(f"note: the held-out split ({self.data.val_rows} rows of {seq_len} tokens) is too small to "
                   f"evaluate on {self.rt.world} process(es); raise --val-fraction to get validation loss")
@@ -137,120 +141,63 @@ class Retrofitter:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=self.rt.device.type == "cuda")
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.rt, cfg.keep_checkpoints)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.rt, cfg.checkpoints_kept)
         self.step = 0
         if cfg.resume:
             self._resume()
-        self._write_run_file()
+        self.directory.record(cfg.training_identity(), cfg.resume)
         self.metrics = MetricsLogger(self.run_dir, self.rt.is_main, cfg.tensorboard, cfg.wandb, cfg.wandb_project,
                                      cfg.to_dict(), self.step if cfg.resume else None)
+
+    def _setup_finished(self) -> None:
+        """A finished run asked to resume: no model, no optimizer, nothing written; the tokenizer and the
+        data (from the token cache) so that what a caller reads of a run (``data``, ``rows_per_step``) holds."""
+        import transformers
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(pathlib.Path(self.cfg.model).expanduser())
+        except Exception as e:  # noqa: BLE001 - any loading failure gets the same advice
+            raise ConfigError(f"could not load the tokenizer of {self.cfg.model} ({one_line(e)}); save it beside "
+                              "the model with tokenizer.save_pretrained(DIR)") from None
+        self._load_data(progress=False)
+
+    def _load_data(self, progress: bool) -> None:
+        cfg = self.cfg
+        self.data = PackedData.from_sources(cfg.data, self.tokenizer, self.seq_len, cfg.val_fraction, cfg.seed,
+                                            cfg.text_field, cfg.token_cache, progress=progress,
+                                            on_bad_file=cfg.on_bad_file)
 
     # ------------------------------------------------------------------------------ setup
     def _check_output_dir(self) -> None:
         """Refuse an --out that must not be written (or overwritten), take the run's lock, check
-        what the directory holds. Writes nothing but the lock: --overwrite removes the previous run
-        only once model and data have loaded (:meth:`_write_run_file`)."""
+        what the directory holds (:class:`~dmc.train.rundir.RunDirectory`). Writes nothing but the
+        lock: --overwrite removes the previous run only once model and data have loaded."""
         cfg = self.cfg
-        run_file = self.run_dir / RUN_FILE
-        identity = cfg.training_identity()
         model_dir = pathlib.Path(cfg.model).expanduser()
         if not (model_dir / "config.json").is_file():
             raise ConfigError(f"{cfg.model} is not a Hugging Face model directory (no config.json); pass the "
                               "directory that save_pretrained wrote")
         check_output_location(cfg.out, cfg.model, cfg.data, ConfigError)
-        self._take_lock()
-        ours = run_file.exists()
-        if not ours:
-            if cfg.resume:
-                raise ConfigError(f"nothing to resume in {self.out}: no run was started there")
-            if not only_leftovers(self.out):
-                what = ("holds a model that no dmc run wrote (no run/run.json)" if (self.out / "config.json").exists()
-                        else "exists and is not a dmc run directory")
-                hint = " (--overwrite only replaces a dmc run)" if cfg.overwrite else ""
-                raise ConfigError(f"{self.out} {what}; choose an empty or new --out{hint}")
-            return
+        state = self.directory.open(cfg.training_identity(), cfg.resume, cfg.overwrite)
+        if state == RunDirectory.FINISHED:
+            self.finished = True
+            self.step = self.total_steps
+            self.seq_len = self._capped_seq_len(model_dir)
+
+    def _capped_seq_len(self, model_dir: pathlib.Path) -> int:
+        """The training row length: ``seq_len`` capped at the model's max positions."""
         try:
-            previous = json.loads(run_file.read_text())
-        except (OSError, ValueError) as e:
-            if cfg.overwrite:
-                self._discard_previous = True
-                return
-            raise ConfigError(f"{run_file} cannot be read ({e}); pass --overwrite to discard the run in "
-                              f"{self.out}") from None
-        if cfg.overwrite:
-            self._discard_previous = True
-            return
-        previous.setdefault("method", "dmc")  # runs started before TrainConfig.method existed
-        normalized = json.loads(json.dumps(identity))
-        changed = sorted(k for k in normalized if k not in previous or previous[k] != normalized[k])
-        if changed:  # (settings run.json has that are no longer part of a run's identity do not count)
-            raise ConfigError(f"{self.out} holds a different run (settings differ: {', '.join(changed)}); "
-                              "choose another --out or pass --overwrite to discard it")
-        if (self.out / "config.json").exists() and not cfg.resume:
-            raise ConfigError(f"{self.out} already holds the finished model of this run; choose another --out, "
-                              "or pass --overwrite to train it again")
-        if not cfg.resume:
-            raise ConfigError(f"{self.out} holds an unfinished run with these settings; pass --resume to "
-                              "continue it or --overwrite to start again")
-
-    def _take_lock(self) -> None:
-        """Rank 0 creates OUT/run (noting what it created) and locks OUT/run/lock; every rank learns
-        the outcome."""
-        error = None
-        if self.rt.is_main:
-            try:
-                missing = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                self._made_dirs = missing  # deepest first
-                probe = self.out / f".dmc-write-test-{os.getpid()}"
-                probe.touch()
-                probe.unlink()
-                self._lock = RunLock(self.run_dir, self.out).acquire()
-            except RunLockedError as e:
-                error = str(e)
-            except OSError as e:
-                error = (f"cannot write into --out {self.out} ({e.strerror or e}); choose a directory you can "
-                         "write to")
-        if self.rt.distributed:
-            import torch.distributed as dist
-            shared = [error]
-            dist.broadcast_object_list(shared, src=0)
-            error = shared[0]
-        if error:
-            raise ConfigError(error)
-
-    def _write_run_file(self) -> None:
-        """The start succeeded: remove the previous run (--overwrite) and record this one."""
-        if self.rt.is_main and not self.cfg.resume:
-            if self._discard_previous:
-                discard_run(self.out)
-            (self.run_dir / RUN_FILE).write_text(json.dumps(self.cfg.training_identity(), indent=1))
-        barrier(self.rt)
-
-    def _abandon_start(self) -> None:
-        """A start failed: release the lock and remove what this start created, so that the
-        corrected command is not refused (an existing run is left as it was)."""
-        fresh = not (self.run_dir / RUN_FILE).exists()
-        if self._lock is not None:
-            self._lock.release(remove=fresh)
-            self._lock = None
-        if fresh and self.rt.is_main:
-            for d in [self.run_dir, *self._made_dirs]:
-                with contextlib.suppress(OSError):
-                    d.rmdir()  # only when empty
+            config = json.loads((model_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            return self.cfg.seq_len
+        return min(self.cfg.seq_len, config.get("max_position_embeddings") or self.cfg.seq_len)
 
     def _release(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        self.directory.release()
 
     def _load_model(self):
         import transformers
         cfg = self.cfg
-        path = pathlib.Path(cfg.model).expanduser()
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{cfg.model} is not a Hugging Face model directory (no config.json); pass the "
-                              "directory that save_pretrained wrote")
+        path = pathlib.Path(cfg.model).expanduser()  # holds a config.json (checked with the output directory)
         try:
             base_config = transformers.AutoConfig.from_pretrained(path)
         except Exception as e:  # noqa: BLE001 - broken JSON, unknown model type, ...
@@ -265,7 +212,7 @@ class Retrofitter:
         except Exception as e:  # noqa: BLE001 - any loading failure gets the same advice
             raise ConfigError(f"could not load the tokenizer of {cfg.model} ({e}); save it beside the model "
                               "with tokenizer.save_pretrained(DIR)") from e
-        return tokenizer, self.objective.load_model(path, base_config.model_type)
+        return tokenizer, load_model(cfg, path, base_config.model_type)
 
     def _prepare_model(self) -> None:
         model = self.model.to(self.rt.device)
@@ -398,6 +345,9 @@ class Retrofitter:
         micro_steps = cfg.grad_accum * self.rt.world
         values = {"stage": pos.name, **{k: float(v / micro_steps) for k, v in sorted(losses.items())}}
         values.update(self.objective.step_values(mode, sums, self.seq_len))
+        # The state carried across steps (the dual-ascent CR multiplier) moves once per global step, from
+        # the CR all ranks achieved together.
+        values.update(self.objective.after_step(mode, values.get("achieved_cr")))
         values.update({
             "lr": lr,
             "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
@@ -463,6 +413,9 @@ class Retrofitter:
         A step whose loss (or gradient norm) is not finite is never checkpointed; more than
         ``nan_patience`` of them in a row stop the run with :class:`TrainingDiverged`, without a model
         (the last good checkpoint stays). The run directory's lock is released on return."""
+        if self.finished:  # --resume of a run whose model is written: nothing to train or write
+            self._release()
+            return self.out
         try:
             return self._run()
         finally:
@@ -546,7 +499,22 @@ class Retrofitter:
         if not self._weights_finite():
             self._diverged([(self.step, ["weights"])])
         with interrupts_deferred("writing the model"):
-            return self.save_final()
+            out = self.save_final()
+        self._drop_old_checkpoints()
+        return out
+
+    def _drop_old_checkpoints(self) -> None:
+        """A finished run keeps its last checkpoint only (the model is written; the checkpoint holds
+        the optimizer state to train on from), unless ``keep_checkpoints`` is "all". What was kept
+        and removed is in :attr:`checkpoints_note` (the CLI prints it)."""
+        if self.cfg.keep_all_checkpoints:
+            return
+        removed = self.checkpointer.keep_only_latest()
+        latest = self.checkpointer.latest()
+        if latest is not None:
+            self.checkpoints_note = (f"checkpoints: kept the last one, {latest.relative_to(self.out)}"
+                                     + (f", removed {len(removed)} older" if removed else "")
+                                     + " (--keep-checkpoints all keeps every one)")
 
     def _diverged(self, bad_steps: list[tuple[int, list[str]]]) -> None:
         first, terms = bad_steps[0]
@@ -570,7 +538,7 @@ class Retrofitter:
             final = self._unsharded_copy(state)
             fold_logit_scale(final)  # the saved model reads a = k[D-1] - c, as the paper's and the engine's
             self._write_summary()
-            self.objective.finalize(final)
+            prepare_for_saving(final, self.cfg)
             tmp = self.out / ".model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             final.save_pretrained(tmp)
@@ -583,7 +551,7 @@ class Retrofitter:
         return self.out
 
     def _unsharded_copy(self, state: dict) -> torch.nn.Module:
-        model = self.objective.model_class(self.model)(self.model.config)
+        model = saved_class(self.model)(self.model.config)
         model.load_state_dict(state, strict=True)
         model.generation_config = self.model.generation_config
         return model.eval()

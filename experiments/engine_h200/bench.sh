@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# The engine benchmarks of issue #15 on one H200, within a time budget (a device call is limited to 10 min):
+# The engine benchmarks on one H200, within a time budget (a device call is limited to 10 min):
 #   bash experiments/engine_h200/bench.sh RESULTS_DIR SECONDS [STEP ...]
 # Each step is a row group of benchmarks/throughput.py written into RESULTS_DIR (its results/throughput.json
 # and benchmarks.md, --resume: rows already there are kept and not re-run), or the decode profile. A step
 # starts only if the time left covers its estimate, so the script can be called again (e.g. by the real-model
-# round once the GPU is idle) to finish what did not fit. Steps: prefill cr1 cr4 cr8 cr4-fp8 cr1-fp8 profile sweep
+# study once the GPU is idle) to finish what did not fit. Steps: prefill cr1 cr4 cr8 cr4-fp8 cr1-fp8 profile sweep
 # sweep-modes sweep-defer profile-prefill gpu-tests
 # (sweep: benchmarks/attention_sweep.py, the paged attention's tile at the fp8 batch; sweep-modes: its inner
 # products, tensor-core dots vs CUDA-core sums, at the CR 4 bf16 and fp8 batches; sweep-defer: the tile of the
 # deferred sums at the fp8 batch; profile-prefill:
 # benchmarks/profile_prefill.py at PREFILL_CRS, default "4 1"; gpu-tests: the kernel and engine test files on the GPU)
-# (default: all, in that order; the profile is named PROFILE_LABEL, default "before": before any change of
-# issue #15's per-row overhead; PROFILE_CONFIGS: its CR:batch[:fp8] configs). Logs go to RESULTS_DIR/logs.
+# (default: all, in that order; the profile is named PROFILE_LABEL, default "before"; PROFILE_CONFIGS: its
+# CR:batch[:fp8] configs). Logs go to RESULTS_DIR/logs.
 set -u
 OUT=$1; BUDGET=$2; shift 2
 STEPS=("$@"); [ ${#STEPS[@]} -eq 0 ] && STEPS=(prefill cr1 cr4 cr8 cr4-fp8 cr1-fp8 profile sweep)

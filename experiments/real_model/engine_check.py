@@ -1,4 +1,4 @@
-"""A retrofitted real model through the engine (issue #12 item 6), on a GPU:
+"""A retrofitted real model through the engine, on a GPU:
 
 1. fp32: the engine's greedy tokens equal Hugging Face ``generate()`` with the DMC cache;
 2. bf16: the same comparison, reporting where each prompt first diverges (rounding differs between
