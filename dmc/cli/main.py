@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 SUBCOMMANDS = ("retrofit", "import_megatron", "import_gguf", "gqa", "eval", "generate", "bench", "study", "serve")
 
@@ -39,7 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one "warning: ..." line, without the source line Python prints under it (the
+    command's user did not write that code); another library's warnings keep their category."""
+    origin = "" if category.__module__.startswith("dmc") or category is UserWarning else f" ({category.__name__})"
+    return f"warning: {message}{origin}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)

@@ -67,7 +67,7 @@ class Study:
         self.root = pathlib.Path(s.out)
         self.runs_dir = self.root / "runs"
         self.model = original_info(s.model)
-        self.heldout_files = check_heldout_apart(s.data, s.heldout)
+        self.heldout_files = check_heldout_apart(s.data, s.heldout, s.train.get("text_field", "text"))
         train_len = s.train_config("dmc", None, "x").seq_len
         self.seq_len = s.eval_seq_len or min(train_len, self.model["max_positions"] or train_len)
         self._evaluator: Evaluator | None = None
