@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", required=True, help="held-out text: files, directories, globs, .jsonl")
     parser.add_argument("--text-field", default="text", help="field of the text in .jsonl/.parquet files")
     parser.add_argument("--seq-len", type=int, default=None,
-                        help="tokens per evaluation window, >= 2, at most the model's positions (default: 1024, or "
-                             "the model's positions if fewer)")
+                        help="tokens per evaluation window, >= 2 (default: 1024), at most the model's positions "
+                             "(the default drops to them)")
     parser.add_argument("--max-windows", type=int, default=64, help="at most this many windows of seq-len tokens")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     parser.add_argument("--recall-pairs", type=int, default=20, help="key-value pairs per recall prompt (0: skip)")
