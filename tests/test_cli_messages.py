@@ -210,3 +210,118 @@ sys.exit(main(["eval", {short_dir!r}, "--data", {data_dir!r}]))
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == ["warning: something to know", "warning: deprecated thing (DeprecationWarning)"]
+
+
+# ------------------------------------------------------------------------------ generate: the room in the context
+def test_generate_refuses_max_tokens_beyond_the_context(short_dir, capsys, no_model_load):
+    code, out, err = run(["generate", short_dir, "--prompt", "def f", "--max-tokens", "100000", "--device", "cpu"],
+                         capsys)
+    assert code == 2 and out == ""
+    line = one_line(err, "dmc generate:")
+    prompt = len(transformers.AutoTokenizer.from_pretrained(short_dir)("def f")["input_ids"])
+    assert line == (f"dmc generate: --max-tokens 100000 does not fit: the prompt has {prompt} tokens of the model's "
+                    f"context 64, leaving room for {64 - prompt} new tokens; give --max-tokens {64 - prompt} or less")
+
+
+def test_generate_refuses_max_tokens_beyond_max_model_len_naming_both(short_dir, capsys, no_model_load):
+    code, _, err = run(["generate", short_dir, "--prompt", "def f", "--prompt", "class A:\n    value = 3",
+                        "--max-tokens", "40", "--device", "cpu", "--max-model-len", "32"], capsys)
+    assert code == 2
+    line = one_line(err, "dmc generate:")
+    assert line.startswith("dmc generate: --max-tokens 40 does not fit: prompt 1 (the longest) has ")
+    assert line.endswith(" or less, or raise --max-model-len") and "of --max-model-len 32, leaving room" in line
+
+
+def test_generate_max_tokens_that_fit_run_to_the_end(short_dir, capsys):
+    code, out, err = run(["generate", short_dir, "--prompt", "def f", "--max-tokens", "8", "--ignore-eos", "--json",
+                          "--device", "cpu"], capsys)
+    assert code == 0, err
+    row = json.loads(out)
+    assert row["finish_reason"] == "length" and len(row["token_ids"]) == 8
+
+
+# ------------------------------------------------------------------------------ messages that point the right way
+@pytest.mark.parametrize("command", ["generate", "bench", "eval"])
+def test_a_model_directory_without_weights_says_so(command, short_dir, data_dir, tmp_path, capsys, no_model_load):
+    model = tmp_path / "m"
+    model.mkdir()
+    for f in pathlib.Path(short_dir).iterdir():
+        if not f.name.endswith(".safetensors"):
+            (model / f.name).write_bytes(f.read_bytes())
+    args = {"generate": ["--prompt", "def", "--device", "cpu"], "bench": ["--device", "cpu"],
+            "eval": ["--data", data_dir, "--device", "cpu"]}[command]
+    code, _, err = run([command, str(model), *args], capsys)
+    assert code == 2
+    prefix = "error:" if command == "eval" else f"dmc {command}:"
+    assert one_line(err, prefix) == (f"{prefix} {model} holds a config.json but no weight file (model.safetensors, "
+                                     "pytorch_model.bin, or sharded with an .index.json): the model was not saved or "
+                                     "copied completely; save or copy it again")
+
+
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_eviction_on_a_dmc_model_names_vanilla(command, dmc_dir, capsys, no_model_load):
+    args = ["--prompt", "def"] if command == "generate" else []
+    code, _, err = run([command, dmc_dir, *args, "--eviction", "tova", "--eviction-budget", "8", *ENGINE], capsys)
+    assert code == 2
+    assert one_line(err, f"dmc {command}:") == (
+        f"dmc {command}: --eviction tova runs the model uncompressed, and {dmc_dir} is a DMC model: add --vanilla "
+        "(every token appends; the eviction policy then keeps the budget)")
+
+
+def test_eviction_on_a_dmc_model_with_vanilla_runs(dmc_dir, capsys):
+    code, out, err = run(["generate", dmc_dir, "--prompt", "def", "--max-tokens", "12", "--ignore-eos", "--json",
+                          "--vanilla", "--eviction", "tova", "--eviction-budget", "4", *ENGINE], capsys)
+    assert code == 0, err
+    assert json.loads(out)["finish_reason"] == "length"
+
+
+# ------------------------------------------------------------------------------ bench on CPU
+def test_bench_on_cpu_reports_the_peak_rss(short_dir, capsys):
+    code, out, err = run(["bench", short_dir, "--prompt-len", "8", "--gen-len", "4", "--measure-steps", "2",
+                          *ENGINE], capsys)
+    assert code == 0, err
+    line = out.strip().splitlines()[-1]
+    peak = float(line.split("peak memory ")[1].split(" GiB")[0])
+    assert peak > 0.05 and " GiB (process RSS), KV pool " in line
+    code, out, _ = run(["bench", short_dir, "--prompt-len", "8", "--gen-len", "4", "--measure-steps", "2", "--json",
+                        *ENGINE], capsys)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["peak_memory_gib"] > 0.05
+
+
+# ------------------------------------------------------------------------------ help texts and figures
+def test_retrofit_help_shows_no_none_default_for_required_or_recipe_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["retrofit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "training data: files, directories or globs of text, .jsonl or .parquet (required)" in text
+    assert "never the model's or the data's directory (required)" in text
+    assert "zero-out retrofit finetune hard (default: zero-out retrofit finetune hard; --preset paper: zero-out " \
+           "retrofit finetune)" in text
+    assert "while the CR lags) (default: dual; --preset paper: hinge)" in text
+    assert "('none': no ceiling) (default: none)" in text  # 'none' is a value there, and the help says what it means
+    assert "(default: none)" not in text.split("--max-steps MAX_STEPS")[1].split("--nan-patience")[0]
+
+
+def test_heatmap_ticks_are_whole_heads_and_layers(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from dmc.eval import compression_heatmap
+    from dmc.stats import CompressionStats
+    ticks = {}
+    close = plt.close
+
+    def keep_ticks(fig):
+        ax = fig.axes[0]
+        ticks["x"], ticks["y"] = list(ax.get_xticks()), list(ax.get_yticks())
+        ticks["xlim"], ticks["ylim"] = ax.get_xlim(), ax.get_ylim()
+        close(fig)
+    monkeypatch.setattr(plt, "close", keep_ticks)
+    stats = CompressionStats(tokens=torch.full((3, 1, 2), 12), slots=torch.tensor([[[3, 4]], [[6, 12]], [[2, 3]]]))
+    compression_heatmap(stats, tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 0
+    shown = lambda values, lim: [v for v in values if min(lim) <= v <= max(lim)]  # noqa: E731
+    assert shown(ticks["x"], ticks["xlim"]) == [0, 1]
+    assert shown(ticks["y"], ticks["ylim"]) == [0, 1, 2]

@@ -147,17 +147,19 @@ def _check_room(lengths: list[int], args, context: int | None) -> None:
 
 
 def _size_to_prompts(lengths: list[int], args, kwargs: dict) -> None:
-    """On CPU, engine sizes not given on the command line are the prompts' own: as many sequences as
-    prompts (not 256) and as many positions as the longest prompt and its new tokens take (not the
-    model's whole context), so that the page pool holds what these requests use and no more."""
+    """On CPU, when no engine size is given (--max-num-seqs, --max-model-len, --kv-cache-memory-gib),
+    the sizes are the prompts' own: as many sequences as prompts (not 256) and as many positions as
+    the longest prompt and its new tokens take (not the model's whole context), so that the page pool
+    holds what these requests use and no more. One size given: the others are the engine's defaults."""
     from ..engine.llm import resolve_device
 
-    if resolve_device(args.device).type != "cpu" or kwargs.get("kv_cache_memory") is not None:
+    given = (not isinstance(args.max_num_seqs, _Default) or args.max_model_len is not None
+             or args.kv_cache_memory_gib is not None)
+    if given or resolve_device(args.device).type != "cpu":
         return
-    if isinstance(args.max_num_seqs, _Default):
-        kwargs["max_num_seqs"] = min(int(args.max_num_seqs), len(lengths))
+    kwargs["max_num_seqs"] = min(int(args.max_num_seqs), len(lengths))
     context = max_positions(args.model)
-    if args.max_model_len is None and context is not None:
+    if context is not None:
         needed = max(lengths) + args.max_tokens
         if args.eviction_budget is not None:
             needed = max(needed, args.eviction_budget + 1)  # a budget below the length, or nothing is evicted
