@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument("--prompt-file", help="one prompt per line, or .jsonl with a 'prompt' field; - = stdin")
     parser.add_argument("--max-tokens", type=int, default=_Default(128),
-                        help="most new tokens per prompt; a prompt's context holds at most max-model-len tokens "
-                             "in all (one given beyond that is refused)")
+                        help="most new tokens per prompt (default: 128); the default stops at the context, a "
+                             "number given that it has no room for is refused")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set reaching p")
