@@ -157,7 +157,8 @@ def test_retrofit_on_bad_file_error_names_the_flag(short_dir, binary_dir, data_d
     assert code == 2
     line = one_line(err, "error:")
     assert line.endswith("bad.txt is not UTF-8 text: a NUL byte at offset 4 (a binary file?); remove it from the "
-                         "data, or pass --on-bad-file skip (on_bad_file: skip in a config file) to leave such files out")
+                         "data, or pass --on-bad-file skip (on_bad_file: skip in a config file) to leave such "
+                         "files out")
 
 
 # ------------------------------------------------------------------------------ serve: a taken port
