@@ -35,7 +35,14 @@ if TYPE_CHECKING:
     from .stats import CompressionStats
 
 
+# subpackages reachable as attributes (``dmc.hf.convert``), imported when first named
+_SUBMODULES = {"baselines", "cli", "config", "core", "demo", "engine", "eval", "hf", "interop", "kernels", "serve",
+               "stats", "study", "tiny", "train"}
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name not in _EXPORTS:
         raise AttributeError(f"module 'dmc' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

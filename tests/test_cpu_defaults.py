@@ -80,3 +80,28 @@ def test_the_documented_install_brings_gguf_and_the_lm_eval_api_client():
         importlib.metadata.version(name)
     from lm_eval.api.registry import get_model
     assert get_model("local-completions").__name__ == "LocalCompletionsAPI"
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+
+
+def test_import_dmc_loads_neither_torch_nor_transformers():
+    done = _python("import sys, dmc; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules)); "
+                   "import dmc.cli.main; dmc.cli.main.build_parser(); print('torch' in sys.modules)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "False"]  # nor does building the CLI's parser (dmc --help)
+
+
+@pytest.mark.parametrize("before", ["", "import transformers", "from transformers import LlamaForCausalLM",
+                                    "import transformers.models.auto.configuration_auto"])
+def test_import_dmc_still_registers_the_dmc_types(before, tmp_path):
+    """Whatever of transformers was imported before ``import dmc``, the Auto classes load DMC directories."""
+    from conftest import dmc_model
+    dmc_model("qwen3").save_pretrained(tmp_path / "m")
+    done = _python(f"{before}\nimport dmc\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
+                   f"print(type(AutoConfig.from_pretrained({str(tmp_path / 'm')!r})).__name__, "
+                   f"type(AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})).__name__, dmc.is_dmc('dmc_x'))")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["DMCQwen3Config", "DMCQwen3ForCausalLM", "True"]

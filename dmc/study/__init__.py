@@ -14,26 +14,16 @@ from __future__ import annotations
 
 import pathlib
 
+from .report import load_study, report_summary, write_report
+from .runner import Study, log
 from .settings import METHODS, Run, StudyError, StudySettings, load_recipe, parse_assignments, plan_runs, \
     select_runs
-
-# The runner and the report import torch: loaded when first used (`dmc study --help` needs neither).
-_LAZY = {"Study": "runner", "log": "runner", "load_study": "report", "report_summary": "report",
-         "write_report": "report"}
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'dmc.study' has no attribute {name!r}")
-    import importlib
-    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
 
 
 def run_study(s: StudySettings, only: list[str] | None = None, command: str = "dmc.study.run_study(...)") -> dict:
     """Run (or continue) the runs of ``s`` (those named by ``only``: ``METHOD`` or ``METHOD@CR``),
     then merge every result file of ``s.out`` into results.json/results.md; returns results.json's
     content. Raises StudyError for bad input."""
-    from .runner import Study, log
     s.validate()
     study = Study(s)
     runs = select_runs(plan_runs(s), only)
@@ -48,8 +38,6 @@ def run_study(s: StudySettings, only: list[str] | None = None, command: str = "d
 
 def report(out: str | pathlib.Path) -> dict:
     """Merge whatever result files ``out`` holds into results.json, results.md and the plots."""
-    from .report import report_summary, write_report
-    from .runner import log
     root = pathlib.Path(out)
     result = write_report(root)
     log(f"report: {report_summary(result)} → {root / 'results.json'}, {root / 'results.md'}")
