@@ -110,6 +110,7 @@ def _config_class():
 
 
 _REQUIRED = ("data", "out")  # TrainConfig refuses to run without them (from a flag or --config)
+_UNSET = {"max_steps": "no limit"}  # what an unset (None) setting means, where its help does not say
 
 
 def _show(value) -> str:
@@ -127,10 +128,10 @@ def _default(field: dataclasses.Field) -> str:
     from ..train.config import PRESETS, RECIPE_DEFAULTS
 
     if field.name in _REQUIRED:
-        return "required"
+        return "required: no default"
     value = field.default_factory() if field.default is dataclasses.MISSING else field.default
     if value is None:
-        value = RECIPE_DEFAULTS.get(field.name)
+        value = RECIPE_DEFAULTS.get(field.name, _UNSET.get(field.name))
     paper = PRESETS["paper"].get(field.name)
     if value is None or value == "":
         shown = "default: none" if "'none'" in _HELP.get(field.name, "") else ""
