@@ -49,7 +49,8 @@ def _check_port(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ValueError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+        raise ValueError(f"--host {host} does not resolve ({exc.strerror}); give an address of this machine, e.g. "
+                         "127.0.0.1 or 0.0.0.0") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
