@@ -242,7 +242,7 @@ def test_generate_max_tokens_that_fit_run_to_the_end(short_dir, capsys):
 
 
 # ------------------------------------------------------------------------------ messages that point the right way
-@pytest.mark.parametrize("command", ["generate", "bench", "eval"])
+@pytest.mark.parametrize("command", ["generate", "bench", "eval", "gqa"])
 def test_a_model_directory_without_weights_says_so(command, short_dir, data_dir, tmp_path, capsys, no_model_load):
     model = tmp_path / "m"
     model.mkdir()
@@ -250,10 +250,11 @@ def test_a_model_directory_without_weights_says_so(command, short_dir, data_dir,
         if not f.name.endswith(".safetensors"):
             (model / f.name).write_bytes(f.read_bytes())
     args = {"generate": ["--prompt", "def", "--device", "cpu"], "bench": ["--device", "cpu"],
-            "eval": ["--data", data_dir, "--device", "cpu"]}[command]
+            "eval": ["--data", data_dir, "--device", "cpu"],
+            "gqa": ["--ratio", "2", "--out", str(tmp_path / "o")]}[command]
     code, _, err = run([command, str(model), *args], capsys)
     assert code == 2
-    prefix = "error:" if command == "eval" else f"dmc {command}:"
+    prefix = "error:" if command in ("eval", "gqa") else f"dmc {command}:"
     assert one_line(err, prefix) == (f"{prefix} {model} holds a config.json but no weight file (model.safetensors, "
                                      "pytorch_model.bin, or sharded with an .index.json): the model was not saved or "
                                      "copied completely; save or copy it again")

@@ -100,8 +100,9 @@ def test_import_dmc_still_registers_the_dmc_types(before, tmp_path):
     """Whatever of transformers was imported before ``import dmc``, the Auto classes load DMC directories."""
     from conftest import dmc_model
     dmc_model("qwen3").save_pretrained(tmp_path / "m")
+    model = str(tmp_path / "m")
     done = _python(f"{before}\nimport dmc\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
-                   f"print(type(AutoConfig.from_pretrained({str(tmp_path / 'm')!r})).__name__, "
-                   f"type(AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})).__name__, dmc.is_dmc('dmc_x'))")
+                   f"print(type(AutoConfig.from_pretrained({model!r})).__name__, "
+                   f"type(AutoModelForCausalLM.from_pretrained({model!r})).__name__, dmc.is_dmc('dmc_x'))")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["DMCQwen3Config", "DMCQwen3ForCausalLM", "True"]
