@@ -117,7 +117,6 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     import dmc  # noqa: F401 - registers the DMC model types
-    from ..eval.perplexity import token_windows
     from ..train.config import ConfigError
     from ..train.data import discover_files, read_text_files, skipped_line
     from ._checks import check_weights, max_positions
@@ -153,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {describe_load_error(args.model, e)}", file=sys.stderr)
         return 2
     try:
-        args.seq_len = _window(args.seq_len, max_positions(args.model), tokenizer, texts, token_windows)
+        args.seq_len = _window(args.seq_len, max_positions(args.model), tokenizer, texts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -218,10 +217,12 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def _window(seq_len: int | None, positions: int | None, tokenizer, texts: list[str], token_windows) -> int:
+def _window(seq_len: int | None, positions: int | None, tokenizer, texts: list[str]) -> int:
     """The evaluation window: --seq-len, or by default 1024 (the model's positions if fewer, with a
     note). ValueError when no text holds a window, or when --seq-len is longer than the model's
     positions (its scores would come from positions it never trained on)."""
+    from ..eval.perplexity import token_windows
+
     if seq_len is None:
         seq_len = 1024
         if positions is not None and positions < seq_len:
