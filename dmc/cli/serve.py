@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import signal
@@ -42,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_port(host: str, port: int) -> None:
     """ValueError naming --port when ``host:port`` cannot be listened on (taken, or not ours to take),
     found by binding it for a moment before the model loads."""
+    import errno
     import socket
 
     if not 0 <= port <= 65535:
