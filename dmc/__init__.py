@@ -1,15 +1,57 @@
 """dmc: Dynamic Memory Compression (Nawrot et al., ICML 2024) for Hugging Face models.
 
-``import dmc`` registers the DMC model types with transformers' Auto classes.
+``import dmc`` registers the DMC model types with transformers' Auto classes: after it,
+``AutoModelForCausalLM.from_pretrained`` loads a DMC model directory. The names below are imported
+when first used (``import dmc`` itself imports neither torch nor transformers; see ``dmc._autoregister``).
 """
 
-from .config import DMCConfig, is_dmc
-from .hf import (DMCCache, DMCCausalLMOutput, UnsupportedModelError, convert, supported_architectures,
-                 zero_decision_channels)
-from .engine import LLM, RequestOutput, SamplingParams
-from .stats import CompressionStats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from . import _autoregister
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "CompressionStats", "DMCCache", "DMCCausalLMOutput", "DMCConfig", "UnsupportedModelError",
-           "convert", "is_dmc", "supported_architectures", "zero_decision_channels", "__version__"]
+# name -> the module that defines it
+_EXPORTS = {
+    "LLM": "engine", "RequestOutput": "engine", "SamplingParams": "engine",
+    "CompressionStats": "stats",
+    "DMCCache": "hf", "DMCCausalLMOutput": "hf", "UnsupportedModelError": "hf", "convert": "hf",
+    "supported_architectures": "hf", "zero_decision_channels": "hf",
+    "DMCConfig": "config", "is_dmc": "config",
+}
+
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "CompressionStats", "DMCCache", "DMCCausalLMOutput", "DMCConfig",
+           "UnsupportedModelError", "convert", "is_dmc", "supported_architectures", "zero_decision_channels",
+           "__version__"]
+
+if TYPE_CHECKING:
+    from .config import DMCConfig, is_dmc
+    from .engine import LLM, RequestOutput, SamplingParams
+    from .hf import (DMCCache, DMCCausalLMOutput, UnsupportedModelError, convert, supported_architectures,
+                     zero_decision_channels)
+    from .stats import CompressionStats
+
+
+# subpackages reachable as attributes (``dmc.hf.convert``), imported when first named
+_SUBMODULES = {"baselines", "cli", "config", "core", "demo", "engine", "eval", "hf", "interop", "kernels", "serve",
+               "stats", "study", "tiny", "train"}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dmc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+_autoregister.install()

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ._checks import check_eviction, check_weights
 from ._engine_args import (add_engine_arguments, add_forced_cr_argument, check_forced_cr, describe_load_error,
                            engine_kwargs, load_errors)
 
@@ -31,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         kwargs = engine_kwargs(args)
+        check_weights(args.model)
+        check_eviction(args.model, args.eviction, args.vanilla, args.forced_cr)
         if args.prompt_len < 1 or args.gen_len < 2:
             raise ValueError("--prompt-len must be >= 1 and --gen-len >= 2")
         if args.measure_steps < 1:
@@ -60,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{_device_name(llm)}: {result.tokens_per_s:,.0f} output tok/s at batch {result.batch} "
               f"(step {result.step_ms:.2f} ms), realized CR {result.realized_cr:.2f}, prefill "
-              f"{result.prefill_tokens_per_s:,.0f} tok/s, peak memory {result.peak_memory_gib:.1f} GiB, "
+              f"{result.prefill_tokens_per_s:,.0f} tok/s, peak memory {result.peak_memory_gib:.1f} GiB"
+              f"{' (process RSS)' if llm.device.type == 'cpu' else ''}, "
               f"KV pool {result.kv_pool_gib:.1f} GiB, preemptions {result.preemptions}")
     return 0
 

@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="local Hugging Face model directory")
     parser.add_argument("--data", nargs="+", required=True, help="held-out text: files, directories, globs, .jsonl")
     parser.add_argument("--text-field", default="text", help="field of the text in .jsonl/.parquet files")
-    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per evaluation window, >= 2")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per evaluation window, >= 2 (default: 1024), at most the model's positions "
+                             "(the default drops to them)")
     parser.add_argument("--max-windows", type=int, default=64, help="at most this many windows of seq-len tokens")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     parser.add_argument("--recall-pairs", type=int, default=20, help="key-value pairs per recall prompt (0: skip)")
@@ -46,7 +48,8 @@ class _StageFailed(Exception):
 
 def check_arguments(args: argparse.Namespace) -> None:
     """ValueError naming the flag for a value that cannot work (before anything is loaded)."""
-    for flag, value, least in (("--seq-len", args.seq_len, 2), ("--max-windows", args.max_windows, 1),
+    for flag, value, least in (("--seq-len", 1024 if args.seq_len is None else args.seq_len, 2),
+                               ("--max-windows", args.max_windows, 1),
                                ("--batch-size", args.batch_size, 1), ("--recall-pairs", args.recall_pairs, 0)):
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
@@ -115,14 +118,16 @@ def run(args: argparse.Namespace) -> int:
 
     import dmc  # noqa: F401 - registers the DMC model types
     from ..train.config import ConfigError
-    from ..train.data import discover_files, read_documents
+    from ..train.data import discover_files, read_text_files, skipped_line
+    from ._checks import check_weights, max_positions
     from ._engine_args import check_device, check_model_dir, describe_load_error, load_errors
 
     try:
         check_arguments(args)
         check_model_dir(args.model)
+        check_weights(args.model)
         check_device(args.device)
-        files = discover_files(args.data)
+        files = discover_files(args.data, "held-out data (--data)")
         protected = {f.resolve() for f in files} | _model_files(args.model)
         out = None if args.out is None else check_output(args.out, "--out", protected)
         heatmap = None if args.heatmap is None else check_output(args.heatmap, "--heatmap", protected)
@@ -134,15 +139,26 @@ def run(args: argparse.Namespace) -> int:
             except ImportError as exc:
                 raise ValueError(f"--heatmap needs matplotlib ({exc}): pip install matplotlib, or leave "
                                  "--heatmap out") from exc
-        texts = [doc for f in files for doc in read_documents(f, args.text_field)]
+        texts, skipped = read_text_files(files, args.text_field)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if skipped:
+        print(f"warning: {skipped_line(skipped, len(files))}", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    except load_errors() as e:
+        print(f"error: {describe_load_error(args.model, e)}", file=sys.stderr)
+        return 2
+    try:
+        args.seq_len = _window(args.seq_len, max_positions(args.model), tokenizer, texts)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     except load_errors() as e:
         print(f"error: {describe_load_error(args.model, e)}", file=sys.stderr)
         return 2
@@ -199,6 +215,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"{where} what was computed; failed: {'; '.join(failures)}", file=sys.stderr)
         status = 1
     return status
+
+
+def _window(seq_len: int | None, positions: int | None, tokenizer, texts: list[str]) -> int:
+    """The evaluation window: --seq-len, or by default 1024 (the model's positions if fewer, with a
+    note). ValueError when no text holds a window, or when --seq-len is longer than the model's
+    positions (its scores would come from positions it never trained on)."""
+    from ..eval.perplexity import token_windows
+
+    if seq_len is None:
+        seq_len = 1024
+        if positions is not None and positions < seq_len:
+            print(f"note: windows of {positions} tokens, the model's positions (--seq-len to choose)",
+                  file=sys.stderr)
+            seq_len = positions
+    if next(token_windows(tokenizer, texts, seq_len, 1), None) is None:
+        raise ValueError(f"no text holds {seq_len} tokens: lower --seq-len or give longer texts")
+    if positions is not None and seq_len > positions:
+        raise ValueError(f"--seq-len {seq_len} is longer than the model's {positions} positions "
+                         f"(max_position_embeddings): it would score positions the model never trained on; give "
+                         f"--seq-len {positions} or less")
+    return seq_len
 
 
 def _evaluate(args, model, tokenizer, texts, is_dmc: bool, heatmap, report: dict, failures: list[str], save) -> None:

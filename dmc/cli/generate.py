@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ._checks import check_eviction, check_weights, max_positions
 from ._engine_args import add_engine_arguments, describe_load_error, engine_kwargs, load_errors
 
 NAME = "generate"
@@ -13,11 +14,19 @@ HELP = "generate text with the DMC inference engine (paged per-head cache); prin
 HELP_DEFAULTS = True
 
 
+class _Default(int):
+    """A default value told apart from the same number given on the command line."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
+    # Not given on CPU: the pool is sized to the prompts at hand (see _size_to_prompts).
+    parser.set_defaults(max_num_seqs=_Default(256))
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument("--prompt-file", help="one prompt per line, or .jsonl with a 'prompt' field; - = stdin")
-    parser.add_argument("--max-tokens", type=int, default=128, help="most new tokens per prompt")
+    parser.add_argument("--max-tokens", type=int, default=_Default(128),
+                        help="most new tokens per prompt (default: 128); the default stops at the context, a "
+                             "number given that it has no room for is refused")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set reaching p")
@@ -74,15 +83,23 @@ def run(args: argparse.Namespace) -> int:
         prompts = _read_prompts(args)
         if args.stream and len(prompts) != 1:
             raise ValueError(f"--stream takes one prompt, got {len(prompts)}")
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+        params = SamplingParams(max_tokens=int(args.max_tokens), temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
         params.validate()
         kwargs = engine_kwargs(args)
+        kwargs["max_num_seqs"] = int(kwargs["max_num_seqs"])
+        check_weights(args.model)
+        check_eviction(args.model, args.eviction, args.vanilla)
+        tokenizer = _tokenizer(args.model)
+        if tokenizer is not None:
+            lengths = [len(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+            _check_room(lengths, args, kwargs["max_model_len"] or max_positions(args.model))
+            _size_to_prompts(lengths, args, kwargs)
     except ValueError as exc:
         print(f"dmc generate: {exc}", file=sys.stderr)
         return 2
     try:
-        llm = LLM(args.model, progress=not args.stream and not args.json, **kwargs)
+        llm = LLM(args.model, progress=not args.stream and not args.json, tokenizer=tokenizer, **kwargs)
     except load_errors() as exc:
         print(f"dmc generate: {describe_load_error(args.model, exc)}", file=sys.stderr)
         return 2
@@ -102,6 +119,51 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"--- prompt {out.request_id} [{out.finish_reason}; {_cr(out)}]\n{out.prompt}{out.text}")
     return 1 if failed else 0
+
+
+def _tokenizer(model: str):
+    """The model's tokenizer, or None where it does not load (the engine's load then says why)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except Exception:  # noqa: BLE001 - reported by the model load that follows
+        return None
+
+
+def _check_room(lengths: list[int], args, context: int | None) -> None:
+    """A --max-tokens given beyond the room the context leaves the longest prompt is refused (as the
+    server answers such a request: context_length_exceeded). The default stops at the context; a
+    prompt that does not fit at all is the engine's to report, request by request."""
+    if context is None or isinstance(args.max_tokens, _Default):
+        return
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    room = context - lengths[longest]
+    if 0 < room < args.max_tokens:
+        which = "the prompt" if len(lengths) == 1 else f"prompt {longest} (the longest)"
+        limit = "--max-model-len" if args.max_model_len is not None else "the model's context"
+        raise ValueError(f"--max-tokens {args.max_tokens} does not fit: {which} has {lengths[longest]} tokens of "
+                         f"{limit} {context}, leaving room for {room} new tokens; give --max-tokens {room} or less"
+                         f"{'' if args.max_model_len is None else ', or raise --max-model-len'}")
+
+
+def _size_to_prompts(lengths: list[int], args, kwargs: dict) -> None:
+    """On CPU, when no engine size is given (--max-num-seqs, --max-model-len, --kv-cache-memory-gib),
+    the sizes are the prompts' own: as many sequences as prompts (not 256) and as many positions as
+    the longest prompt and its new tokens take (not the model's whole context), so that the page pool
+    holds what these requests use and no more. One size given: the others are the engine's defaults."""
+    from ..engine.llm import resolve_device
+
+    given = (not isinstance(args.max_num_seqs, _Default) or args.max_model_len is not None
+             or args.kv_cache_memory_gib is not None)
+    if given or resolve_device(args.device).type != "cpu":
+        return
+    kwargs["max_num_seqs"] = min(int(args.max_num_seqs), len(lengths))
+    context = max_positions(args.model)
+    if context is not None:
+        needed = max(lengths) + args.max_tokens
+        if args.eviction_budget is not None:
+            needed = max(needed, args.eviction_budget + 1)  # a budget below the length, or nothing is evicted
+        kwargs["max_model_len"] = max(2, min(context, needed))
 
 
 def _stream(llm, prompts: list[str], params, as_json: bool) -> int:

@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from ..baselines import mean_pool_kv_heads
     from ..errors import one_line
     from ..hf.convert import UnsupportedModelError
+    from ._checks import check_weights
 
     out = pathlib.Path(args.out).expanduser()
     model_dir = pathlib.Path(args.model).expanduser()
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - broken JSON, unknown model type, ...
             raise ValueError(f"cannot read {model_dir / 'config.json'} ({one_line(e)}); copy the model directory "
                              "again or fix the file") from None
+        check_weights(args.model)
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
         except (MemoryError, KeyboardInterrupt):

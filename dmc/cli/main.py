@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 SUBCOMMANDS = ("retrofit", "import_megatron", "import_gguf", "gqa", "eval", "generate", "bench", "study", "serve")
 
@@ -39,13 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one "warning: ..." line, without the source line Python prints under it (the
+    command's user did not write that code); another library's warnings keep their category."""
+    origin = "" if category.__module__.startswith("dmc") or category is UserWarning else f" ({category.__name__})"
+    return f"warning: {message}{origin}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

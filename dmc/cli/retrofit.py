@@ -110,15 +110,37 @@ def _config_class():
     return TrainConfig
 
 
-def _default(field: dataclasses.Field) -> str:
-    value = field.default_factory() if field.default is dataclasses.MISSING else field.default
-    if value is None:
-        return "none"
+_REQUIRED = ("data", "out")  # TrainConfig refuses to run without them (from a flag or --config)
+_UNSET = {"max_steps": "no limit"}  # what an unset (None) setting means, where its help does not say
+
+
+def _show(value) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, list):
-        return " ".join(map(str, value)) or "none"
-    return str(value) if value != "" else "none"
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def _default(field: dataclasses.Field) -> str:
+    """What the help says of a setting's default: "required", the value the recipe gives a setting
+    left unset (and the paper preset's, where it differs), or the field's own default ("" when there
+    is nothing to say: an unset optional setting whose help tells what unset means)."""
+    from ..train.config import PRESETS, RECIPE_DEFAULTS
+
+    if field.name in _REQUIRED:
+        return "required: no default"
+    value = field.default_factory() if field.default is dataclasses.MISSING else field.default
+    if value is None:
+        value = RECIPE_DEFAULTS.get(field.name, _UNSET.get(field.name))
+    paper = PRESETS["paper"].get(field.name)
+    if value is None or value == "":
+        shown = "default: none" if "'none'" in _HELP.get(field.name, "") else ""
+    else:
+        shown = f"default: {_show(value)}"
+    if paper is not None and paper != value:
+        shown = f"{shown}; --preset paper: {_show(paper)}" if shown else f"--preset paper: {_show(paper)}"
+    return shown
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,8 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         kind, inner, optional = _arg_type(field)
         help_text = _HELP.get(field.name, "")
-        if "default:" not in help_text:
-            help_text = f"{help_text} (default: {_default(field)})".strip()
+        if "default:" not in help_text and _default(field):
+            help_text = f"{help_text} ({_default(field)})".strip()
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif kind is list:

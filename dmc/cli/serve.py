@@ -49,7 +49,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="server log level (one line per request at info)")
 
 
+def _check_port(host: str, port: int) -> None:
+    """ValueError naming --port when ``host:port`` cannot be listened on (taken, or not ours to take),
+    found by binding it for a moment before the model loads."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host} does not resolve ({exc.strerror}); give an address of this machine, e.g. "
+                         "127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ValueError(f"--port {port}: address {host}:{port} is already in use (another server?); pick "
+                                 "another --port or stop the process that holds it") from None
+            raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); pick another "
+                             "--port or --host") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        _check_port(args.host, args.port)
+    except ValueError as exc:
+        print(f"dmc serve: {exc}", file=sys.stderr)
+        return 2
     try:
         import uvicorn
 

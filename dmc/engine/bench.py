@@ -27,7 +27,7 @@ class ThroughputResult:
     measured_steps: int
     prefill_tokens_per_s: float  # prompt tokens/s of the admission (prefill) phase, batched prefill steps
     realized_cr: float  # tokens per slot kept, over all finished requests
-    peak_memory_gib: float
+    peak_memory_gib: float  # CUDA: the device memory torch allocated at most; CPU: the process's peak RSS
     kv_pool_gib: float
     preemptions: int
 
@@ -91,7 +91,7 @@ def measure_throughput(llm, prompt_len: int, gen_len: int, max_requests: int | N
     finished = [r for r in requests if r.finish_reason in ("length", "stop")]
     tokens = sum(r.compression["tokens"] for r in finished) * llm.cache.layout.rows
     slots = sum(r.compression["slots"] for r in finished)
-    peak = torch.cuda.max_memory_allocated(llm.device) / 2**30 if llm.device.type == "cuda" else 0.0
+    peak = torch.cuda.max_memory_allocated(llm.device) / 2**30 if llm.device.type == "cuda" else peak_rss_gib()
     pool = (llm.cache.k_pool.numel() + llm.cache.v_pool.numel()) * llm.cache.k_pool.element_size() / 2**30
     return ThroughputResult(
         prompt_len=prompt_len, gen_len=gen_len, batch=admitted,
@@ -99,6 +99,16 @@ def measure_throughput(llm, prompt_len: int, gen_len: int, max_requests: int | N
         measured_steps=len(measured), prefill_tokens_per_s=admitted * prompt_len / prefill_s,
         realized_cr=tokens / max(slots, 1), peak_memory_gib=peak, kv_pool_gib=pool,
         preemptions=sum(r.preemptions for r in requests))
+
+
+def peak_rss_gib() -> float:
+    """The most resident memory this process has held so far, in GiB (the model, the page pool and
+    everything else it allocated on the host)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def _sync(llm) -> None:

@@ -23,6 +23,7 @@ def compression_heatmap(stats: CompressionStats, path: str | pathlib.Path, title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
 
     cr = stats.per_head_cr.numpy()
     layers, heads = cr.shape
@@ -30,6 +31,8 @@ def compression_heatmap(stats: CompressionStats, path: str | pathlib.Path, title
     image = ax.imshow(cr, aspect="auto", cmap="viridis", norm=LogNorm(vmin=1, vmax=max(2.0, float(cr.max()))))
     ax.set_xlabel("KV head")
     ax.set_ylabel("layer")
+    for axis in (ax.xaxis, ax.yaxis):  # whole heads and layers (two heads' default ticks: -0.5, 0.0, 0.5, ...)
+        axis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{title} (overall {stats.overall_cr:.2f}x)")
     if layers * heads <= 400:
         for i in range(layers):

@@ -3,7 +3,7 @@
 transformers reads GGUF directly (dequantising the weights to float), but the model it returns
 refuses ``save_pretrained`` ("quantized with gguf"). Copying its state into a plain model of the
 same config gives an ordinary directory that every part of dmc (retrofit, eval, the engine) loads.
-Needs the ``gguf`` package (``pip install gguf``).
+Needs the ``gguf`` package (``pip install 'dmc[gguf]'``, in ``[dev]`` too).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def import_gguf(gguf_file: str | pathlib.Path, out: str | pathlib.Path, dtype: t
     try:
         import gguf  # noqa: F401
     except ImportError as e:
-        raise GGUFImportError("reading GGUF needs the gguf package: pip install gguf") from e
+        raise GGUFImportError("reading GGUF needs the gguf package: pip install 'dmc[gguf]' (or pip install gguf)") from e
     kwargs = {"gguf_file": path.name}
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)

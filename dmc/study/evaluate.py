@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pathlib
 import random
+import sys
 import time
 
 import torch
@@ -34,13 +35,15 @@ class Evaluator:
     def __init__(self, s: StudySettings, heldout_files: list[pathlib.Path], seq_len: int) -> None:
         import transformers
 
-        from ..train.data import read_documents
+        from ..train.data import read_text_files, skipped_line
         self.s, self.seq_len = s, seq_len
         self.device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, s.eval_dtype)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(s.model)
         text_field = s.train.get("text_field", "text")
-        self.texts = [doc for f in heldout_files for doc in read_documents(f, text_field)]
+        self.texts, skipped = read_text_files(heldout_files, text_field)
+        if skipped:
+            print(f"warning: held-out data: {skipped_line(skipped, len(heldout_files))}", file=sys.stderr)
         random.Random(0).shuffle(self.texts)
         self._evict_models: dict[str, torch.nn.Module] = {}
         self._evictions: dict[tuple[str, str, int], dict] = {}

@@ -18,11 +18,14 @@ import socket
 import sys
 import time
 
-import torch
+from typing import TYPE_CHECKING
 
-from .evaluate import Evaluator, device_name
 from .settings import STUDY_FILE, Run, StudyError, StudySettings, check_heldout_apart, plain_run, \
     runtime_fields
+
+if TYPE_CHECKING:
+    from .evaluate import Evaluator
+
 
 def log(message: str) -> None:
     print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -67,7 +70,7 @@ class Study:
         self.root = pathlib.Path(s.out)
         self.runs_dir = self.root / "runs"
         self.model = original_info(s.model)
-        self.heldout_files = check_heldout_apart(s.data, s.heldout)
+        self.heldout_files = check_heldout_apart(s.data, s.heldout, s.train.get("text_field", "text"))
         train_len = s.train_config("dmc", None, "x").seq_len
         self.seq_len = s.eval_seq_len or min(train_len, self.model["max_positions"] or train_len)
         self._evaluator: Evaluator | None = None
@@ -75,6 +78,9 @@ class Study:
     # -------------------------------------------------------------------------- the study file
     def register(self, command: str) -> None:
         """Create or check ``OUT/study.json`` (one study per directory) and log this invocation."""
+        import torch
+
+        from .evaluate import device_name
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".study.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -175,6 +181,7 @@ class Study:
 
     @property
     def evaluator(self) -> Evaluator:
+        from .evaluate import Evaluator
         if self._evaluator is None:
             self._evaluator = Evaluator(self.s, self.heldout_files, self.seq_len)
         return self._evaluator
@@ -247,6 +254,7 @@ class Study:
         return summary
 
     def _gqa(self, run: Run) -> dict | None:
+        import torch
         import transformers
 
         from ..baselines import mean_pool_kv_heads
@@ -317,6 +325,7 @@ def _alive(pid: int) -> bool:
 
 
 def _free_memory() -> None:
+    import torch
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

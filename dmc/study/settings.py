@@ -260,19 +260,28 @@ def select_runs(runs: list[Run], only: list[str] | None) -> list[Run]:
 
 
 # ------------------------------------------------------------------------------ held-out data
-def check_heldout_apart(data: list[str], heldout: list[str]) -> list[pathlib.Path]:
+def check_heldout_apart(data: list[str], heldout: list[str], text_field: str = "text") -> list[pathlib.Path]:
     """The held-out files; raises StudyError when one is also a training file (same path, or the
-    same bytes under another name). Returns the held-out files."""
+    same bytes under another name), or when none of them is UTF-8 text. Returns the held-out files."""
     from ..train import ConfigError
-    from ..train.data import discover_files
+    from ..train.data import discover_files, read_documents
     try:
         train_files = discover_files(data)
     except ConfigError as e:
         raise StudyError(f"--data: {e}") from None
+    from ..train.data import BadFileError, no_text_error
     try:
-        held_files = discover_files(heldout)
+        held_files = discover_files(heldout, "held-out data")
+        bad = []
+        for f in held_files:  # nothing to evaluate on is found before any training starts
+            try:
+                next(read_documents(f, text_field, on_bad_file="error"), None)
+            except BadFileError as e:
+                bad.append((e.path, e.reason))
+        if len(bad) == len(held_files):
+            raise no_text_error(bad, len(held_files))
     except ConfigError as e:
-        raise StudyError(f"--heldout: {str(e).replace('training data', 'held-out data')}") from None
+        raise StudyError(f"--heldout: {e}") from None
     same = sorted(set(train_files) & set(held_files))
     if same:
         raise StudyError(f"held-out file {same[0]} is also training data ({len(same)} file(s) overlap): the held-out "

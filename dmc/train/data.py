@@ -54,8 +54,8 @@ class BadFileError(DataError):
     """A file that is not UTF-8 text: it holds a NUL byte (binary) or bytes that are not UTF-8."""
 
     def __init__(self, path, reason: str) -> None:
-        super().__init__(f"{path} is not UTF-8 text: {reason}; remove it from the data, or set "
-                         "on_bad_file to 'skip' to leave such files out")
+        super().__init__(f"{path} is not UTF-8 text: {reason}; remove it from the data, or pass --on-bad-file skip "
+                         "(on_bad_file: skip in a config file) to leave such files out")
         self.path, self.reason = str(path), reason
 
     def __reduce__(self):
@@ -71,13 +71,14 @@ def _check_on_bad_file(on_bad_file: str) -> None:
         raise ConfigError(f"on_bad_file must be one of {', '.join(ON_BAD_FILE)}, not {on_bad_file!r}")
 
 
-def discover_files(sources: list[str]) -> list[pathlib.Path]:
-    """Expand files, directories (recursively) and globs into a sorted list of data files."""
+def discover_files(sources: list[str], what: str = "training data") -> list[pathlib.Path]:
+    """Expand files, directories (recursively) and globs into a sorted list of data files; ``what``
+    names the data in the errors (e.g. "held-out data")."""
     found: set[pathlib.Path] = set()
     for source in sources:
         matches = [pathlib.Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)]
         if not matches:
-            raise ConfigError(f"training data {source!r} does not exist (no file, directory or glob match)")
+            raise ConfigError(f"{what} {source!r} does not exist (no file, directory or glob match)")
         for match in matches:
             if match.is_dir():
                 for path in match.rglob("*"):
@@ -88,7 +89,7 @@ def discover_files(sources: list[str]) -> list[pathlib.Path]:
                 found.add(match.resolve())
     files = sorted(f for f in found if f.stat().st_size > 0)
     if not files:
-        raise ConfigError(f"training data {sources} holds no non-empty files")
+        raise ConfigError(f"{what} {sources} holds no non-empty files")
     return files
 
 
@@ -178,6 +179,37 @@ def read_documents(path: pathlib.Path, text_field: str, on_bad_file: str = "skip
         warnings.warn(f"skipped {e.path}: not UTF-8 text ({e.reason})", BadFileWarning, stacklevel=2)
 
 
+def no_text_error(skipped: list[tuple[str, str]], total: int) -> DataError:
+    """The error for data of which no file is UTF-8 text (each of ``skipped`` is (path, reason))."""
+    return DataError(f"none of the {total} data files is UTF-8 text (e.g. {skipped[0][0]}: {skipped[0][1]})")
+
+
+def skipped_line(skipped: list[tuple[str, str]], total: int) -> str:
+    """One line for the files left out as not UTF-8 text: how many, and the first with why."""
+    more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+    return (f"skipped {len(skipped)} of {total} data files that are not UTF-8 text ({skipped[0][0]}: "
+            f"{skipped[0][1]}{more})")
+
+
+def read_text_files(files: list[pathlib.Path], text_field: str = "text",
+                    on_bad_file: str = "skip") -> tuple[list[str], list[tuple[str, str]]]:
+    """Every document of ``files`` in file order, and (path, reason) of each file left out as not
+    UTF-8 text (``on_bad_file="error"`` raises ``BadFileError`` at the first). Raises ``DataError``
+    when no file is text: nothing to evaluate (checked before any model is loaded)."""
+    _check_on_bad_file(on_bad_file)
+    texts, skipped = [], []
+    for path in files:
+        try:
+            texts.extend(_documents(pathlib.Path(path), text_field))
+        except BadFileError as e:
+            if on_bad_file == "error":
+                raise
+            skipped.append((e.path, e.reason))
+    if files and len(skipped) == len(files):
+        raise no_text_error(skipped, len(files))
+    return texts, skipped
+
+
 def report_skipped(skipped: list[tuple[str, str]], total: int) -> None:
     """One warning for the files left out as not UTF-8 text: how many, and the first few with why."""
     if not skipped:
@@ -186,7 +218,7 @@ def report_skipped(skipped: list[tuple[str, str]], total: int) -> None:
     if len(skipped) > REPORT_PATHS:
         lines.append(f"  ... and {len(skipped) - REPORT_PATHS} more")
     warnings.warn(f"skipped {len(skipped)} of {total} data files that are not UTF-8 text (binary, or another "
-                  "encoding); on_bad_file='error' refuses them instead:\n" + "\n".join(lines),
+                  "encoding); --on-bad-file error refuses them instead:\n" + "\n".join(lines),
                   BadFileWarning, stacklevel=3)
 
 
@@ -194,15 +226,8 @@ def read_texts(sources: list[str], text_field: str = "text", on_bad_file: str = 
     """Every document of ``sources`` in file order (evaluation data); files that are not UTF-8 text
     are skipped with one report, or refused."""
     _check_on_bad_file(on_bad_file)
-    files = discover_files(sources)
-    texts, skipped = [], []
-    for path in files:
-        try:
-            texts.extend(_documents(path, text_field))
-        except BadFileError as e:
-            if on_bad_file == "error":
-                raise
-            skipped.append((e.path, e.reason))
+    files = discover_files(sources, "data")
+    texts, skipped = read_text_files(files, text_field, on_bad_file)
     report_skipped(skipped, len(files))
     return texts
 
@@ -540,8 +565,7 @@ class PackedData:
         cache = pathlib.Path(cache_dir or os.environ.get("DMC_TOKEN_CACHE", "~/.cache/dmc/tokens")).expanduser()
         shards, skipped = tokenize_files(files, tokenizer, text_field, cache, on_bad_file, progress)
         if not shards:
-            raise DataError(f"none of the {len(files)} data files is UTF-8 text (e.g. {skipped[0][0]}: "
-                            f"{skipped[0][1]})")
+            raise no_text_error(skipped, len(files))
         report_skipped(skipped, len(files))
         data = cls(shards, seq_len, val_fraction, seed)
         data.skipped_files = skipped

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# torch.distributed.checkpoint warns at every save and load without a process group that it assumes a single
+# process: what a single-process run of ours means. Only that notice is silenced (torch attributes it to its
+# own checkpoint module, so the filter cannot name our callers).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                        category=UserWarning, module=r"torch\.distributed\.checkpoint")
 
 
 @dataclass
