@@ -327,3 +327,18 @@ def test_heatmap_ticks_are_whole_heads_and_layers(tmp_path, monkeypatch):
     shown = lambda values, lim: [v for v in values if min(lim) <= v <= max(lim)]  # noqa: E731
     assert shown(ticks["x"], ticks["xlim"]) == [0, 1]
     assert shown(ticks["y"], ticks["ylim"]) == [0, 1, 2]
+
+
+def test_serve_checks_weights_and_eviction_before_loading(tmp_path):
+    """dmc serve refuses a model directory without weights, and --eviction on a DMC model without --vanilla, in one
+    line before anything loads (as generate and bench do)."""
+    import json
+    import subprocess
+    import sys
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    out = subprocess.run([sys.executable, "-m", "dmc.cli.main", "serve", str(folder), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "holds a config.json but no weight file" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -10,6 +10,7 @@ import pathlib
 import signal
 import sys
 
+from ._checks import check_eviction, check_weights
 from ._engine_args import (add_engine_arguments, add_forced_cr_argument, check_forced_cr, describe_load_error,
                            engine_kwargs, load_errors)
 
@@ -100,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.max_body_mib > 0:
             raise ValueError(f"--max-body-mib must be > 0, got {args.max_body_mib}")
         check_forced_cr(args.forced_cr)
+        check_weights(args.model)
+        check_eviction(args.model, args.eviction, args.vanilla, args.forced_cr)
     except ValueError as exc:
         print(f"dmc serve: {exc}", file=sys.stderr)
         return 2

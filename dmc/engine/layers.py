@@ -2,7 +2,7 @@
 
 At the engine's large batches (200-400 rows) the decode step's weight GEMMs sit near the ridge point and
 its many small elementwise kernels (each RMSNorm is five, each residual add and the gated activation one
-more) add up to milliseconds (``docs/throughput_runs/h200_engine/profile_decode_*.md``). So the step:
+more) add up to milliseconds (``docs/results/engine_h200/``; every profile at commit 3374748). So the step:
 
 - multiplies by q/k/v in one GEMM and by gate/up in one GEMM. The fused weight is one tensor per layer
   and the modules' own weights become views of it (:func:`fuse_projections`), so memory does not grow and

@@ -57,9 +57,11 @@ load() {
   local json=$SERVE_JSON md=$SERVE_MD
   [ "$commit" = "$OLD_COMMIT" ] && name="$name, server of $OLD_COMMIT"  # its own rows beside this code's
   stamp "load: $label"
-  PYTHONPATH=$path timeout 900 $PY benchmarks/serve_load.py --model "$model" --server-args="$server" \
+  # From KEEP, not the repository: `python -m dmc...` puts the working directory first on sys.path, so a server
+  # started in the repository would run this code whatever PYTHONPATH says.
+  (cd "$KEEP" && PYTHONPATH=$path timeout 900 $PY "$KEEP/repo/benchmarks/serve_load.py" --model "$model" --server-args="$server" \
     --server-log "$LOGS/server-$label.log" --label "$label" --model-name "$name" --commit "$commit" --no-progress \
-    --results "$json" --report "$md" --out "$RESULTS/load-$label.json" "$@" > "$LOGS/load-$label.log" 2>&1
+    --results "$json" --report "$md" --out "$RESULTS/load-$label.json" "$@" > "$LOGS/load-$label.log" 2>&1)
   stamp "load: $label: rc $? ($(tail -3 "$LOGS/load-$label.log" | tr '\n' ' ' | cut -c1-240))"
 }
 # py-spy: sample every process of the server started by the load generator (engine process included) for a while.
