@@ -21,7 +21,7 @@ from dmc.serve.engine_core import EngineCore, EngineSpec, Submission  # noqa: E4
 from dmc.engine.step_timer import StepTimer  # noqa: E402
 from dmc.serve.engine_loop import EngineError  # noqa: E402
 
-KWARGS = {"device": "cpu", "max_model_len": 128, "max_num_seqs": 8, "cuda_graphs": False}
+KWARGS = {"device": "cpu", "max_model_len": 256, "max_num_seqs": 8, "cuda_graphs": False}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,15 @@ async def _stream(client, body):
     return 200, lines
 
 
+async def _submitted(engine) -> None:
+    """Wait until the engine holds a request of the server's (the handle is registered before it is sent)."""
+    for _ in range(2000):
+        if engine._handles:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("no request reached the engine")
+
+
 def _app(engine, model_dir):
     from transformers import AutoTokenizer
     config = ServerConfig(model_name="m", tokenizer=AutoTokenizer.from_pretrained(model_dir),
@@ -133,13 +142,13 @@ def test_a_dying_engine_process_gives_503s_not_a_hang(model_dir):
     engine = EngineProcess(EngineSpec(model_dir, KWARGS, warmup="off"), Metrics("m"))
     engine.start()
     app = _app(engine, model_dir)
-    long = {"model": "m", "prompt": "def", "max_tokens": 100, "ignore_eos": True, "stream": True}
+    long = {"model": "m", "prompt": "def", "max_tokens": 250, "ignore_eos": True, "stream": True}
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             assert (await c.get("/health")).status_code == 200
             running = asyncio.create_task(_stream(c, long))
-            await asyncio.sleep(1.0)
+            await _submitted(engine)  # 250 tokens take far longer than this kill
             os.kill(engine._process.pid, signal.SIGKILL)
             status, lines = await running
             health = await c.get("/health")
@@ -163,8 +172,8 @@ def test_stop_fails_running_requests_shutdown_and_ends_the_process(model_dir):
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             running = asyncio.create_task(c.post("/v1/completions", json={
-                "model": "m", "prompt": "def", "max_tokens": 120, "ignore_eos": True}))
-            await asyncio.sleep(1.0)
+                "model": "m", "prompt": "def", "max_tokens": 250, "ignore_eos": True}))
+            await _submitted(engine)
             await asyncio.get_running_loop().run_in_executor(None, engine.stop)
             return await running
 
