@@ -60,7 +60,8 @@ class LLM:
             prefill, as vLLM's option of that name): the step's decoding requests count first, prefill gets what
             is left (at most ``prefill_chunk``), so that arriving prompts cannot stall the running ones for
             long. A prompt that fits ``prefill_chunk`` is not split (its rest would take the slower
-            continuation path): it waits for a step with room, or runs whole as a step's only new chunk. None: prefill gets ``prefill_chunk`` tokens whatever decodes (the best offline throughput).
+            continuation path): it waits for a step with room, or runs whole as a step's only new chunk.
+            None: prefill gets ``prefill_chunk`` tokens whatever decodes (the best offline throughput).
             At least ``max_num_seqs``.
         prefill_attention: attention of a prompt's first chunk: "auto" (flex on CUDA, sdpa on CPU),
             "flex" (FlexAttention with the DMC mask, compiled once per power-of-two length bucket),
@@ -91,7 +92,8 @@ class LLM:
     def __init__(self, model, *, tokenizer=None, dtype: str | torch.dtype = "auto", device: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 256, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory: int | None = None, admission_margin: float = 0.1, cuda_graphs: bool = True,
-                 prefill_chunk: int = 4096, max_num_batched_tokens: int | None = None, prefill_attention: str = "auto", vanilla: bool = False, forced_period: int = 0, seed: int = 0,
+                 prefill_chunk: int = 4096, max_num_batched_tokens: int | None = None,
+                 prefill_attention: str = "auto", vanilla: bool = False, forced_period: int = 0, seed: int = 0,
                  progress: bool = True, eviction: EvictionPolicy | None = None,
                  kv_cache_dtype: str = "auto", kv_scales: KVScales | str | None = None) -> None:
         self.device = resolve_device(device)
@@ -309,8 +311,8 @@ class LLM:
 
     def _prefill_step(self, budget: int | None = None) -> list[Request]:
         """This step's batched prefill: the chunks the scheduler picks (requests already prefilling go on,
-        then newly admitted ones; ``budget`` tokens in all, default ``prefill_chunk``), in one forward. A request whose whole
-        feed is now in the cache gets its first token sampled. Returns the requests that changed.
+        then newly admitted ones; ``budget`` tokens in all, default ``prefill_chunk``), in one forward. A request
+        whose whole feed is now in the cache gets its first token sampled. Returns the requests that changed.
 
         With eviction (H2O, TOVA) the chunks run one per forward, each scheduled after the one before
         has been cut to the budget: a batch would hold every chunk's pages at once, uncut."""

@@ -54,7 +54,6 @@ class StepOutputs:
     waiting: int = 0
     free_pages: int | None = None
     total_pages: int | None = None
-    at: float = 0.0  # time.monotonic() when the step's tokens were known (one clock for every process)
     step_seconds: float = 0.0  # the engine step's wall time (model and host work)
 
 
@@ -208,7 +207,7 @@ class EngineCore:
             free = int(self.llm.cache.free_page_count())
             self._pages = (free, int(getattr(self.llm, "initial_free_pages", None) or free))
         self.emit(StepOutputs(outputs, len(scheduler.running), len(scheduler.waiting), *self._pages,
-                              at=time.monotonic(), step_seconds=seconds))
+                              step_seconds=seconds))
 
 
 # ---------------------------------------------------------------------- the core in a process of its own
