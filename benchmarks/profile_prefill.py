@@ -14,6 +14,10 @@ alone per layer (what a delayed model's prefill did before its first chunks were
 on one checkout. ``--tiny`` swaps in a small model (2 layers, hidden 256) and runs where there is no GPU (no
 CUDA times then: wall ms and the top host ops), a smoke test of the script.
 
+``--model DIR`` profiles a model directory instead (a real one: the original, or a DMC retrofit with its own
+decisions; ``--crs`` is then ignored), its prompts random token ids of its vocabulary: where a small model's
+prefill forward goes (host or GPU) at ``--prefill-chunk`` tokens a step.
+
 Writes ``OUT/profile_prefill[_LABEL].json`` and ``.md`` (GPU named, command recorded)::
 
     python benchmarks/profile_prefill.py --out docs/results/engine_h200 [--crs 1 4] [--label before]
@@ -182,31 +186,43 @@ def main() -> int:
                         help="no packing of first chunks: every chunk alone per layer (the 'before' of packing)")
     parser.add_argument("--tiny", action="store_true",
                         help="a small model instead of the 7B shape; runs without a GPU (smoke test)")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="a model directory instead of the 7B shape, with its own decisions (--crs ignored)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    if not cuda and not args.tiny:
-        sys.exit("benchmarks/profile_prefill.py needs a CUDA GPU (or --tiny, a smoke test)")
+    if not cuda and not (args.tiny or args.model):
+        sys.exit("benchmarks/profile_prefill.py needs a CUDA GPU (or --tiny or a small --model: a smoke test)")
     import dataclasses
 
     import dmc
     from dmc.engine import runner
     from throughput import build_model, engine_mode, free_model
-    model = build_model(dmc_model=True) if not args.tiny else tiny_model("cuda" if cuda else "cpu")
-    if args.merge_delay:
+    if args.model:
+        model = None
+    elif args.tiny:
+        model = tiny_model("cuda" if cuda else "cpu")
+    else:
+        model = build_model(dmc_model=True)
+    if args.merge_delay and model is not None:
         model.set_dmc_config(dataclasses.replace(model.dmc_config, merge_delay=args.merge_delay))
     if args.per_segment:
         runner.pack_first_chunks = lambda *a, **k: None  # prefill_batch then runs every chunk alone
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = []
-    for cr in args.crs:
-        kwargs = engine_mode(cr)
-        llm = dmc.LLM(model, max_model_len=args.context, max_num_seqs=args.requests, admission_margin=0.0,
-                      prefill_chunk=args.prefill_chunk, progress=False, **({} if cuda else {"device": "cpu"}), **kwargs)
-        assert llm.cache.layout.delay_width == (0 if cr == 1 else args.merge_delay)
+    for cr in ([None] if args.model else args.crs):
+        kwargs = {} if cr is None else engine_mode(cr)
+        llm = dmc.LLM(model if model is not None else args.model, max_model_len=args.context,
+                      max_num_seqs=args.requests, admission_margin=0.0, prefill_chunk=args.prefill_chunk,
+                      progress=False, **({} if cuda else {"device": "cpu"}), **kwargs)
+        if cr is None:
+            cr = "model" if llm.vanilla else f"model (DMC, target CR {llm.dmc.target_cr or '?'}, w = {llm.cache.layout.delay_width})"
+        else:
+            assert llm.cache.layout.delay_width == (0 if cr == 1 else args.merge_delay)
         gen = torch.Generator().manual_seed(0)
         params = dmc.SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
+        vocab = llm.model.config.vocab_size
         for _ in range(args.requests):
-            llm.add_request(torch.randint(3, 32000, (args.prompt_len,), generator=gen).tolist(), params)
+            llm.add_request(torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist(), params)
         llm._prefill_step()  # warm-up: compiles this length's attention
         sync()
         profiled = (profiled_steps(llm, args.steps, step=llm._prefill_step, groups=PREFILL_GROUPS) if cuda
@@ -226,14 +242,17 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"gpu": torch.cuda.get_device_name() if cuda else "no GPU (CPU)", "torch": torch.__version__,
             "label": args.label, "command": "python " + " ".join(sys.argv), "merge_delay": args.merge_delay,
-            "first_chunks": "per segment" if args.per_segment else "packed", "model": "tiny" if args.tiny else "7B"}
+            "first_chunks": "per segment" if args.per_segment else "packed",
+            "model": args.model or ("tiny" if args.tiny else "7B")}
     name = "profile_prefill" + (f"_{args.label}" if args.label else "")
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     group_names = list(dict.fromkeys(g for _, g in PREFILL_GROUPS))
     lines = [f"# Prefill-step profile ({meta['gpu']}{', ' + args.label if args.label else ''})", "",
              f"Written by `{meta['command']}` (torch {meta['torch']}). "
-             + ("Tiny model (smoke test: not a measurement)" if args.tiny else "Llama-2-7B shape, bf16") +
-             f", random weights, decisions forced to CR r, merge_delay w = {args.merge_delay} (CR > 1), first "
+             + (f"Model `{args.model}` with its own decisions, bf16, prompts of random token ids"
+                if args.model else
+                ("Tiny model (smoke test: not a measurement)" if args.tiny else "Llama-2-7B shape, bf16")
+                + ", random weights, decisions forced to CR r") + f", merge_delay w = {args.merge_delay} (CR > 1), first "
              f"chunks {meta['first_chunks']}; prompts of {args.prompt_len} tokens, each step one batched prefill "
              f"forward of prefill_chunk tokens (several prompts' chunks), under torch.profiler. Host = wall − GPU "
              f"busy; tok/s here is under the profiler (slower than unprofiled).", "",

@@ -105,3 +105,56 @@ def test_serve_defaults_to_a_step_budget():
     args = build_parser().parse_args(["serve", "somewhere"])
     assert args.max_num_batched_tokens == 2048
     assert build_parser().parse_args(["generate", "somewhere", "--prompt", "x"]).max_num_batched_tokens is None
+
+
+def test_a_prefill_delay_gathers_arriving_prompts_into_one_forward(monkeypatch):
+    """With prefill_delay_factor, prompts arriving one by one while others decode wait (up to the factor times the
+    last prefill's time) and are prefilled together; the outputs are those of admitting them at once."""
+    import dmc.engine.scheduler as scheduler_module
+
+    model = dmc_model("llama", window=4)
+    prompts = _prompts([6, 9, 7, 8, 5])
+    free = _engine(model).generate(prompts, GREEDY)
+    clock = [100.0]
+    monkeypatch.setattr(scheduler_module.time, "monotonic", lambda: clock[0])
+    llm = _engine(model, prefill_delay_factor=2.0)
+    seen = _record_prefill(llm)
+    requests = [llm.add_request(prompts[0], GREEDY)]
+    llm.step()  # nothing runs: admitted at once
+    assert [len(sizes) for _, _, _, sizes in seen] == [1]
+    llm.scheduler.last_prefill_seconds = 1.0  # a prefill forward "takes" 1 s: prompts may wait 2 s
+    for p in prompts[1:]:  # one arrives every 0.5 s, each while the first decodes
+        requests.append(llm.add_request(p, GREEDY))
+        llm.step()
+        clock[0] += 0.5
+    assert len(seen) == 1  # none admitted yet: the oldest waited 1.5 s < 2 s
+    clock[0] += 0.5
+    llm.step()
+    assert len(seen) == 2 and seen[1][2] == 4  # the four that waited, in one forward
+    while llm.has_unfinished():
+        llm.step()
+    assert [r.output_ids for r in requests] == [o.token_ids for o in free]
+    assert llm.cache.free_page_count() == llm.initial_free_pages
+
+
+def test_a_prefill_delay_does_not_wait_once_the_budget_is_full(monkeypatch):
+    import dmc.engine.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module.time, "monotonic", lambda: 0.0)  # time stands still
+    model = dmc_model("llama", window=4)
+    llm = _engine(model, prefill_chunk=16, prefill_delay_factor=10.0)
+    seen = _record_prefill(llm)
+    first = llm.add_request(_prompts([6])[0], GREEDY)
+    llm.step()
+    llm.scheduler.last_prefill_seconds = 1.0
+    llm.add_request(_prompts([10], seed=1)[0], GREEDY)
+    llm.step()
+    assert len(seen) == 1  # 10 tokens wait for more
+    llm.add_request(_prompts([9], seed=2)[0], GREEDY)
+    llm.step()  # 19 >= 16 waiting tokens: the forward is full, no reason to wait
+    assert len(seen) == 2 and first.output_ids
+
+
+def test_a_negative_prefill_delay_is_refused():
+    with pytest.raises(ValueError, match=r"prefill_delay_factor must be a number >= 0"):
+        _engine(dmc_model("llama"), prefill_delay_factor=-1)

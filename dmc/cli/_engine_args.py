@@ -34,6 +34,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "count first, prefill gets the rest (at most --prefill-chunk), so arrivals cannot stall "
                              "running requests for long; >= --max-num-seqs (default: none, prefill gets "
                              "--prefill-chunk whatever decodes; dmc serve: 2048)")
+    parser.add_argument("--prefill-delay-factor", type=float, default=0.0,
+                        help="while requests run, a new prompt waits until the oldest waiting one has waited this many "
+                             "times the last prefill forward's time (or the waiting prompts fill the step's budget), so "
+                             "that one forward prefills several (small models: a forward's cost is mostly fixed); "
+                             "0 = admit at once (default)")
     parser.add_argument("--vanilla", action="store_true", help="run a DMC model uncompressed (every token appends)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs (CUDA only)")
     parser.add_argument("--eviction", choices=["h2o", "tova"], default=None,
@@ -82,6 +87,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.kv_cache_memory_gib is not None and not args.kv_cache_memory_gib > 0:
         raise ValueError(f"--kv-cache-memory-gib must be > 0, got {args.kv_cache_memory_gib}")
+    if not args.prefill_delay_factor >= 0:
+        raise ValueError(f"--prefill-delay-factor must be >= 0 (0: off), got {args.prefill_delay_factor}")
     if args.prefill_chunk < 1:
         raise ValueError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.max_num_batched_tokens is not None and args.max_num_batched_tokens < args.max_num_seqs:
@@ -94,7 +101,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=kv, vanilla=args.vanilla,
                 cuda_graphs=not args.no_cuda_graphs, eviction=_eviction_policy(args),
                 kv_cache_dtype=args.kv_cache_dtype, kv_scales=args.kv_scales, prefill_chunk=args.prefill_chunk,
-                max_num_batched_tokens=args.max_num_batched_tokens)
+                max_num_batched_tokens=args.max_num_batched_tokens, prefill_delay_factor=args.prefill_delay_factor)
 
 
 def load_errors() -> tuple[type[BaseException], ...]:

@@ -63,6 +63,11 @@ class LLM:
             continuation path): it waits for a step with room, or runs whole as a step's only new chunk.
             None: prefill gets ``prefill_chunk`` tokens whatever decodes (the best offline throughput).
             At least ``max_num_seqs``.
+        prefill_delay_factor: while requests run, a new prompt waits until the oldest waiting one has waited this
+            many times the last prefill forward's time (or the waiting prompts fill the step's prefill budget), so
+            that one forward prefills several prompts: a forward's cost is mostly fixed when its tokens are few
+            (small models: the host's launches), and prompts arriving one by one would each pay it alone while
+            the running requests wait. 0 (default): admit at once. vLLM's ``scheduler_delay_factor``.
         prefill_attention: attention of a prompt's first chunk: "auto" (flex on CUDA, sdpa on CPU),
             "flex" (FlexAttention with the DMC mask, compiled once per power-of-two length bucket),
             "sdpa" (a boolean DMC mask, no compilation, slower) or "dense".
@@ -93,8 +98,8 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 256, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory: int | None = None, admission_margin: float = 0.1, cuda_graphs: bool = True,
                  prefill_chunk: int = 4096, max_num_batched_tokens: int | None = None,
-                 prefill_attention: str = "auto", vanilla: bool = False, forced_period: int = 0, seed: int = 0,
-                 progress: bool = True, eviction: EvictionPolicy | None = None,
+                 prefill_delay_factor: float = 0.0, prefill_attention: str = "auto", vanilla: bool = False,
+                 forced_period: int = 0, seed: int = 0, progress: bool = True, eviction: EvictionPolicy | None = None,
                  kv_cache_dtype: str = "auto", kv_scales: KVScales | str | None = None) -> None:
         self.device = resolve_device(device)
         if kv_cache_dtype != "auto" and kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -138,6 +143,9 @@ class LLM:
         config = self.model.config
         self.dmc = self.model.dmc_config
         self.max_model_len = int(max_model_len if max_model_len is not None else config.max_position_embeddings)
+        if not isinstance(prefill_delay_factor, (int, float)) or not prefill_delay_factor >= 0:
+            raise ValueError(f"prefill_delay_factor must be a number >= 0 (0: off), got {prefill_delay_factor!r} "
+                             "(--prefill-delay-factor)")
         if max_num_seqs < 1 or prefill_chunk < 1 or not -1 < admission_margin:
             raise ValueError("max_num_seqs and prefill_chunk must be >= 1 and admission_margin > -1")
         self.prefill_chunk = prefill_chunk
@@ -172,7 +180,8 @@ class LLM:
         prior = 1.0 if self.vanilla else float(forced_period or self.dmc.target_cr or 1.0)
         self.scheduler = Scheduler(self.cache, max_num_seqs, CompressionEstimate(prior, admission_margin),
                                    slot_cap=self._slot_cap, prefill_chunk=prefill_chunk,
-                                   whole_prompts=max_num_batched_tokens is not None)
+                                   whole_prompts=max_num_batched_tokens is not None,
+                                   prefill_delay_factor=float(prefill_delay_factor))
         self._next_id = 0
         self.step_timer = StepTimer()  # where the steps' time goes, by section (LLM.step_timer.summary())
         self.initial_free_pages = self.cache.free_page_count()
@@ -348,6 +357,7 @@ class LLM:
                 sched.prefilled(request)
                 done.append(i)
         if not done:
+            sched.last_prefill_seconds = time.perf_counter() - start  # queued, not waited for (no token to sample)
             self.step_timer.add("prefill", start)
             return []
         finished = [requests[i] for i in done]
@@ -360,6 +370,7 @@ class LLM:
         tokens = sample(logits[done], SamplingBatch.build([r.params for r in finished], [r.seed for r in finished],
                                                          [len(r.output_ids) for r in finished], self.device))
         tokens = tokens.tolist()  # the host waits for the GPU here
+        sched.last_prefill_seconds = time.perf_counter() - start  # the forward's time, its GPU work included
         start = self.step_timer.add("prefill", start)
         changed = self._postprocess(finished, tokens)
         self.step_timer.add("postprocess", start)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ class Request:
     detokenizer: Detokenizer | None = None  # keeps ``text`` up to date a few tokens at a time
     streamed_tokens: int = 0
     streamed_chars: int = 0
+    arrival: float = 0.0  # time.monotonic() when it was queued (the prefill delay counts from it)
 
     @property
     def finished(self) -> bool:
@@ -102,7 +104,8 @@ class Scheduler:
     one :class:`PagedKVCache` (whose rows it opens and closes)."""
 
     def __init__(self, cache: PagedKVCache, max_num_seqs: int, estimate: CompressionEstimate,
-                 slot_cap: int | None = None, prefill_chunk: int = 0, whole_prompts: bool = False) -> None:
+                 slot_cap: int | None = None, prefill_chunk: int = 0, whole_prompts: bool = False,
+                 prefill_delay_factor: float = 0.0) -> None:
         layout = cache.layout
         self.cache = cache
         self.waiting: deque[Request] = deque()
@@ -116,6 +119,10 @@ class Scheduler:
         self.slot_cap = slot_cap
         self.prefill_chunk = prefill_chunk
         self.whole_prompts = whole_prompts  # a prompt that fits prefill_chunk is never split (_first_chunk_size)
+        # New prompts wait up to this many times the last prefill forward's time, so that one forward takes several
+        # (admission_due); the engine sets last_prefill_seconds after each prefill forward.
+        self.prefill_delay_factor = prefill_delay_factor
+        self.last_prefill_seconds = 0.0
         # No sequence ever holds more (max_model_len slots and the ready page): admission never asks
         # for more than this, so the smallest pool the engine accepts runs the longest prompt.
         self.max_pages = layout.rows * layout.pages_per_head
@@ -124,7 +131,28 @@ class Scheduler:
     def add(self, request: Request) -> None:
         """Queue a new request."""
         request.status = RequestStatus.WAITING
+        request.arrival = time.monotonic()
         self.waiting.append(request)
+
+    def admission_due(self, budget: int, now: float | None = None) -> bool:
+        """Whether waiting prompts are admitted this step. Always, unless ``prefill_delay_factor`` > 0: then only once
+        the oldest has waited ``prefill_delay_factor`` times the last prefill forward's time, or nothing runs, or the
+        waiting feeds already fill ``budget`` (waiting longer cannot make the forward bigger). A prefill forward's cost
+        is mostly fixed (the host's launches, per layer) when its tokens are few: prompts that arrive one by one
+        each pay it alone, while the running requests wait. vLLM's ``scheduler_delay_factor`` is the same rule."""
+        if not self.waiting:
+            return False
+        if self.prefill_delay_factor <= 0 or not self.running:
+            return True
+        now = time.monotonic() if now is None else now
+        if now - self.waiting[0].arrival >= self.prefill_delay_factor * self.last_prefill_seconds:
+            return True
+        waiting_tokens = 0
+        for request in self.waiting:
+            waiting_tokens += len(request.prompt_ids) + len(request.output_ids)
+            if waiting_tokens >= budget:
+                return True
+        return False
 
     def admit(self) -> Request | None:
         """The next waiting request if it fits now (it becomes running and prefilling; the caller opens
@@ -168,7 +196,8 @@ class Scheduler:
                 return chunks, None
             chunks.append((request, size))
             budget, free = budget - size, free - need
-        while budget > 0 and len(chunks) != max_chunks and self.waiting:
+        admitting = self.admission_due(budget)
+        while admitting and budget > 0 and len(chunks) != max_chunks and self.waiting:
             request = self.waiting[0]
             size = self._first_chunk_size(len(request.to_feed()), budget, first_of_step=not chunks)
             if size == 0:

