@@ -44,11 +44,23 @@ def split_decision_channel(
     return zero_last_channel(q), zero_last_channel(k), logits, importance
 
 
+_CHANNEL_FACTORS: dict = {}
+
+
 def _last_channel_factor(x: torch.Tensor, value: float) -> torch.Tensor:
     """``[1, ..., 1, value]`` over x's last dim, in x's dtype. Built on the device (``keep[-1] = 0`` would copy a
-    host scalar in, which makes the host wait for the GPU: once per layer in prefill)."""
-    channel = torch.arange(x.shape[-1], device=x.device)
-    return torch.where(channel == x.shape[-1] - 1, value, 1.0).to(x.dtype)
+    host scalar in, which makes the host wait for the GPU: once per layer in prefill), and kept: inference calls
+    this several times a layer, and each build is four launches of the host's. (Not kept while compiling.)"""
+    if torch.compiler.is_compiling():
+        channel = torch.arange(x.shape[-1], device=x.device)
+        return torch.where(channel == x.shape[-1] - 1, value, 1.0).to(x.dtype)
+    key = (x.shape[-1], x.dtype, x.device, value)
+    factor = _CHANNEL_FACTORS.get(key)
+    if factor is None:
+        channel = torch.arange(x.shape[-1], device=x.device)
+        with torch.inference_mode(False):  # usable by autograd and inference alike
+            factor = _CHANNEL_FACTORS[key] = torch.where(channel == x.shape[-1] - 1, value, 1.0).to(x.dtype)
+    return factor
 
 
 def zero_last_channel(x: torch.Tensor) -> torch.Tensor:
