@@ -430,6 +430,37 @@ class PagedKVCache:
         self.page_table[layer, row] = torch.where(needed, self.free_pages[take].view_as(table), table)
         self.free_top -= needed.sum()
 
+    def reserve(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Give the heads of ``rows`` ``[S]`` in every layer the pages for ``slots`` ``[S]`` slots each (beyond those
+        they hold, keeping the ready page), on the device, in one pass over all the layers: a batched prefill of
+        first chunks takes its worst case (every token a slot) before its layers run, instead of growing in each
+        layer (about twenty host launches a layer). :meth:`trim` gives back what the layers did not fill."""
+        p = self.layout.page_size
+        have = self.lens[:, rows].long() // p + 1  # [L, S, H]
+        want = (slots.long() // p + 1)[None, :, None]
+        m = torch.arange(self.layout.pages_per_head, device=self.device)
+        needed = (m >= have[..., None]) & (m < want[..., None])  # [L, S, H, M]
+        order = needed.flatten().long().cumsum(0) - 1
+        take = (self.free_top - 1 - order).clamp(0, self.free_pages.shape[0] - 1)
+        table = self.page_table[:, rows]
+        self.page_table[:, rows] = torch.where(needed, self.free_pages[take].view_as(table), table)
+        self.free_top -= needed.sum()
+
+    def trim(self, rows: torch.Tensor) -> None:
+        """Push back on the free stack every page of ``rows`` ``[S]`` (all layers) beyond each head's ready page
+        ``lens // P``: what :meth:`reserve` took and the slots did not fill. One host sync (the forward's end, which
+        the host is about to wait for anyway)."""
+        p = self.layout.page_size
+        table = self.page_table[:, rows]
+        keep = self.lens[:, rows].long() // p + 1
+        m = torch.arange(self.layout.pages_per_head, device=self.device)
+        freed = (m >= keep[..., None]) & (table != 0)
+        pages = table[freed]
+        top = self.free_page_count()
+        self.free_pages[top:top + pages.numel()] = pages
+        self.free_top += pages.numel()
+        self.page_table[:, rows] = table.masked_fill(freed, 0)
+
     def shrink(self, layer: int, row: int, new_lens: torch.Tensor) -> None:
         """Cut the heads of a row to ``new_lens`` [H] slots (the first ones stay) and push the pages
         beyond the ready page ``new_lens // P`` back on the free stack: the inverse of :meth:`grow`,
@@ -607,12 +638,20 @@ def commit_packed(views: list[_LayerView], packed, alpha, k_bar, v_bar, tail_alp
     and the slot ends never cross from one chunk into the next."""
     cache, layer = views[0].cache, views[0].layer
     p, d = cache.layout.page_size, k_bar.shape[-1]
+    if packed.vanilla_slots is not None:  # every token its own slot, the pages reserved: the writes only
+        flat = packed.vanilla_slots[layer]
+        cache.store_states(layer, flat, k_bar[0], v_bar[0])
+        cache.lens[layer, packed.rows] = packed.vanilla_lens
+        for view, (lo, hi) in zip(views, packed.bounds):
+            view.committed += hi - lo
+        return
     kept = core.ends_slot(alpha[0])  # [H, n]
     count = kept.long().cumsum(-1)
     before = count.index_select(1, packed.first) - kept.index_select(1, packed.first).long()  # [H, S]
     slot = count - 1 - before.index_select(1, packed.segment_of_token)  # a kept token's slot in its row
     new_lens = count.index_select(1, packed.last) - before  # [H, S]
-    cache.grow(layer, packed.rows, new_lens.T)
+    if not packed.reserved:
+        cache.grow(layer, packed.rows, new_lens.T)
     # As in _LayerView.commit: every token writes its slot with the state of the token that ends it.
     end, _ = core.slot_ends(kept)  # each chunk's last token ends a slot: the end never leaves the chunk
     slot = slot.gather(1, end)
@@ -628,6 +667,24 @@ def commit_packed(views: list[_LayerView], packed, alpha, k_bar, v_bar, tail_alp
         cache.set_window_states(layer, packed.rows, packed.roll_index, state[0].transpose(0, 1))
     for view, (lo, hi) in zip(views, packed.bounds):
         view.committed += hi - lo
+
+
+def reserve_packed(cache: PagedKVCache, packed) -> None:
+    """Take the pages of a batched prefill's first chunks for all the layers at once, before they run (the worst
+    case: every token a slot; :meth:`PagedKVCache.reserve`), so that each layer's :func:`commit_packed` only writes;
+    :meth:`PagedKVCache.trim` gives back the rest after the forward. Without merging (vanilla) the slots are the
+    tokens, so their pool addresses are computed here once for every layer (``packed.vanilla_slots``)."""
+    packed.reserved = True
+    if packed.leaving is not None:  # delayed merging: the tokens that leave the window commit within the same pages
+        packed.leaving.reserved = True
+    cache.reserve(packed.rows, packed.chunk_lens)
+    if cache.layout.vanilla:
+        p = cache.layout.page_size
+        slot = packed.position_in_chunk  # [n]: a first chunk's token t is slot t
+        # (index tensors apart: their dimension comes first) [n, L, H] -> [L, H * n], head-major as store_states takes it
+        page = cache.page_table[:, packed.row_of_token, :, slot // p].long()
+        packed.vanilla_slots = (page * p + (slot % p)[:, None, None]).permute(1, 2, 0).flatten(1)
+        packed.vanilla_lens = packed.chunk_lens[:, None].to(torch.int32)
 
 
 def hold_packed(views: list[_LayerView], packed, k, v, alpha, importance, cos, sin) -> None:

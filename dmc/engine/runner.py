@@ -41,7 +41,8 @@ from ..hf.attention import DMCBatch, PackedChunks
 from ..hf.convert import dmc_config_from
 from ..hf.modeling import FAMILIES
 from ..kernels import get_kernels
-from .cache import OutOfPages, PagedKVCache, SequenceView, allocate_pages, commit_packed, hold_packed
+from .cache import (OutOfPages, PagedKVCache, SequenceView, allocate_pages, commit_packed, hold_packed,
+                    reserve_packed)
 from .eviction import EngineEviction
 from .layers import DecodeOps, fuse_projections
 from .sampling import to_device
@@ -109,13 +110,14 @@ def _pack(members: list[int], ranges: list[tuple[int, int]], rows: list[int], wi
     contiguous = all(ranges[s][1] == ranges[s + 1][0] for s in range(count - 1))
     segment_of_token = [s for s, (a, b) in enumerate(bounds) for _ in range(b - a)]
     per_token = to_device([segment_of_token, [rows[members[s]] for s in segment_of_token],
-                           [int(t == bounds[s][0]) for t, s in enumerate(segment_of_token)]], torch.long, device)
+                           [int(t == bounds[s][0]) for t, s in enumerate(segment_of_token)],
+                           [t - bounds[s][0] for t, s in enumerate(segment_of_token)]], torch.long, device)
     document_ids = None
     if flex:
         bucket = max(128, 1 << (total - 1).bit_length())  # FlexAttention's compiled kernel: one per bucket
         document_ids = to_device([segment_of_token + [count] * (bucket - total)], torch.int32, device)
-    per_chunk = to_device([[a for a, _ in bounds], [b - 1 for _, b in bounds], [rows[i] for i in members]],
-                          torch.long, device)
+    per_chunk = to_device([[a for a, _ in bounds], [b - 1 for _, b in bounds], [rows[i] for i in members],
+                           [b - a for a, b in bounds]], torch.long, device)
     tail = [[b - width + j for j in range(width)] for _, b in bounds]
     real = [[int(t >= a) for t in ts] for ts, (a, _) in zip(tail, bounds)]
     roll = [[(j - (b - a) % width) % width for j in range(width)] for a, b in bounds] if width else [[]] * count
@@ -128,7 +130,7 @@ def _pack(members: list[int], ranges: list[tuple[int, int]], rows: list[int], wi
         token_index=token_index, starts=per_token[2:3].bool(), document_ids=document_ids,
         segment_of_token=per_token[0], first=per_chunk[0], last=per_chunk[1], tail_index=tails[0],
         tail_real=tails[1].bool(), rows=per_chunk[2], row_of_token=per_token[1], roll_index=tails[2],
-        commit=commit)
+        commit=commit, chunk_lens=per_chunk[3], position_in_chunk=per_token[3])
 
 
 class ModelRunner:
@@ -216,6 +218,8 @@ class ModelRunner:
         if len(fresh) > (0 if self.delay else 1) and self.eviction is None and (window is None or window > 1):
             packed = pack_first_chunks(fresh, segments, rows, 0 if window is None else window - 1, device,
                                        self.delay)
+        if packed is not None:
+            reserve_packed(cache, packed)  # every layer's pages at once; trimmed after the layers
         hidden = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(hidden, positions)
         layers = self.base.layers
@@ -227,7 +231,10 @@ class ModelRunner:
             hidden, x = self.ops.add_norm(hidden, attn_out, layer.post_attention_layernorm)
             following = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.base.norm
             hidden, x = self.ops.add_norm(hidden, self.ops.mlp(layer, self.decode_layers[index], x), following)
-        return self.model.lm_head(x[0, last]).float()
+        logits = self.model.lm_head(x[0, last]).float()
+        if packed is not None:
+            cache.trim(packed.rows)
+        return logits
 
     # ------------------------------------------------------------------ decode
     @torch.inference_mode()

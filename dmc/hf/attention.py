@@ -81,6 +81,8 @@ class PackedChunks:
             ``roll_index``: ``[S, W-1]`` long, where each entry of the window state goes in its ring.
         commit: ``commit(layer_caches, packed, alpha, k_bar, v_bar, tail_alpha, tail_terms, tail_sums)``,
             the cache's write of all the chunks of one layer.
+        chunk_lens, position_in_chunk, reserved, vanilla_slots, vanilla_lens: the engine's page reservation for all the layers
+            at once (:func:`dmc.engine.cache.reserve_packed`): each layer's commit then only writes.
         delay: merge_delay w (0: off). With delayed merging a chunk of n tokens sends its first n - w through
             DMC (they leave the window) and keeps its last min(n, w) raw in the delay ring, as
             :meth:`DMCAttention._attend_cached_delayed` does for it alone. Then ``leaving`` describes the
@@ -117,6 +119,11 @@ class PackedChunks:
     hold_rows: torch.Tensor | None = None
     hold_slots: torch.Tensor | None = None
     hold: object = None
+    chunk_lens: torch.Tensor | None = None  # [S] long: each chunk's tokens
+    position_in_chunk: torch.Tensor | None = None  # [n] long: each token's index in its chunk
+    reserved: bool = False  # the chunks' pages are taken for every layer before the forward (reserve_packed)
+    vanilla_slots: torch.Tensor | None = None  # [L, H * n]: vanilla's pool addresses of every token, all layers
+    vanilla_lens: torch.Tensor | None = None  # [S, 1] int32: vanilla's slots per head after each chunk
 
     def select(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """The packed tokens of ``x`` along ``dim``."""
@@ -272,9 +279,10 @@ class DMCAttention(nn.Module):
             k_bar, v_bar, sums = self._pool_first_chunks(k, v, importance, alpha, cos, sin)
             q = core.zero_last_channel(_rope_q(q, cos, sin))
             out = self._attend_packed(q, k_bar, v_bar, core.key_bias_from_hard(alpha), packed)
-        packed.commit([layer_caches[i] for i in packed.members], packed, alpha, k_bar, v_bar,
-                      *_window_tails(alpha, importance, k, v, sums, packed.tail_index, packed.tail_real, packed.last,
-                                     window))
+        # vanilla keeps no window state: no tails to take
+        tails = (None, None, None) if batch.vanilla else _window_tails(
+            alpha, importance, k, v, sums, packed.tail_index, packed.tail_real, packed.last, window)
+        packed.commit([layer_caches[i] for i in packed.members], packed, alpha, k_bar, v_bar, *tails)
         return out
 
     def _pool_first_chunks(self, k, v, importance, alpha, cos, sin):
