@@ -210,12 +210,18 @@ def test_cli_generate_and_bench_with_eviction(model_dir, capsys):
                  "--eviction", "tova", "--eviction-budget", "4", *ENGINE]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["realized_cr"] == pytest.approx(31 / 4)
+    assert main(["generate", model_dir, "--prompt", "def f(x):\n    return x", "--max-tokens", "20", "--ignore-eos",
+                 "--json", "--eviction", "snapkv", "--eviction-budget", "8", "--eviction-window", "3", *ENGINE]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["compression"]["slots"] == 8 * 2 * 2
 
 
 @pytest.mark.parametrize("args,message", [
     (["--eviction-budget", "8"], "--eviction-budget needs --eviction"),
     (["--eviction", "tova"], "--eviction needs --eviction-budget"),
     (["--eviction", "tova", "--eviction-budget", "8", "--eviction-recent", "2"], "--eviction-recent is H2O's"),
+    (["--eviction", "h2o", "--eviction-budget", "8", "--eviction-window", "2"], "--eviction-window is SnapKV's"),
+    (["--eviction-window", "4"], "--eviction-window needs --eviction"),
+    (["--eviction", "snapkv", "--eviction-budget", "8", "--eviction-window", "9"], "observation window"),
     (["--eviction", "h2o", "--eviction-budget", "0"], ">= 1 slot"),
 ])
 def test_cli_eviction_errors(model_dir, capsys, args, message):

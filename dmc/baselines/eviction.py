@@ -42,6 +42,7 @@ import torch
 from ..hf.cache import DMCCache, DMCCacheLayer
 
 METHODS = ("h2o", "tova", "snapkv")
+METHOD_NAMES = {"h2o": "H2O", "tova": "TOVA", "snapkv": "SnapKV"}
 POOLINGS = ("max", "avg")
 
 
