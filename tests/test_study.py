@@ -1,5 +1,5 @@
 """`dmc study` end to end on a tiny random model (CPU): DMC at two CRs, plain continued training, GQA
-(and its skip), H2O and TOVA at nominal and matched budgets; the files it writes, skipping finished
+(and its skip), H2O, TOVA and SnapKV at nominal and matched budgets; the files it writes, skipping finished
 runs, --only / --report-only / resuming, continuing from the directory alone, and bad input."""
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def test_a_second_invocation_skips_finished_runs(study, files, capsys):
     capsys.readouterr()
     assert cli(_args(files, out, "--crs", "2", "4")) == 0
     printed = capsys.readouterr().out
-    assert printed.count("finished earlier, skipped") == 10 and "training" not in printed
+    assert printed.count("finished earlier, skipped") == 12 and "training" not in printed
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")} == before
 
 
