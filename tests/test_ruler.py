@@ -1,6 +1,7 @@
 """RULER-style tasks: the generators (answer in the haystack, exact lengths and depths), the scoring,
 and runs through DMC's cache, a plain model and an eviction cache on tiny random models."""
 
+import math
 import random
 
 import pytest
@@ -109,3 +110,61 @@ def test_ruler_eval_through_dmc_plain_and_eviction_caches(tokenizer, monkeypatch
     whole = ruler_eval(vanilla, tokenizer, trials, cache_factory=lambda n: EvictionCache(vanilla.config, policy),
                        prefill=192)
     assert whole["trials"] == 6
+
+
+# --------------------------------------------------------------------------- dmc eval
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("ruler")
+    dmc_model("llama", window=4, vocab_size=600).save_pretrained(root / "dmc")
+    stock_model("llama", vocab_size=600).save_pretrained(root / "original")
+    for name in ("dmc", "original"):
+        tokenizer.save_pretrained(root / name)
+    (root / "data").mkdir()
+    for i, text in enumerate(TEXTS):
+        (root / "data" / f"{i}.txt").write_text(text)
+    return root
+
+
+def test_dmc_eval_runs_ruler_baselines_and_several_windows(dirs, capsys):
+    import json
+
+    from dmc.cli.main import main
+    out = dirs / "report.json"
+    assert main(["eval", str(dirs / "dmc"), "--data", str(dirs / "data"), "--seq-len", "32", "64", "--max-windows",
+                 "2", "--recall-pairs", "0", "--ruler-lengths", "256", "320", "--ruler-tasks", "niah_single",
+                 "variable_tracking", "--ruler-depths", "0.5", "--ruler-trials", "2", "--baselines", "snapkv", "h2o",
+                 "--baseline-model", str(dirs / "original"), "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity at 64 tokens" in printed and "RULER (snapkv at DMC's" in printed
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["seq_len"] == 32 and report["seq_lens"] == [32, 64]
+    assert report["by_seq_len"]["64"]["realized_cr"] > 1 and report["by_seq_len"]["64"]["windows"] >= 1
+    ruler = report["ruler"]
+    assert ruler["trials"] == 2 * 2 * 2 and set(ruler["by_task"]["niah_single"]) == {"256", "320"}
+    for method in ("snapkv", "h2o"):
+        for length in ("256", "320"):
+            row = report["ruler_baselines"][method][length]
+            assert row["budget"] == math.ceil(int(length) / ruler["compression"][length]["cr"])
+            assert row["trials"] == 4 and 0 <= row["accuracy"] <= 1
+    assert report["ruler_baselines"]["evicts_on"] == str(dirs / "original")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--baselines", "tova"], "--baselines run the RULER tasks"),
+    (["--ruler-lengths", "32"], ">= 64"),
+    (["--ruler-lengths", "128", "--ruler-tasks", "nope"], "unknown RULER task"),
+    (["--ruler-lengths", "128", "--ruler-depths", "2"], "within 0"),
+])
+def test_dmc_eval_ruler_errors(dirs, capsys, args, message):
+    from dmc.cli.main import main
+    assert main(["eval", str(dirs / "dmc"), "--data", str(dirs / "data"), "--seq-len", "32", "--device", "cpu",
+                 *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dmc_eval_baselines_need_a_dmc_model(dirs, capsys):
+    from dmc.cli.main import main
+    assert main(["eval", str(dirs / "original"), "--data", str(dirs / "data"), "--seq-len", "32", "--device", "cpu",
+                 "--recall-pairs", "0", "--ruler-lengths", "128", "--baselines", "tova"]) == 2
+    assert "is a plain model" in capsys.readouterr().err
