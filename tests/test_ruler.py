@@ -10,7 +10,8 @@ from conftest import dmc_model, stock_model
 
 import dmc
 from dmc.baselines import EvictionCache, EvictionPolicy
-from dmc.eval.ruler import NIAH_INTRO, TASKS, VT_INTRO, _special_prefix, check_ruler, haystack_ids, make_ruler_trial, make_ruler_trials, ruler_eval, score
+from dmc.eval.ruler import (NIAH_INTRO, TASKS, VT_INTRO, _special_prefix, check_ruler, haystack_ids, make_ruler_trial,
+                            make_ruler_trials, ruler_eval, score)
 from dmc.tiny import train_tokenizer
 
 TEXTS = ["def f(x):\n    return x * 2 + 1\n" * 40, "class A:\n    value = 3\n    name = 'a'\n" * 40,

@@ -10,8 +10,8 @@ import sys
 
 NAME = "study"
 HELP = ("compare DMC at each --crs with plain continued training on the same tokens, GQA up-training, and "
-        "H2O/TOVA/SnapKV at budgets matched to DMC's realized CR, on held-out data; writes OUT/results.json, results.md and plots "
-        "(resumable: run it again to continue; several processes may share OUT with --only)")
+        "H2O/TOVA/SnapKV at budgets matched to DMC's realized CR, on held-out data; writes OUT/results.json, "
+        "results.md and plots (resumable: run it again to continue; several processes may share OUT with --only)")
 
 EVAL_DEFAULTS = {"eval_seq_len": None, "eval_windows": 64, "eval_batch_size": 4, "eval_dtype": "float32",
                  "evict_base": "original", "device": None}

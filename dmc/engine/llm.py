@@ -124,8 +124,8 @@ class LLM:
         if vanilla and forced_period:
             raise ValueError("vanilla=True and forced_period are exclusive (vanilla never merges)")
         if eviction is not None and (forced_period or not (plain or vanilla)):
-            raise ValueError("eviction (H2O, TOVA, SnapKV) runs the model uncompressed, every token appending: pass a plain "
-                             "model, or vanilla=True for a DMC model (and no forced_period)")
+            raise ValueError("eviction (H2O, TOVA, SnapKV) runs the model uncompressed, every token appending: pass "
+                             "a plain model, or vanilla=True for a DMC model (and no forced_period)")
         # The decode kernels read a = k[D-1] - c: a training-time logit scale goes into the weights.
         fold_logit_scale(self.model)
         # forced_period drives the decisions, so even a plain model's weights run the DMC path.

@@ -124,8 +124,8 @@ def render_markdown(result: dict, plots: list[str], plot_note: str | None) -> st
              f"{'s' if meta['heldout']['files'] != 1 else ''}).",
              f"- **Evaluation**: up to {ev['max_windows']} windows of {ev['window_tokens']} held-out tokens, the same "
              f"for every model, {ev['dtype']}. DMC: through its compressed cache (hard decisions, as at inference); "
-             "H2O/TOVA/SnapKV: token by token through the eviction cache, a budget of ⌈window / CR⌉ slots per KV head, at the "
-             "nominal CR and matched to DMC's realized CR.",
+             "H2O/TOVA/SnapKV: token by token through the eviction cache, a budget of ⌈window / CR⌉ slots per KV head, "
+             "at the nominal CR and matched to DMC's realized CR.",
              f"- **Device**: {device}; torch {meta['torch']}, transformers {meta['transformers']}.", "",
              "| run | model | target CR | KV budget | realized CR | perplexity | vs plain | vs original | "
              "hard − relaxed (nats) | train tokens | train time |",
