@@ -1,4 +1,4 @@
-"""H2O and TOVA in the engine (dmc.LLM(eviction=...)) against the HF path's EvictionCache: same tokens,
+"""H2O, TOVA and SnapKV in the engine (dmc.LLM(eviction=...)) against the HF path's EvictionCache: same tokens,
 same kept positions per head, the budget held after every step, pages returned, clear errors."""
 
 import json
@@ -48,7 +48,7 @@ def _assert_no_leak(llm):
 
 
 @pytest.mark.parametrize("method,budget,family", [("tova", 5, "qwen2"), ("h2o", 17, "llama"), ("tova", 33, "qwen3"),
-                                                  ("h2o", 5, "qwen2")])
+                                                  ("h2o", 5, "qwen2"), ("snapkv", 17, "llama"), ("snapkv", 5, "qwen2")])
 def test_greedy_equals_hf_generate_with_an_eviction_cache(method, budget, family):
     """A batch of prompts shorter and longer than the budget (17 and 33 cross a page boundary)."""
     model = _vanilla_model(family)
@@ -76,12 +76,15 @@ def _engine_positions(llm, row):
 
 
 @pytest.mark.parametrize("method,budget,recent,chunk", [("tova", 17, None, 4096), ("h2o", 17, 6, 4096),
-                                                        ("h2o", 5, 2, 16)])
+                                                        ("h2o", 5, 2, 16), ("snapkv", 17, 6, 4096),
+                                                        ("snapkv", 9, 3, 16)])
 def test_kept_positions_match_the_hf_cache_after_every_step(method, budget, recent, chunk):
     """Step by step: the engine's kept positions per head equal the HF cache's (fed the same prompt
-    chunks and tokens), no head ever holds more than the budget, H2O keeps its recent window."""
+    chunks and tokens), no head ever holds more than the budget, H2O keeps its recent window and
+    SnapKV its observation window (``recent`` here)."""
     model = _vanilla_model()
-    policy = EvictionPolicy(method, budget=budget, recent=recent)
+    policy = EvictionPolicy(method, budget=budget, recent=recent if method == "h2o" else None,
+                            window=recent if method == "snapkv" else None)
     prompts = _prompts((40, 12, 70))
     llm = _engine(model, policy, prefill_chunk=chunk)
     requests = [llm.add_request(p, _greedy()) for p in prompts]
@@ -106,8 +109,8 @@ def test_kept_positions_match_the_hf_cache_after_every_step(method, budget, rece
             assert int(logits[0, -1].argmax()) == request.output_ids[-1]
             kept = _engine_positions(llm, request.row)
             assert kept == _hf_positions(caches[i])
-            if method == "h2o":
-                newest = set(range(request.seen - policy.recent, request.seen))
+            if method != "tova":
+                newest = set(range(request.seen - policy.protected, request.seen))
                 assert all(newest <= set(head) for layer in kept for head in layer)
             compared += 1
     assert compared > 2 * MAX_TOKENS
@@ -169,7 +172,7 @@ def test_triton_kernels_path_equals_hf(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels and CUDA graphs need CUDA")
-@pytest.mark.parametrize("method", ["tova", "h2o"])
+@pytest.mark.parametrize("method", ["tova", "h2o", "snapkv"])
 def test_gpu_eviction_in_cuda_graphs_equals_hf(method):
     """On CUDA the eviction step (no host sync) runs inside the decode step's CUDA graphs."""
     model = _vanilla_model("qwen2").cuda()
@@ -207,12 +210,18 @@ def test_cli_generate_and_bench_with_eviction(model_dir, capsys):
                  "--eviction", "tova", "--eviction-budget", "4", *ENGINE]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["realized_cr"] == pytest.approx(31 / 4)
+    assert main(["generate", model_dir, "--prompt", "def f(x):\n    return x", "--max-tokens", "20", "--ignore-eos",
+                 "--json", "--eviction", "snapkv", "--eviction-budget", "8", "--eviction-window", "3", *ENGINE]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["compression"]["slots"] == 8 * 2 * 2
 
 
 @pytest.mark.parametrize("args,message", [
     (["--eviction-budget", "8"], "--eviction-budget needs --eviction"),
     (["--eviction", "tova"], "--eviction needs --eviction-budget"),
     (["--eviction", "tova", "--eviction-budget", "8", "--eviction-recent", "2"], "--eviction-recent is H2O's"),
+    (["--eviction", "h2o", "--eviction-budget", "8", "--eviction-window", "2"], "--eviction-window is SnapKV's"),
+    (["--eviction-window", "4"], "--eviction-window needs --eviction"),
+    (["--eviction", "snapkv", "--eviction-budget", "8", "--eviction-window", "9"], "observation window"),
     (["--eviction", "h2o", "--eviction-budget", "0"], ">= 1 slot"),
 ])
 def test_cli_eviction_errors(model_dir, capsys, args, message):

@@ -445,7 +445,7 @@ def test_help_texts_show_defaults(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    expected = {"eval": ["--seq-len SEQ_LEN tokens per evaluation window, >= 2 (default: 1024)",
+    expected = {"eval": ["--seq-len SEQ_LEN [SEQ_LEN ...] tokens per evaluation window, >= 2 (default: 1024)",
                          "windows of seq-len tokens (default: 64)", "(default: 20)", "(default: text)"],
                 "generate": ["most new tokens per prompt (default: 128)", "0 = greedy (default: 0.0)",
                              "--max-num-seqs MAX_NUM_SEQS most sequences decoded together (default: 256)"],

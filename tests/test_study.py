@@ -1,5 +1,5 @@
 """`dmc study` end to end on a tiny random model (CPU): DMC at two CRs, plain continued training, GQA
-(and its skip), H2O and TOVA at nominal and matched budgets; the files it writes, skipping finished
+(and its skip), H2O, TOVA and SnapKV at nominal and matched budgets; the files it writes, skipping finished
 runs, --only / --report-only / resuming, continuing from the directory alone, and bad input."""
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def test_the_study_writes_every_row_and_the_meta(study, files):
     out, status = study
     assert status == 0
     result, rows = _rows(out)
-    evictions = {(f"{m}@{cr}", kind) for m in ("h2o", "tova") for cr in (2, 4) for kind in ("nominal", "matched")}
+    evictions = {(f"{m}@{cr}", kind) for m in ("h2o", "tova", "snapkv") for cr in (2, 4)
+                 for kind in ("nominal", "matched")}
     assert set(rows) == {("original", None), ("plain", None), ("dmc@2", None), ("dmc@4", None), ("gqa@2", None)} \
         | evictions
     assert [(s["run"], s["status"]) for s in result["skipped"]] == [("gqa@4", "skipped")]
@@ -82,7 +83,7 @@ def test_the_study_writes_every_row_and_the_meta(study, files):
         assert dmc["realized_cr"] >= 1 and "relaxed_gap" in dmc and dmc["loss_relaxed"] > 0
         assert dmc["relaxed_gap"] == pytest.approx(dmc["loss"] - dmc["loss_relaxed"])
         assert len(dmc["compression"]["per_head_cr"]) == 1  # one layer
-        for method in ("h2o", "tova"):
+        for method in ("h2o", "tova", "snapkv"):
             nominal, matched = rows[(f"{method}@{cr}", "nominal")], rows[(f"{method}@{cr}", "matched")]
             assert nominal["budget"] == budget_for(WINDOW, cr) and nominal["realized_cr"] == pytest.approx(cr)
             assert matched["budget"] == budget_for(WINDOW, dmc["realized_cr"])
@@ -108,7 +109,7 @@ def test_a_second_invocation_skips_finished_runs(study, files, capsys):
     capsys.readouterr()
     assert cli(_args(files, out, "--crs", "2", "4")) == 0
     printed = capsys.readouterr().out
-    assert printed.count("finished earlier, skipped") == 10 and "training" not in printed
+    assert printed.count("finished earlier, skipped") == 12 and "training" not in printed
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")} == before
 
 
@@ -162,7 +163,7 @@ def test_plain_runs_per_cr_when_the_plans_differ_and_only_picks_runs(files):
                       train={"steps_per_cr": 10})
     runs = plan_runs(s)
     assert [r.name for r in runs] == ["original", "dmc@2", "dmc@4", "plain@2", "plain@4", "gqa@2", "gqa@4",
-                                      "h2o@2", "h2o@4", "tova@2", "tova@4"]
+                                      "h2o@2", "h2o@4", "tova@2", "tova@4", "snapkv@2", "snapkv@4"]
     assert [r.dirname for r in select_runs(runs, ["plain@4", "tova"])] == ["plain-4x", "tova-2x", "tova-4x"]
     shared = plan_runs(StudySettings(model="m", data=["d"], heldout=["h"], out="o", crs=[2, 4],
                                      train={"retrofit_steps": 10}))

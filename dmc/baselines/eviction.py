@@ -1,4 +1,4 @@
-"""H2O and TOVA: fixed-budget KV eviction at decode time (spec §8), with real eviction.
+"""H2O, TOVA and SnapKV: fixed-budget KV eviction (spec §8), with real eviction.
 
 The cache holds at most ``budget`` slots per (layer, sequence, KV head): evicted keys and values
 are removed from storage, not masked. Used on a converted model in vanilla mode (every token
@@ -14,6 +14,19 @@ head (averaged over the query heads of its group):
 - TOVA (Oren et al. 2024): keep the slots the *current* (last) query attends to most.
 - H2O (Zhang et al. 2023): keep the ``recent`` newest slots plus the heavy hitters by attention
   accumulated over all queries so far.
+- SnapKV (Li et al. 2024): keep the ``window`` newest slots (the observation window) plus the
+  slots the window's queries attend to most, scores pooled over neighbouring key positions
+  (``pooling`` of ``kernel`` slots) so that a hit keeps its context.
+
+SnapKV as published compresses the prompt once and keeps every generated token. To hold a fixed
+budget through decoding, as H2O and TOVA do here, its rule is applied after every forward: the
+attention of the forward's last ``window`` queries (one query while decoding), pooled, is added to
+each slot's score, and the ``window`` newest slots are protected. For a prompt prefilled in one
+forward this is the paper's selection exactly; while decoding, the newest queries stand for the
+observation window as it moves with generation, and a token enters the competition once it leaves
+the protected window, carrying the attention it received meanwhile. A budget of prompt scores that
+never changed would instead drop every generated token as soon as it left the window (their scores
+start at 0), which loses the model's own recent output on long generations.
 
 The scoring and selection (:func:`slot_attention`, :func:`keep_scores`, :func:`kept_slots`) are
 shared with the inference engine's eviction (:mod:`dmc.engine.eviction`), so both paths evict alike.
@@ -28,7 +41,9 @@ import torch
 
 from ..hf.cache import DMCCache, DMCCacheLayer
 
-METHODS = ("h2o", "tova")
+METHODS = ("h2o", "tova", "snapkv")
+METHOD_NAMES = {"h2o": "H2O", "tova": "TOVA", "snapkv": "SnapKV"}
+POOLINGS = ("max", "avg")
 
 
 @dataclass
@@ -36,6 +51,9 @@ class EvictionPolicy:
     method: str
     budget: int  # slots kept per (layer, sequence, KV head)
     recent: int | None = None  # H2O's recent window (default: half the budget)
+    window: int | None = None  # SnapKV's observation window (default: 32 as in the paper, at most half the budget)
+    pooling: str = "max"  # SnapKV's pooling of scores over key positions: "max" or "avg"
+    kernel: int = 7  # SnapKV's pooling width in slots (odd; 1: no pooling)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -46,6 +64,30 @@ class EvictionPolicy:
             self.recent = self.budget // 2
         if not 0 <= self.recent <= self.budget:
             raise ValueError(f"H2O's recent window must be within the budget, got {self.recent} > {self.budget}")
+        if self.window is None:
+            self.window = min(32, max(1, self.budget // 2))
+        if not 1 <= self.window <= self.budget:
+            raise ValueError(f"SnapKV's observation window must be 1 to the budget ({self.budget}) slots, "
+                             f"got {self.window}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown SnapKV pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"SnapKV's pooling kernel must be an odd number of slots >= 1, got {self.kernel}")
+
+    @property
+    def accumulates(self) -> bool:
+        """Whether slots carry a score from step to step (H2O, SnapKV); TOVA rescores each step."""
+        return self.method != "tova"
+
+    @property
+    def protected(self) -> int:
+        """The newest slots never evicted: H2O's recent window, SnapKV's observation window."""
+        return {"h2o": self.recent, "snapkv": self.window}.get(self.method, 0)
+
+    @property
+    def scoring_queries(self) -> int | None:
+        """How many of a forward's last queries score the slots (None: all of them)."""
+        return {"tova": 1, "snapkv": self.window}.get(self.method)
 
 
 def budget_for(context_length: int, cr: float) -> int:
@@ -54,25 +96,27 @@ def budget_for(context_length: int, cr: float) -> int:
 
 
 def slot_attention(q: torch.Tensor, keys: torch.Tensor, slot_positions: torch.Tensor, query_positions: torch.Tensor,
-                   scale: float, valid: torch.Tensor, *, last_only: bool, block: int = 256) -> torch.Tensor:
+                   scale: float, valid: torch.Tensor, *, last: int | None, block: int = 256) -> torch.Tensor:
     """Attention probabilities of a chunk's queries to each slot, per KV head (mean over the query
-    heads of its group), summed over the valid queries, or the last query's only.
+    heads of its group), summed over the valid queries, or over the last ``last`` columns' only.
 
     Args:
         q: rotated queries ``[B, H*G, n, D]``; keys: the slots ``[B, H, S, D]``.
         slot_positions: each slot's token position ``[B, H, S]`` (-1: no slot). A query sees the
             slots at positions up to its own, ``query_positions`` ``[B, n]``.
         valid: ``[B, n]`` bool, False for padding queries (they add nothing).
-        last_only: TOVA's score, the last query's attention; else (H2O) the sum over all queries.
+        last: TOVA's score is the last query's attention (1), SnapKV's the observation window's
+            (``window``; with left padding a row's real queries are its last columns); None (H2O):
+            the sum over all queries. See :attr:`EvictionPolicy.scoring_queries`.
         block: queries per block, so a long prompt never materialises ``[H*G, n, S]`` logits at once.
 
     Returns: ``[B, H, S]`` fp32 (0 for slots no query sees).
     """
     b, hq, n, d = q.shape
     h = keys.shape[1]
-    if last_only:
-        q, query_positions, valid = q[..., -1:, :], query_positions[:, -1:], valid[:, -1:]
-        n = 1
+    if last is not None and last < n:
+        q, query_positions, valid = q[..., -last:, :], query_positions[:, -last:], valid[:, -last:]
+        n = last
     keys, seen_slot = keys.float(), slot_positions[:, :, None, :] >= 0
     total = torch.zeros(b, h, keys.shape[-2], dtype=torch.float32, device=keys.device)
     for start in range(0, n, block):
@@ -86,16 +130,54 @@ def slot_attention(q: torch.Tensor, keys: torch.Tensor, slot_positions: torch.Te
     return total
 
 
+def pool_over_positions(scores: torch.Tensor, slot_positions: torch.Tensor, pooling: str, kernel: int) -> torch.Tensor:
+    """SnapKV's 1-D pooling of ``scores`` ``[..., S]`` over each slot's neighbours in token order
+    (``kernel`` slots centred on it; slots with position -1 take no part and score 0). Slots are
+    sorted by position first, so the result does not depend on where a slot is stored (the engine
+    moves slots around, the HF cache keeps them in order)."""
+    if kernel == 1:
+        return scores
+    real = slot_positions >= 0
+    order = torch.argsort(slot_positions.masked_fill(~real, torch.iinfo(slot_positions.dtype).max), dim=-1)
+    flat = lambda t: t.gather(-1, order).reshape(-1, 1, t.shape[-1])  # noqa: E731 - [rows, 1, S] for the pools
+    ordered, mask = flat(scores.float()), flat(real).float()
+    pad = kernel // 2
+    if pooling == "max":
+        pooled = torch.nn.functional.max_pool1d(ordered.masked_fill(mask == 0, float("-inf")), kernel, 1, pad)
+    else:  # the mean over the real neighbours (padding slots count for none)
+        sums = torch.nn.functional.avg_pool1d(ordered * mask, kernel, 1, pad, count_include_pad=True)
+        counts = torch.nn.functional.avg_pool1d(mask, kernel, 1, pad, count_include_pad=True)
+        pooled = sums / counts.clamp_min(1e-9)
+    pooled = (pooled * mask).reshape(scores.shape).nan_to_num(0.0)
+    return torch.empty_like(pooled).scatter_(-1, order, pooled)
+
+
+def break_ties_by_position(keep_score: torch.Tensor, slot_positions: torch.Tensor) -> torch.Tensor:
+    """``keep_score`` ``[..., S]`` as ranks of (score, position): equal scores rank the older slot
+    lower, so it goes first. Max pooling gives whole clusters one score; without this the HF cache
+    (top-k over ordered slots) and the engine (argmin over moved slots) would part on ties."""
+    by_position = torch.argsort(slot_positions, dim=-1, stable=True)
+    by_score = torch.argsort(keep_score.gather(-1, by_position), dim=-1, stable=True)
+    order = by_position.gather(-1, by_score)  # slots from the first to go to the last
+    ranks = torch.arange(order.shape[-1], device=order.device, dtype=torch.float32).expand(order.shape)
+    return torch.empty_like(ranks).scatter_(-1, order, ranks)
+
+
 def keep_scores(policy: EvictionPolicy, attention: torch.Tensor, scores: torch.Tensor,
                 slot_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What to keep by, from :func:`slot_attention`'s ``attention`` ``[..., S]``: TOVA the current
-    query's attention; H2O the accumulated attention ``scores + attention``, with the ``recent``
-    newest slots (by position) protected. Returns ``(keep_score, new accumulated scores)``."""
-    if policy.method == "tova":
+    query's attention; H2O the accumulated attention ``scores + attention``; SnapKV the same with
+    the attention pooled over key positions first, ties going to the newer slot; H2O and SnapKV
+    protect the :attr:`~EvictionPolicy.protected` newest slots (by position). Returns
+    ``(keep_score, new accumulated scores)``."""
+    if not policy.accumulates:
         return attention, scores
+    if policy.method == "snapkv":
+        attention = pool_over_positions(attention, slot_positions, policy.pooling, policy.kernel)
     scores = scores + attention
     newest_first = torch.argsort(torch.argsort(slot_positions, dim=-1, descending=True), dim=-1)
-    return scores.masked_fill(newest_first < policy.recent, float("inf")), scores
+    keep = scores.masked_fill(newest_first < policy.protected, float("inf"))
+    return (break_ties_by_position(keep, slot_positions) if policy.method == "snapkv" else keep), scores
 
 
 def kept_slots(keep_score: torch.Tensor, slot_positions: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +194,7 @@ class EvictionCacheLayer(DMCCacheLayer):
     """A DMC cache layer in vanilla mode (one slot per token) that evicts down to a budget.
 
     Adds ``positions`` ``[B, H, S]`` (each slot's token position, -1 for padding slots), ``scores``
-    (H2O's accumulated attention) and ``seen`` ``[B]`` (real tokens consumed)."""
+    (H2O's and SnapKV's accumulated attention) and ``seen`` ``[B]`` (real tokens consumed)."""
 
     def __init__(self, policy: EvictionPolicy) -> None:
         super().__init__(window=1)
@@ -153,7 +235,7 @@ class EvictionCacheLayer(DMCCacheLayer):
     def after_attention(self, q: torch.Tensor, scale: float, valid: torch.Tensor) -> None:
         """Score the slots with this step's attention probabilities, then evict down to the budget."""
         attention = slot_attention(q, self.keys, self.positions, self.query_positions, scale, valid,
-                                   last_only=self.policy.method == "tova")
+                                   last=self.policy.scoring_queries)
         keep_score, self.scores = keep_scores(self.policy, attention, self.scores, self.positions)
         self._evict(keep_score)
 

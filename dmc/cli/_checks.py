@@ -30,8 +30,8 @@ def model_type(model: str) -> str | None:
 
 
 def check_eviction(model: str, eviction: str | None, vanilla: bool, forced_cr: int = 0) -> None:
-    """ValueError naming the flag when --eviction is asked of a DMC model without --vanilla (H2O and
-    TOVA evict from the uncompressed cache: every token appends)."""
+    """ValueError naming the flag when --eviction is asked of a DMC model without --vanilla (H2O, TOVA
+    and SnapKV evict from the uncompressed cache: every token appends)."""
     if eviction is None:
         return
     if forced_cr:

@@ -41,7 +41,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "0 = admit at once (default)")
     parser.add_argument("--vanilla", action="store_true", help="run a DMC model uncompressed (every token appends)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs (CUDA only)")
-    parser.add_argument("--eviction", choices=["h2o", "tova"], default=None,
+    parser.add_argument("--eviction", choices=["h2o", "tova", "snapkv"], default=None,
                         help="the fixed-budget eviction baselines (spec §8), run on the uncompressed model (a plain "
                              "model, or a DMC one with --vanilla); needs --eviction-budget")
     parser.add_argument("--eviction-budget", type=int, default=None,
@@ -49,6 +49,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "ceil(n / c)")
     parser.add_argument("--eviction-recent", type=int, default=None,
                         help="H2O's protected recent window (default: half the budget)")
+    parser.add_argument("--eviction-window", type=int, default=None,
+                        help="SnapKV's observation window: the last queries that score the slots, and the newest "
+                             "slots always kept (default: 32, at most half the budget)")
 
 
 def add_forced_cr_argument(parser: argparse.ArgumentParser) -> None:
@@ -129,15 +132,19 @@ def describe_load_error(model: str, exc: BaseException) -> str:
 def _eviction_policy(args: argparse.Namespace):
     """The EvictionPolicy of --eviction/--eviction-budget/--eviction-recent, or None (ValueError if
     they do not go together; EvictionPolicy checks the numbers)."""
-    from ..baselines.eviction import EvictionPolicy
+    from ..baselines.eviction import METHOD_NAMES, EvictionPolicy
 
     if args.eviction is None:
-        for flag, value in (("--eviction-budget", args.eviction_budget), ("--eviction-recent", args.eviction_recent)):
+        for flag, value in (("--eviction-budget", args.eviction_budget), ("--eviction-recent", args.eviction_recent),
+                            ("--eviction-window", args.eviction_window)):
             if value is not None:
-                raise ValueError(f"{flag} needs --eviction h2o|tova")
+                raise ValueError(f"{flag} needs --eviction h2o|tova|snapkv")
         return None
     if args.eviction_budget is None:
         raise ValueError("--eviction needs --eviction-budget N (slots kept per layer, sequence and KV head)")
     if args.eviction_recent is not None and args.eviction != "h2o":
-        raise ValueError("--eviction-recent is H2O's recent window; TOVA has none")
-    return EvictionPolicy(args.eviction, budget=args.eviction_budget, recent=args.eviction_recent)
+        raise ValueError(f"--eviction-recent is H2O's recent window; {METHOD_NAMES[args.eviction]} has none")
+    if args.eviction_window is not None and args.eviction != "snapkv":
+        raise ValueError(f"--eviction-window is SnapKV's observation window; {METHOD_NAMES[args.eviction]} has none")
+    return EvictionPolicy(args.eviction, budget=args.eviction_budget, recent=args.eviction_recent,
+                          window=args.eviction_window)

@@ -1,4 +1,6 @@
-"""``dmc eval``: held-out perplexity (both modes), realized CR with a heatmap, recall probe.
+"""``dmc eval``: held-out perplexity (both modes, at one or several window lengths), realized CR
+with a heatmap, recall probe, RULER-style long-context tasks (for DMC, with the eviction baselines at
+its realized slots).
 
 Nothing computed is lost: the arguments and the output paths are checked before any work starts,
 each figure is printed as soon as it is computed, ``--out`` is rewritten (atomically) after each
@@ -21,7 +23,8 @@ from ..config import is_dmc as dmc_model
 NAME = "eval"
 HELP = ("evaluate a local HF model (DMC or plain): held-out perplexity in full-sequence mode and, for DMC, "
         "through the compressed cache and in training mode (relaxed decisions); realized CR per layer/head "
-        "(+ heatmap PNG); key-value recall probe")
+        "(+ heatmap PNG); key-value recall probe; RULER-style long-context tasks, with H2O/TOVA/SnapKV at DMC's "
+        "realized slots")
 HELP_DEFAULTS = True
 
 
@@ -29,13 +32,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="local Hugging Face model directory")
     parser.add_argument("--data", nargs="+", required=True, help="held-out text: files, directories, globs, .jsonl")
     parser.add_argument("--text-field", default="text", help="field of the text in .jsonl/.parquet files")
-    parser.add_argument("--seq-len", type=int, default=None,
+    parser.add_argument("--seq-len", type=int, nargs="+", default=None,
                         help="tokens per evaluation window, >= 2 (default: 1024), at most the model's positions "
-                             "(the default drops to them)")
+                             "(the default drops to them); several lengths: perplexity and realized CR at each, "
+                             "the other figures at the first")
     parser.add_argument("--max-windows", type=int, default=64, help="at most this many windows of seq-len tokens")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     parser.add_argument("--recall-pairs", type=int, default=20, help="key-value pairs per recall prompt (0: skip)")
     parser.add_argument("--recall-trials", type=int, default=20, help="recall prompts (>= 1 unless --recall-pairs 0)")
+    parser.add_argument("--ruler-lengths", type=int, nargs="+", default=[],
+                        help="RULER-style tasks at these prompt lengths in tokens, e.g. 4096 8192 (default: none)")
+    parser.add_argument("--ruler-tasks", nargs="+", default=None, metavar="TASK",
+                        help="which RULER tasks: niah_single niah_multikey niah_multivalue variable_tracking "
+                             "(default: all)")
+    parser.add_argument("--ruler-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
+                        help="where the needles start in the haystack, 0 (start) to 1 (end)")
+    parser.add_argument("--ruler-trials", type=int, default=4, help="trials per (task, length, depth)")
+    parser.add_argument("--baselines", nargs="+", default=[], choices=["h2o", "tova", "snapkv"],
+                        help="for a DMC model: run the RULER tasks again with these eviction baselines at DMC's "
+                             "realized slots per length (ceil(length / CR))")
+    parser.add_argument("--baseline-model", default=None,
+                        help="the model the baselines evict on, e.g. the original of the DMC model (default: the "
+                             "DMC model itself run uncompressed)")
     parser.add_argument("--out", help="write the report as JSON here (missing folders are created)")
     parser.add_argument("--heatmap", help="write the per-layer/per-head CR heatmap PNG here (DMC models; needs "
                                           "matplotlib)")
@@ -48,7 +66,7 @@ class _StageFailed(Exception):
 
 def check_arguments(args: argparse.Namespace) -> None:
     """ValueError naming the flag for a value that cannot work (before anything is loaded)."""
-    for flag, value, least in (("--seq-len", 1024 if args.seq_len is None else args.seq_len, 2),
+    for flag, value, least in (*(("--seq-len", n, 2) for n in args.seq_len or [1024]),
                                ("--max-windows", args.max_windows, 1),
                                ("--batch-size", args.batch_size, 1), ("--recall-pairs", args.recall_pairs, 0)):
         if value < least:
@@ -56,6 +74,16 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.recall_pairs > 0 and args.recall_trials < 1:
         raise ValueError(f"--recall-trials must be >= 1, got {args.recall_trials} (--recall-pairs 0 skips the "
                          "recall probe)")
+    if args.ruler_lengths:
+        from ..eval.ruler import TASKS, check_ruler
+        try:
+            check_ruler(args.ruler_tasks or TASKS, args.ruler_lengths, args.ruler_depths, args.ruler_trials)
+        except ValueError as e:
+            raise ValueError(f"--ruler-*: {e}") from None
+    elif args.baselines:
+        raise ValueError("--baselines run the RULER tasks: give --ruler-lengths too")
+    if args.baseline_model is not None and not args.baselines:
+        raise ValueError("--baseline-model is the model --baselines evict on: give --baselines too")
 
 
 def check_output(path: str, flag: str, protected: list[pathlib.Path]) -> pathlib.Path:
@@ -125,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_arguments(args)
         check_model_dir(args.model)
+        if args.baseline_model is not None:
+            check_model_dir(args.baseline_model)
         check_weights(args.model)
         check_device(args.device)
         files = discover_files(args.data, "held-out data (--data)")
@@ -152,7 +182,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {describe_load_error(args.model, e)}", file=sys.stderr)
         return 2
     try:
-        args.seq_len = _window(args.seq_len, max_positions(args.model), tokenizer, texts)
+        positions = max_positions(args.model)
+        args.seq_lens = [_window(n, positions, tokenizer, texts) for n in args.seq_len or [None]]
+        args.seq_len = args.seq_lens[0]
+        longest = max(args.ruler_lengths, default=0)
+        if positions is not None and longest > positions:
+            raise ValueError(f"--ruler-lengths {longest} is longer than the model's {positions} positions")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -163,8 +198,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {describe_load_error(args.model, e)}", file=sys.stderr)
         return 2
     is_dmc = dmc_model(model)
+    if args.baselines and not is_dmc:
+        print(f"error: --baselines evict at a DMC model's realized slots; {args.model} is a plain model",
+              file=sys.stderr)
+        return 2
     report: dict = {"model": str(args.model), "dmc": getattr(model.config, "dmc", None), "seq_len": args.seq_len,
                     "complete": False}
+    if len(args.seq_lens) > 1:
+        report["seq_lens"] = args.seq_lens
     failures: list[str] = []
 
     def save() -> None:
@@ -196,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     except _StageFailed as e:
         failures.append(str(e))
         print(f"error: {e}", file=sys.stderr)
-        if not any(k.startswith(("perplexity", "recall")) for k in report):
+        if not any(k.startswith(("perplexity", "recall", "ruler")) for k in report):
             return 2  # nothing computed (e.g. no text holds --seq-len tokens): nothing to write
         status = 1
     except BaseException:
@@ -284,6 +325,94 @@ def _evaluate(args, model, tokenizer, texts, is_dmc: bool, heatmap, report: dict
         print(f"recall: {report['recall']['accuracy']:.0%} of {args.recall_trials} trials "
               f"({args.recall_pairs} pairs each)", flush=True)
         save()
+    for seq_len in args.seq_lens[1:]:
+        _other_window(args, model, tokenizer, texts, is_dmc, seq_len, report)
+        save()
+    if args.ruler_lengths:
+        _ruler(args, model, tokenizer, texts, is_dmc, report, save)
+
+
+def _other_window(args, model, tokenizer, texts, is_dmc: bool, seq_len: int, report: dict) -> None:
+    """Perplexity (and, for DMC, through the compressed cache with its realized CR) at one more window
+    length, under ``report["by_seq_len"][seq_len]``; the first length's figures are the top-level ones."""
+    from ..eval import perplexity
+
+    common = dict(seq_len=seq_len, max_windows=args.max_windows, batch_size=args.batch_size, progress=True)
+    row: dict = {}
+    try:
+        full = perplexity(model, tokenizer, texts, mode="full", **common)
+        row.update(perplexity_full_sequence=full.perplexity, windows=full.windows)
+        line = f"perplexity at {seq_len} tokens: {full.perplexity:.3f} (full sequence"
+        if is_dmc:
+            cached = perplexity(model, tokenizer, texts, mode="cache", **common)
+            row.update(perplexity_compressed_cache=cached.perplexity, realized_cr=cached.compression.overall_cr)
+            line += f"), {cached.perplexity:.3f} (compressed cache, realized CR {row['realized_cr']:.2f}"
+    except ValueError as e:
+        raise _StageFailed(f"perplexity at {seq_len} tokens: {e}") from e
+    report.setdefault("by_seq_len", {})[str(seq_len)] = row
+    print(line + f"; {full.windows} windows)", flush=True)
+
+
+def _ruler(args, model, tokenizer, texts, is_dmc: bool, report: dict, save) -> None:
+    """The RULER-style tasks through the model's own cache, then (DMC) each of ``--baselines`` with a
+    budget of ceil(length / DMC's realized CR at that length) slots per KV head."""
+    from ..baselines import EvictionCache, EvictionPolicy, budget_for
+    from ..eval.ruler import TASKS, make_ruler_trials, ruler_eval
+
+    try:
+        trials = make_ruler_trials(tokenizer, texts, tasks=args.ruler_tasks or TASKS, lengths=args.ruler_lengths,
+                                   depths=args.ruler_depths, trials=args.ruler_trials)
+    except ValueError as e:
+        raise _StageFailed(f"RULER tasks: {e}") from e
+
+    def show(name: str, result: dict) -> None:
+        per_length: dict[str, list[float]] = {}
+        for task in result["by_task"].values():
+            for n, by_depth in task.items():
+                per_length.setdefault(n, []).extend(by_depth.values())
+        cells = ", ".join(f"{n} tokens {sum(v) / len(v):.0%}" for n, v in per_length.items())
+        print(f"RULER ({name}): {result['accuracy']:.0%} of {result['trials']} trials ({cells})", flush=True)
+
+    result = ruler_eval(model, tokenizer, trials)
+    report["ruler"] = {k: v for k, v in result.items() if k != "outputs"}
+    show("DMC, compressed cache" if is_dmc else "full attention", result)
+    save()
+    if not args.baselines:
+        return
+    base = _baseline_model(args, model)
+    report["ruler_baselines"] = {"evicts_on": args.baseline_model or f"{args.model} (uncompressed)"}
+    for method in args.baselines:
+        rows = {}
+        for length in args.ruler_lengths:
+            cr = result["compression"][str(length)]["cr"]
+            policy = EvictionPolicy(method, budget=budget_for(length, cr))
+            chosen = [t for t in trials if t.length == length]
+            got = ruler_eval(base, tokenizer, chosen, cache_factory=lambda n, p=policy: EvictionCache(base.config, p))
+            rows[str(length)] = {"budget": policy.budget, "dmc_cr": cr, **{k: v for k, v in got.items()
+                                                                           if k != "outputs"}}
+            show(f"{method} at DMC's {policy.budget} slots, {length} tokens", got)
+        report["ruler_baselines"][method] = rows
+        save()
+
+
+def _baseline_model(args, model):
+    """The model the eviction baselines run on, converted and in vanilla mode (every token appends)."""
+    import copy
+
+    import transformers
+
+    from ..config import is_dmc
+    from ..hf.convert import convert
+
+    if args.baseline_model is None:
+        base = copy.deepcopy(model)
+    else:
+        base = transformers.AutoModelForCausalLM.from_pretrained(args.baseline_model, dtype=model.dtype)
+        base = base.to(next(model.parameters()).device).eval()
+        if not is_dmc(base):
+            base = convert(base)
+    base.set_dmc_mode(vanilla=True)
+    return base.eval()
 
 
 def _save_or_print(save, report: dict) -> bool:
@@ -305,4 +434,6 @@ def _summary(report: dict, is_dmc: bool) -> str:
                     "mode (relaxed decisions)")
     if "recall" in report:
         summary += f"; recall {report['recall']['accuracy']:.0%} of {report['recall']['trials']}"
+    if "ruler" in report:
+        summary += f"; RULER {report['ruler']['accuracy']:.0%} of {report['ruler']['trials']}"
     return summary

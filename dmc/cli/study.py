@@ -1,5 +1,5 @@
 """``dmc study``: DMC at several CRs against plain continued training on the same tokens, GQA
-up-training, H2O and TOVA, on a user's model and data; JSON + markdown + plots, resumable."""
+up-training, H2O, TOVA and SnapKV, on a user's model and data; JSON + markdown + plots, resumable."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import shlex
 import sys
 
 NAME = "study"
-HELP = ("compare DMC at each --crs with plain continued training on the same tokens, GQA up-training, and H2O/TOVA "
-        "at budgets matched to DMC's realized CR, on held-out data; writes OUT/results.json, results.md and plots "
-        "(resumable: run it again to continue; several processes may share OUT with --only)")
+HELP = ("compare DMC at each --crs with plain continued training on the same tokens, GQA up-training, and "
+        "H2O/TOVA/SnapKV at budgets matched to DMC's realized CR, on held-out data; writes OUT/results.json, "
+        "results.md and plots (resumable: run it again to continue; several processes may share OUT with --only)")
 
 EVAL_DEFAULTS = {"eval_seq_len": None, "eval_windows": 64, "eval_batch_size": 4, "eval_dtype": "float32",
                  "evict_base": "original", "device": None}
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batch-size", type=int, help="windows per forward (default 4)")
     parser.add_argument("--eval-dtype", choices=("float32", "bfloat16"), help="evaluation dtype (default float32)")
     parser.add_argument("--evict-base", choices=("original", "plain"),
-                        help="the model H2O/TOVA evict on: the untouched original (default) or plain continued "
+                        help="the model H2O/TOVA/SnapKV evict on: the untouched original (default) or plain continued "
                         "training")
     parser.add_argument("--device", help="evaluation device (default: cuda if available)")
 

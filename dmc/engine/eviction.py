@@ -1,4 +1,4 @@
-"""H2O and TOVA in the engine: fixed-budget KV eviction with real eviction (spec §8).
+"""H2O, TOVA and SnapKV in the engine: fixed-budget KV eviction with real eviction (spec §8).
 
 ``dmc.LLM(model, eviction=EvictionPolicy("tova", budget=256))``. The policy, its validation and
 the scoring are those of the HF path (:mod:`dmc.baselines.eviction`: :func:`slot_attention`,
@@ -25,7 +25,9 @@ FP8 pools (``kv_cache_dtype="fp8"``): the slots are scored on their dequantised 
 stored bytes (a kept slot is never quantised twice).
 
 Per-slot state on the device, ``[L, S + 1, H, budget + 1]``: each slot's token position (int32,
--1 = none; H2O's recent window and the tests read it) and, for H2O, its accumulated attention (fp32).
+-1 = none; the protected windows of H2O and SnapKV, SnapKV's pooling and the tests read it) and, for
+H2O and SnapKV, its accumulated attention (fp32). SnapKV pools over slots sorted by position, so the
+slot moves of the decode step change nothing (:func:`~dmc.baselines.eviction.pool_over_positions`).
 """
 
 from __future__ import annotations
@@ -45,16 +47,17 @@ class EngineEviction:
         layout = cache.layout
         shape = (layout.num_layers, layout.max_seqs + 1, layout.num_kv_heads, policy.budget + 1)
         self.positions = torch.full(shape, -1, dtype=torch.int32, device=cache.device)
-        self.scores = torch.zeros(shape if self.h2o else (1, 1, 1, 1), dtype=torch.float32, device=cache.device)
+        self.scores = torch.zeros(shape if self.accumulates else (1, 1, 1, 1), dtype=torch.float32,
+                                  device=cache.device)
 
     @property
-    def h2o(self) -> bool:
-        return self.policy.method == "h2o"
+    def accumulates(self) -> bool:
+        return self.policy.accumulates
 
     @staticmethod
     def sequence_bytes(layout: CacheLayout, policy: EvictionPolicy) -> int:
         """Per-slot state bytes of one sequence row (for the engine's memory sizing)."""
-        return layout.rows * (policy.budget + 1) * (8 if policy.method == "h2o" else 4)
+        return layout.rows * (policy.budget + 1) * (8 if policy.accumulates else 4)
 
     # ------------------------------------------------------------------ prefill
     def sequence_view(self, row: int, seen: int) -> SequenceView:
@@ -74,19 +77,20 @@ class EngineEviction:
         kept_before = slot.clamp_max(budget)
         positions = torch.where(earlier, self.positions[layer, row][:, kept_before].long(), seen + slot - old)
         positions = positions.masked_fill(~visible[0], -1)[None]  # [1, H, S]
-        scores = (self.scores[layer, row][:, kept_before] * earlier)[None] if self.h2o else None
+        scores = (self.scores[layer, row][:, kept_before] * earlier)[None] if self.accumulates else None
         query_positions = seen + torch.arange(q.shape[-2], device=cache.device)[None]
         scored = dequantise(keys, head_scales(cache.k_scale, layer))  # fp8: the stored values (fp32); else keys itself
-        attention = slot_attention(q, scored, positions, query_positions, scale, valid, last_only=not self.h2o)
+        attention = slot_attention(q, scored, positions, query_positions, scale, valid,
+                                   last=self.policy.scoring_queries)
         keep, scores = keep_scores(self.policy, attention, scores, positions)
         if keys.shape[-2] > budget:
             order, kept = kept_slots(keep, positions, budget)  # [1, H, budget]
             self._compact(layer, row, keys[0], values[0], order[0], kept[0])
             positions = positions.gather(-1, order).masked_fill(~kept, -1)
-            scores = scores.gather(-1, order) if self.h2o else None
+            scores = scores.gather(-1, order) if self.accumulates else None
         width = positions.shape[-1]
         self.positions[layer, row, :, :width] = positions[0].to(torch.int32)
-        if self.h2o:
+        if self.accumulates:
             self.scores[layer, row, :, :width] = scores[0]
 
     def _compact(self, layer: int, row: int, keys, values, order: torch.Tensor, kept: torch.Tensor) -> None:
@@ -117,10 +121,10 @@ class EngineEviction:
         slot_pos = self.positions[layer, rows].long()  # [B, H, budget + 1]
         slot_pos.scatter_(2, last, positions.long()[:, None, None].expand_as(last))
         slot_pos = slot_pos.masked_fill(~visible, -1)
-        scores = self.scores[layer, rows].scatter_(2, last, 0.0) if self.h2o else None
+        scores = self.scores[layer, rows].scatter_(2, last, 0.0) if self.accumulates else None
         keys = dequantise(keys, head_scales(cache.k_scale, layer))  # fp8: the stored values (fp32)
         attention = slot_attention(q_rot[:, :, None, :], keys, slot_pos, positions.long()[:, None], scale,
-                                   active[:, None], last_only=not self.h2o)
+                                   active[:, None], last=self.policy.scoring_queries)
         keep, scores = keep_scores(self.policy, attention, scores, slot_pos)
         over = (lens > budget) & active[:, None]
         victim = torch.where(over[..., None], keep.masked_fill(~visible, float("inf")).argmin(-1, keepdim=True), last)
@@ -132,7 +136,7 @@ class EngineEviction:
         cache.v_pool[dst] = cache.v_pool[src]
         cache.lens[layer, rows] = (lens - over.long()).to(torch.int32)
         self.positions[layer, rows] = slot_pos.scatter(2, victim, slot_pos.gather(2, last)).to(torch.int32)
-        if self.h2o:
+        if self.accumulates:
             self.scores[layer, rows] = scores.scatter(2, victim, scores.gather(2, last))
 
 

@@ -80,7 +80,7 @@ class LLM:
             (:mod:`dmc.engine.kv_scales`). Only the stored slots are quantised:
             the DMC window state and the delayed-merging ring stay in fp32 / the model dtype, so merges sum
             exact values; attention inside a prefill chunk uses the chunk's exact keys.
-        eviction: an H2O or TOVA :class:`~dmc.baselines.EvictionPolicy`: the fixed-budget eviction
+        eviction: an H2O, TOVA or SnapKV :class:`~dmc.baselines.EvictionPolicy`: the fixed-budget eviction
             baselines (spec §8), at most ``budget`` slots per (layer, sequence, KV head), evicted
             for real (:mod:`dmc.engine.eviction`). The model runs uncompressed: a plain model, or a
             DMC one with ``vanilla=True`` (a DMC model that merges is refused). Decode steps are
@@ -129,8 +129,8 @@ class LLM:
         if vanilla and forced_period:
             raise ValueError("vanilla=True and forced_period are exclusive (vanilla never merges)")
         if eviction is not None and (forced_period or not (plain or vanilla)):
-            raise ValueError("eviction (H2O, TOVA) runs the model uncompressed, every token appending: pass a plain "
-                             "model, or vanilla=True for a DMC model (and no forced_period)")
+            raise ValueError("eviction (H2O, TOVA, SnapKV) runs the model uncompressed, every token appending: pass "
+                             "a plain model, or vanilla=True for a DMC model (and no forced_period)")
         # The decode kernels read a = k[D-1] - c: a training-time logit scale goes into the weights.
         fold_logit_scale(self.model)
         # forced_period drives the decisions, so even a plain model's weights run the DMC path.
@@ -323,7 +323,7 @@ class LLM:
         then newly admitted ones; ``budget`` tokens in all, default ``prefill_chunk``), in one forward. A request
         whose whole feed is now in the cache gets its first token sampled. Returns the requests that changed.
 
-        With eviction (H2O, TOVA) the chunks run one per forward, each scheduled after the one before
+        With eviction (H2O, TOVA, SnapKV) the chunks run one per forward, each scheduled after the one before
         has been cut to the budget: a batch would hold every chunk's pages at once, uncut."""
         changed: list[Request] = []
         budget = self.prefill_chunk if budget is None else budget

@@ -7,7 +7,7 @@ windowed pooling, FlexAttention on CUDA) and writes the kept slots straight into
 The decode step is the engine's own layer loop: the model's projections (q/k/v and gate/up each fused
 into one GEMM) and MLPs (cuBLAS), residual adds fused with the RMSNorms (:mod:`dmc.engine.layers`), then one
 fused update kernel (decisions, window ring, RoPE, slot write) and the
-paged split-K attention (then, for the H2O/TOVA baselines, :mod:`dmc.engine.eviction`); after
+paged split-K attention (then, for the eviction baselines, :mod:`dmc.engine.eviction`); after
 the last layer the allocator tops up pages. Without host syncs it is captured in CUDA graphs, one
 per batch-size bucket.
 
@@ -141,7 +141,7 @@ class ModelRunner:
         self.model = model
         self.base = model.model
         self.cache = cache
-        self.eviction = eviction  # H2O/TOVA: cut to a budget after prefill chunks and decode steps
+        self.eviction = eviction  # H2O/TOVA/SnapKV: cut to a budget after prefill chunks and decode steps
         self.vanilla = vanilla
         self.forced_period = forced_period
         self.dmc = model.dmc_config

@@ -1,8 +1,9 @@
-"""``dmc study``: DMC against plain continued training, GQA up-training, H2O and TOVA on one model.
+"""``dmc study``: DMC against plain continued training, GQA up-training, H2O, TOVA and SnapKV on one
+model.
 
 Every training run (DMC at each CR, plain, GQA) is a :class:`dmc.train.Retrofitter` run with the
 same TrainConfig settings (so the same data, sequence length, batch and steps: the same tokens);
-H2O and TOVA evict on the untouched original at budgets matched to DMC's realized slots and at the
+H2O, TOVA and SnapKV evict on the untouched original at budgets matched to DMC's realized slots and at the
 nominal CR; every model is evaluated on the same held-out windows with :mod:`dmc.eval`.
 
     from dmc.study import StudySettings, run_study

@@ -12,9 +12,10 @@ import pathlib
 from .runner import read_json, write_json
 from .settings import STUDY_FILE, Run, StudyError, StudySettings, plan_runs, plain_run
 
-ORDER = ["original", "plain", "dmc", "gqa", "h2o", "tova"]
+ORDER = ["original", "plain", "dmc", "gqa", "h2o", "tova", "snapkv"]
 STYLE = {"dmc": ("DMC", "tab:blue", "o", "-"), "gqa": ("GQA (up-trained)", "tab:orange", "s", "-"),
-         "h2o": ("H2O", "tab:green", "^", "-"), "tova": ("TOVA", "tab:red", "v", "-")}
+         "h2o": ("H2O", "tab:green", "^", "-"), "tova": ("TOVA", "tab:red", "v", "-"),
+         "snapkv": ("SnapKV", "tab:purple", "D", "-")}
 
 
 def load_study(root: pathlib.Path) -> dict:
@@ -105,7 +106,7 @@ def _label(r: dict) -> str:
         return "original"
     if r["method"] == "plain":
         return "plain continued training" + (f" (plan of CR {r['plan_of_cr']:g})" if r.get("plan_of_cr") else "")
-    name = {"dmc": "DMC", "gqa": "GQA up-trained", "h2o": "H2O", "tova": "TOVA"}[r["method"]]
+    name = {"dmc": "DMC", "gqa": "GQA up-trained", "h2o": "H2O", "tova": "TOVA", "snapkv": "SnapKV"}[r["method"]]
     return name + (f", {r['budget_kind']} budget" if "budget_kind" in r else "")
 
 
@@ -123,8 +124,8 @@ def render_markdown(result: dict, plots: list[str], plot_note: str | None) -> st
              f"{'s' if meta['heldout']['files'] != 1 else ''}).",
              f"- **Evaluation**: up to {ev['max_windows']} windows of {ev['window_tokens']} held-out tokens, the same "
              f"for every model, {ev['dtype']}. DMC: through its compressed cache (hard decisions, as at inference); "
-             "H2O/TOVA: token by token through the eviction cache, a budget of ⌈window / CR⌉ slots per KV head, at the "
-             "nominal CR and matched to DMC's realized CR.",
+             "H2O/TOVA/SnapKV: token by token through the eviction cache, a budget of ⌈window / CR⌉ slots per KV head, "
+             "at the nominal CR and matched to DMC's realized CR.",
              f"- **Device**: {device}; torch {meta['torch']}, transformers {meta['transformers']}.", "",
              "| run | model | target CR | KV budget | realized CR | perplexity | vs plain | vs original | "
              "hard − relaxed (nats) | train tokens | train time |",
@@ -138,7 +139,7 @@ def render_markdown(result: dict, plots: list[str], plot_note: str | None) -> st
     if not rows:
         lines.append("| (no finished run yet) |||||||||||")
     lines += ["", "Realized CR: tokens per kept KV slot on the held-out windows (DMC: counted in its cache; GQA: "
-              "original KV heads / its own; H2O/TOVA: what the cache kept). *vs plain*: perplexity over plain "
+              "original KV heads / its own; H2O/TOVA/SnapKV: what the cache kept). *vs plain*: perplexity over plain "
               "continued training of the original on the same tokens. Train time: optimizer steps only."]
     if result["skipped"]:
         lines += ["", "Skipped or failed:"] + [f"- {s['run']}: {s['reason']}" for s in result["skipped"]]

@@ -160,7 +160,8 @@ class Study:
                     continue
                 log(f"({i}/{len(runs)}) {run.name}")
                 handler = {"original": self._original, "dmc": self._trained, "plain": self._trained,
-                           "gqa": self._gqa, "h2o": self._eviction, "tova": self._eviction}[run.method]
+                           "gqa": self._gqa, "h2o": self._eviction, "tova": self._eviction,
+                           "snapkv": self._eviction}[run.method]
                 try:
                     result = handler(run)
                 except TrainingDiverged as e:  # an outcome of the study, not a reason to stop it
@@ -275,14 +276,15 @@ class Study:
         return self._trained(run, source=pooled)
 
     def _eviction(self, run: Run) -> dict | None:
-        """H2O or TOVA at the nominal budget and at the budget matched to DMC's realized CR at the
+        """H2O, TOVA or SnapKV at the nominal budget and at the budget matched to DMC's realized CR at the
         same target; "partial" (and completed by a later invocation) while DMC has not finished."""
         from ..baselines import budget_for
+        from ..baselines.eviction import METHOD_NAMES
         previous = self.result(run) or {"rows": []}
         rows = {r["budget_kind"]: r for r in previous["rows"]}
         base_run = plain_run(self.s, run.cr) if self.s.evict_base == "plain" else None
         if base_run is not None and not self.finished(base_run):
-            log(f"  waits for {base_run.name} (the model H2O/TOVA evict on, --evict-base plain)")
+            log(f"  waits for {base_run.name} (the model the eviction baselines evict on, --evict-base plain)")
             return None
         base = pathlib.Path(self.s.model) if base_run is None else self.run_dir(base_run) / "model"
         budgets = {"nominal": (run.cr, budget_for(self.seq_len, run.cr))}
@@ -301,7 +303,7 @@ class Study:
                 continue
             same = next((r for r in rows.values() if r["budget"] == budget), None)
             if same is None:
-                log(f"  {run.method.upper()}, {kind} budget: {budget} of {self.seq_len} slots per KV head "
+                log(f"  {METHOD_NAMES[run.method]}, {kind} budget: {budget} of {self.seq_len} slots per KV head "
                     f"(CR {cr:.3g}), token by token on {base.name}")
                 same = self.evaluator.eviction(base, run.method, budget)
             rows[kind] = {**self._base_row(run), **{k: v for k, v in same.items() if k not in self._base_row(run)},

@@ -17,8 +17,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-METHODS = ("dmc", "plain", "gqa", "h2o", "tova")
-EVICTION = ("h2o", "tova")
+METHODS = ("dmc", "plain", "gqa", "h2o", "tova", "snapkv")
+EVICTION = ("h2o", "tova", "snapkv")
 EVICT_BASES = ("original", "plain")
 # TrainConfig fields each run gets from the study, never from --recipe/--set
 PER_RUN = ("model", "data", "out", "target_cr", "method", "resume", "overwrite")
@@ -144,7 +144,7 @@ class StudySettings:
     eval_windows: int = 64
     eval_batch_size: int = 4
     eval_dtype: str = "float32"
-    evict_base: str = "original"  # H2O/TOVA on the untouched original, or on plain continued training
+    evict_base: str = "original"  # H2O/TOVA/SnapKV on the untouched original, or on plain continued training
     device: str | None = None  # evaluation device (training: the trainer's own choice)
 
     IDENTITY = ("model", "data", "heldout", "train", "eval_seq_len", "eval_windows", "eval_dtype", "evict_base")
@@ -223,7 +223,7 @@ class Run:
 
 def plan_runs(s: StudySettings) -> list[Run]:
     """Every run of the study, in the order they execute: the original, DMC (so that the eviction
-    budgets can follow its realized slots), plain, GQA, H2O, TOVA."""
+    budgets can follow its realized slots), plain, GQA, H2O, TOVA, SnapKV."""
     crs = sorted(set(s.crs))
     runs = [Run("original")]
     runs += [Run("dmc", cr) for cr in crs if "dmc" in s.methods]
