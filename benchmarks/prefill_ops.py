@@ -8,7 +8,8 @@ serving path: several new prompts in one forward), through the engine (``dmc.LLM
 shape with random weights (hidden 576, 9 heads, 3 KV heads, head dim 64, window 12). What a GPU runs as one
 kernel is counted once: the Triton pooling of packed first chunks, FlexAttention and its block mask (the script
 takes the FlexAttention path on the CPU, as a GPU does), the residual add + RMSNorm and the gated activation
-(compiled by Inductor on a GPU). Views (``view``, ``slice``, ``unsqueeze``, ...) are counted
+(compiled by Inductor on a GPU) and the commit of the chunks' slots and window state
+(:mod:`dmc.kernels.triton_commit`). Views (``view``, ``slice``, ``unsqueeze``, ...) are counted
 apart: they launch nothing on the GPU but still cost the host a dispatch.
 
 Per layer = (count with 3 layers − count with 2) ; the rest of the forward (embedding, logits, sampling, the
@@ -105,12 +106,24 @@ def gpu_paths(counter: OpCounter):
     for name in ("flex_attend", "flex_attend_delayed", "causal_block_mask", "delayed_block_mask"):
         setattr(attention, name, counter.one_kernel(f"hf/attention.py:{name} (one kernel)", saved[name]))
     attention.DMCAttention._pool_first_chunks = counter.one_kernel("triton_kernels.py:chunk_states (one kernel)", pool)
+    from dmc.engine import cache
+    from dmc.kernels import triton_commit
+
+    kernel = triton_commit.commit_first_chunks
+
+    def commit_twin(cache_, layer, packed, alpha, k_bar, v_bar, importance, k, v):  # the kernel's tensor-op twin
+        cache._commit_packed_ops(cache_, layer, packed, alpha[None], k_bar[None], v_bar[None], importance[None],
+                                 k[None], v[None], None, cache_.layout.page_size, k_bar.shape[-1])
+
+    triton_commit.commit_first_chunks = counter.one_kernel("triton_commit.py:commit_first_chunks (one kernel)",
+                                                           commit_twin)
     try:
         yield
     finally:
         for name, fn in saved.items():
             setattr(attention, name, fn)
         attention.DMCAttention._pool_first_chunks = pool
+        triton_commit.commit_first_chunks = kernel
 
 
 def count_forward(layers: int, merge_delay: int | None, prompts: int, prompt_len: int) -> OpCounter:
@@ -124,6 +137,7 @@ def count_forward(layers: int, merge_delay: int | None, prompts: int, prompt_len
     params = dmc.SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0)
     for _ in range(2 * prompts):
         llm.add_request(torch.randint(3, 49152, (prompt_len,), generator=gen).tolist(), params)
+    llm.cache.triton = True  # the prefill's Triton commit, as on a GPU (its CPU stand-in counted as one kernel)
     counter = OpCounter()
     ops = llm.runner.ops  # compiled on a GPU: Inductor makes one kernel of each
     ops._add_rms_norm = counter.one_kernel("engine/layers.py:add_rms_norm (compiled: one kernel)", ops._add_rms_norm)

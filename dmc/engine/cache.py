@@ -310,6 +310,8 @@ class PagedKVCache:
         self.free_top = torch.tensor([layout.num_pages - 1], dtype=torch.int64, device=self.device)
         self._free_rows = list(range(layout.max_seqs))[::-1]
         self.scratch_row = layout.max_seqs
+        # The prefill's Triton kernels run where the decode step's do (dmc.kernels.get_kernels).
+        self.triton = self.device.type == "cuda" or os.environ.get("DMC_FORCE_TRITON") == "1"
 
     # ------------------------------------------------------------------ fp8 scales
     def set_kv_scales(self, scales) -> None:
@@ -338,6 +340,13 @@ class PagedKVCache:
                 amax[layer] = torch.maximum(amax[layer], states.detach().abs().amax(dim=(1, 2)).float())
         self.k_pool.view(-1, d)[flat] = quantise(k_states, self.kv_dtype, self.k_scale[layer][:, None, None]).reshape(-1, d)
         self.v_pool.view(-1, d)[flat] = quantise(v_states, self.kv_dtype, self.v_scale[layer][:, None, None]).reshape(-1, d)
+
+    def fused_commit(self) -> bool:
+        """Whether a batched prefill's first chunks commit through the Triton kernel
+        (:mod:`dmc.kernels.triton_commit`): on CUDA (or ``DMC_FORCE_TRITON=1``), for a bounded window, pools of the
+        model dtype and no calibration recording; else the tensor ops of :func:`commit_packed` do."""
+        return (self.triton and self.layout.ring_width > 0 and not self.layout.vanilla and self.kv_dtype == self.dtype
+                and self.kv_amax is None)
 
     # ------------------------------------------------------------------ accounting
     def free_page_count(self) -> int:
@@ -628,23 +637,47 @@ class _LayerView(SlotCacheLayer):
         self.committed += n
 
 
-def commit_packed(views: list[_LayerView], packed, alpha, k_bar, v_bar, tail_alpha, tail_terms, tail_sums) -> None:
+def window_tails(packed, alpha, importance, k, v, sums, window: int | None):
+    """The window state each of several packed first chunks leaves, as :func:`dmc.core.next_window_state` takes it:
+    ``(tail_alpha, tail_terms, tail_sums)``, its last W-1 terms (``packed.tail_index`` ``[S, W-1]`` into the tokens,
+    ``packed.tail_real`` whether each lies in the chunk: α = 1 and terms 0 before it, the zero prefix of a first
+    chunk), or for an unbounded window the running sums at its last token (``packed.last`` ``[S]``)."""
+    index, real = packed.tail_index, packed.tail_real
+    tail_alpha = alpha[..., index].masked_fill(~real, 1.0)
+    tail_terms = core.weighted_terms(importance[..., index], k[..., index, :], v[..., index, :]) * real[..., None]
+    tail_sums = None if sums is None or window is not None else sums[..., packed.last, None, :]
+    return tail_alpha, tail_terms, tail_sums
+
+
+def commit_packed(views: list[_LayerView], packed, alpha, k_bar, v_bar, importance, k, v, sums) -> None:
     """:meth:`_LayerView.commit` of several sequences' first chunks at once (one layer; the views' rows are
     empty), with a fixed number of tensor ops whatever the number of chunks: ``packed`` is the forward's
-    :class:`dmc.hf.attention.PackedChunks`, ``alpha`` ``[1, H, n]`` and the states ``[1, H, n, D]`` of all
-    their tokens back to back; ``tail_*`` the window terms each chunk leaves (``[1, H, S, R, ·]``) or, for an
-    unbounded window, its running sums. The same slots, pages (taken in the chunks' order) and window states
-    as committing each chunk alone: a chunk's first token appends, so the kept tokens (:func:`dmc.core.ends_slot`)
-    and the slot ends never cross from one chunk into the next."""
+    :class:`dmc.hf.attention.PackedChunks`, ``alpha``, ``importance`` ``[1, H, n]``, the states ``k_bar``, ``v_bar``
+    and the pre-RoPE ``k`` (channel D-1 zeroed), ``v`` ``[1, H, n, D]`` of all their tokens back to back, ``sums``
+    their pooled sums (None on the fused pooling path; an unbounded window's state). The same slots, pages (taken
+    in the chunks' order) and window states as committing each chunk alone: a chunk's first token appends, so the
+    kept tokens (:func:`dmc.core.ends_slot`) and the slot ends never cross from one chunk into the next.
+
+    Three forms: without merging (vanilla, pages reserved) only the writes; where the cache runs Triton
+    (:attr:`PagedKVCache.fused_commit`) one kernel per layer (:func:`dmc.kernels.triton_commit.commit_first_chunks`);
+    else these tensor ops, its twin."""
     cache, layer = views[0].cache, views[0].layer
     p, d = cache.layout.page_size, k_bar.shape[-1]
     if packed.vanilla_slots is not None:  # every token its own slot, the pages reserved: the writes only
         flat = packed.vanilla_slots[layer]
         cache.store_states(layer, flat, k_bar[0], v_bar[0])
         cache.lens[layer, packed.rows] = packed.vanilla_lens
-        for view, (lo, hi) in zip(views, packed.bounds):
-            view.committed += hi - lo
-        return
+    elif packed.reserved and cache.fused_commit():
+        from ..kernels.triton_commit import commit_first_chunks  # here: triton is optional on a CPU
+        commit_first_chunks(cache, layer, packed, alpha[0], k_bar[0], v_bar[0], importance[0], k[0], v[0])
+    else:
+        _commit_packed_ops(cache, layer, packed, alpha, k_bar, v_bar, importance, k, v, sums, p, d)
+    for view, (lo, hi) in zip(views, packed.bounds):
+        view.committed += hi - lo
+
+
+def _commit_packed_ops(cache, layer, packed, alpha, k_bar, v_bar, importance, k, v, sums, p, d) -> None:
+    """:func:`commit_packed` in tensor ops (the twin of the Triton kernel)."""
     kept = core.ends_slot(alpha[0])  # [H, n]
     count = kept.long().cumsum(-1)
     before = count.index_select(1, packed.first) - kept.index_select(1, packed.first).long()  # [H, S]
@@ -663,10 +696,9 @@ def commit_packed(views: list[_LayerView], packed, alpha, k_bar, v_bar, tail_alp
     cache.lens[layer, packed.rows] = new_lens.T.to(torch.int32)
     if not cache.layout.vanilla:
         window = cache.layout.window
+        tail_alpha, tail_terms, tail_sums = window_tails(packed, alpha, importance, k, v, sums, window)
         state = core.next_window_state(tail_alpha, tail_terms, window, tail_terms[..., :0, :], tail_sums)
         cache.set_window_states(layer, packed.rows, packed.roll_index, state[0].transpose(0, 1))
-    for view, (lo, hi) in zip(views, packed.bounds):
-        view.committed += hi - lo
 
 
 def reserve_packed(cache: PagedKVCache, packed) -> None:

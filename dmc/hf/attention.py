@@ -79,8 +79,9 @@ class PackedChunks:
             whether each lies in the chunk: the window state after it (bounded windows; else ``[S, 0]``).
         rows: ``[S]`` long, the chunks' cache rows (for the cache's writes); ``row_of_token`` ``[n]``;
             ``roll_index``: ``[S, W-1]`` long, where each entry of the window state goes in its ring.
-        commit: ``commit(layer_caches, packed, alpha, k_bar, v_bar, tail_alpha, tail_terms, tail_sums)``,
-            the cache's write of all the chunks of one layer.
+        commit: ``commit(layer_caches, packed, alpha, k_bar, v_bar, importance, k, v, sums)``, the cache's
+            write of all the chunks of one layer (``k``, ``v``: pre-RoPE, channel D-1 zeroed; ``sums``: the pooled
+            sums, None on the fused pooling path).
         chunk_lens, position_in_chunk, reserved, vanilla_slots, vanilla_lens: the engine's page reservation for all the layers
             at once (:func:`dmc.engine.cache.reserve_packed`): each layer's commit then only writes.
         delay: merge_delay w (0: off). With delayed merging a chunk of n tokens sends its first n - w through
@@ -279,10 +280,7 @@ class DMCAttention(nn.Module):
             k_bar, v_bar, sums = self._pool_first_chunks(k, v, importance, alpha, cos, sin)
             q = core.zero_last_channel(_rope_q(q, cos, sin))
             out = self._attend_packed(q, k_bar, v_bar, core.key_bias_from_hard(alpha), packed)
-        # vanilla keeps no window state: no tails to take
-        tails = (None, None, None) if batch.vanilla else _window_tails(
-            alpha, importance, k, v, sums, packed.tail_index, packed.tail_real, packed.last, window)
-        packed.commit([layer_caches[i] for i in packed.members], packed, alpha, k_bar, v_bar, *tails)
+        packed.commit([layer_caches[i] for i in packed.members], packed, alpha, k_bar, v_bar, importance, k, v, sums)
         return out
 
     def _pool_first_chunks(self, k, v, importance, alpha, cos, sin):
@@ -321,10 +319,9 @@ class DMCAttention(nn.Module):
             # of a chunk ends its slot whatever the raw token after it decides (that one merges, if it does, when
             # it leaves the window), and the next leaving token is another chunk's first (α = 0).
             take = leave.select
-            tails = _window_tails(alpha, importance, k, v, sums, leave.source(leave.tail_index), leave.tail_real,
-                                  leave.source(leave.last), self.dmc.window)
             leave.commit([layer_caches[i] for i in leave.members], leave, take(alpha, 2), take(k_bar, 2),
-                         take(v_bar, 2), *tails)
+                         take(v_bar, 2), take(importance, 2), take(k, 2), take(v, 2),
+                         None if sums is None else take(sums, 2))
         packed.hold([layer_caches[i] for i in packed.members], packed, k, v, alpha, importance, cos, sin)
         return out
 
@@ -551,17 +548,6 @@ FLEX_MIN_HEAD_DIM = 16
 
 def _auto_attention(q: torch.Tensor) -> str:
     return "flex" if q.is_cuda and q.shape[-1] >= FLEX_MIN_HEAD_DIM else "dense"
-
-
-def _window_tails(alpha, importance, k, v, sums, index, real, last, window: int | None):
-    """The window state each of several packed first chunks leaves, as ``commit_packed`` takes it:
-    ``(tail_alpha, tail_terms, tail_sums)``, its last W-1 terms (``index`` ``[S, W-1]`` into the pooled tokens,
-    ``real`` whether each lies in the chunk: α = 1 and terms 0 before it, the zero prefix of a first chunk), or
-    for an unbounded window the running sums at its last token (``last`` ``[S]``)."""
-    tail_alpha = alpha[..., index].masked_fill(~real, 1.0)
-    tail_terms = core.weighted_terms(importance[..., index], k[..., index, :], v[..., index, :]) * real[..., None]
-    tail_sums = None if sums is None or window is not None else sums[..., last, None, :]
-    return tail_alpha, tail_terms, tail_sums
 
 
 def _rope_q(q, cos, sin):
