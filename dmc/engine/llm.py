@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -17,7 +18,9 @@ from .detokenizer import Detokenizer
 from .step_timer import StepTimer
 from .eviction import EngineEviction
 from .kv_scales import DEFAULT_HEADROOM, KVScales
-from .params import RequestOutput, SamplingParams
+from .logprobs import pack as logprob_pack
+from .logprobs import unpack as logprob_unpack
+from .params import RequestOutput, SamplingParams, TokenLogprob
 from .runner import ModelRunner, load_model
 from .sampling import SamplingBatch, sample, to_device
 from .scheduler import CompressionEstimate, Request, Scheduler
@@ -303,9 +306,9 @@ class LLM:
             changed.append(starved)
         start = timer.add("schedule", start)
         if batch:
-            tokens = self._decode(batch).tolist()  # the host waits for the GPU here
+            tokens, logprobs = self._decode(batch)
             start = timer.add("decode", start)
-            changed += self._postprocess(batch, tokens)
+            changed += self._postprocess(batch, tokens, logprobs)
             timer.add("postprocess", start)
         return changed
 
@@ -335,39 +338,85 @@ class LLM:
 
     def _prefill_chunks(self, chunks: list[tuple[Request, int]]) -> list[Request]:
         """Feed ``(request, tokens)`` chunks in one forward; sample the first token of each request whose
-        feed is now all in the cache (those are returned)."""
+        feed is now all in the cache (those are returned; one asking for ``max_tokens=0`` finishes instead).
+        Chunks that hold prompt positions still to score (``prompt_logprobs``) get the logits of those
+        positions too; the others keep the fast path's last-token logits only."""
         sched = self.scheduler
         start = time.perf_counter()
         requests = [r for r, _ in chunks]
         feeds = [r.to_feed()[r.seen:r.seen + size] for r, size in chunks]
-        logits = self.runner.prefill_batch([r.row for r in requests], feeds, [r.seen for r in requests])
+        at, scored = self._scored_positions(chunks)
+        logits = self.runner.prefill_batch([r.row for r in requests], feeds, [r.seen for r in requests], at)
         done = []
         for i, (request, size) in enumerate(chunks):
             request.seen += size
             if request.prefill_left == 0:
                 sched.prefilled(request)
                 done.append(i)
-        if not done:
+        if not done and not scored:
             self.step_timer.add("prefill", start)
             return []
         finished = [requests[i] for i in done]
-        if self.eviction is None:  # with eviction the cap, not a ratio, bounds the pages
+        if self.eviction is None and finished:  # with eviction the cap, not a ratio, bounds the pages
             # Pages hold the tokens that went through DMC; a delayed model's raw window is fixed memory.
             rows = to_device([[r.row for r in finished]], torch.long, self.device)[0]
             for request, slots in zip(finished, self.cache.lens[:, rows].sum(dim=(0, 2)).tolist()):  # one wait
                 committed = request.seen - self.cache.raw_held(request.seen)
                 sched.estimate.observe(committed * self.cache.layout.rows, slots)
-        tokens = sample(logits[done], SamplingBatch.build([r.params for r in finished], [r.seed for r in finished],
-                                                         [len(r.output_ids) for r in finished], self.device))
-        tokens = tokens.tolist()  # the host waits for the GPU here
+        drawing = [i for i in done if requests[i].params.max_tokens > 0]  # max_tokens=0: scored only
+        sampled = [requests[i] for i in drawing]
+        tokens = sample(logits[drawing], SamplingBatch.build([r.params for r in sampled], [r.seed for r in sampled],
+                                                           [len(r.output_ids) for r in sampled], self.device))
+        targets = [r.prompt_ids[p + 1] for r, positions in scored for p in positions]
+        if targets:
+            tokens = torch.cat([tokens, to_device([targets], torch.long, self.device)[0]])
+            logits = torch.cat([logits[drawing], logits[len(chunks):]])
+        else:
+            logits = logits[drawing]
+        ks = [r.params.logprobs for r in sampled] + [r.params.prompt_logprobs for r, ps in scored for _ in ps]
+        tokens, logprobs = self._to_host(logits, tokens, ks)  # the host waits for the GPU here
+        scores = iter(logprobs[len(sampled):])
+        for request, positions in scored:
+            request.prompt_logprobs.extend(next(scores) for _ in positions)
         start = self.step_timer.add("prefill", start)
-        changed = self._postprocess(finished, tokens)
+        for i in done:
+            if requests[i].params.max_tokens == 0:
+                self._finish(requests[i], "length")
+        self._postprocess(sampled, tokens[:len(sampled)], logprobs[:len(sampled)])
         self.step_timer.add("postprocess", start)
-        return changed
+        return finished
 
-    def _decode(self, batch: list[Request]) -> torch.Tensor:
-        """One decode step of ``batch``: the sampled tokens ``[B]``. Every input goes to the device before the
-        model is launched, in copies that do not wait for the GPU; the host's one wait is for the tokens."""
+    @staticmethod
+    def _scored_positions(chunks: list[tuple[Request, int]]) -> tuple[list[int] | None, list[tuple[Request, range]]]:
+        """``(at, scored)``: the indices of the batch's packed tokens whose logits the prefill returns (each chunk's
+        last, then the positions to score), None when nothing is scored (the fast path); ``scored`` pairs each
+        request that scores with its positions."""
+        ends = list(itertools.accumulate(size for _, size in chunks))
+        at, scored = [end - 1 for end in ends], []
+        for (request, size), end in zip(chunks, ends):
+            positions = request.unscored(size)
+            if positions:
+                base = end - size - request.seen  # packed index of the request's position 0 in this chunk
+                at += [base + p for p in positions]
+                scored.append((request, positions))
+        return (at if scored else None), scored
+
+    def _to_host(self, logits: torch.Tensor, tokens: torch.Tensor,
+                 ks: list[int | None]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The tokens ``[N]`` on the host and, for rows whose ``ks[i]`` is not None, their log-probs under ``logits``
+        with the ``ks[i]`` most likely tokens (:mod:`dmc.engine.logprobs`): one copy for all rows."""
+        wanted = [k for k in ks if k is not None]
+        if not wanted:
+            return tokens.tolist(), [None] * len(ks)
+        width = min(max(wanted), logits.shape[-1])
+        rows = logprob_pack(logits, tokens, width).tolist()
+        return ([int(row[0]) for row in rows],
+                [None if k is None else logprob_unpack(row, min(k, width), width) for row, k in zip(rows, ks)])
+
+    def _decode(self, batch: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One decode step of ``batch``: the sampled tokens and, for requests that ask, their log-probs. Every
+        input goes to the device before the model is launched, in copies that do not wait for the GPU; the host's
+        one wait is for the tokens (and log-probs)."""
         device = self.device
         inputs = to_device([[r.output_ids[-1] for r in batch], [r.seen for r in batch], [r.row for r in batch]],
                            torch.int64, device)
@@ -376,11 +425,14 @@ class LLM:
         logits = self.runner.decode(inputs[0], inputs[1].int(), inputs[2].int())
         for request in batch:
             request.seen += 1
-        return sample(logits, sampling)
+        return self._to_host(logits, sample(logits, sampling), [r.params.logprobs for r in batch])
 
-    def _postprocess(self, requests: list[Request], tokens: list[int]) -> list[Request]:
-        """Append each request's new token; finish those that hit a stop or their length."""
-        for request, token in zip(requests, tokens):
+    def _postprocess(self, requests: list[Request], tokens: list[int],
+                     logprobs: list[TokenLogprob | None]) -> list[Request]:
+        """Append each request's new token (and its log-probs); finish those that hit a stop or their length."""
+        for request, token, logprob in zip(requests, tokens, logprobs):
+            if request.logprobs is not None:
+                request.logprobs.append(logprob)
             self._append(request, token)
         return list(requests)
 
@@ -400,7 +452,10 @@ class LLM:
             self._next_id += 1
             try:
                 p.validate()
+                self._check_logprobs(p)
                 request.prompt_ids = self._tokenize(prompt)
+                request.logprobs = None if p.logprobs is None else []
+                request.prompt_logprobs = None if p.prompt_logprobs is None else [None]
                 if self.tokenizer is not None:
                     request.detokenizer = Detokenizer(self.tokenizer, p.stop)
             except ValueError as exc:
@@ -409,6 +464,13 @@ class LLM:
                 self.scheduler.add(request)
             requests.append(request)
         return requests
+
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        vocab = self.model.config.vocab_size
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise ValueError(f"{name}={k} asks for more tokens than the vocabulary has ({vocab})")
 
     def _tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -455,9 +517,13 @@ class LLM:
         out = RequestOutput(request_id=request.id, prompt=request.prompt, prompt_token_ids=request.prompt_ids,
                             text=request.text, token_ids=list(request.output_ids), finished=request.finished,
                             finish_reason=request.finish_reason, error=request.error,
-                            compression=request.compression, num_preemptions=request.preemptions)
+                            compression=request.compression, num_preemptions=request.preemptions,
+                            logprobs=None if request.logprobs is None else list(request.logprobs),
+                            prompt_logprobs=None if request.prompt_logprobs is None else list(request.prompt_logprobs))
         if delta:
             out.new_token_ids = request.output_ids[request.streamed_tokens:]
+            if request.logprobs is not None:
+                out.new_logprobs = request.logprobs[request.streamed_tokens:]
             end = request.stable_text_length()
             out.new_text = request.text[request.streamed_chars:end]
             request.streamed_tokens, request.streamed_chars = len(request.output_ids), max(request.streamed_chars, end)

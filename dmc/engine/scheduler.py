@@ -51,6 +51,8 @@ class Request:
     detokenizer: Detokenizer | None = None  # keeps ``text`` up to date a few tokens at a time
     streamed_tokens: int = 0
     streamed_chars: int = 0
+    logprobs: list | None = None  # a TokenLogprob per output token, when params.logprobs is set
+    prompt_logprobs: list | None = None  # [None, one per later prompt token], when params.prompt_logprobs is set
 
     @property
     def finished(self) -> bool:
@@ -70,6 +72,13 @@ class Request:
     def to_feed(self) -> list[int]:
         """What a (re)admitted request prefills: its prompt and everything it generated."""
         return self.prompt_ids + self.output_ids
+
+    def unscored(self, size: int) -> range:
+        """The positions of the next ``size`` fed tokens whose logits give a prompt log-prob not yet computed
+        (position p predicts prompt token p + 1; a recomputed prompt keeps the log-probs it already has)."""
+        if self.prompt_logprobs is None:
+            return range(0)
+        return range(max(self.seen, len(self.prompt_logprobs) - 1), min(self.seen + size, len(self.prompt_ids) - 1))
 
     @property
     def prefill_left(self) -> int:
