@@ -346,7 +346,9 @@ class LLM:
         requests = [r for r, _ in chunks]
         feeds = [r.to_feed()[r.seen:r.seen + size] for r, size in chunks]
         at, scored = self._scored_positions(chunks)
-        logits = self.runner.prefill_batch([r.row for r in requests], feeds, [r.seen for r in requests], at)
+        cache_rows, seen = [r.row for r in requests], [r.seen for r in requests]
+        logits = (self.runner.prefill_batch(cache_rows, feeds, seen) if at is None
+                  else self.runner.prefill_batch(cache_rows, feeds, seen, at=at))
         done = []
         for i, (request, size) in enumerate(chunks):
             request.seen += size

@@ -43,6 +43,8 @@ class Output:
     completion_tokens: int = 0
     compression: dict | None = None
     preemptions: int = 0
+    logprobs: list | None = None  # a dmc.TokenLogprob per token of token_ids, when the request asked
+    prompt_logprobs: list | None = None  # the prompt's (first entry None), once, in the output after its prefill
 
 
 @dataclass
@@ -91,10 +93,11 @@ def engine_info(llm) -> dict:
 class _Tracked:
     """The core's view of one request: what it has already sent of it."""
 
-    __slots__ = ("key", "request", "sent_tokens", "sent_chars")
+    __slots__ = ("key", "request", "sent_tokens", "sent_chars", "sent_prompt")
 
     def __init__(self, key: int, request) -> None:
         self.key, self.request, self.sent_tokens, self.sent_chars = key, request, 0, 0
+        self.sent_prompt = False  # its prompt log-probs (when it asked for them)
 
 
 class EngineCore:
@@ -179,8 +182,13 @@ class EngineCore:
         finished = request.finished
         if not (new_ids or piece or finished):
             return
-        tracked.sent_tokens, tracked.sent_chars = len(ids), max(tracked.sent_chars, end)
         out = Output(tracked.key, new_ids, piece, completion_tokens=len(ids))
+        if request.logprobs is not None:
+            out.logprobs = request.logprobs[tracked.sent_tokens:]
+        scored = request.prompt_logprobs
+        if scored is not None and not tracked.sent_prompt and len(scored) == len(request.prompt_ids):
+            out.prompt_logprobs, tracked.sent_prompt = scored, True
+        tracked.sent_tokens, tracked.sent_chars = len(ids), max(tracked.sent_chars, end)
         if finished:
             self._by_id.pop(request.id, None)
             self._by_key.pop(tracked.key, None)

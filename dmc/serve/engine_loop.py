@@ -47,6 +47,8 @@ class Delta:
     completion_tokens: int = 0
     compression: dict | None = None
     first: bool = False  # the choice's first delta (chat: carries the role)
+    logprobs: list | None = None  # a dmc.TokenLogprob per token of token_ids, when asked for
+    prompt_logprobs: list | None = None  # the prompt's (first entry None), once
 
 
 class RequestHandle:
@@ -215,7 +217,7 @@ class EngineLoop:
                 handle.completion_tokens = out.completion_tokens or handle.completion_tokens
                 delta = Delta(index=handle.index, text=out.text, token_ids=out.token_ids,
                               prompt_tokens=len(handle.prompt_ids), completion_tokens=handle.completion_tokens,
-                              first=not handle.emitted)
+                              first=not handle.emitted, logprobs=out.logprobs, prompt_logprobs=out.prompt_logprobs)
                 handle.emitted = True
                 if out.finish_reason is not None:
                     self._handles.pop(out.key, None)
