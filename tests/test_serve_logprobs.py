@@ -203,6 +203,7 @@ def test_lm_eval_local_completions_scores_as_the_in_process_plugin(server, model
     # per request: every continuation's log-likelihood within numerical noise, the same greedy bits and texts
     http = {s["doc_id"]: s["resps"] for s in over_http["samples"]["serve_mc"]}
     local = {s["doc_id"]: s["resps"] for s in in_process["samples"]["serve_mc"]}
+    assert len(local) == len(http) == len(DOCS) and "acc,none" in over_http["results"]["serve_mc"]
     for doc, resps in local.items():
         for (ll, greedy), (ll_http, greedy_http) in zip((r[0] for r in resps), (r[0] for r in http[doc])):
             assert float(ll_http) == pytest.approx(float(ll), abs=1e-4)
