@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..baselines.eviction import EvictionPolicy
 from ..hf.convert import fold_logit_scale
 from ..stats import CompressionStats
-from .cache import CacheLayout, PagedKVCache
+from .cache import CacheLayout, OutOfPages, PagedKVCache
 from .detokenizer import Detokenizer
 from .step_timer import StepTimer
 from .eviction import EngineEviction
@@ -23,7 +23,7 @@ from .logprobs import unpack as logprob_unpack
 from .params import RequestOutput, SamplingParams, TokenLogprob
 from .runner import ModelRunner, load_model
 from .sampling import SamplingBatch, sample, to_device
-from .scheduler import CompressionEstimate, Request, Scheduler
+from .scheduler import CompressionEstimate, Request, RequestStatus, Scheduler
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -177,6 +177,8 @@ class LLM:
                                    slot_cap=self._slot_cap, prefill_chunk=prefill_chunk,
                                    whole_prompts=max_num_batched_tokens is not None)
         self._next_id = 0
+        self._forks: dict[int, tuple[Request, list[Request]]] = {}  # parent id -> (parent, forks held for it)
+        self._held: dict[int, Request] = {}  # id -> a fork held until its parent is prefilled
         self.step_timer = StepTimer()  # where the steps' time goes, by section (LLM.step_timer.summary())
         self.initial_free_pages = self.cache.free_page_count()
         if cuda_graphs:
@@ -268,9 +270,33 @@ class LLM:
             self.cache.set_kv_scales(scales)
         return scales
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
-        """Queue one request (the server's entry point); run :meth:`step` to advance it."""
-        return self._submit([prompt], [params or SamplingParams()])[0]
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    fork_of: Request | None = None) -> Request:
+        """Queue one request (the server's entry point); run :meth:`step` to advance it.
+
+        ``fork_of``: a request with the same prompt (and ``prompt_logprobs``) that has not been prefilled yet, e.g.
+        the first of a request's ``n`` choices: this one waits while that one prefills, then starts from a copy of
+        its cache and draws its first token from the same logits (with its own seed), so the prompt is prefilled
+        once. When that cannot be (no room for the copy then, eviction, another prompt) it is prefilled itself:
+        the outputs are the same either way."""
+        return self._submit([prompt], [params or SamplingParams()], fork_of)[0]
+
+    def _queue(self, request: Request, fork_of: Request | None) -> None:
+        """Queue a valid request, or hold it until ``fork_of`` is prefilled when it can start from its cache."""
+        if fork_of is not None and self._can_fork(request, fork_of):
+            self._forks.setdefault(fork_of.id, (fork_of, []))[1].append(request)
+            self._held[request.id] = request
+        else:
+            self.scheduler.add(request)
+
+    def _can_fork(self, request: Request, parent: Request) -> bool:
+        """Whether ``request`` can start from ``parent``'s cache once it is prefilled: same prompt and prompt
+        log-probs, ``parent`` queued or prefilling in the scheduler (not itself held for another), no eviction
+        (its per-row state is not copied)."""
+        in_scheduler = parent.prefilling or (parent.status is RequestStatus.WAITING and parent.id not in self._held)
+        return (self.eviction is None and not parent.finished and in_scheduler and not parent.output_ids
+                and parent.prompt_ids == request.prompt_ids
+                and parent.params.prompt_logprobs == request.params.prompt_logprobs)
 
     def abort(self, request: Request | int) -> bool:
         """Stop a request now (waiting or running): its pages are freed, it finishes "aborted".
@@ -278,15 +304,16 @@ class LLM:
         ``RequestOutput.request_id``). Returns False when it had already finished."""
         if isinstance(request, int):
             request_id = request
-            request = self.scheduler.get(request_id)
+            request = self.scheduler.get(request_id) or self._held.get(request_id)
             if request is None:
                 if not 0 <= request_id < self._next_id:
                     raise ValueError(f"no request has id {request_id} (ids so far: 0 .. {self._next_id - 1})")
                 return False  # finished already
+        self._held.pop(request.id, None)  # a held fork: _fork skips it once finished
         return self.scheduler.abort(request)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._forks)
 
     # ------------------------------------------------------------------ one engine step
     def step(self) -> list[Request]:
@@ -295,6 +322,8 @@ class LLM:
         that changed."""
         timer = self.step_timer
         timer.steps += 1
+        if self._forks:
+            self._release_orphans()
         budget = self.prefill_chunk
         if self.max_num_batched_tokens is not None:  # the decoding requests' tokens come first
             budget = min(budget, self.max_num_batched_tokens - self.scheduler.decoding_count())
@@ -365,8 +394,12 @@ class LLM:
             for request, slots in zip(finished, self.cache.lens[:, rows].sum(dim=(0, 2)).tolist()):  # one wait
                 committed = request.seen - self.cache.raw_held(request.seen)
                 sched.estimate.observe(committed * self.cache.layout.rows, slots)
-        drawing = [i for i in done if requests[i].params.max_tokens > 0]  # max_tokens=0: scored only
-        sampled = [requests[i] for i in drawing]
+        forks = [(child, done[j]) for child, j in self._fork(finished)] if self._forks else []  # (fork, parent's chunk)
+        finished += [child for child, _ in forks]
+        drawing = [(requests[i], i) for i in done] + forks
+        drawing = [(r, i) for r, i in drawing if r.params.max_tokens > 0]  # max_tokens=0: scored only
+        sampled = [r for r, _ in drawing]
+        drawing = [i for _, i in drawing]  # the logits each draws from (a fork: its parent's)
         tokens = sample(logits[drawing], SamplingBatch.build([r.params for r in sampled], [r.seed for r in sampled],
                                                            [len(r.output_ids) for r in sampled], self.device))
         targets = [r.prompt_ids[p + 1] for r, positions in scored for p in positions]
@@ -380,13 +413,49 @@ class LLM:
         scores = iter(logprobs[len(sampled):])
         for request, positions in scored:
             request.prompt_logprobs.extend(next(scores) for _ in positions)
+        for child, i in forks:
+            if child.prompt_logprobs is not None:
+                child.prompt_logprobs = list(requests[i].prompt_logprobs)
         start = self.step_timer.add("prefill", start)
-        for i in done:
-            if requests[i].params.max_tokens == 0:
-                self._finish(requests[i], "length")
+        for request in finished:
+            if request.params.max_tokens == 0:
+                self._finish(request, "length")
         self._postprocess(sampled, tokens[:len(sampled)], logprobs[:len(sampled)])
         self.step_timer.add("postprocess", start)
         return finished
+
+    def _fork(self, prefilled: list[Request]) -> list[tuple[Request, int]]:
+        """Start the requests held for these just prefilled ones (``fork_of``) from copies of their cache rows, while
+        they fit (admission as for any request); the rest go back to the head of the queue, to be prefilled
+        themselves. Returns ``(fork, index of its parent in prefilled)``."""
+        sched, forks, back = self.scheduler, [], []
+        for index, parent in enumerate(prefilled):
+            held = self._forks.pop(parent.id, (parent, []))[1]
+            for child in held:
+                if self._held.pop(child.id, None) is None:
+                    continue  # aborted while held
+                if back or not sched.can_admit(child, self.cache.free_page_count(), self.cache.free_row_count()):
+                    back.append(child)
+                    continue
+                try:
+                    row = self.cache.fork_row(parent.row)
+                except OutOfPages:
+                    back.append(child)
+                    continue
+                sched.admit_forked(child, row, parent.seen)
+                forks.append((child, index))
+        for child in reversed(back):
+            sched.requeue(child)
+        return forks
+
+    def _release_orphans(self) -> None:
+        """Requests held for one that ended before its prefill did (aborted, refused) are prefilled themselves."""
+        for parent_id, (parent, held) in list(self._forks.items()):
+            if parent.finished:
+                del self._forks[parent_id]
+                for child in reversed(held):
+                    if self._held.pop(child.id, None) is not None:
+                        self.scheduler.requeue(child)
 
     @staticmethod
     def _scored_positions(chunks: list[tuple[Request, int]]) -> tuple[list[int] | None, list[tuple[Request, range]]]:
@@ -439,7 +508,7 @@ class LLM:
         return list(requests)
 
     # ------------------------------------------------------------------ request lifecycle
-    def _submit(self, prompts, params) -> list[Request]:
+    def _submit(self, prompts, params, fork_of: Request | None = None) -> list[Request]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -463,7 +532,7 @@ class LLM:
             except ValueError as exc:
                 self.scheduler.finish(request, "error", str(exc))
             else:
-                self.scheduler.add(request)
+                self._queue(request, fork_of)
             requests.append(request)
         return requests
 

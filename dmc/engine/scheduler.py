@@ -217,6 +217,12 @@ class Scheduler:
         size = min(left, self.prefill_chunk or left)
         return size if size <= budget else 0
 
+    def admit_forked(self, request: Request, row: int, seen: int) -> None:
+        """A request that starts from a copy of another's prefilled cache row (the same prompt): it runs,
+        decoding, at once."""
+        request.status, request.row, request.seen, request.prefilling = RequestStatus.RUNNING, row, seen, False
+        self.running.append(request)
+
     def prefilled(self, request: Request) -> None:
         """A request's whole feed is in the cache: it decodes from now on."""
         request.prefilling = False
