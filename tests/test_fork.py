@@ -95,3 +95,49 @@ def test_forks_that_do_not_fit_or_lose_their_parent_prefill_themselves():
     while llm.has_unfinished():
         llm.step()
     _assert_no_leak(llm)
+
+
+def test_server_n_prefills_the_prompt_once(tmp_path):
+    """``n: 4`` over HTTP: one prefill of the prompt; greedy choices equal a lone request's, seeded ones the lone
+    requests of seeds seed + j (the server's seeds per choice, as before forking)."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    import asyncio
+
+    from test_serve import build_model_dir
+    from transformers import AutoTokenizer
+
+    from dmc.serve import EngineLoop, Metrics, ServerConfig, build_app
+
+    model_dir = build_model_dir(tmp_path / "tiny")
+    llm = dmc.LLM(model_dir, device="cpu", max_model_len=256, max_num_seqs=8, progress=False, cuda_graphs=False)
+    tokens = _count_prefill(llm)
+    engine = EngineLoop(lambda: llm, Metrics("m"))
+    engine.start()
+    config = ServerConfig(model_name="m", tokenizer=AutoTokenizer.from_pretrained(model_dir), max_model_len=256,
+                          vocab_size=engine.info["vocab_size"])
+    app = build_app(engine, config)
+    body = {"model": "m", "prompt": "def f(x):\n    return x", "max_tokens": 10, "ignore_eos": True}
+    prompt_len = len(config.tokenizer(body["prompt"])["input_ids"])
+
+    async def completions(c, **kw) -> list[list[int]]:
+        out = (await c.post("/v1/completions", json={**body, **kw})).json()
+        return [choice["token_ids"] for choice in sorted(out["choices"], key=lambda ch: ch["index"])]
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            tokens.clear()
+            greedy = await completions(c, n=4, temperature=0)
+            assert sum(tokens) == prompt_len
+            assert greedy == [(await completions(c, temperature=0))[0]] * 4
+            tokens.clear()
+            seeded = await completions(c, n=4, temperature=1.0, seed=7)
+            assert sum(tokens) == prompt_len
+            assert len(set(map(tuple, seeded))) > 1
+            assert seeded == [(await completions(c, temperature=1.0, seed=7 + j))[0] for j in range(4)]
+
+    try:
+        asyncio.run(asyncio.wait_for(go(), 120))
+    finally:
+        engine.stop()
+    _assert_no_leak(llm)

@@ -241,7 +241,8 @@ def _logprob_params(body) -> tuple[int | None, int | None]:
 
 
 def _handles(prompt_ids: list[list[int]], body, max_tokens: int | None, config: ServerConfig):
-    """One engine request per (prompt, choice), checked against the context; they share one queue."""
+    """One engine request per (prompt, choice), checked against the context; they share one queue. A prompt's
+    later choices fork its first (one prefill: :meth:`dmc.LLM.add_request`'s ``fork_of``)."""
     loop = asyncio.get_running_loop()
     sink: asyncio.Queue = asyncio.Queue()
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -267,7 +268,8 @@ def _handles(prompt_ids: list[list[int]], body, max_tokens: int | None, config: 
                 params.validate()
             except ValueError as exc:
                 raise APIError(400, str(exc)) from exc
-            handles.append(RequestHandle(p * body.n + j, ids, params, sink, loop))
+            handles.append(RequestHandle(p * body.n + j, ids, params, sink, loop,
+                                         fork_of=handles[p * body.n].key if j else None))
     return handles, sink
 
 

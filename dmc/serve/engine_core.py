@@ -29,6 +29,7 @@ class Submission:
     key: int
     prompt_ids: list[int]
     params: object  # dmc.SamplingParams
+    fork_of: int | None = None  # the key of an earlier choice of the same prompt: start from its prefilled cache
 
 
 @dataclass(slots=True)
@@ -156,8 +157,10 @@ class EngineCore:
             self._stopping = True
         elif kind == "add":
             for sub in payload:
+                parent = self._by_key.get(sub.fork_of) if sub.fork_of is not None else None
                 try:
-                    request = self.llm.add_request(sub.prompt_ids, sub.params)
+                    request = self.llm.add_request(sub.prompt_ids, sub.params,
+                                                   fork_of=None if parent is None else parent.request)
                 except Exception as exc:  # noqa: BLE001 - refused by the engine: this request only
                     outputs.append(Output(sub.key, [], finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
                     continue
