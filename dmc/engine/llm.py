@@ -389,40 +389,50 @@ class LLM:
             return []
         finished = [requests[i] for i in done]
         if self.eviction is None and finished:  # with eviction the cap, not a ratio, bounds the pages
-            # Pages hold the tokens that went through DMC; a delayed model's raw window is fixed memory.
-            rows = to_device([[r.row for r in finished]], torch.long, self.device)[0]
-            for request, slots in zip(finished, self.cache.lens[:, rows].sum(dim=(0, 2)).tolist()):  # one wait
-                committed = request.seen - self.cache.raw_held(request.seen)
-                sched.estimate.observe(committed * self.cache.layout.rows, slots)
+            self._observe(finished)
         forks = [(child, done[j]) for child, j in self._fork(finished)] if self._forks else []  # (fork, parent's chunk)
         finished += [child for child, _ in forks]
-        drawing = [(requests[i], i) for i in done] + forks
-        drawing = [(r, i) for r, i in drawing if r.params.max_tokens > 0]  # max_tokens=0: scored only
-        sampled = [r for r, _ in drawing]
-        drawing = [i for _, i in drawing]  # the logits each draws from (a fork: its parent's)
-        tokens = sample(logits[drawing], SamplingBatch.build([r.params for r in sampled], [r.seed for r in sampled],
-                                                           [len(r.output_ids) for r in sampled], self.device))
-        targets = [r.prompt_ids[p + 1] for r, positions in scored for p in positions]
-        if targets:
-            tokens = torch.cat([tokens, to_device([targets], torch.long, self.device)[0]])
-            logits = torch.cat([logits[drawing], logits[len(chunks):]])
-        else:
-            logits = logits[drawing]
-        ks = [r.params.logprobs for r in sampled] + [r.params.prompt_logprobs for r, ps in scored for _ in ps]
-        tokens, logprobs = self._to_host(logits, tokens, ks)  # the host waits for the GPU here
-        scores = iter(logprobs[len(sampled):])
-        for request, positions in scored:
-            request.prompt_logprobs.extend(next(scores) for _ in positions)
+        draws = [(r, i) for r, i in [(requests[i], i) for i in done] + forks if r.params.max_tokens > 0]
+        tokens, logprobs = self._draw_and_score(logits, draws, scored, len(chunks))
         for child, i in forks:
             if child.prompt_logprobs is not None:
                 child.prompt_logprobs = list(requests[i].prompt_logprobs)
         start = self.step_timer.add("prefill", start)
         for request in finished:
-            if request.params.max_tokens == 0:
+            if request.params.max_tokens == 0:  # scored only
                 self._finish(request, "length")
-        self._postprocess(sampled, tokens[:len(sampled)], logprobs[:len(sampled)])
+        self._postprocess([r for r, _ in draws], tokens, logprobs)
         self.step_timer.add("postprocess", start)
         return finished
+
+    def _observe(self, prefilled: list[Request]) -> None:
+        """Add the slots of these just prefilled requests to the admission's CR estimate (one wait)."""
+        # Pages hold the tokens that went through DMC; a delayed model's raw window is fixed memory.
+        rows = to_device([[r.row for r in prefilled]], torch.long, self.device)[0]
+        for request, slots in zip(prefilled, self.cache.lens[:, rows].sum(dim=(0, 2)).tolist()):
+            committed = request.seen - self.cache.raw_held(request.seen)
+            self.scheduler.estimate.observe(committed * self.cache.layout.rows, slots)
+
+    def _draw_and_score(self, logits: torch.Tensor, draws: list[tuple[Request, int]],
+                        scored: list[tuple[Request, range]], count: int) -> tuple[list[int], list[TokenLogprob | None]]:
+        """A prefill's first tokens: each ``(request, i)`` of ``draws`` samples from row ``i`` of ``logits`` (a fork
+        from its parent's), its log-probs if it asks; the ``scored`` prompt positions, whose logits follow the
+        ``count`` chunks' last ones, get theirs appended to their requests. One host copy in all."""
+        rows = [i for _, i in draws]
+        params = [r.params for r, _ in draws]
+        tokens = sample(logits[rows], SamplingBatch.build(params, [r.seed for r, _ in draws],
+                                                          [len(r.output_ids) for r, _ in draws], self.device))
+        targets = [r.prompt_ids[p + 1] for r, positions in scored for p in positions]
+        ks = [p.logprobs for p in params]
+        if targets:
+            tokens = torch.cat([tokens, to_device([targets], torch.long, self.device)[0]])
+            rows += range(count, count + len(targets))
+            ks += [r.params.prompt_logprobs for r, positions in scored for _ in positions]
+        tokens, logprobs = self._to_host(logits[rows], tokens, ks)  # the host waits for the GPU here
+        scores = iter(logprobs[len(draws):])
+        for request, positions in scored:
+            request.prompt_logprobs.extend(next(scores) for _ in positions)
+        return tokens[:len(draws)], logprobs[:len(draws)]
 
     def _fork(self, prefilled: list[Request]) -> list[tuple[Request, int]]:
         """Start the requests held for these just prefilled ones (``fork_of``) from copies of their cache rows, while
