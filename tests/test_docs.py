@@ -77,9 +77,10 @@ def test_readme_says_the_engine_samples_by_default_and_shows_greedy():
         " ".join(text.split())
 
 
-def test_serving_docs_send_loglikelihood_tasks_to_dmc_lm_eval():
+def test_serving_docs_show_lm_eval_over_http_and_in_process():
     command = re.compile(r"dmc-lm-eval --model dmc --model_args pretrained=\S+ --tasks \S+")
+    over_http = re.compile(r"--model local-completions .*model_args.*tokenizer_backend=huggingface,tokenizer=\S+")
     for name in ("serve.md", "lm_eval.md"):
         text = " ".join((ROOT / "docs" / name).read_text().split())
-        assert "no logprobs" in text and "multiple-choice" in text, name
-        assert command.search(text), name
+        assert "multiple-choice" in text and "echo" in text, name
+        assert command.search(text) and over_http.search(text), name

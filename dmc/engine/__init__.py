@@ -6,8 +6,8 @@
 from .cache import CacheLayout, OutOfPages, PagedKVCache
 from .kv_scales import KVScales
 from .llm import LLM
-from .params import RequestOutput, SamplingParams
+from .params import RequestOutput, SamplingParams, TokenLogprob
 from .scheduler import Request, RequestStatus
 
 __all__ = ["LLM", "CacheLayout", "KVScales", "OutOfPages", "PagedKVCache", "Request", "RequestOutput", "RequestStatus",
-           "SamplingParams"]
+           "SamplingParams", "TokenLogprob"]

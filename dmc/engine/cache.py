@@ -388,6 +388,36 @@ class PagedKVCache:
         self.allocate(torch.full((1,), row, dtype=torch.int32, device=self.device))  # no host-to-device copy
         return row
 
+    def fork_row(self, src: int) -> int:
+        """A new row holding a copy of row ``src``: the contents of its pages (in pages of its own: a merge rewrites
+        a head's last slot in place, so rows cannot share pages), its slot counts, window state and delay ring.
+        The prompt of several choices (``n``) is prefilled once and forked. Raises OutOfPages (one host sync)."""
+        if not self._free_rows:
+            raise RuntimeError("no free sequence row (the scheduler admits at most max_seqs sequences)")
+        held = self.lens[:, src].long() // self.layout.page_size + 1  # [L, H]: up to the ready page
+        mask = torch.arange(self.layout.pages_per_head, device=self.device) < held[..., None]
+        count, top = int(held.sum()), self.free_page_count()
+        if top < count:
+            raise OutOfPages(f"forking a sequence needs {count} pages, {top} free")
+        row = self._free_rows.pop()
+        pages = self.free_pages[top - count:top]
+        self.free_top -= count
+        source = self.page_table[:, src][mask]
+        self.k_pool[pages] = self.k_pool[source]
+        self.v_pool[pages] = self.v_pool[source]
+        table = torch.zeros_like(self.page_table[:, row])
+        table[mask] = pages
+        self.page_table[:, row] = table
+        self.lens[:, row] = self.lens[:, src]
+        for state, per_row in ((self.ring, self.layout.unbounded), (self.ring_kv, self.layout.ring_width),
+                               (self.ring_w, self.layout.ring_width), (self.delay_kv, self.layout.delay_width),
+                               (self.delay_aw, self.layout.delay_width)):
+            if per_row:
+                state[:, row] = state[:, src]
+        if self.layout.delay_width:
+            self.delay_rope[row] = self.delay_rope[src]
+        return row
+
     def allocate(self, seq_ids: torch.Tensor) -> None:
         """Top up pages after a decode step of rows ``seq_ids`` (-1: padding): :func:`allocate_pages`."""
         allocate_pages(self.lens, self.page_table, seq_ids, self.free_pages, self.free_top, self.layout.page_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -12,15 +13,17 @@ from tqdm.auto import tqdm
 from ..baselines.eviction import EvictionPolicy
 from ..hf.convert import fold_logit_scale
 from ..stats import CompressionStats
-from .cache import CacheLayout, PagedKVCache
+from .cache import CacheLayout, OutOfPages, PagedKVCache
 from .detokenizer import Detokenizer
 from .step_timer import StepTimer
 from .eviction import EngineEviction
 from .kv_scales import DEFAULT_HEADROOM, KVScales
-from .params import RequestOutput, SamplingParams
+from .logprobs import pack as logprob_pack
+from .logprobs import unpack as logprob_unpack
+from .params import RequestOutput, SamplingParams, TokenLogprob
 from .runner import ModelRunner, load_model
 from .sampling import SamplingBatch, sample, to_device
-from .scheduler import CompressionEstimate, Request, Scheduler
+from .scheduler import CompressionEstimate, Request, RequestStatus, Scheduler
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -183,6 +186,8 @@ class LLM:
                                    whole_prompts=max_num_batched_tokens is not None,
                                    prefill_delay_factor=float(prefill_delay_factor))
         self._next_id = 0
+        self._forks: dict[int, tuple[Request, list[Request]]] = {}  # parent id -> (parent, forks held for it)
+        self._held: dict[int, Request] = {}  # id -> a fork held until its parent is prefilled
         self.step_timer = StepTimer()  # where the steps' time goes, by section (LLM.step_timer.summary())
         self.initial_free_pages = self.cache.free_page_count()
         if cuda_graphs:
@@ -274,9 +279,33 @@ class LLM:
             self.cache.set_kv_scales(scales)
         return scales
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
-        """Queue one request (the server's entry point); run :meth:`step` to advance it."""
-        return self._submit([prompt], [params or SamplingParams()])[0]
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    fork_of: Request | None = None) -> Request:
+        """Queue one request (the server's entry point); run :meth:`step` to advance it.
+
+        ``fork_of``: a request with the same prompt (and ``prompt_logprobs``) that has not been prefilled yet, e.g.
+        the first of a request's ``n`` choices: this one waits while that one prefills, then starts from a copy of
+        its cache and draws its first token from the same logits (with its own seed), so the prompt is prefilled
+        once. When that cannot be (no room for the copy then, eviction, another prompt) it is prefilled itself:
+        the outputs are the same either way."""
+        return self._submit([prompt], [params or SamplingParams()], fork_of)[0]
+
+    def _queue(self, request: Request, fork_of: Request | None) -> None:
+        """Queue a valid request, or hold it until ``fork_of`` is prefilled when it can start from its cache."""
+        if fork_of is not None and self._can_fork(request, fork_of):
+            self._forks.setdefault(fork_of.id, (fork_of, []))[1].append(request)
+            self._held[request.id] = request
+        else:
+            self.scheduler.add(request)
+
+    def _can_fork(self, request: Request, parent: Request) -> bool:
+        """Whether ``request`` can start from ``parent``'s cache once it is prefilled: same prompt and prompt
+        log-probs, ``parent`` queued or prefilling in the scheduler (not itself held for another), no eviction
+        (its per-row state is not copied)."""
+        in_scheduler = parent.prefilling or (parent.status is RequestStatus.WAITING and parent.id not in self._held)
+        return (self.eviction is None and not parent.finished and in_scheduler and not parent.output_ids
+                and parent.prompt_ids == request.prompt_ids
+                and parent.params.prompt_logprobs == request.params.prompt_logprobs)
 
     def abort(self, request: Request | int) -> bool:
         """Stop a request now (waiting or running): its pages are freed, it finishes "aborted".
@@ -284,15 +313,16 @@ class LLM:
         ``RequestOutput.request_id``). Returns False when it had already finished."""
         if isinstance(request, int):
             request_id = request
-            request = self.scheduler.get(request_id)
+            request = self.scheduler.get(request_id) or self._held.get(request_id)
             if request is None:
                 if not 0 <= request_id < self._next_id:
                     raise ValueError(f"no request has id {request_id} (ids so far: 0 .. {self._next_id - 1})")
                 return False  # finished already
+        self._held.pop(request.id, None)  # a held fork: _fork skips it once finished
         return self.scheduler.abort(request)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._forks)
 
     # ------------------------------------------------------------------ one engine step
     def step(self) -> list[Request]:
@@ -301,6 +331,8 @@ class LLM:
         that changed."""
         timer = self.step_timer
         timer.steps += 1
+        if self._forks:
+            self._release_orphans()
         budget = self.prefill_chunk
         if self.max_num_batched_tokens is not None:  # the decoding requests' tokens come first
             budget = min(budget, self.max_num_batched_tokens - self.scheduler.decoding_count())
@@ -312,9 +344,9 @@ class LLM:
             changed.append(starved)
         start = timer.add("schedule", start)
         if batch:
-            tokens = self._decode(batch).tolist()  # the host waits for the GPU here
+            tokens, logprobs = self._decode(batch)
             start = timer.add("decode", start)
-            changed += self._postprocess(batch, tokens)
+            changed += self._postprocess(batch, tokens, logprobs)
             timer.add("postprocess", start)
         return changed
 
@@ -344,41 +376,139 @@ class LLM:
 
     def _prefill_chunks(self, chunks: list[tuple[Request, int]]) -> list[Request]:
         """Feed ``(request, tokens)`` chunks in one forward; sample the first token of each request whose
-        feed is now all in the cache (those are returned)."""
+        feed is now all in the cache (those are returned; one asking for ``max_tokens=0`` finishes instead).
+        Chunks that hold prompt positions still to score (``prompt_logprobs``) get the logits of those
+        positions too; the others keep the fast path's last-token logits only."""
         sched = self.scheduler
         start = time.perf_counter()
         requests = [r for r, _ in chunks]
         feeds = [r.to_feed()[r.seen:r.seen + size] for r, size in chunks]
-        logits = self.runner.prefill_batch([r.row for r in requests], feeds, [r.seen for r in requests])
+        at, scored = self._scored_positions(chunks)
+        cache_rows, seen = [r.row for r in requests], [r.seen for r in requests]
+        logits = (self.runner.prefill_batch(cache_rows, feeds, seen) if at is None
+                  else self.runner.prefill_batch(cache_rows, feeds, seen, at=at))
         done = []
         for i, (request, size) in enumerate(chunks):
             request.seen += size
             if request.prefill_left == 0:
                 sched.prefilled(request)
                 done.append(i)
-        if not done:
+        if not done and not scored:
             sched.last_prefill_seconds = time.perf_counter() - start  # queued, not waited for (no token to sample)
             self.step_timer.add("prefill", start)
             return []
         finished = [requests[i] for i in done]
-        if self.eviction is None:  # with eviction the cap, not a ratio, bounds the pages
-            # Pages hold the tokens that went through DMC; a delayed model's raw window is fixed memory.
-            rows = to_device([[r.row for r in finished]], torch.long, self.device)[0]
-            for request, slots in zip(finished, self.cache.lens[:, rows].sum(dim=(0, 2)).tolist()):  # one wait
-                committed = request.seen - self.cache.raw_held(request.seen)
-                sched.estimate.observe(committed * self.cache.layout.rows, slots)
-        tokens = sample(logits[done], SamplingBatch.build([r.params for r in finished], [r.seed for r in finished],
-                                                         [len(r.output_ids) for r in finished], self.device))
-        tokens = tokens.tolist()  # the host waits for the GPU here
+        if self.eviction is None and finished:  # with eviction the cap, not a ratio, bounds the pages
+            self._observe(finished)
+        forks = [(child, done[j]) for child, j in self._fork(finished)] if self._forks else []  # (fork, parent's chunk)
+        finished += [child for child, _ in forks]
+        draws = [(r, i) for r, i in [(requests[i], i) for i in done] + forks if r.params.max_tokens > 0]
+        tokens, logprobs = self._draw_and_score(logits, draws, scored, len(chunks))
         sched.last_prefill_seconds = time.perf_counter() - start  # the forward's time, its GPU work included
+        for child, i in forks:
+            if child.prompt_logprobs is not None:
+                child.prompt_logprobs = list(requests[i].prompt_logprobs)
         start = self.step_timer.add("prefill", start)
-        changed = self._postprocess(finished, tokens)
+        for request in finished:
+            if request.params.max_tokens == 0:  # scored only
+                self._finish(request, "length")
+        self._postprocess([r for r, _ in draws], tokens, logprobs)
         self.step_timer.add("postprocess", start)
-        return changed
+        return finished
 
-    def _decode(self, batch: list[Request]) -> torch.Tensor:
-        """One decode step of ``batch``: the sampled tokens ``[B]``. Every input goes to the device before the
-        model is launched, in copies that do not wait for the GPU; the host's one wait is for the tokens."""
+    def _observe(self, prefilled: list[Request]) -> None:
+        """Add the slots of these just prefilled requests to the admission's CR estimate (one wait)."""
+        # Pages hold the tokens that went through DMC; a delayed model's raw window is fixed memory.
+        rows = to_device([[r.row for r in prefilled]], torch.long, self.device)[0]
+        for request, slots in zip(prefilled, self.cache.lens[:, rows].sum(dim=(0, 2)).tolist()):
+            committed = request.seen - self.cache.raw_held(request.seen)
+            self.scheduler.estimate.observe(committed * self.cache.layout.rows, slots)
+
+    def _draw_and_score(self, logits: torch.Tensor, draws: list[tuple[Request, int]],
+                        scored: list[tuple[Request, range]], count: int) -> tuple[list[int], list[TokenLogprob | None]]:
+        """A prefill's first tokens: each ``(request, i)`` of ``draws`` samples from row ``i`` of ``logits`` (a fork
+        from its parent's), its log-probs if it asks; the ``scored`` prompt positions, whose logits follow the
+        ``count`` chunks' last ones, get theirs appended to their requests. One host copy in all."""
+        rows = [i for _, i in draws]
+        params = [r.params for r, _ in draws]
+        tokens = sample(logits[rows], SamplingBatch.build(params, [r.seed for r, _ in draws],
+                                                          [len(r.output_ids) for r, _ in draws], self.device))
+        targets = [r.prompt_ids[p + 1] for r, positions in scored for p in positions]
+        ks = [p.logprobs for p in params]
+        if targets:
+            tokens = torch.cat([tokens, to_device([targets], torch.long, self.device)[0]])
+            rows += range(count, count + len(targets))
+            ks += [r.params.prompt_logprobs for r, positions in scored for _ in positions]
+        tokens, logprobs = self._to_host(logits[rows], tokens, ks)  # the host waits for the GPU here
+        scores = iter(logprobs[len(draws):])
+        for request, positions in scored:
+            request.prompt_logprobs.extend(next(scores) for _ in positions)
+        return tokens[:len(draws)], logprobs[:len(draws)]
+
+    def _fork(self, prefilled: list[Request]) -> list[tuple[Request, int]]:
+        """Start the requests held for these just prefilled ones (``fork_of``) from copies of their cache rows, while
+        they fit (admission as for any request); the rest go back to the head of the queue, to be prefilled
+        themselves. Returns ``(fork, index of its parent in prefilled)``."""
+        sched, forks, back = self.scheduler, [], []
+        for index, parent in enumerate(prefilled):
+            held = self._forks.pop(parent.id, (parent, []))[1]
+            for child in held:
+                if self._held.pop(child.id, None) is None:
+                    continue  # aborted while held
+                if back or not sched.can_admit(child, self.cache.free_page_count(), self.cache.free_row_count()):
+                    back.append(child)
+                    continue
+                try:
+                    row = self.cache.fork_row(parent.row)
+                except OutOfPages:
+                    back.append(child)
+                    continue
+                sched.admit_forked(child, row, parent.seen)
+                forks.append((child, index))
+        for child in reversed(back):
+            sched.requeue(child)
+        return forks
+
+    def _release_orphans(self) -> None:
+        """Requests held for one that ended before its prefill did (aborted, refused) are prefilled themselves."""
+        for parent_id, (parent, held) in list(self._forks.items()):
+            if parent.finished:
+                del self._forks[parent_id]
+                for child in reversed(held):
+                    if self._held.pop(child.id, None) is not None:
+                        self.scheduler.requeue(child)
+
+    @staticmethod
+    def _scored_positions(chunks: list[tuple[Request, int]]) -> tuple[list[int] | None, list[tuple[Request, range]]]:
+        """``(at, scored)``: the indices of the batch's packed tokens whose logits the prefill returns (each chunk's
+        last, then the positions to score), None when nothing is scored (the fast path); ``scored`` pairs each
+        request that scores with its positions."""
+        ends = list(itertools.accumulate(size for _, size in chunks))
+        at, scored = [end - 1 for end in ends], []
+        for (request, size), end in zip(chunks, ends):
+            positions = request.unscored(size)
+            if positions:
+                base = end - size - request.seen  # packed index of the request's position 0 in this chunk
+                at += [base + p for p in positions]
+                scored.append((request, positions))
+        return (at if scored else None), scored
+
+    def _to_host(self, logits: torch.Tensor, tokens: torch.Tensor,
+                 ks: list[int | None]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The tokens ``[N]`` on the host and, for rows whose ``ks[i]`` is not None, their log-probs under ``logits``
+        with the ``ks[i]`` most likely tokens (:mod:`dmc.engine.logprobs`): one copy for all rows."""
+        wanted = [k for k in ks if k is not None]
+        if not wanted:
+            return tokens.tolist(), [None] * len(ks)
+        width = min(max(wanted), logits.shape[-1])
+        rows = logprob_pack(logits, tokens, width).tolist()
+        return ([int(row[0]) for row in rows],
+                [None if k is None else logprob_unpack(row, min(k, width), width) for row, k in zip(rows, ks)])
+
+    def _decode(self, batch: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One decode step of ``batch``: the sampled tokens and, for requests that ask, their log-probs. Every
+        input goes to the device before the model is launched, in copies that do not wait for the GPU; the host's
+        one wait is for the tokens (and log-probs)."""
         device = self.device
         inputs = to_device([[r.output_ids[-1] for r in batch], [r.seen for r in batch], [r.row for r in batch]],
                            torch.int64, device)
@@ -387,16 +517,19 @@ class LLM:
         logits = self.runner.decode(inputs[0], inputs[1].int(), inputs[2].int())
         for request in batch:
             request.seen += 1
-        return sample(logits, sampling)
+        return self._to_host(logits, sample(logits, sampling), [r.params.logprobs for r in batch])
 
-    def _postprocess(self, requests: list[Request], tokens: list[int]) -> list[Request]:
-        """Append each request's new token; finish those that hit a stop or their length."""
-        for request, token in zip(requests, tokens):
+    def _postprocess(self, requests: list[Request], tokens: list[int],
+                     logprobs: list[TokenLogprob | None]) -> list[Request]:
+        """Append each request's new token (and its log-probs); finish those that hit a stop or their length."""
+        for request, token, logprob in zip(requests, tokens, logprobs):
+            if request.logprobs is not None:
+                request.logprobs.append(logprob)
             self._append(request, token)
         return list(requests)
 
     # ------------------------------------------------------------------ request lifecycle
-    def _submit(self, prompts, params) -> list[Request]:
+    def _submit(self, prompts, params, fork_of: Request | None = None) -> list[Request]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -411,15 +544,25 @@ class LLM:
             self._next_id += 1
             try:
                 p.validate()
+                self._check_logprobs(p)
                 request.prompt_ids = self._tokenize(prompt)
+                request.logprobs = None if p.logprobs is None else []
+                request.prompt_logprobs = None if p.prompt_logprobs is None else [None]
                 if self.tokenizer is not None:
                     request.detokenizer = Detokenizer(self.tokenizer, p.stop)
             except ValueError as exc:
                 self.scheduler.finish(request, "error", str(exc))
             else:
-                self.scheduler.add(request)
+                self._queue(request, fork_of)
             requests.append(request)
         return requests
+
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        vocab = self.model.config.vocab_size
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise ValueError(f"{name}={k} asks for more tokens than the vocabulary has ({vocab})")
 
     def _tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -466,9 +609,13 @@ class LLM:
         out = RequestOutput(request_id=request.id, prompt=request.prompt, prompt_token_ids=request.prompt_ids,
                             text=request.text, token_ids=list(request.output_ids), finished=request.finished,
                             finish_reason=request.finish_reason, error=request.error,
-                            compression=request.compression, num_preemptions=request.preemptions)
+                            compression=request.compression, num_preemptions=request.preemptions,
+                            logprobs=None if request.logprobs is None else list(request.logprobs),
+                            prompt_logprobs=None if request.prompt_logprobs is None else list(request.prompt_logprobs))
         if delta:
             out.new_token_ids = request.output_ids[request.streamed_tokens:]
+            if request.logprobs is not None:
+                out.new_logprobs = request.logprobs[request.streamed_tokens:]
             end = request.stable_text_length()
             out.new_text = request.text[request.streamed_chars:end]
             request.streamed_tokens, request.streamed_chars = len(request.output_ids), max(request.streamed_chars, end)

@@ -11,7 +11,8 @@ class SamplingParams:
     """How to sample one request (the vLLM conventions).
 
     Attributes:
-        max_tokens: most new tokens to generate.
+        max_tokens: most new tokens to generate; 0 prefills the prompt and generates nothing (scoring it:
+            only with ``prompt_logprobs``).
         temperature: 0 = greedy; otherwise softmax temperature.
         top_k: keep the k most likely tokens (0 = all).
         top_p: keep the smallest set of tokens whose probability reaches p (1 = all).
@@ -20,6 +21,12 @@ class SamplingParams:
         stop_token_ids: tokens that end the request (kept in the output).
         stop: strings that end the request (the text is cut before them).
         ignore_eos: keep going past the tokenizer's end-of-sequence token.
+        logprobs: return each generated token's log-prob and the ``logprobs`` most likely tokens at its
+            position (0: the chosen token's only; None: none). They are the model's distribution, before
+            temperature, top-k and top-p (:mod:`dmc.engine.logprobs`).
+        prompt_logprobs: the same for every prompt token (the first has none: nothing predicts it), computed
+            from the prefill's logits of every prompt token (None: not computed, the prefill keeps only the
+            last token's logits).
     """
 
     max_tokens: int = 16
@@ -30,11 +37,16 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and the accepted range."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer >= 1 (0 only to score a prompt), got {self.max_tokens!r}")
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError("max_tokens=0 generates nothing: it only scores the prompt, so set prompt_logprobs "
+                             "(0 or more)")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                 and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
@@ -48,10 +60,31 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+                raise ValueError(f"{name} must be an integer >= 0 (the most likely tokens to return beside the "
+                                 f"chosen one) or None, got {k!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """One position's log-probs: the token there and the most likely ones (the model's distribution).
+
+    Attributes:
+        token_id: the token at this position (sampled, or the prompt's).
+        logprob: its log-prob.
+        top: the k most likely ``(token id, log-prob)``, most likely first (k = ``logprobs`` or
+            ``prompt_logprobs``; the chosen token may be among them or not).
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -71,7 +104,10 @@ class RequestOutput:
         compression: realized compression of this request's cache when it finished:
             tokens, slots, overall CR, CR per layer ``[L]`` (see :class:`dmc.CompressionStats`).
         num_preemptions: times the request lost its cache to memory pressure and was recomputed.
-        new_token_ids, new_text: what this update added (streaming).
+        logprobs: one :class:`TokenLogprob` per generated token, when ``SamplingParams.logprobs`` is set.
+        prompt_logprobs: one per prompt token (None for the first), when ``SamplingParams.prompt_logprobs`` is
+            set (filled once the prompt is prefilled).
+        new_token_ids, new_text, new_logprobs: what this update added (streaming).
     """
 
     request_id: int
@@ -84,5 +120,8 @@ class RequestOutput:
     error: str | None = None
     compression: dict | None = None
     num_preemptions: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
+    new_logprobs: list[TokenLogprob] | None = None

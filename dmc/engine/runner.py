@@ -176,9 +176,12 @@ class ModelRunner:
         return out.logits[0].float()
 
     @torch.inference_mode()
-    def prefill_batch(self, rows: list[int], chunks: list[list[int]], seen: list[int]) -> torch.Tensor:
+    def prefill_batch(self, rows: list[int], chunks: list[list[int]], seen: list[int],
+                      at: list[int] | None = None) -> torch.Tensor:
         """Feed ``chunks[i]`` to sequence ``rows[i]`` (which holds ``seen[i]`` tokens), all in one forward;
-        returns the logits after each chunk's last token ``[B, V]`` (fp32).
+        returns the logits after each chunk's last token ``[B, V]`` (fp32), or with ``at`` after the tokens
+        at those indices of the chunks laid back to back ``[len(at), V]`` (prompt log-probs need more than
+        the last: the head runs only over what is asked for).
 
         The chunks are packed back to back in one row (no padding): norms, projections and MLPs run once
         over all their tokens; each layer's attention runs per chunk on its sequence's cache view
@@ -198,7 +201,7 @@ class ModelRunner:
         segments = [(end - n, end) for end, n in zip(ends, sizes)]
         ids = to_device([[t for c in chunks for t in c]], torch.long, device)
         positions = to_device([[s + i for s, n in zip(seen, sizes) for i in range(n)]], torch.long, device)
-        last = to_device([ends], torch.long, device)[0] - 1
+        last = to_device([ends], torch.long, device)[0] - 1 if at is None else to_device([at], torch.long, device)[0]
         views = [SequenceView(cache, row, s) if self.eviction is None else self.eviction.sequence_view(row, s)
                  for row, s in zip(rows, seen)]
         runtime = self.model.dmc_runtime

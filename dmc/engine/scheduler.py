@@ -53,6 +53,8 @@ class Request:
     streamed_tokens: int = 0
     streamed_chars: int = 0
     arrival: float = 0.0  # time.monotonic() when it was queued (the prefill delay counts from it)
+    logprobs: list | None = None  # a TokenLogprob per output token, when params.logprobs is set
+    prompt_logprobs: list | None = None  # [None, one per later prompt token], when params.prompt_logprobs is set
 
     @property
     def finished(self) -> bool:
@@ -72,6 +74,13 @@ class Request:
     def to_feed(self) -> list[int]:
         """What a (re)admitted request prefills: its prompt and everything it generated."""
         return self.prompt_ids + self.output_ids
+
+    def unscored(self, size: int) -> range:
+        """The positions of the next ``size`` fed tokens whose logits give a prompt log-prob not yet computed
+        (position p predicts prompt token p + 1; a recomputed prompt keeps the log-probs it already has)."""
+        if self.prompt_logprobs is None:
+            return range(0)
+        return range(max(self.seen, len(self.prompt_logprobs) - 1), min(self.seen + size, len(self.prompt_ids) - 1))
 
     @property
     def prefill_left(self) -> int:
@@ -236,6 +245,12 @@ class Scheduler:
             return min(left, budget)
         size = min(left, self.prefill_chunk or left)
         return size if size <= budget else 0
+
+    def admit_forked(self, request: Request, row: int, seen: int) -> None:
+        """A request that starts from a copy of another's prefilled cache row (the same prompt): it runs,
+        decoding, at once."""
+        request.status, request.row, request.seen, request.prefilling = RequestStatus.RUNNING, row, seen, False
+        self.running.append(request)
 
     def prefilled(self, request: Request) -> None:
         """A request's whole feed is in the cache: it decodes from now on."""

@@ -40,6 +40,16 @@ class ServerConfig:
     max_body_bytes: int = 32 * 2**20
     draining: bool = False  # set on SIGTERM: new /v1 requests get 503
     started: int = field(default_factory=lambda: int(time.time()))
+    _pieces: dict = field(default_factory=dict, repr=False)
+
+    def piece(self, token: int) -> str:
+        """A token's text as log-probs show it (vLLM's ``token_id:N`` without a tokenizer); cached, since the
+        top tokens of every position repeat."""
+        text = self._pieces.get(token)
+        if text is None:
+            text = f"token_id:{token}" if self.tokenizer is None else self.tokenizer.decode([token])
+            self._pieces[token] = text
+        return text
 
 
 def build_app(engine: EngineLoop, config: ServerConfig) -> FastAPI:
@@ -101,16 +111,19 @@ def build_app(engine: EngineLoop, config: ServerConfig) -> FastAPI:
         prompts = _prompt_list(body.prompt)
         prompt_ids = await _run(tokenize_pool, lambda: [_tokenize(p, config) for p in prompts])
         handles, sink = _handles(prompt_ids, body, body.max_tokens, config)
+        echo = [_prompt_text(p, ids, config) for p, ids in zip(prompts, prompt_ids)] if body.echo else None
+        render = _Render(config, prompt_ids, body.n, echo, body.logprobs is not None)
         return await _respond(request, body, prompt_ids, handles, sink, engine, "cmpl", "text_completion",
-                              chat=False)
+                              chat=False, render=render)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check(body, config)
         prompt_ids = await _run(tokenize_pool, lambda: [_chat_prompt(body, config)])
         handles, sink = _handles(prompt_ids, body, body.max_completion_tokens or body.max_tokens, config)
+        render = _Render(config, prompt_ids, body.n, None, bool(body.logprobs))
         return await _respond(request, body, prompt_ids, handles, sink, engine, "chatcmpl", "chat.completion",
-                              chat=True)
+                              chat=True, render=render)
 
     return app
 
@@ -208,12 +221,33 @@ def _chat_prompt(body: ChatCompletionRequest, config: ServerConfig) -> list[int]
     return ids
 
 
+def _prompt_text(prompt, ids: list[int], config: ServerConfig) -> str:
+    """What ``echo`` puts before the completion: the prompt as given, or its token ids decoded."""
+    if isinstance(prompt, str):
+        return prompt
+    return "" if config.tokenizer is None else config.tokenizer.decode(ids)
+
+
+def _logprob_params(body) -> tuple[int | None, int | None]:
+    """``(logprobs, prompt_logprobs)`` of the engine (:class:`SamplingParams`) for an OpenAI request: chat's
+    ``logprobs: true`` + ``top_logprobs: k``; completions' ``logprobs: k``, with ``echo`` for the prompt's too
+    (``max_tokens: 0`` with ``echo``: the prompt is scored, nothing generated)."""
+    if isinstance(body, ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None, None
+    prompt = body.logprobs if body.echo else None
+    if body.max_tokens == 0 and prompt is None:
+        prompt = 0  # the engine prefills without generating only to score: echo without logprobs shows none
+    return body.logprobs, prompt
+
+
 def _handles(prompt_ids: list[list[int]], body, max_tokens: int | None, config: ServerConfig):
-    """One engine request per (prompt, choice), checked against the context; they share one queue."""
+    """One engine request per (prompt, choice), checked against the context; they share one queue. A prompt's
+    later choices fork its first (one prefill: :meth:`dmc.LLM.add_request`'s ``fork_of``)."""
     loop = asyncio.get_running_loop()
     sink: asyncio.Queue = asyncio.Queue()
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0
+    logprobs, prompt_logprobs = _logprob_params(body)
     handles = []
     for p, ids in enumerate(prompt_ids):
         room = config.max_model_len - len(ids)
@@ -229,12 +263,13 @@ def _handles(prompt_ids: list[list[int]], body, max_tokens: int | None, config: 
             params = SamplingParams(max_tokens=wanted, temperature=1.0 if body.temperature is None else body.temperature,
                                     top_k=top_k, top_p=1.0 if body.top_p is None else body.top_p, seed=seed,
                                     stop=stop, stop_token_ids=list(body.stop_token_ids or []),
-                                    ignore_eos=body.ignore_eos)
+                                    ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
             try:
                 params.validate()
             except ValueError as exc:
                 raise APIError(400, str(exc)) from exc
-            handles.append(RequestHandle(p * body.n + j, ids, params, sink, loop))
+            handles.append(RequestHandle(p * body.n + j, ids, params, sink, loop,
+                                         fork_of=handles[p * body.n].key if j else None))
     return handles, sink
 
 
@@ -247,12 +282,17 @@ class _Choices:
         self.prompts = sum(len(ids) for ids in prompt_ids)  # once per prompt, whatever n
         self.text = {h.index: [] for h in handles}
         self.token_ids = {h.index: [] for h in handles}
+        self.logprobs = {h.index: [] for h in handles}
+        self.prompt_logprobs: dict[int, list] = {}
         self.final: dict[int, Delta] = {}
         self.completed = False  # a stream sent all it had to (its client did not leave first)
 
     def add(self, delta: Delta) -> None:
         self.text[delta.index].append(delta.text)
         self.token_ids[delta.index].extend(delta.token_ids)
+        self.logprobs[delta.index].extend(delta.logprobs or [])
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs[delta.index] = delta.prompt_logprobs
         if delta.finished:
             self.final[delta.index] = delta
 
@@ -295,7 +335,7 @@ class _Choices:
 
 
 async def _respond(request: Request, body, prompt_ids, handles, sink, engine: EngineLoop, prefix: str, object_: str,
-                   chat: bool):
+                   chat: bool, render: "_Render"):
     rid = f"{prefix}-{uuid.uuid4().hex}"
     created = int(time.time())
     choices = _Choices(handles, prompt_ids)
@@ -304,7 +344,7 @@ async def _respond(request: Request, body, prompt_ids, handles, sink, engine: En
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream(rid, created, body.model, object_ + (".chunk" if chat else ""), chat, include_usage,
-                         choices, sink, request)
+                         choices, sink, request, render)
         return _SSE(events, on_close=lambda: _close_stream(request, engine, choices))
     watcher = asyncio.create_task(_watch_disconnect(request, sink))
     try:
@@ -326,12 +366,17 @@ async def _respond(request: Request, body, prompt_ids, handles, sink, engine: En
     for index in sorted(choices.final):
         final = choices.final[index]
         text = "".join(choices.text[index])
+        ids, entries = choices.token_ids[index], choices.logprobs[index]
         choice = {"index": index, "finish_reason": final.finish_reason, "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
+            if render.logprobs:
+                choice["logprobs"] = {"content": render.chat_logprobs(ids, entries)}
         else:
-            choice["text"] = text
-            choice["token_ids"] = choices.token_ids[index]
+            choice["text"] = render.echo_text(index) + text
+            choice["token_ids"] = ids
+            if render.logprobs:
+                choice["logprobs"] = render.completion_logprobs(index, ids, entries, choices.prompt_logprobs.get(index))
         choice["dmc_compression"] = final.compression
         out.append(choice)
     return {"id": rid, "object": object_, "created": created, "model": body.model, "choices": out,
@@ -358,7 +403,8 @@ async def _watch_disconnect(request: Request, sink: asyncio.Queue, every: float 
     sink.put_nowait(None)
 
 
-async def _stream(rid, created, model, object_, chat, include_usage, choices: _Choices, sink, request):
+async def _stream(rid, created, model, object_, chat, include_usage, choices: _Choices, sink, request,
+                  render: "_Render"):
     def event(choice_list, usage=False, **extra) -> str:
         chunk = {"id": rid, "object": object_, "created": created, "model": model, "choices": choice_list, **extra}
         if include_usage:
@@ -379,13 +425,18 @@ async def _stream(rid, created, model, object_, chat, include_usage, choices: _C
         choice = {"index": delta.index, "logprobs": None,
                   "finish_reason": delta.finish_reason if delta.finished else None}
         if chat:
-            if not (delta.text or delta.first or delta.finished):
+            if not (delta.text or delta.first or delta.finished or (render.logprobs and delta.token_ids)):
                 continue  # nothing a chat client can show (text held back)
             choice["delta"] = ({"role": "assistant", "content": delta.text} if delta.first
                                else {"content": delta.text} if delta.text else {})
+            if render.logprobs:
+                choice["logprobs"] = {"content": render.chat_logprobs(delta.token_ids, delta.logprobs or [])}
         else:
-            choice["text"] = delta.text
+            choice["text"] = (render.echo_text(delta.index) if delta.first else "") + delta.text
             choice["token_ids"] = delta.token_ids
+            if render.logprobs:
+                choice["logprobs"] = render.completion_logprobs(delta.index, delta.token_ids, delta.logprobs or [],
+                                                                delta.prompt_logprobs)
         if delta.finished:
             choice["dmc_compression"] = delta.compression
         yield event([choice])
@@ -394,6 +445,53 @@ async def _stream(rid, created, model, object_, chat, include_usage, choices: _C
         yield event([], usage=True, dmc_compression=choices.compression())
     yield "data: [DONE]\n\n"
     choices.completed = True
+
+
+class _Render:
+    """The OpenAI forms of echo and log-probs for one HTTP request's choices (``index`` = prompt x n + choice).
+
+    Completions: ``{tokens, token_logprobs, top_logprobs, text_offset}``; ``top_logprobs`` maps the k most
+    likely tokens' text to their log-prob, plus the chosen token's (as vLLM does), and ``text_offset`` counts
+    the characters of the tokens before (the echoed prompt's included), continuing across a stream's chunks.
+    With echo the prompt's tokens come first, the first one with null log-probs. Chat: ``content`` =
+    ``[{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]``."""
+
+    def __init__(self, config: ServerConfig, prompt_ids: list[list[int]], n: int, echo: list[str] | None,
+                 logprobs: bool) -> None:
+        self.config, self.prompt_ids, self.n, self.echo, self.logprobs = config, prompt_ids, n, echo, logprobs
+        self.offsets: dict[int, int] = {}  # choice -> characters of the tokens it has shown
+
+    def echo_text(self, index: int) -> str:
+        return "" if self.echo is None else self.echo[index // self.n]
+
+    def completion_logprobs(self, index: int, ids: list[int], entries: list, prompt: list | None) -> dict:
+        if self.echo is not None and prompt is not None:
+            ids, entries = self.prompt_ids[index // self.n] + list(ids), prompt + list(entries)
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = self.offsets.get(index, 0)
+        for token, entry in zip(ids, entries):
+            piece = self.config.piece(token)
+            out["tokens"].append(piece)
+            out["text_offset"].append(offset)
+            offset += len(piece)
+            if entry is None:  # a prompt's first token: nothing predicts it
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            top = {self.config.piece(t): lp for t, lp in entry.top}
+            top.setdefault(piece, entry.logprob)
+            out["token_logprobs"].append(entry.logprob)
+            out["top_logprobs"].append(top)
+        self.offsets[index] = offset
+        return out
+
+    def chat_logprobs(self, ids: list[int], entries: list) -> list[dict]:
+        def one(token: int, logprob: float) -> dict:
+            piece = self.config.piece(token)
+            return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
+
+        return [{**one(token, entry.logprob), "top_logprobs": [one(t, lp) for t, lp in entry.top]}
+                for token, entry in zip(ids, entries)]
 
 
 class _SSE(StreamingResponse):

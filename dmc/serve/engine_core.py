@@ -29,6 +29,7 @@ class Submission:
     key: int
     prompt_ids: list[int]
     params: object  # dmc.SamplingParams
+    fork_of: int | None = None  # the key of an earlier choice of the same prompt: start from its prefilled cache
 
 
 @dataclass(slots=True)
@@ -43,6 +44,8 @@ class Output:
     completion_tokens: int = 0
     compression: dict | None = None
     preemptions: int = 0
+    logprobs: list | None = None  # a dmc.TokenLogprob per token of token_ids, when the request asked
+    prompt_logprobs: list | None = None  # the prompt's (first entry None), once, in the output after its prefill
 
 
 @dataclass
@@ -91,10 +94,11 @@ def engine_info(llm) -> dict:
 class _Tracked:
     """The core's view of one request: what it has already sent of it."""
 
-    __slots__ = ("key", "request", "sent_tokens", "sent_chars")
+    __slots__ = ("key", "request", "sent_tokens", "sent_chars", "sent_prompt")
 
     def __init__(self, key: int, request) -> None:
         self.key, self.request, self.sent_tokens, self.sent_chars = key, request, 0, 0
+        self.sent_prompt = False  # its prompt log-probs (when it asked for them)
 
 
 class EngineCore:
@@ -153,8 +157,10 @@ class EngineCore:
             self._stopping = True
         elif kind == "add":
             for sub in payload:
+                parent = self._by_key.get(sub.fork_of) if sub.fork_of is not None else None
                 try:
-                    request = self.llm.add_request(sub.prompt_ids, sub.params)
+                    request = self.llm.add_request(sub.prompt_ids, sub.params,
+                                                   fork_of=None if parent is None else parent.request)
                 except Exception as exc:  # noqa: BLE001 - refused by the engine: this request only
                     outputs.append(Output(sub.key, [], finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
                     continue
@@ -179,8 +185,13 @@ class EngineCore:
         finished = request.finished
         if not (new_ids or piece or finished):
             return
-        tracked.sent_tokens, tracked.sent_chars = len(ids), max(tracked.sent_chars, end)
         out = Output(tracked.key, new_ids, piece, completion_tokens=len(ids))
+        if request.logprobs is not None:
+            out.logprobs = request.logprobs[tracked.sent_tokens:]
+        scored = request.prompt_logprobs
+        if scored is not None and not tracked.sent_prompt and len(scored) == len(request.prompt_ids):
+            out.prompt_logprobs, tracked.sent_prompt = scored, True
+        tracked.sent_tokens, tracked.sent_chars = len(ids), max(tracked.sent_chars, end)
         if finished:
             self._by_id.pop(request.id, None)
             self._by_key.pop(tracked.key, None)

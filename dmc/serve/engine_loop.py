@@ -47,6 +47,8 @@ class Delta:
     completion_tokens: int = 0
     compression: dict | None = None
     first: bool = False  # the choice's first delta (chat: carries the role)
+    logprobs: list | None = None  # a dmc.TokenLogprob per token of token_ids, when asked for
+    prompt_logprobs: list | None = None  # the prompt's (first entry None), once
 
 
 class RequestHandle:
@@ -54,9 +56,10 @@ class RequestHandle:
     timings."""
 
     def __init__(self, index: int, prompt_ids: list[int], params, sink: asyncio.Queue,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, fork_of: int | None = None) -> None:
         self.key = next(_keys)  # names it to the engine core
         self.index, self.prompt_ids, self.params = index, prompt_ids, params
+        self.fork_of = fork_of  # the key of the prompt's first choice, whose prefill this one shares
         self.sink, self.loop = sink, loop
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
@@ -121,7 +124,7 @@ class EngineLoop:
             self._post([(h, self._closing(h, "unavailable", self._dead)) for h in handles])
             return
         self.metrics.prompt_tokens.labels(self.metrics.model).inc(sum(len(h.prompt_ids) for h in handles))
-        self._command(("add", [Submission(h.key, h.prompt_ids, h.params) for h in handles]))
+        self._command(("add", [Submission(h.key, h.prompt_ids, h.params, h.fork_of) for h in handles]))
 
     def abort(self, handles: list[RequestHandle]) -> None:
         """End these requests now ("aborted"); the engine frees their pages at its next step."""
@@ -215,7 +218,7 @@ class EngineLoop:
                 handle.completion_tokens = out.completion_tokens or handle.completion_tokens
                 delta = Delta(index=handle.index, text=out.text, token_ids=out.token_ids,
                               prompt_tokens=len(handle.prompt_ids), completion_tokens=handle.completion_tokens,
-                              first=not handle.emitted)
+                              first=not handle.emitted, logprobs=out.logprobs, prompt_logprobs=out.prompt_logprobs)
                 handle.emitted = True
                 if out.finish_reason is not None:
                     self._handles.pop(out.key, None)

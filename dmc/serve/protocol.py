@@ -1,7 +1,7 @@
 """The OpenAI request bodies the server accepts (pydantic), and the error object it returns.
 
-Fields the engine cannot honour (logprobs, penalties, logit_bias, echo, suffix, tools, best_of > n)
-are accepted by the schema so that a client gets a clear 400 naming them, not a silent default.
+Fields the engine cannot honour (penalties, logit_bias, suffix, tools, best_of > n) are accepted by
+the schema so that a client gets a clear 400 naming them, not a silent default.
 Unknown fields are ignored (clients send newer parameters). Extensions beyond OpenAI's API, as
 in vLLM: ``top_k``, ``stop_token_ids``, ``ignore_eos``.
 """
@@ -64,7 +64,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
         description="text, token ids, or a batch of either")
-    max_tokens: int | None = Field(16, ge=1, le=2**31 - 1)
+    max_tokens: int | None = Field(16, ge=0, le=2**31 - 1, description="0: with echo, score the prompt only")
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -111,16 +111,16 @@ def unsupported(request: CompletionRequest | ChatCompletionRequest) -> APIError 
     ]
     if isinstance(request, CompletionRequest):
         checks += [
-            ("logprobs", request.logprobs is not None, "logprobs not supported: the dmc engine does not return them"),
-            ("echo", request.echo, "echo is not supported by the dmc engine"),
+            ("max_tokens", request.max_tokens == 0 and not request.echo,
+             "max_tokens 0 generates nothing: send it with echo (and logprobs) to score the prompt"),
             ("suffix", request.suffix is not None, "suffix (insertion) is not supported by the dmc engine"),
             ("best_of", request.best_of not in (None, request.n),
-             "best_of is not supported (it needs logprobs); use n"),
+             "best_of other than n is not supported (the server does not rank choices); use n"),
         ]
     else:
         checks += [
-            ("logprobs", bool(request.logprobs) or request.top_logprobs is not None,
-             "logprobs not supported: the dmc engine does not return them"),
+            ("top_logprobs", request.top_logprobs is not None and not request.logprobs,
+             "top_logprobs needs logprobs: true"),
             ("tools", bool(request.tools), "tools (function calling) are not supported by the dmc server"),
             ("response_format", bool(request.response_format) and request.response_format.get("type") != "text",
              "response_format other than text is not supported by the dmc server"),
