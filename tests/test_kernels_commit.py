@@ -10,7 +10,7 @@ from test_batched_prefill import _assert_same_state, _state
 from test_engine import GREEDY, _engine, _prompts
 
 pytest.importorskip("triton")
-from test_kernels import interpreter  # noqa: E402
+from test_kernels import DEVICE, interpreter  # noqa: E402
 
 LENGTHS = (23, 5, 41, 1, 12, 2)
 MODELS = {  # name -> dmc_model kwargs
@@ -28,9 +28,12 @@ def _interpreted():
 
 
 def _engines(kwargs):
+    """Two engines on one model, the tensor ops' and the kernel's (a GPU: on it, fp32; else the interpreter, the
+    kernel in the prefill's commit only: the decode step keeps the tensor-op kernels)."""
     model = dmc_model("llama", **kwargs)
-    plain, fused = _engine(model), _engine(model)
-    fused.cache.triton = True  # the prefill's commit only: the decode step keeps the tensor-op kernels
+    on = {} if DEVICE == "cpu" else dict(device="cuda", dtype=torch.float32, kv_cache_memory=64 * 2**20)
+    plain, fused = _engine(model, **on), _engine(model, **on)
+    plain.cache.triton, fused.cache.triton = False, True
     assert fused.cache.fused_commit() and not plain.cache.fused_commit()
     return plain, fused
 
