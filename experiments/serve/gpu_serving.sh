@@ -12,10 +12,10 @@
 #     the DMC server's processes; both write --profile-steps), then both with bigger prefill forwards (TUNED);
 # Phase A, the Llama-2-7B shape (random bf16 weights, decisions forced at CR 4 and 8; 16 GiB of KV):
 #   `dmc serve` vanilla vs CR 4 vs CR 8 under 128 concurrent streams, prompts 1-2K, 256-512 generated.
-# Then the rest of phase B (a Poisson sweep of request rates for DMC 4x, POISSON_ORIGINAL=1 the original's too; the
-# offline engine, LLM.generate with the tokenizer, on the same prompts at the same concurrency), the GPU tests of
-# delayed merging's prefill and decode, and benchmarks/delay_decode.py (delayed merging's decode step vs w = 0), in
-# that order (what matters most first: a lease may end early).
+# First the GPU tests of the prefill's kernels (the rows below run them). After phase A, the rest of phase B (a
+# Poisson sweep of request rates for DMC 4x, POISSON_ORIGINAL=1 the original's too; the offline engine,
+# LLM.generate with the tokenizer, on the same prompts at the same concurrency) and benchmarks/delay_decode.py
+# (delayed merging's decode step vs w = 0), in that order (what matters most first: a lease may end early).
 # Rows go to KEEP/results (serving.json and benchmarks.md, as benchmarks/serve_load.py writes them), logs to
 # KEEP/logs, the py-spy profiles and step profiles to KEEP/profiles; KEEP/DONE marks the end.
 # A CPU smoke test sets SMOKE=1 (tiny models, small loads, no GGUF: phase B retrofits a tiny model).
@@ -83,6 +83,17 @@ spy() {  # label, seconds (run in the background beside a load)
     --output "$PROFILES/pyspy-$1.txt" > "$LOGS/pyspy-$1.log" 2>&1
 }
 
+# ---------------------------------------------------------------------- first: the GPU tests of the prefill's kernels
+# (the packed first chunks' Triton commit and pooling, FlexAttention, delayed merging): every DMC row below runs them
+if [ -z "${SMOKE:-}" ]; then
+  stamp "GPU tests"
+  PYTHONPATH=$NEW timeout 300 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_commit.py \
+    > "$LOGS/gpu-tests-commit.log" 2>&1
+  stamp "GPU tests, the commit kernel: $(tail -1 "$LOGS/gpu-tests-commit.log")"
+  PYTHONPATH=$NEW timeout 300 $PY -m pytest -q -x -p no:cacheprovider -m gpu tests/test_batched_prefill.py \
+    tests/test_engine_delay.py > "$LOGS/gpu-tests.log" 2>&1
+  stamp "GPU tests: $(tail -1 "$LOGS/gpu-tests.log")"
+fi
 # ---------------------------------------------------------------------- phase A0: the 7B-shaped model, while the GGUF comes
 M7=$KEEP/model-7b
 if [ -z "${SKIP_A:-}" ]; then
@@ -193,13 +204,6 @@ if [ -z "${SKIP_A:-}" ]; then
 fi
 
 [ -n "${SKIP_B:-}" ] || phase_b_rest
-# ---------------------------------------------------------------------- phase C: the GPU tests of delayed merging
-if [ -z "${SMOKE:-}" ]; then
-  stamp "GPU tests"
-  PYTHONPATH=$NEW timeout 300 $PY -m pytest -q -x -p no:cacheprovider -m gpu tests/test_batched_prefill.py \
-    tests/test_engine_delay.py > "$LOGS/gpu-tests.log" 2>&1
-  stamp "GPU tests: $(tail -1 "$LOGS/gpu-tests.log")"
-fi
 if [ -z "${SMOKE:-}" ]; then
   stamp "delay_decode"
   PYTHONPATH=$NEW timeout 300 $PY benchmarks/delay_decode.py --context 2048 --cr 4 --delays 0 32 --out "$RESULTS" \
