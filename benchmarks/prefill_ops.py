@@ -18,7 +18,7 @@ packing of the chunks) is "per forward". Modes: the original (a plain model, eve
 
     python benchmarks/prefill_ops.py [--prompts 4 --prompt-len 256] [--label before] [--out docs/results]
 
-Writes ``OUT/prefill_ops[_LABEL].json`` and ``.md``.
+Adds its run (by ``--label``) to ``OUT/prefill_ops.json`` and writes ``OUT/prefill_ops.md`` from every run there.
 """
 
 from __future__ import annotations
@@ -107,23 +107,27 @@ def gpu_paths(counter: OpCounter):
         setattr(attention, name, counter.one_kernel(f"hf/attention.py:{name} (one kernel)", saved[name]))
     attention.DMCAttention._pool_first_chunks = counter.one_kernel("triton_kernels.py:chunk_states (one kernel)", pool)
     from dmc.engine import cache
-    from dmc.kernels import triton_commit
-
-    kernel = triton_commit.commit_first_chunks
+    try:
+        from dmc.kernels import triton_commit
+    except ImportError:  # code from before the kernel (a "before" run)
+        triton_commit = None
+    kernel = None if triton_commit is None else triton_commit.commit_first_chunks
 
     def commit_twin(cache_, layer, packed, alpha, k_bar, v_bar, importance, k, v):  # the kernel's tensor-op twin
         cache._commit_packed_ops(cache_, layer, packed, alpha[None], k_bar[None], v_bar[None], importance[None],
                                  k[None], v[None], None, cache_.layout.page_size, k_bar.shape[-1])
 
-    triton_commit.commit_first_chunks = counter.one_kernel("triton_commit.py:commit_first_chunks (one kernel)",
-                                                           commit_twin)
+    if triton_commit is not None:
+        triton_commit.commit_first_chunks = counter.one_kernel("triton_commit.py:commit_first_chunks (one kernel)",
+                                                               commit_twin)
     try:
         yield
     finally:
         for name, fn in saved.items():
             setattr(attention, name, fn)
         attention.DMCAttention._pool_first_chunks = pool
-        triton_commit.commit_first_chunks = kernel
+        if triton_commit is not None:
+            triton_commit.commit_first_chunks = kernel
 
 
 def count_forward(layers: int, merge_delay: int | None, prompts: int, prompt_len: int) -> OpCounter:
@@ -192,25 +196,39 @@ def main() -> int:
             "model": "SmolLM2-135M's shape, random weights"}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "prefill_ops" + (f"_{args.label}" if args.label else "")
-    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = [f"# Host operations of one prefill forward{' (' + args.label + ')' if args.label else ''}", "",
-             f"Written by `{meta['command']}` at commit {meta['commit']} (torch {meta['torch']}, on a CPU: counts, not "
-             f"times). One engine prefill forward of {args.prompts} new prompts of {args.prompt_len} tokens packed "
-             "together, on SmolLM2-135M's shape (random weights); FlexAttention, its block mask and the Triton "
-             "pooling counted as one kernel each, as a GPU runs them. *Kernels*: aten operations that launch work; "
-             "*views*: those that only make a view (no launch on a GPU, still a dispatch on the host).", "",
-             "| mode | kernels per layer | views per layer | kernels per forward (besides the layers) "
-             "| views per forward |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r['kernels_per_layer']} | {r['views_per_layer']} | "
-                     f"{r['kernels_per_forward']} | {r['views_per_forward']} |")
-    for r in rows:
-        lines += ["", f"Kernels per layer by function, {r['mode']}:", ""]
-        lines += [f"- {n} `{site}`" for site, n in r["kernels_by_site"].items()]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    path = out / "prefill_ops.json"
+    runs = json.loads(path.read_text())["runs"] if path.exists() else {}
+    runs[args.label or "latest"] = {"meta": meta, "rows": rows}  # a run with the same label replaces its own
+    path.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    lines = render(runs)
+    (out / "prefill_ops.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def render(runs: dict) -> list[str]:
+    """The report of every run in ``prefill_ops.json`` (one per label): kernels and views per layer and per
+    forward, then the last run's kernels per layer by function."""
+    last_label, last = list(runs.items())[-1]
+    meta = last["meta"]
+    lines = ["# Host operations of one prefill forward", "",
+             f"Written by `benchmarks/prefill_ops.py` (on a CPU, torch {meta['torch']}: counts, not times), one run per "
+             f"`--label`. One engine prefill forward of {meta['prompts']} new prompts of {meta['prompt_len']} tokens "
+             "packed together, on SmolLM2-135M's shape (random weights); FlexAttention, its block mask, the Triton "
+             "pooling, the Triton commit and the compiled add + RMSNorm and activation counted as one kernel each, as "
+             "a GPU runs them. *Kernels*: aten operations that launch work; *views*: those that only make a view "
+             "(no launch on a GPU, still a dispatch on the host).", "",
+             "| run (commit) | mode | kernels per layer | views per layer | kernels per forward (besides the layers) "
+             "| views per forward |", "|---|---|---|---|---|---|"]
+    for label, run in runs.items():
+        for r in run["rows"]:
+            lines.append(f"| {label} ({run['meta']['commit']}) | {r['mode']} | {r['kernels_per_layer']} | "
+                         f"{r['views_per_layer']} | {r['kernels_per_forward']} | {r['views_per_forward']} |")
+    for r in last["rows"]:
+        lines += ["", f"Kernels per layer by function, {r['mode']} ({last_label}):", ""]
+        lines += [f"- {n} `{site}`" for site, n in r["kernels_by_site"].items()]
+    return lines
+
 
 
 if __name__ == "__main__":
