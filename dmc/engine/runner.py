@@ -45,7 +45,7 @@ from .cache import (OutOfPages, PagedKVCache, SequenceView, allocate_pages, comm
                     reserve_packed)
 from .eviction import EngineEviction
 from .layers import DecodeOps, fuse_projections
-from .sampling import to_device
+from .sampling import host_to_device, to_device
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, bool]:
@@ -90,41 +90,52 @@ def pack_first_chunks(members: list[int], segments: list[tuple[int, int]], rows:
     if leaving:
         packed.leaving = _pack([i for i, _ in leaving], [r for _, r in leaving], rows, width, device, commit_packed,
                                flex=False)
-    held = [(t, rows[i], (t - lo) % delay) for i, (lo, hi) in zip(members, packed.bounds)
-            for t in range(max(lo, hi - delay), hi)]
-    hold = to_device([list(column) for column in zip(*held)], torch.long, device)
+    # each chunk's last min(n, w) tokens: their packed index, row and ring index (position % w)
+    lo, hi = torch.tensor(packed.bounds, dtype=torch.long).view(-1, 2).unbind(1)
+    first_held = torch.maximum(lo, hi - delay)
+    chunk = torch.repeat_interleave(torch.arange(len(members)), hi - first_held)
+    token = torch.arange(int((hi - first_held).sum())) - _exclusive_cumsum(hi - first_held)[chunk] + first_held[chunk]
+    hold = host_to_device(torch.stack([token, torch.tensor([rows[i] for i in members])[chunk],
+                                       (token - lo[chunk]) % delay]), device)
     packed.delay, packed.held, packed.hold = delay, [min(hi - lo, delay) for lo, hi in packed.bounds], hold_packed
     packed.hold_index, packed.hold_rows, packed.hold_slots = hold[0], hold[1], hold[2]
     return packed
 
 
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    return x.cumsum(0) - x
+
+
 def _pack(members: list[int], ranges: list[tuple[int, int]], rows: list[int], width: int, device, commit,
           flex: bool) -> PackedChunks:
     """:func:`pack_first_chunks`' layout of the token ranges ``ranges`` (of the tensors its ``select`` reads,
-    one per member) back to back; ``flex``: with FlexAttention's document ids."""
-    bounds, lo = [], 0
-    for a, b in ranges:
-        bounds.append((lo, lo + b - a))
-        lo += b - a
-    total, count = lo, len(members)
+    one per member) back to back; ``flex``: with FlexAttention's document ids. Host tensor ops (a forward packs
+    thousands of tokens: per-token Python lists took milliseconds), then a few pinned copies."""
+    count = len(members)
+    src = torch.tensor(ranges, dtype=torch.long).view(-1, 2)
+    sizes = src[:, 1] - src[:, 0]
+    lo = _exclusive_cumsum(sizes)
+    hi = lo + sizes
+    total = int(sizes.sum())
+    bounds = list(zip(lo.tolist(), hi.tolist()))
     contiguous = all(ranges[s][1] == ranges[s + 1][0] for s in range(count - 1))
-    segment_of_token = [s for s, (a, b) in enumerate(bounds) for _ in range(b - a)]
-    per_token = to_device([segment_of_token, [rows[members[s]] for s in segment_of_token],
-                           [int(t == bounds[s][0]) for t, s in enumerate(segment_of_token)],
-                           [t - bounds[s][0] for t, s in enumerate(segment_of_token)]], torch.long, device)
+    segment_of_token = torch.repeat_interleave(torch.arange(count), sizes)
+    position = torch.arange(total) - lo[segment_of_token]
+    row_of_chunk = torch.tensor([rows[i] for i in members], dtype=torch.long)
+    per_token = host_to_device(torch.stack([segment_of_token, row_of_chunk[segment_of_token],
+                                            (position == 0).long(), position]), device)
     document_ids = None
     if flex:
         bucket = max(128, 1 << (total - 1).bit_length())  # FlexAttention's compiled kernel: one per bucket
-        document_ids = to_device([segment_of_token + [count] * (bucket - total)], torch.int32, device)
-    per_chunk = to_device([[a for a, _ in bounds], [b - 1 for _, b in bounds], [rows[i] for i in members],
-                           [b - a for a, b in bounds]], torch.long, device)
-    tail = [[b - width + j for j in range(width)] for _, b in bounds]
-    real = [[int(t >= a) for t in ts] for ts, (a, _) in zip(tail, bounds)]
-    roll = [[(j - (b - a) % width) % width for j in range(width)] for a, b in bounds] if width else [[]] * count
-    tails = to_device([[max(t, 0) for ts in tail for t in ts], [r for rs in real for r in rs],
-                       [r for rs in roll for r in rs]], torch.long, device).view(3, count, width)
-    token_index = None if contiguous else to_device(
-        [[t for a, b in ranges for t in range(a, b)]], torch.long, device)[0]
+        ids = torch.cat([segment_of_token, torch.full((bucket - total,), count, dtype=torch.long)])
+        document_ids = host_to_device(ids.to(torch.int32)[None], device)
+    per_chunk = host_to_device(torch.stack([lo, hi - 1, row_of_chunk, sizes]), device)
+    j = torch.arange(width)
+    tail = hi[:, None] - width + j[None, :]  # [S, W-1]: each chunk's last W-1 token indices
+    real = tail >= lo[:, None]
+    roll = (j[None, :] - (sizes % max(width, 1))[:, None]) % max(width, 1)
+    tails = host_to_device(torch.stack([tail.clamp_min(0), real.long(), roll]), device)
+    token_index = None if contiguous else host_to_device(src[segment_of_token, 0] + position, device)
     return PackedChunks(
         members=members, bounds=bounds, token_range=(ranges[0][0], ranges[-1][1]) if contiguous else None,
         token_index=token_index, starts=per_token[2:3].bool(), document_ids=document_ids,

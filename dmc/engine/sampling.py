@@ -39,7 +39,11 @@ def to_device(rows: list[list], dtype: torch.dtype, device) -> torch.Tensor:
     with a non-blocking copy: a plain ``torch.tensor(..., device=...)`` from pageable memory synchronises the
     stream, so the host would wait for every kernel queued before it (the caching host allocator keeps a
     pinned block until its copy is done, so the buffer is never overwritten early)."""
-    host = torch.tensor(rows, dtype=dtype)
+    return host_to_device(torch.tensor(rows, dtype=dtype), device)
+
+
+def host_to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device``, on CUDA through pinned memory with a non-blocking copy (:func:`to_device`)."""
     if torch.device(device).type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
