@@ -52,6 +52,8 @@ that contradicts the server args is refused. ``kv_cache_gib``: ``--kv-cache-gib`
 ``--kv-cache-memory-gib``. ``realized_cr``: the slot-weighted CR of the run's responses (``dmc_compression``),
 else the server's ``dmc_realized_compression_ratio`` gauge. ``commit``: ``--commit``, else ``git rev-parse
 --short HEAD`` of this checkout (``+dirty`` when dmc/ or benchmarks/ differ from it), else "unknown".
+``pages_returned``: whether every KV page was back on the server's free list once the run was over (its
+``dmc_kv_pages_used`` gauge back at 0 within two seconds; None if the server does not report it).
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ ROW_FIELDS = (
     "duration_s", "output_tokens_per_s", "total_tokens_per_s", "requests_per_s",
     "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p90_ms", "tpot_p99_ms",
     "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "e2el_p50_ms", "e2el_p99_ms",
-    "goodput_rps", "slo", "slo_met", "peak_running", "preemptions", "seed", "server_args", "date", "commit",
+    "goodput_rps", "slo", "slo_met", "peak_running", "preemptions", "pages_returned", "seed", "server_args", "date",
+    "commit",
 )
 # Rows with equal values of these fields are the same run: recording one replaces the other.
 ROW_KEY = ("gpu", "model", "method", "target_cr", "kv_cache_gib", "prompts", "prompt_lens", "gen_lens",
@@ -681,6 +684,16 @@ async def run_all(args, url: str, model: str, runs: list[dict]) -> list[dict]:
             done.set()
             await poller
             after = await scrape()
+            # Nothing lost: once idle, every page is back on the free list (the engine reports it when idle).
+            left = metric(after, "dmc_kv_pages_used")
+            for _ in range(20):
+                if left is None or left == 0:
+                    break
+                await asyncio.sleep(0.1)
+                after = await scrape()
+                left = metric(after, "dmc_kv_pages_used")
+            if left:
+                print(f"warning: {left:g} KV pages still in use after the run", flush=True)
             summary = summarize(records, duration, args.slos)
             a, b = metric(before, "dmc_preemptions_total"), metric(after, "dmc_preemptions_total")
             cr = summary.pop("realized_cr_responses")
@@ -698,6 +711,7 @@ async def run_all(args, url: str, model: str, runs: list[dict]) -> list[dict]:
                 "kv_pages_total": metric(after, "dmc_kv_pages_total"),
                 "realized_cr": cr if cr is not None else metric(after, "dmc_realized_compression_ratio"),
                 "preemptions": None if a is None or b is None else b - a,
+                "pages_returned": None if left is None else left == 0,
             }
             if args.save_detailed:
                 result["detail"] = records
@@ -727,7 +741,8 @@ def make_row(result: dict, meta: dict) -> dict:
            for p in ("p50", "p90", "p99")},
         "e2el_p50_ms": _ms(result["e2e_s"]["p50"]), "e2el_p99_ms": _ms(result["e2e_s"]["p99"]),
         "goodput_rps": round(result["goodput_rps"], 4), "slo": slo_text(result["slos"]), "slo_met": result["slo_met"],
-        "peak_running": result["peak_running_polled"], "preemptions": result["preemptions"], "seed": meta["seed"],
+        "peak_running": result["peak_running_polled"], "preemptions": result["preemptions"],
+        "pages_returned": result.get("pages_returned"), "seed": meta["seed"],
         "server_args": meta["server_args"], "date": meta["date"], "commit": meta["commit"],
     }
     return {k: row[k] for k in ROW_FIELDS}

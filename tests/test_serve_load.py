@@ -277,6 +277,7 @@ def test_fixed_clients_rows_replaced_and_table(server, model_dir, tmp_path):
     _check_detail(saved)
     [row] = json.loads(results.read_text())["rows"]
     _check_row(row, saved)
+    assert row["pages_returned"] is True  # every page back on the free list once the run is over
     assert (row["gpu"], row["model"], row["method"], row["target_cr"], row["kv_cache_gib"], row["prompts"],
             row["clients"], row["request_rate"], row["commit"]) == \
         ("test CPU", "tiny", "dmc", 4.0, 0.01, "random", 3, None, "c0ffee1")
