@@ -258,8 +258,13 @@ def test_warmup_runs_every_prompt_bucket_and_leaves_the_engine_as_it_was():
     llm = _engine(model, max_model_len=300, prefill_chunk=256)
     fresh = _engine(model, max_model_len=300, prefill_chunk=256)
     estimate = vars(llm.scheduler.estimate).copy()
+    forwards, prefill = [], llm.runner.prefill_batch
+    llm.runner.prefill_batch = lambda rows, chunks, seen, **kw: (forwards.append([len(c) for c in chunks]),
+                                                                 prefill(rows, chunks, seen, **kw))[1]
     done = llm.warmup()
+    assert forwards == [[128], [256], [128, 128]]
     assert done["prompt_lengths"] == [128, 256] and done["graph_buckets"] == []  # no CUDA graphs on a CPU
+    assert done["packed_lengths"] == [256]  # two new prompts of 128 in one forward: the packed form's bucket
     _assert_no_leak(llm)
     assert vars(llm.scheduler.estimate) == estimate and llm._next_id == 0
     params = dmc.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)

@@ -228,7 +228,8 @@ class LLM:
     def warmup(self) -> dict:
         """Compile now what the first requests would otherwise compile in the middle of serving: the first-chunk
         prefill attention of every prompt-length bucket (FlexAttention, one kernel per power of two from 128 up
-        to ``prefill_chunk``; DMC models on CUDA) and the decode step's CUDA graph of every batch-size bucket.
+        to ``prefill_chunk``; DMC models on CUDA), alone and packed with another prompt (the document-masked form,
+        up to the tokens a step's prefill holds), and the decode step's CUDA graph of every batch-size bucket.
         Runs one throwaway request per bucket (random ids, two tokens); the engine is left as it was: every page
         free, the admission's CR estimate and the request ids untouched. Returns what was run. Call it before
         any request (ValueError otherwise)."""
@@ -240,15 +241,23 @@ class LLM:
         gen = torch.Generator().manual_seed(0)
         vocab = self.model.config.vocab_size
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, seed=0)
+        # Several new prompts in one forward take the packed form (FlexAttention with a document mask): a pair of
+        # half-bucket prompts per bucket that a step's prefill can hold.
+        step_tokens = min(self.prefill_chunk, self.max_num_batched_tokens or self.prefill_chunk)
+        pairs = self.scheduler.max_num_seqs >= 2 and not self.vanilla and self.eviction is None
+        packed = [n for n in lengths if pairs and 256 <= n <= step_tokens]
         try:
             for n in lengths:  # one at a time, so that each prompt is one chunk of exactly its bucket's length
                 self.generate([torch.randint(min(3, vocab - 1), vocab, (n,), generator=gen).tolist()], params)
+                if n in packed:
+                    self.generate([torch.randint(min(3, vocab - 1), vocab, (n // 2,), generator=gen).tolist()
+                                   for _ in range(2)], params)
             graphs = self.runner.capture_graphs()
         finally:
             vars(self.scheduler.estimate).update(estimate)
             self._next_id = next_id
             self.step_timer = StepTimer()  # the warm-up's steps are not the workload's
-        return {"prompt_lengths": lengths, "graph_buckets": graphs}
+        return {"prompt_lengths": lengths, "packed_lengths": packed, "graph_buckets": graphs}
 
     def calibrate_kv_scales(self, prompts: Sequence[str | list[int]],
                             headroom: float = DEFAULT_HEADROOM) -> KVScales:

@@ -620,9 +620,19 @@ def training_states(q, k, v, noise, starts, valid, cos, sin, init_offset: float,
 _COMPILED: dict = {}
 
 
+# Compiles one function may take: FlexAttention compiles once per (length bucket, mask and score form): 128 to
+# 8192 tokens make seven buckets, times the causal, document and delayed forms of prefill. Past dynamo's default
+# recompile limit (8) the rest would run eagerly, FlexAttention unfused, without an error.
+RECOMPILE_LIMIT = 64
+
+
 def _compiled(name: str, fn, dynamic: bool | None = None):
-    """torch.compile ``fn`` once (on CUDA the 12 pooling taps fuse into a few kernels)."""
+    """torch.compile ``fn`` once (on CUDA the 12 pooling taps fuse into a few kernels), with room for
+    :data:`RECOMPILE_LIMIT` compiles."""
     if name not in _COMPILED:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         _COMPILED[name] = torch.compile(fn, dynamic=dynamic)
     return _COMPILED[name]
 
