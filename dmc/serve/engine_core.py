@@ -78,8 +78,8 @@ def build_llm(spec: EngineSpec):
     if spec.warmup == "on" or (spec.warmup == "auto" and llm.device.type == "cuda"):
         start = time.perf_counter()
         done = llm.warmup()
-        log.info("warmed up in %.1f s: prompt lengths %s, decode graphs for batches %s", time.perf_counter() - start,
-                 done["prompt_lengths"], done["graph_buckets"])
+        log.info("warmed up in %.1f s: prompt lengths %s (packed in pairs: %s), decode graphs for batches %s",
+                 time.perf_counter() - start, done["prompt_lengths"], done["packed_lengths"], done["graph_buckets"])
     return llm
 
 
