@@ -17,6 +17,7 @@ from .cache import CacheLayout, OutOfPages, PagedKVCache
 from .detokenizer import Detokenizer
 from .step_timer import StepTimer
 from .eviction import EngineEviction
+from .policy import NoEviction
 from .kv_scales import DEFAULT_HEADROOM, KVScales
 from .logprobs import pack as logprob_pack
 from .logprobs import unpack as logprob_unpack
@@ -178,11 +179,13 @@ class LLM:
         if kv_scales is not None:
             scales = kv_scales if isinstance(kv_scales, KVScales) else KVScales.load(kv_scales)
             self.cache.set_kv_scales(scales)
+        # How the cache keeps slots: every one (DMC, vanilla), or a budget evicted for real (H2O, TOVA, SnapKV).
+        self.policy = NoEviction() if eviction is None else EngineEviction(eviction, self.cache)
         self.runner = ModelRunner(self.model, self.cache, vanilla=self.vanilla, forced_period=forced_period,
-                                  eviction=None if eviction is None else EngineEviction(eviction, self.cache))
+                                  policy=self.policy)
         prior = 1.0 if self.vanilla else float(forced_period or self.dmc.target_cr or 1.0)
         self.scheduler = Scheduler(self.cache, max_num_seqs, CompressionEstimate(prior, admission_margin),
-                                   slot_cap=self._slot_cap, prefill_chunk=prefill_chunk,
+                                   policy=self.policy, prefill_chunk=prefill_chunk,
                                    whole_prompts=max_num_batched_tokens is not None,
                                    prefill_delay_factor=float(prefill_delay_factor))
         self._next_id = 0
@@ -303,7 +306,7 @@ class LLM:
         log-probs, ``parent`` queued or prefilling in the scheduler (not itself held for another), no eviction
         (its per-row state is not copied)."""
         in_scheduler = parent.prefilling or (parent.status is RequestStatus.WAITING and parent.id not in self._held)
-        return (self.eviction is None and not parent.finished and in_scheduler and not parent.output_ids
+        return (self.policy.forks and not parent.finished and in_scheduler and not parent.output_ids
                 and parent.prompt_ids == request.prompt_ids
                 and parent.params.prompt_logprobs == request.params.prompt_logprobs)
 
@@ -361,7 +364,7 @@ class LLM:
         budget = self.prefill_chunk if budget is None else budget
         while budget > 0:
             start = time.perf_counter()
-            chunks, starved = self.scheduler.schedule_prefill(budget, None if self.eviction is None else 1)
+            chunks, starved = self.scheduler.schedule_prefill(budget, self.policy.chunks_per_forward)
             if starved is not None:
                 self.scheduler.finish(starved, "error", OUT_OF_MEMORY_PREFILL)
                 changed.append(starved)
@@ -370,7 +373,7 @@ class LLM:
                 break
             changed += self._prefill_chunks(chunks)
             budget -= sum(size for _, size in chunks)
-            if self.eviction is None:
+            if self.policy.chunks_per_forward is None:
                 break
         return changed
 
@@ -398,7 +401,7 @@ class LLM:
             self.step_timer.add("prefill", start)
             return []
         finished = [requests[i] for i in done]
-        if self.eviction is None and finished:  # with eviction the cap, not a ratio, bounds the pages
+        if self.policy.observes_compression and finished:
             self._observe(finished)
         forks = [(child, done[j]) for child, j in self._fork(finished)] if self._forks else []  # (fork, parent's chunk)
         finished += [child for child, _ in forks]

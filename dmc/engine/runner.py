@@ -30,7 +30,6 @@ one call each), leaving the same cache.
 from __future__ import annotations
 
 import itertools
-import math
 from types import SimpleNamespace
 
 import torch
@@ -41,10 +40,9 @@ from ..hf.attention import DMCBatch, PackedChunks
 from ..hf.convert import dmc_config_from
 from ..hf.modeling import FAMILIES
 from ..kernels import get_kernels
-from .cache import (OutOfPages, PagedKVCache, SequenceView, allocate_pages, commit_packed, hold_packed,
-                    reserve_packed)
-from .eviction import EngineEviction
+from .cache import PagedKVCache, allocate_pages, commit_packed, hold_packed, reserve_packed
 from .layers import DecodeOps, fuse_projections
+from .policy import CachePolicy, NoEviction
 from .sampling import to_device
 
 
@@ -137,11 +135,12 @@ class ModelRunner:
     """Prefill and decode of one model over one :class:`PagedKVCache`."""
 
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, *, vanilla: bool, forced_period: int = 0,
-                 eviction: EngineEviction | None = None) -> None:
+                 policy: CachePolicy | None = None) -> None:
         self.model = model
         self.base = model.model
         self.cache = cache
-        self.eviction = eviction  # H2O/TOVA/SnapKV: cut to a budget after prefill chunks and decode steps
+        # How slots are kept (H2O/TOVA/SnapKV: cut to a budget after prefill chunks and decode steps)
+        self.policy = NoEviction() if policy is None else policy
         self.vanilla = vanilla
         self.forced_period = forced_period
         self.dmc = model.dmc_config
@@ -168,8 +167,8 @@ class ModelRunner:
         return self._prefill(row, token_ids, seen, logits_to_keep=0)
 
     def _prefill(self, row: int, token_ids: list[int], seen: int, logits_to_keep: int) -> torch.Tensor:
-        self.cache.check_room(len(token_ids))
-        view = SequenceView(self.cache, row, seen) if self.eviction is None else self.eviction.sequence_view(row, seen)
+        self.cache.check_room([len(token_ids)])
+        view = self.policy.sequence_view(self.cache, row, seen)
         ids = torch.tensor([token_ids], device=self.cache.device)
         out = self.model(input_ids=ids, past_key_values=view, use_cache=True, logits_to_keep=logits_to_keep,
                          dmc_forced_period=self.forced_period)
@@ -190,10 +189,7 @@ class ModelRunner:
         unless every chunk fits even if nothing merges."""
         cache = self.cache
         sizes = [len(c) for c in chunks]
-        need = cache.layout.rows * sum(math.ceil(n / cache.layout.page_size) for n in sizes)
-        if cache.free_page_count() < need:
-            raise OutOfPages(f"a prefill batch of {sum(sizes)} tokens ({len(sizes)} chunks) may need {need} pages, "
-                             f"{cache.free_page_count()} free")
+        cache.check_room(sizes)
         device = cache.device
         # Host lists reach the GPU in non-blocking pinned copies (a torch.tensor(list, device=cuda) makes the
         # host wait for the queued work); the segment bounds stay on the host.
@@ -202,8 +198,7 @@ class ModelRunner:
         ids = to_device([[t for c in chunks for t in c]], torch.long, device)
         positions = to_device([[s + i for s, n in zip(seen, sizes) for i in range(n)]], torch.long, device)
         last = to_device([ends], torch.long, device)[0] - 1 if at is None else to_device([at], torch.long, device)[0]
-        views = [SequenceView(cache, row, s) if self.eviction is None else self.eviction.sequence_view(row, s)
-                 for row, s in zip(rows, seen)]
+        views = [self.policy.sequence_view(cache, row, s) for row, s in zip(rows, seen)]
         runtime = self.model.dmc_runtime
         batches = []
         for s, n in zip(seen, sizes):
@@ -212,13 +207,14 @@ class ModelRunner:
                 starts[:, :1].fill_(True)  # a sequence's first token always appends (a fill: no host copy)
             batches.append(DMCBatch(starts=starts, vanilla=runtime.vanilla, channel_scale=runtime.channel_scale,
                                     forced_period=self.forced_period))
-        # Sequences starting here (no eviction) run as one packed group in every layer. Without delayed merging
+        # Sequences starting here run as one packed group (when the policy allows) in every layer. Without delayed merging
         # a chunk alone takes the same kernels unpacked; with it, a chunk alone would take the dense path of
         # continuing chunks (its mask materialised), so even one first chunk is packed.
         window = cache.layout.window
         fresh = [i for i, s in enumerate(seen) if s == 0]
         packed = None
-        if len(fresh) > (0 if self.delay else 1) and self.eviction is None and (window is None or window > 1):
+        packable = self.policy.packs_first_chunks and (window is None or window > 1)
+        if packable and len(fresh) > (0 if self.delay else 1):
             packed = pack_first_chunks(fresh, segments, rows, 0 if window is None else window - 1, device,
                                        self.delay)
         if packed is not None:
@@ -299,8 +295,7 @@ class ModelRunner:
                     **scales)
                 out = k.paged_decode_attention(q_rot, cache.k_pool, cache.v_pool, cache.page_table, cache.lens,
                                                seq_ids, index, attn.scaling, cache.layout.page_size, **scales)
-            if self.eviction is not None:
-                self.eviction.after_decode(index, q_rot, seq_ids, positions, attn.scaling)
+            self.policy.after_decode(index, q_rot, seq_ids, positions, attn.scaling)
             # residual adds fused with the norm that follows (the next layer's input norm, or the final norm)
             hidden, x = self.ops.add_norm(hidden, attn.o_proj(out.reshape(b, -1)), layer.post_attention_layernorm)
             following = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.base.norm

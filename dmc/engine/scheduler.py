@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from .cache import PagedKVCache
 from .detokenizer import Detokenizer
 from .params import SamplingParams
+from .policy import CachePolicy, NoEviction
 
 
 class RequestStatus(enum.Enum):
@@ -113,7 +114,7 @@ class Scheduler:
     one :class:`PagedKVCache` (whose rows it opens and closes)."""
 
     def __init__(self, cache: PagedKVCache, max_num_seqs: int, estimate: CompressionEstimate,
-                 slot_cap: int | None = None, prefill_chunk: int = 0, whole_prompts: bool = False,
+                 policy: CachePolicy | None = None, prefill_chunk: int = 0, whole_prompts: bool = False,
                  prefill_delay_factor: float = 0.0) -> None:
         layout = cache.layout
         self.cache = cache
@@ -125,7 +126,8 @@ class Scheduler:
         self.estimate = estimate
         # Eviction baselines: a head never keeps more than slot_cap slots after a prefill chunk or a
         # decode step, but a chunk (prefill_chunk tokens at most) is held whole until it is cut.
-        self.slot_cap = slot_cap
+        self.policy = NoEviction() if policy is None else policy
+        self.slot_cap = self.policy.slot_cap
         self.prefill_chunk = prefill_chunk
         self.whole_prompts = whole_prompts  # a prompt that fits prefill_chunk is never split (_first_chunk_size)
         # New prompts wait up to this many times the last prefill forward's time, so that one forward takes several
@@ -319,8 +321,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ page arithmetic
     def chunk_pages(self, tokens: int) -> int:
-        """Pages a prefill chunk of ``tokens`` may take if nothing merges (:meth:`PagedKVCache.check_room`)."""
-        return self.rows * math.ceil(tokens / self.page_size)
+        """Pages a prefill chunk of ``tokens`` may take if nothing merges: the cache's own check
+        (:func:`dmc.engine.pages.chunk_pages`)."""
+        return self.cache.chunk_pages(tokens)
 
     def pages_for(self, tokens: int, capped: bool = True) -> int:
         """Estimated pages for a sequence of ``tokens`` at the estimated CR (+ the ready page)."""
