@@ -1,5 +1,8 @@
 """Runs the model over the paged cache: exact chunked prefill and the batched decode step.
 
+:meth:`ModelRunner.execute` runs one pass the scheduler planned (a prefill forward, its sampling, or a decode
+step) and returns what it produced; it reads the requests and never changes them.
+
 Prefill goes through the model's own DMC attention (dmc.hf) with a :class:`SequenceView` of
 the paged cache, so it is the same code as the HF path (decisions for all tokens at once,
 windowed pooling, FlexAttention on CUDA) and writes the kept slots straight into pages.
@@ -30,6 +33,7 @@ one call each), leaving the same cache.
 from __future__ import annotations
 
 import itertools
+import time
 from types import SimpleNamespace
 
 import torch
@@ -42,8 +46,12 @@ from ..hf.modeling import FAMILIES
 from ..kernels import get_kernels
 from .cache import PagedKVCache, allocate_pages, commit_packed, hold_packed, reserve_packed
 from .layers import DecodeOps, fuse_projections
+from .logprobs import pack as logprob_pack
+from .logprobs import unpack as logprob_unpack
+from .params import TokenLogprob
 from .policy import CachePolicy, NoEviction
-from .sampling import to_device
+from .sampling import SamplingBatch, sample, to_device
+from .scheduler import ModelOutput, Request, SchedulerOutput
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, bool]:
@@ -153,6 +161,64 @@ class ModelRunner:
         self.graphs: dict[int, _DecodeGraph] = {}
         self._graph_pool = None
 
+    # ------------------------------------------------------------------ one pass of an engine step
+    def execute(self, output: SchedulerOutput) -> ModelOutput:
+        """Run one pass the scheduler planned (:class:`~dmc.engine.scheduler.SchedulerOutput`): a prefill forward
+        (its logits stay on the device), the sampling of its first tokens and scored positions, or a decode step.
+        Reads the requests, changes none of them (``Scheduler.update_from_output`` does)."""
+        started = time.perf_counter()
+        kind = output.kind
+        if kind == "prefill":
+            return ModelOutput(logits=self._forward(output), started=started)
+        if kind == "sample":
+            tokens, logprobs, scores = self._draw_and_score(output)
+            return ModelOutput(tokens=tokens, logprobs=logprobs, scores=scores, started=output.started)
+        if kind == "decode":
+            tokens, logprobs = self._decode_requests(output.decode)
+            return ModelOutput(tokens=tokens, logprobs=logprobs, started=started)
+        return ModelOutput(started=started)
+
+    def _forward(self, output: SchedulerOutput) -> torch.Tensor:
+        """A prefill forward of the output's chunks: the logits of each chunk's last token (and of the scored
+        positions, when there are any; else the fast path's last-token logits only)."""
+        requests = [r for r, _ in output.chunks]
+        feeds = [r.to_feed()[r.seen:r.seen + size] for r, size in output.chunks]
+        rows, seen = [r.row for r in requests], [r.seen for r in requests]
+        if output.at is None:
+            return self.prefill_batch(rows, feeds, seen)
+        return self.prefill_batch(rows, feeds, seen, at=output.at)
+
+    def _draw_and_score(self, output: SchedulerOutput) -> tuple[list[int], list[TokenLogprob | None],
+                                                                  list[TokenLogprob | None]]:
+        """A forward's first tokens: each ``(request, i)`` of the draws samples from row ``i`` of its logits (a fork
+        from its parent's), with its log-probs if it asks; the scored prompt positions, whose logits follow the
+        chunks' last ones, get theirs. One host copy in all. Returns ``(tokens, logprobs, scores)``."""
+        logits, draws, device = output.logits, output.draws, self.cache.device
+        rows = [i for _, i in draws]
+        params = [r.params for r, _ in draws]
+        tokens = sample(logits[rows], SamplingBatch.build(params, [r.seed for r, _ in draws],
+                                                          [len(r.output_ids) for r, _ in draws], device))
+        targets = [r.prompt_ids[p + 1] for r, positions in output.scored for p in positions]
+        ks = [p.logprobs for p in params]
+        if targets:
+            tokens = torch.cat([tokens, to_device([targets], torch.long, device)[0]])
+            rows += range(output.score_row, output.score_row + len(targets))
+            ks += [r.params.prompt_logprobs for r, positions in output.scored for _ in positions]
+        tokens, logprobs = _to_host(logits[rows], tokens, ks)  # the host waits for the GPU here
+        return tokens[:len(draws)], logprobs[:len(draws)], logprobs[len(draws):]
+
+    def _decode_requests(self, batch: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One decode step of ``batch``: the sampled tokens and, for requests that ask, their log-probs. Every
+        input goes to the device before the model is launched, in copies that do not wait for the GPU; the host's
+        one wait is for the tokens (and log-probs)."""
+        device = self.cache.device
+        inputs = to_device([[r.output_ids[-1] for r in batch], [r.seen for r in batch], [r.row for r in batch]],
+                           torch.int64, device)
+        sampling = SamplingBatch.build([r.params for r in batch], [r.seed for r in batch],
+                                       [len(r.output_ids) for r in batch], device)
+        logits = self.decode(inputs[0], inputs[1].int(), inputs[2].int())
+        return _to_host(logits, sample(logits, sampling), [r.params.logprobs for r in batch])
+
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
     def prefill(self, row: int, token_ids: list[int], seen: int) -> torch.Tensor:
@@ -207,9 +273,9 @@ class ModelRunner:
                 starts[:, :1].fill_(True)  # a sequence's first token always appends (a fill: no host copy)
             batches.append(DMCBatch(starts=starts, vanilla=runtime.vanilla, channel_scale=runtime.channel_scale,
                                     forced_period=self.forced_period))
-        # Sequences starting here run as one packed group (when the policy allows) in every layer. Without delayed merging
-        # a chunk alone takes the same kernels unpacked; with it, a chunk alone would take the dense path of
-        # continuing chunks (its mask materialised), so even one first chunk is packed.
+        # Sequences starting here run as one packed group in every layer (when the policy allows). Without
+        # delayed merging a chunk alone takes the same kernels unpacked; with it, a chunk alone would take the
+        # dense path of continuing chunks (its mask materialised), so even one first chunk is packed.
         window = cache.layout.window
         fresh = [i for i, s in enumerate(seen) if s == 0]
         packed = None
@@ -322,6 +388,19 @@ class ModelRunner:
         merging included: its padding rows write only the cache's scratch row)."""
         if self.cache.device.type == "cuda":
             self.graph_buckets = sorted(batch_sizes)
+
+
+def _to_host(logits: torch.Tensor, tokens: torch.Tensor,
+             ks: list[int | None]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """The tokens ``[N]`` on the host and, for rows whose ``ks[i]`` is not None, their log-probs under ``logits``
+    with the ``ks[i]`` most likely tokens (:mod:`dmc.engine.logprobs`): one copy for all rows."""
+    wanted = [k for k in ks if k is not None]
+    if not wanted:
+        return tokens.tolist(), [None] * len(ks)
+    width = min(max(wanted), logits.shape[-1])
+    rows = logprob_pack(logits, tokens, width).tolist()
+    return ([int(row[0]) for row in rows],
+            [None if k is None else logprob_unpack(row, min(k, width), width) for row, k in zip(rows, ks)])
 
 
 def _heads(x: torch.Tensor, norm, head_dim: int) -> torch.Tensor:
