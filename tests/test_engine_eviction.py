@@ -70,7 +70,7 @@ def _hf_positions(cache):
 
 
 def _engine_positions(llm, row):
-    ev, lens = llm.runner.eviction, llm.cache.lens[:, row]
+    ev, lens = llm.runner.policy, llm.cache.lens[:, row]
     return [[sorted(ev.positions[layer, row, head, :lens[layer, head]].tolist()) for head in range(lens.shape[1])]
             for layer in range(lens.shape[0])]
 

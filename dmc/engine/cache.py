@@ -46,6 +46,7 @@ import torch
 from .. import core
 from ..hf.cache import DMCCache, SlotCacheLayer
 from ..kernels.reference import dequantise, head_scales, quantise
+from .pages import OutOfPages, chunk_pages, ensure_room  # noqa: F401 (OutOfPages: dmc.engine.cache's name too)
 
 
 # --------------------------------------------------------------------------- cache operations
@@ -97,10 +98,6 @@ def allocate_pages(lens, page_table, seq_ids, free_pages, free_top, page_size: i
     fresh = free_pages[take].view_as(need)
     page_table[index] = torch.where(need, fresh, current)
     free_top -= flat.sum()
-
-
-class OutOfPages(RuntimeError):
-    """The pool cannot hold what a prefill chunk needs (the scheduler preempts or waits)."""
 
 
 @dataclass(frozen=True)
@@ -444,15 +441,14 @@ class PagedKVCache:
             fills &= lens < slot_cap
         return int(fills.sum())
 
-    def check_room(self, tokens: int) -> None:
-        """Raise OutOfPages unless a prefill chunk of ``tokens`` fits even if nothing merges (one host
-        sync per chunk; the chunk itself then allocates on the device). A head holding ``n`` slots
-        has pages up to the ready one, ``n // P + 1``; ``tokens`` more slots add at most
-        ``ceil(tokens / P)`` pages, whatever ``n`` is."""
-        need = self.layout.rows * math.ceil(tokens / self.layout.page_size)
-        if self.free_page_count() < need:
-            raise OutOfPages(f"a prefill chunk of {tokens} tokens may need {need} pages, "
-                             f"{self.free_page_count()} free")
+    def chunk_pages(self, tokens: int) -> int:
+        """Pages a prefill chunk of ``tokens`` may take if nothing merges (:func:`dmc.engine.pages.chunk_pages`)."""
+        return chunk_pages(self.layout.rows, self.layout.page_size, tokens)
+
+    def check_room(self, sizes: list[int]) -> None:
+        """Raise OutOfPages unless one forward's prefill chunks of ``sizes`` tokens fit even if nothing merges (one
+        host sync per forward; the chunks then allocate on the device): :func:`dmc.engine.pages.ensure_room`."""
+        ensure_room(self.free_page_count(), self.layout.rows, self.layout.page_size, sizes)
 
     def grow(self, layer: int, row: int | torch.Tensor, new_lens: torch.Tensor) -> None:
         """Allocate the pages that let the heads of a row hold ``new_lens`` [H] slots (keeping the

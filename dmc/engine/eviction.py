@@ -37,13 +37,24 @@ import torch
 from ..baselines.eviction import EvictionPolicy, keep_scores, kept_slots, slot_attention
 from ..kernels.reference import dequantise, head_scales
 from .cache import CacheLayout, PagedKVCache, SequenceView, _LayerView, gather_slots
+from .policy import CachePolicy
 
 
-class EngineEviction:
-    """An eviction policy applied to one :class:`PagedKVCache` (owned by the ModelRunner)."""
+class EngineEviction(CachePolicy):
+    """An eviction policy applied to one :class:`PagedKVCache`: the engine's :class:`CachePolicy` for H2O, TOVA
+    and SnapKV. A head keeps ``budget`` slots; a prefill chunk runs alone in its forward (a batch would hold every
+    chunk's pages at once, uncut) and never packed (each chunk's layer is cut after its attention); the cap, not
+    a ratio, bounds a row's pages, so prefills are not observed for the CR estimate; rows are not forked (their
+    slot positions and scores are per row)."""
+
+    chunks_per_forward = 1
+    packs_first_chunks = False
+    observes_compression = False
+    forks = False
 
     def __init__(self, policy: EvictionPolicy, cache: PagedKVCache) -> None:
         self.policy, self.cache = policy, cache
+        self.slot_cap = policy.budget
         layout = cache.layout
         shape = (layout.num_layers, layout.max_seqs + 1, layout.num_kv_heads, policy.budget + 1)
         self.positions = torch.full(shape, -1, dtype=torch.int32, device=cache.device)
@@ -60,9 +71,9 @@ class EngineEviction:
         return layout.rows * (policy.budget + 1) * (8 if policy.accumulates else 4)
 
     # ------------------------------------------------------------------ prefill
-    def sequence_view(self, row: int, seen: int) -> SequenceView:
+    def sequence_view(self, cache: PagedKVCache, row: int, seen: int) -> SequenceView:
         """The prefill view of a row whose layers cut the slots to the budget after each chunk."""
-        return SequenceView(self.cache, row, seen, lambda layer: _EvictingLayerView(self, row, layer, seen))
+        return SequenceView(cache, row, seen, lambda layer: _EvictingLayerView(self, row, layer, seen))
 
     def after_prefill(self, layer: int, row: int, seen: int, old_lens: torch.Tensor, q: torch.Tensor, scale: float,
                       valid: torch.Tensor) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -12,27 +11,20 @@ from tqdm.auto import tqdm
 
 from ..baselines.eviction import EvictionPolicy
 from ..hf.convert import fold_logit_scale
-from ..stats import CompressionStats
-from .cache import CacheLayout, OutOfPages, PagedKVCache
+from .cache import CacheLayout, PagedKVCache
 from .detokenizer import Detokenizer
 from .step_timer import StepTimer
 from .eviction import EngineEviction
 from .kv_scales import DEFAULT_HEADROOM, KVScales
-from .logprobs import pack as logprob_pack
-from .logprobs import unpack as logprob_unpack
-from .params import RequestOutput, SamplingParams, TokenLogprob
+from .params import RequestOutput, SamplingParams
+from .policy import NoEviction
 from .runner import ModelRunner, load_model
-from .sampling import SamplingBatch, sample, to_device
-from .scheduler import CompressionEstimate, Request, RequestStatus, Scheduler
+from .scheduler import OUT_OF_MEMORY_DECODING, OUT_OF_MEMORY_PREFILL  # noqa: F401 (their names here too)
+from .scheduler import CompressionEstimate, Request, Scheduler
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-OUT_OF_MEMORY_PREFILL = ("this request needs more KV-cache memory than the engine has; lower max_tokens (--max-tokens) "
-                         "or max_model_len (--max-model-len), or give the cache more memory (kv_cache_memory, "
-                         "--kv-cache-memory-gib)")
-OUT_OF_MEMORY_DECODING = ("out of KV-cache memory while decoding a single sequence; lower max_tokens (--max-tokens) "
-                          "or max_model_len (--max-model-len), or give the cache more memory (kv_cache_memory, "
-                          "--kv-cache-memory-gib)")
+_SECTIONS = {"prefill": "prefill", "sample": "prefill", "decode": "decode"}  # a pass's step_timer section
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn}  # beside "auto" (the model dtype)
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 1024)
 
@@ -178,16 +170,18 @@ class LLM:
         if kv_scales is not None:
             scales = kv_scales if isinstance(kv_scales, KVScales) else KVScales.load(kv_scales)
             self.cache.set_kv_scales(scales)
+        # How the cache keeps slots: every one (DMC, vanilla), or a budget evicted for real (H2O, TOVA, SnapKV).
+        self.policy = NoEviction() if eviction is None else EngineEviction(eviction, self.cache)
         self.runner = ModelRunner(self.model, self.cache, vanilla=self.vanilla, forced_period=forced_period,
-                                  eviction=None if eviction is None else EngineEviction(eviction, self.cache))
+                                  policy=self.policy)
         prior = 1.0 if self.vanilla else float(forced_period or self.dmc.target_cr or 1.0)
         self.scheduler = Scheduler(self.cache, max_num_seqs, CompressionEstimate(prior, admission_margin),
-                                   slot_cap=self._slot_cap, prefill_chunk=prefill_chunk,
+                                   policy=self.policy, prefill_chunk=prefill_chunk,
                                    whole_prompts=max_num_batched_tokens is not None,
-                                   prefill_delay_factor=float(prefill_delay_factor))
+                                   prefill_delay_factor=float(prefill_delay_factor),
+                                   max_num_batched_tokens=max_num_batched_tokens, eos_token_ids=self.eos_token_ids)
         self._next_id = 0
-        self._forks: dict[int, tuple[Request, list[Request]]] = {}  # parent id -> (parent, forks held for it)
-        self._held: dict[int, Request] = {}  # id -> a fork held until its parent is prefilled
+        self._forks, self._held = self.scheduler.forks, self.scheduler.held  # the forks held for their parents
         self.step_timer = StepTimer()  # where the steps' time goes, by section (LLM.step_timer.summary())
         self.initial_free_pages = self.cache.free_page_count()
         if cuda_graphs:
@@ -301,20 +295,10 @@ class LLM:
 
     def _queue(self, request: Request, fork_of: Request | None) -> None:
         """Queue a valid request, or hold it until ``fork_of`` is prefilled when it can start from its cache."""
-        if fork_of is not None and self._can_fork(request, fork_of):
-            self._forks.setdefault(fork_of.id, (fork_of, []))[1].append(request)
-            self._held[request.id] = request
+        if fork_of is not None and self.scheduler.can_fork(request, fork_of):
+            self.scheduler.hold(request, fork_of)
         else:
             self.scheduler.add(request)
-
-    def _can_fork(self, request: Request, parent: Request) -> bool:
-        """Whether ``request`` can start from ``parent``'s cache once it is prefilled: same prompt and prompt
-        log-probs, ``parent`` queued or prefilling in the scheduler (not itself held for another), no eviction
-        (its per-row state is not copied)."""
-        in_scheduler = parent.prefilling or (parent.status is RequestStatus.WAITING and parent.id not in self._held)
-        return (self.eviction is None and not parent.finished and in_scheduler and not parent.output_ids
-                and parent.prompt_ids == request.prompt_ids
-                and parent.params.prompt_logprobs == request.params.prompt_logprobs)
 
     def abort(self, request: Request | int) -> bool:
         """Stop a request now (waiting or running): its pages are freed, it finishes "aborted".
@@ -327,7 +311,7 @@ class LLM:
                 if not 0 <= request_id < self._next_id:
                     raise ValueError(f"no request has id {request_id} (ids so far: 0 .. {self._next_id - 1})")
                 return False  # finished already
-        self._held.pop(request.id, None)  # a held fork: _fork skips it once finished
+        self._held.pop(request.id, None)  # a held fork: the scheduler skips it once finished
         return self.scheduler.abort(request)
 
     def has_unfinished(self) -> bool:
@@ -335,207 +319,35 @@ class LLM:
 
     # ------------------------------------------------------------------ one engine step
     def step(self) -> list[Request]:
-        """One engine step: schedule, prefill a batch of prompt chunks (admitting what fits), decode one
-        token for every running request that is past its prefill, postprocess. Returns the requests
-        that changed."""
-        timer = self.step_timer
-        timer.steps += 1
-        if self._forks:
-            self._release_orphans()
-        budget = self.prefill_chunk
-        if self.max_num_batched_tokens is not None:  # the decoding requests' tokens come first
-            budget = min(budget, self.max_num_batched_tokens - self.scheduler.decoding_count())
-        changed = self._prefill_step(budget) if budget > 0 else []
-        start = time.perf_counter()
-        batch, starved = self.scheduler.schedule_decode()
-        if starved is not None:
-            self.scheduler.finish(starved, "error", OUT_OF_MEMORY_DECODING)
-            changed.append(starved)
-        start = timer.add("schedule", start)
-        if batch:
-            tokens, logprobs = self._decode(batch)
-            start = timer.add("decode", start)
-            changed += self._postprocess(batch, tokens, logprobs)
-            timer.add("postprocess", start)
-        return changed
+        """One engine step: prefill a batch of prompt chunks (admitting what fits), decode one token for every
+        running request that is past its prefill. Each pass goes one way: the scheduler plans it, the runner runs
+        it, the scheduler applies the result (:class:`~dmc.engine.scheduler.SchedulerOutput` says which passes a
+        step has). Returns the requests that changed."""
+        self.step_timer.steps += 1
+        return self._run_step(self.scheduler.step_budget(), decode=True)
 
     def _prefill_step(self, budget: int | None = None) -> list[Request]:
-        """This step's batched prefill: the chunks the scheduler picks (requests already prefilling go on,
-        then newly admitted ones; ``budget`` tokens in all, default ``prefill_chunk``), in one forward. A request
-        whose whole feed is now in the cache gets its first token sampled. Returns the requests that changed.
+        """A step's prefill passes only: the chunks the scheduler picks (requests already prefilling go on, then
+        newly admitted ones; ``budget`` tokens in all, default ``prefill_chunk``), a request whose whole feed is
+        then in the cache getting its first token. Returns the requests that changed (benchmarks and tests time
+        and inspect prefill alone)."""
+        return self._run_step(self.prefill_chunk if budget is None else budget, decode=False)
 
-        With eviction (H2O, TOVA, SnapKV) the chunks run one per forward, each scheduled after the one before
-        has been cut to the budget: a batch would hold every chunk's pages at once, uncut."""
-        changed: list[Request] = []
-        budget = self.prefill_chunk if budget is None else budget
-        while budget > 0:
-            start = time.perf_counter()
-            chunks, starved = self.scheduler.schedule_prefill(budget, None if self.eviction is None else 1)
-            if starved is not None:
-                self.scheduler.finish(starved, "error", OUT_OF_MEMORY_PREFILL)
-                changed.append(starved)
-            self.step_timer.add("schedule", start)
-            if not chunks:
-                break
-            changed += self._prefill_chunks(chunks)
-            budget -= sum(size for _, size in chunks)
-            if self.eviction is None:
-                break
-        return changed
-
-    def _prefill_chunks(self, chunks: list[tuple[Request, int]]) -> list[Request]:
-        """Feed ``(request, tokens)`` chunks in one forward; sample the first token of each request whose
-        feed is now all in the cache (those are returned; one asking for ``max_tokens=0`` finishes instead).
-        Chunks that hold prompt positions still to score (``prompt_logprobs``) get the logits of those
-        positions too; the others keep the fast path's last-token logits only."""
-        sched = self.scheduler
+    def _run_step(self, budget: int, decode: bool) -> list[Request]:
+        """schedule → execute → update, pass after pass, timed by section (:attr:`step_timer`)."""
+        timer, scheduler, changed = self.step_timer, self.scheduler, []
         start = time.perf_counter()
-        requests = [r for r, _ in chunks]
-        feeds = [r.to_feed()[r.seen:r.seen + size] for r, size in chunks]
-        at, scored = self._scored_positions(chunks)
-        cache_rows, seen = [r.row for r in requests], [r.seen for r in requests]
-        logits = (self.runner.prefill_batch(cache_rows, feeds, seen) if at is None
-                  else self.runner.prefill_batch(cache_rows, feeds, seen, at=at))
-        done = []
-        for i, (request, size) in enumerate(chunks):
-            request.seen += size
-            if request.prefill_left == 0:
-                sched.prefilled(request)
-                done.append(i)
-        if not done and not scored:
-            sched.last_prefill_seconds = time.perf_counter() - start  # queued, not waited for (no token to sample)
-            self.step_timer.add("prefill", start)
-            return []
-        finished = [requests[i] for i in done]
-        if self.eviction is None and finished:  # with eviction the cap, not a ratio, bounds the pages
-            self._observe(finished)
-        forks = [(child, done[j]) for child, j in self._fork(finished)] if self._forks else []  # (fork, parent's chunk)
-        finished += [child for child, _ in forks]
-        draws = [(r, i) for r, i in [(requests[i], i) for i in done] + forks if r.params.max_tokens > 0]
-        tokens, logprobs = self._draw_and_score(logits, draws, scored, len(chunks))
-        sched.last_prefill_seconds = time.perf_counter() - start  # the forward's time, its GPU work included
-        for child, i in forks:
-            if child.prompt_logprobs is not None:
-                child.prompt_logprobs = list(requests[i].prompt_logprobs)
-        start = self.step_timer.add("prefill", start)
-        for request in finished:
-            if request.params.max_tokens == 0:  # scored only
-                self._finish(request, "length")
-        self._postprocess([r for r, _ in draws], tokens, logprobs)
-        self.step_timer.add("postprocess", start)
-        return finished
-
-    def _observe(self, prefilled: list[Request]) -> None:
-        """Add the slots of these just prefilled requests to the admission's CR estimate (one wait)."""
-        # Pages hold the tokens that went through DMC; a delayed model's raw window is fixed memory.
-        rows = to_device([[r.row for r in prefilled]], torch.long, self.device)[0]
-        for request, slots in zip(prefilled, self.cache.lens[:, rows].sum(dim=(0, 2)).tolist()):
-            committed = request.seen - self.cache.raw_held(request.seen)
-            self.scheduler.estimate.observe(committed * self.cache.layout.rows, slots)
-
-    def _draw_and_score(self, logits: torch.Tensor, draws: list[tuple[Request, int]],
-                        scored: list[tuple[Request, range]], count: int) -> tuple[list[int], list[TokenLogprob | None]]:
-        """A prefill's first tokens: each ``(request, i)`` of ``draws`` samples from row ``i`` of ``logits`` (a fork
-        from its parent's), its log-probs if it asks; the ``scored`` prompt positions, whose logits follow the
-        ``count`` chunks' last ones, get theirs appended to their requests. One host copy in all."""
-        rows = [i for _, i in draws]
-        params = [r.params for r, _ in draws]
-        tokens = sample(logits[rows], SamplingBatch.build(params, [r.seed for r, _ in draws],
-                                                          [len(r.output_ids) for r, _ in draws], self.device))
-        targets = [r.prompt_ids[p + 1] for r, positions in scored for p in positions]
-        ks = [p.logprobs for p in params]
-        if targets:
-            tokens = torch.cat([tokens, to_device([targets], torch.long, self.device)[0]])
-            rows += range(count, count + len(targets))
-            ks += [r.params.prompt_logprobs for r, positions in scored for _ in positions]
-        tokens, logprobs = self._to_host(logits[rows], tokens, ks)  # the host waits for the GPU here
-        scores = iter(logprobs[len(draws):])
-        for request, positions in scored:
-            request.prompt_logprobs.extend(next(scores) for _ in positions)
-        return tokens[:len(draws)], logprobs[:len(draws)]
-
-    def _fork(self, prefilled: list[Request]) -> list[tuple[Request, int]]:
-        """Start the requests held for these just prefilled ones (``fork_of``) from copies of their cache rows, while
-        they fit (admission as for any request); the rest go back to the head of the queue, to be prefilled
-        themselves. Returns ``(fork, index of its parent in prefilled)``."""
-        sched, forks, back = self.scheduler, [], []
-        for index, parent in enumerate(prefilled):
-            held = self._forks.pop(parent.id, (parent, []))[1]
-            for child in held:
-                if self._held.pop(child.id, None) is None:
-                    continue  # aborted while held
-                if back or not sched.can_admit(child, self.cache.free_page_count(), self.cache.free_row_count()):
-                    back.append(child)
-                    continue
-                try:
-                    row = self.cache.fork_row(parent.row)
-                except OutOfPages:
-                    back.append(child)
-                    continue
-                sched.admit_forked(child, row, parent.seen)
-                forks.append((child, index))
-        for child in reversed(back):
-            sched.requeue(child)
-        return forks
-
-    def _release_orphans(self) -> None:
-        """Requests held for one that ended before its prefill did (aborted, refused) are prefilled themselves."""
-        for parent_id, (parent, held) in list(self._forks.items()):
-            if parent.finished:
-                del self._forks[parent_id]
-                for child in reversed(held):
-                    if self._held.pop(child.id, None) is not None:
-                        self.scheduler.requeue(child)
-
-    @staticmethod
-    def _scored_positions(chunks: list[tuple[Request, int]]) -> tuple[list[int] | None, list[tuple[Request, range]]]:
-        """``(at, scored)``: the indices of the batch's packed tokens whose logits the prefill returns (each chunk's
-        last, then the positions to score), None when nothing is scored (the fast path); ``scored`` pairs each
-        request that scores with its positions."""
-        ends = list(itertools.accumulate(size for _, size in chunks))
-        at, scored = [end - 1 for end in ends], []
-        for (request, size), end in zip(chunks, ends):
-            positions = request.unscored(size)
-            if positions:
-                base = end - size - request.seen  # packed index of the request's position 0 in this chunk
-                at += [base + p for p in positions]
-                scored.append((request, positions))
-        return (at if scored else None), scored
-
-    def _to_host(self, logits: torch.Tensor, tokens: torch.Tensor,
-                 ks: list[int | None]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """The tokens ``[N]`` on the host and, for rows whose ``ks[i]`` is not None, their log-probs under ``logits``
-        with the ``ks[i]`` most likely tokens (:mod:`dmc.engine.logprobs`): one copy for all rows."""
-        wanted = [k for k in ks if k is not None]
-        if not wanted:
-            return tokens.tolist(), [None] * len(ks)
-        width = min(max(wanted), logits.shape[-1])
-        rows = logprob_pack(logits, tokens, width).tolist()
-        return ([int(row[0]) for row in rows],
-                [None if k is None else logprob_unpack(row, min(k, width), width) for row, k in zip(rows, ks)])
-
-    def _decode(self, batch: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """One decode step of ``batch``: the sampled tokens and, for requests that ask, their log-probs. Every
-        input goes to the device before the model is launched, in copies that do not wait for the GPU; the host's
-        one wait is for the tokens (and log-probs)."""
-        device = self.device
-        inputs = to_device([[r.output_ids[-1] for r in batch], [r.seen for r in batch], [r.row for r in batch]],
-                           torch.int64, device)
-        sampling = SamplingBatch.build([r.params for r in batch], [r.seed for r in batch],
-                                       [len(r.output_ids) for r in batch], device)
-        logits = self.runner.decode(inputs[0], inputs[1].int(), inputs[2].int())
-        for request in batch:
-            request.seen += 1
-        return self._to_host(logits, sample(logits, sampling), [r.params.logprobs for r in batch])
-
-    def _postprocess(self, requests: list[Request], tokens: list[int],
-                     logprobs: list[TokenLogprob | None]) -> list[Request]:
-        """Append each request's new token (and its log-probs); finish those that hit a stop or their length."""
-        for request, token, logprob in zip(requests, tokens, logprobs):
-            if request.logprobs is not None:
-                request.logprobs.append(logprob)
-            self._append(request, token)
-        return list(requests)
+        scheduler.begin_step(budget, decode)
+        while (output := scheduler.schedule()) is not None:
+            start = timer.add("schedule", start)
+            result = self.runner.execute(output)
+            if output.kind != "none":
+                start = timer.add(_SECTIONS[output.kind], start)
+            changed += scheduler.update_from_output(output, result)
+            # a forward's update waits for the GPU (the CR estimate reads the slots): the prefill's time
+            start = timer.add("prefill" if output.kind == "prefill" else "postprocess", start)
+        timer.add("schedule", start)
+        return changed
 
     # ------------------------------------------------------------------ request lifecycle
     def _submit(self, prompts, params, fork_of: Request | None = None) -> list[Request]:
@@ -589,30 +401,6 @@ class LLM:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit the context: max_model_len is "
                              f"{self.max_model_len} (prompt + at least one generated token)")
         return ids
-
-    def _append(self, request: Request, token: int) -> None:
-        request.output_ids.append(token)
-        p = request.params
-        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
-            reason = "stop"
-        elif len(request.output_ids) >= p.max_tokens or request.seen + 1 >= self.max_model_len:
-            reason = "length"
-        else:
-            reason = None
-        detokenizer = request.detokenizer
-        if detokenizer is not None:
-            detokenizer.update(request.output_ids, final=reason is not None)
-            request.text = detokenizer.text
-            if detokenizer.stopped:
-                reason = "stop"
-        if reason is not None:
-            self._finish(request, reason)
-
-    def _finish(self, request: Request, reason: str) -> None:
-        slots = self.cache.slot_counts(request.row, request.seen).double()[:, None, :]  # [L, 1, H], raw window incl.
-        stats = CompressionStats(tokens=torch.full_like(slots, request.seen), slots=slots)
-        request.compression = {"tokens": request.seen, "slots": int(slots.sum()), **stats.summary()}
-        self.scheduler.finish(request, reason)
 
     def _output(self, request: Request, delta: bool = False) -> RequestOutput:
         out = RequestOutput(request_id=request.id, prompt=request.prompt, prompt_token_ids=request.prompt_ids,

@@ -1,5 +1,8 @@
 """Runs the model over the paged cache: exact chunked prefill and the batched decode step.
 
+:meth:`ModelRunner.execute` runs one pass the scheduler planned (a prefill forward, its sampling, or a decode
+step) and returns what it produced; it reads the requests and never changes them.
+
 Prefill goes through the model's own DMC attention (dmc.hf) with a :class:`SequenceView` of
 the paged cache, so it is the same code as the HF path (decisions for all tokens at once,
 windowed pooling, FlexAttention on CUDA) and writes the kept slots straight into pages.
@@ -30,7 +33,7 @@ one call each), leaving the same cache.
 from __future__ import annotations
 
 import itertools
-import math
+import time
 from types import SimpleNamespace
 
 import torch
@@ -41,11 +44,14 @@ from ..hf.attention import DMCBatch, PackedChunks
 from ..hf.convert import dmc_config_from
 from ..hf.modeling import FAMILIES
 from ..kernels import get_kernels
-from .cache import (OutOfPages, PagedKVCache, SequenceView, allocate_pages, commit_packed, hold_packed,
-                    reserve_packed)
-from .eviction import EngineEviction
+from .cache import PagedKVCache, allocate_pages, commit_packed, hold_packed, reserve_packed
 from .layers import DecodeOps, fuse_projections
-from .sampling import host_to_device, to_device
+from .logprobs import pack as logprob_pack
+from .logprobs import unpack as logprob_unpack
+from .params import TokenLogprob
+from .policy import CachePolicy, NoEviction
+from .sampling import SamplingBatch, host_to_device, sample, to_device
+from .scheduler import ModelOutput, Request, SchedulerOutput
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, bool]:
@@ -148,11 +154,12 @@ class ModelRunner:
     """Prefill and decode of one model over one :class:`PagedKVCache`."""
 
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, *, vanilla: bool, forced_period: int = 0,
-                 eviction: EngineEviction | None = None) -> None:
+                 policy: CachePolicy | None = None) -> None:
         self.model = model
         self.base = model.model
         self.cache = cache
-        self.eviction = eviction  # H2O/TOVA/SnapKV: cut to a budget after prefill chunks and decode steps
+        # How slots are kept (H2O/TOVA/SnapKV: cut to a budget after prefill chunks and decode steps)
+        self.policy = NoEviction() if policy is None else policy
         self.vanilla = vanilla
         self.forced_period = forced_period
         self.dmc = model.dmc_config
@@ -164,6 +171,64 @@ class ModelRunner:
         self.graph_buckets: list[int] = []  # batch sizes to capture (lazily, on first use)
         self.graphs: dict[int, _DecodeGraph] = {}
         self._graph_pool = None
+
+    # ------------------------------------------------------------------ one pass of an engine step
+    def execute(self, output: SchedulerOutput) -> ModelOutput:
+        """Run one pass the scheduler planned (:class:`~dmc.engine.scheduler.SchedulerOutput`): a prefill forward
+        (its logits stay on the device), the sampling of its first tokens and scored positions, or a decode step.
+        Reads the requests, changes none of them (``Scheduler.update_from_output`` does)."""
+        started = time.perf_counter()
+        kind = output.kind
+        if kind == "prefill":
+            return ModelOutput(logits=self._forward(output), started=started)
+        if kind == "sample":
+            tokens, logprobs, scores = self._draw_and_score(output)
+            return ModelOutput(tokens=tokens, logprobs=logprobs, scores=scores, started=output.started)
+        if kind == "decode":
+            tokens, logprobs = self._decode_requests(output.decode)
+            return ModelOutput(tokens=tokens, logprobs=logprobs, started=started)
+        return ModelOutput(started=started)
+
+    def _forward(self, output: SchedulerOutput) -> torch.Tensor:
+        """A prefill forward of the output's chunks: the logits of each chunk's last token (and of the scored
+        positions, when there are any; else the fast path's last-token logits only)."""
+        requests = [r for r, _ in output.chunks]
+        feeds = [r.to_feed()[r.seen:r.seen + size] for r, size in output.chunks]
+        rows, seen = [r.row for r in requests], [r.seen for r in requests]
+        if output.at is None:
+            return self.prefill_batch(rows, feeds, seen)
+        return self.prefill_batch(rows, feeds, seen, at=output.at)
+
+    def _draw_and_score(self, output: SchedulerOutput) -> tuple[list[int], list[TokenLogprob | None],
+                                                                  list[TokenLogprob | None]]:
+        """A forward's first tokens: each ``(request, i)`` of the draws samples from row ``i`` of its logits (a fork
+        from its parent's), with its log-probs if it asks; the scored prompt positions, whose logits follow the
+        chunks' last ones, get theirs. One host copy in all. Returns ``(tokens, logprobs, scores)``."""
+        logits, draws, device = output.logits, output.draws, self.cache.device
+        rows = [i for _, i in draws]
+        params = [r.params for r, _ in draws]
+        tokens = sample(logits[rows], SamplingBatch.build(params, [r.seed for r, _ in draws],
+                                                          [len(r.output_ids) for r, _ in draws], device))
+        targets = [r.prompt_ids[p + 1] for r, positions in output.scored for p in positions]
+        ks = [p.logprobs for p in params]
+        if targets:
+            tokens = torch.cat([tokens, to_device([targets], torch.long, device)[0]])
+            rows += range(output.score_row, output.score_row + len(targets))
+            ks += [r.params.prompt_logprobs for r, positions in output.scored for _ in positions]
+        tokens, logprobs = _to_host(logits[rows], tokens, ks)  # the host waits for the GPU here
+        return tokens[:len(draws)], logprobs[:len(draws)], logprobs[len(draws):]
+
+    def _decode_requests(self, batch: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One decode step of ``batch``: the sampled tokens and, for requests that ask, their log-probs. Every
+        input goes to the device before the model is launched, in copies that do not wait for the GPU; the host's
+        one wait is for the tokens (and log-probs)."""
+        device = self.cache.device
+        inputs = to_device([[r.output_ids[-1] for r in batch], [r.seen for r in batch], [r.row for r in batch]],
+                           torch.int64, device)
+        sampling = SamplingBatch.build([r.params for r in batch], [r.seed for r in batch],
+                                       [len(r.output_ids) for r in batch], device)
+        logits = self.decode(inputs[0], inputs[1].int(), inputs[2].int())
+        return _to_host(logits, sample(logits, sampling), [r.params.logprobs for r in batch])
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
@@ -179,8 +244,8 @@ class ModelRunner:
         return self._prefill(row, token_ids, seen, logits_to_keep=0)
 
     def _prefill(self, row: int, token_ids: list[int], seen: int, logits_to_keep: int) -> torch.Tensor:
-        self.cache.check_room(len(token_ids))
-        view = SequenceView(self.cache, row, seen) if self.eviction is None else self.eviction.sequence_view(row, seen)
+        self.cache.check_room([len(token_ids)])
+        view = self.policy.sequence_view(self.cache, row, seen)
         ids = torch.tensor([token_ids], device=self.cache.device)
         out = self.model(input_ids=ids, past_key_values=view, use_cache=True, logits_to_keep=logits_to_keep,
                          dmc_forced_period=self.forced_period)
@@ -201,10 +266,7 @@ class ModelRunner:
         unless every chunk fits even if nothing merges."""
         cache = self.cache
         sizes = [len(c) for c in chunks]
-        need = cache.layout.rows * sum(math.ceil(n / cache.layout.page_size) for n in sizes)
-        if cache.free_page_count() < need:
-            raise OutOfPages(f"a prefill batch of {sum(sizes)} tokens ({len(sizes)} chunks) may need {need} pages, "
-                             f"{cache.free_page_count()} free")
+        cache.check_room(sizes)
         device = cache.device
         # Host lists reach the GPU in non-blocking pinned copies (a torch.tensor(list, device=cuda) makes the
         # host wait for the queued work); the segment bounds stay on the host.
@@ -213,8 +275,7 @@ class ModelRunner:
         ids = to_device([[t for c in chunks for t in c]], torch.long, device)
         positions = to_device([[s + i for s, n in zip(seen, sizes) for i in range(n)]], torch.long, device)
         last = to_device([ends], torch.long, device)[0] - 1 if at is None else to_device([at], torch.long, device)[0]
-        views = [SequenceView(cache, row, s) if self.eviction is None else self.eviction.sequence_view(row, s)
-                 for row, s in zip(rows, seen)]
+        views = [self.policy.sequence_view(cache, row, s) for row, s in zip(rows, seen)]
         runtime = self.model.dmc_runtime
         batches = []
         for s, n in zip(seen, sizes):
@@ -223,13 +284,14 @@ class ModelRunner:
                 starts[:, :1].fill_(True)  # a sequence's first token always appends (a fill: no host copy)
             batches.append(DMCBatch(starts=starts, vanilla=runtime.vanilla, channel_scale=runtime.channel_scale,
                                     forced_period=self.forced_period))
-        # Sequences starting here (no eviction) run as one packed group in every layer. Without delayed merging
-        # a chunk alone takes the same kernels unpacked; with it, a chunk alone would take the dense path of
-        # continuing chunks (its mask materialised), so even one first chunk is packed.
+        # Sequences starting here run as one packed group in every layer (when the policy allows). Without
+        # delayed merging a chunk alone takes the same kernels unpacked; with it, a chunk alone would take the
+        # dense path of continuing chunks (its mask materialised), so even one first chunk is packed.
         window = cache.layout.window
         fresh = [i for i, s in enumerate(seen) if s == 0]
         packed = None
-        if len(fresh) > (0 if self.delay else 1) and self.eviction is None and (window is None or window > 1):
+        packable = self.policy.packs_first_chunks and (window is None or window > 1)
+        if packable and len(fresh) > (0 if self.delay else 1):
             packed = pack_first_chunks(fresh, segments, rows, 0 if window is None else window - 1, device,
                                        self.delay)
         if packed is not None:
@@ -310,8 +372,7 @@ class ModelRunner:
                     **scales)
                 out = k.paged_decode_attention(q_rot, cache.k_pool, cache.v_pool, cache.page_table, cache.lens,
                                                seq_ids, index, attn.scaling, cache.layout.page_size, **scales)
-            if self.eviction is not None:
-                self.eviction.after_decode(index, q_rot, seq_ids, positions, attn.scaling)
+            self.policy.after_decode(index, q_rot, seq_ids, positions, attn.scaling)
             # residual adds fused with the norm that follows (the next layer's input norm, or the final norm)
             hidden, x = self.ops.add_norm(hidden, attn.o_proj(out.reshape(b, -1)), layer.post_attention_layernorm)
             following = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.base.norm
@@ -338,6 +399,19 @@ class ModelRunner:
         merging included: its padding rows write only the cache's scratch row)."""
         if self.cache.device.type == "cuda":
             self.graph_buckets = sorted(batch_sizes)
+
+
+def _to_host(logits: torch.Tensor, tokens: torch.Tensor,
+             ks: list[int | None]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """The tokens ``[N]`` on the host and, for rows whose ``ks[i]`` is not None, their log-probs under ``logits``
+    with the ``ks[i]`` most likely tokens (:mod:`dmc.engine.logprobs`): one copy for all rows."""
+    wanted = [k for k in ks if k is not None]
+    if not wanted:
+        return tokens.tolist(), [None] * len(ks)
+    width = min(max(wanted), logits.shape[-1])
+    rows = logprob_pack(logits, tokens, width).tolist()
+    return ([int(row[0]) for row in rows],
+            [None if k is None else logprob_unpack(row, min(k, width), width) for row, k in zip(rows, ks)])
 
 
 def _heads(x: torch.Tensor, norm, head_dim: int) -> torch.Tensor:

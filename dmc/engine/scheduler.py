@@ -3,7 +3,11 @@ preemption.
 
 The scheduler owns every request's status and the cache rows they hold: ``add`` queues a request,
 ``admit`` hands out the next one that fits, ``preempt`` gives a running request's pages back and
-queues it first again, ``finish``/``abort`` end it. The engine (``LLM``) only runs the model.
+queues it first again, ``finish``/``abort`` end it. An engine step goes one way:
+:meth:`Scheduler.schedule` plans a pass (a :class:`SchedulerOutput`: rows opened, preemptions made),
+the runner executes it (:meth:`dmc.engine.runner.ModelRunner.execute`, a :class:`ModelOutput`), and
+:meth:`Scheduler.update_from_output` applies the result: the one place request state changes after the
+model ran (tokens seen and generated, text, stops, finishing, the CR estimate).
 
 Admission uses the compression *observed* so far (a running mean of tokens per slot, divided
 by a safety margin), never worst-case CR 1 memory: that is where DMC's batch-size gain comes
@@ -14,14 +18,27 @@ from. When compression turns out worse than estimated, the newest running reques
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .cache import PagedKVCache
+import torch
+
+from ..stats import CompressionStats
+from .cache import OutOfPages, PagedKVCache
 from .detokenizer import Detokenizer
-from .params import SamplingParams
+from .params import SamplingParams, TokenLogprob
+from .policy import CachePolicy, NoEviction
+from .sampling import to_device
+
+OUT_OF_MEMORY_PREFILL = ("this request needs more KV-cache memory than the engine has; lower max_tokens (--max-tokens) "
+                         "or max_model_len (--max-model-len), or give the cache more memory (kv_cache_memory, "
+                         "--kv-cache-memory-gib)")
+OUT_OF_MEMORY_DECODING = ("out of KV-cache memory while decoding a single sequence; lower max_tokens (--max-tokens) "
+                          "or max_model_len (--max-model-len), or give the cache more memory (kv_cache_memory, "
+                          "--kv-cache-memory-gib)")
 
 
 class RequestStatus(enum.Enum):
@@ -88,6 +105,78 @@ class Request:
         return len(self.to_feed()) - self.seen if self.prefilling else 0
 
 
+@dataclass
+class SchedulerOutput:
+    """One pass of an engine step: what the runner runs, and what :meth:`Scheduler.update_from_output` applies.
+
+    A step is a few passes, each scheduled once the one before has been applied, because each depends on what
+    the one before left: a prefill forward (``chunks``); with eviction further forwards, one chunk each, since
+    a chunk's pages are known only once the chunk before has been cut to the budget (a batch would hold every
+    chunk's pages at once, uncut); after a forward that completed a prompt or scores prompt positions, its
+    sampling pass (``draws`` from the forward's ``logits``), which also starts the forks of the completed
+    prompts, if the pages the forward left allow it; last the decode step (``decode``), whose batch takes in the
+    requests prefilled this step and whose worst case sees the pages the prefill took. ``failed`` requests (out
+    of memory: starved) end in the update with their error.
+    """
+
+    chunks: list[tuple[Request, int]] = field(default_factory=list)  # a prefill forward: (request, tokens)
+    at: list[int] | None = None  # packed token indices whose logits the forward returns (None: chunks' last)
+    scored: list[tuple[Request, range]] = field(default_factory=list)  # prompt positions scored (prompt_logprobs)
+    draws: list[tuple[Request, int]] = field(default_factory=list)  # a sampling pass: (request, row of logits)
+    logits: torch.Tensor | None = None  # the forward's logits the sampling pass reads
+    score_row: int = 0  # row of ``logits`` of the first scored position (after the chunks' last tokens)
+    prefilled: list[Request] = field(default_factory=list)  # requests whose prompt the forward completed, forks
+    forks: list[tuple[Request, Request]] = field(default_factory=list)  # (fork, parent) started from a row copy
+    started: float = 0.0  # time.perf_counter() at the start of the forward a sampling pass follows
+    decode: list[Request] = field(default_factory=list)  # the decode step's batch
+    failed: list[tuple[Request, str]] = field(default_factory=list)  # (request, error)
+
+    @property
+    def kind(self) -> str:
+        """"prefill" (a forward), "sample" (its sampling pass), "decode", or "none" (only failures)."""
+        if self.chunks:
+            return "prefill"
+        if self.logits is not None:
+            return "sample"
+        return "decode" if self.decode else "none"
+
+
+@dataclass
+class ModelOutput:
+    """What the runner produced for one :class:`SchedulerOutput`."""
+
+    logits: torch.Tensor | None = None  # a prefill forward's, on the device (its sampling pass draws from them)
+    tokens: list[int] = field(default_factory=list)  # one per draw, or per decoding request
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)  # beside tokens, for requests that ask
+    scores: list[TokenLogprob | None] = field(default_factory=list)  # the scored prompt positions', in order
+    started: float = 0.0  # time.perf_counter() when the forward began
+
+
+@dataclass
+class _Step:
+    """Where the engine step in progress stands (:meth:`Scheduler.begin_step`)."""
+
+    budget: int  # prefill tokens left to the step
+    decode: bool  # a decode pass ends the step
+    prefill: bool = True  # another prefill forward may run
+    forward: tuple[SchedulerOutput, ModelOutput, list[int]] | None = None  # a forward whose sampling is due
+
+
+def scored_positions(chunks: list[tuple[Request, int]]) -> tuple[list[int] | None, list[tuple[Request, range]]]:
+    """``(at, scored)``: the indices of the batch's packed tokens whose logits the prefill returns (each chunk's
+    last, then the positions to score), None when nothing is scored (the fast path); ``scored`` pairs each
+    request that scores with its positions."""
+    ends = list(itertools.accumulate(size for _, size in chunks))
+    at, scored = [end - 1 for end in ends], []
+    for (request, size), end in zip(chunks, ends):
+        positions = request.unscored(size)
+        if positions:
+            base = end - size - request.seen  # packed index of the request's position 0 in this chunk
+            at += [base + p for p in positions]
+            scored.append((request, positions))
+    return (at if scored else None), scored
+
+
 class CompressionEstimate:
     """Running estimate of tokens per slot, used to size admissions."""
 
@@ -113,8 +202,9 @@ class Scheduler:
     one :class:`PagedKVCache` (whose rows it opens and closes)."""
 
     def __init__(self, cache: PagedKVCache, max_num_seqs: int, estimate: CompressionEstimate,
-                 slot_cap: int | None = None, prefill_chunk: int = 0, whole_prompts: bool = False,
-                 prefill_delay_factor: float = 0.0) -> None:
+                 policy: CachePolicy | None = None, prefill_chunk: int = 0, whole_prompts: bool = False,
+                 prefill_delay_factor: float = 0.0, max_num_batched_tokens: int | None = None,
+                 eos_token_ids: set[int] | frozenset[int] = frozenset()) -> None:
         layout = cache.layout
         self.cache = cache
         self.waiting: deque[Request] = deque()
@@ -125,7 +215,8 @@ class Scheduler:
         self.estimate = estimate
         # Eviction baselines: a head never keeps more than slot_cap slots after a prefill chunk or a
         # decode step, but a chunk (prefill_chunk tokens at most) is held whole until it is cut.
-        self.slot_cap = slot_cap
+        self.policy = NoEviction() if policy is None else policy
+        self.slot_cap = self.policy.slot_cap
         self.prefill_chunk = prefill_chunk
         self.whole_prompts = whole_prompts  # a prompt that fits prefill_chunk is never split (_first_chunk_size)
         # New prompts wait up to this many times the last prefill forward's time, so that one forward takes several
@@ -135,6 +226,12 @@ class Scheduler:
         # No sequence ever holds more (max_model_len slots and the ready page): admission never asks
         # for more than this, so the smallest pool the engine accepts runs the longest prompt.
         self.max_pages = layout.rows * layout.pages_per_head
+        self.max_num_batched_tokens = max_num_batched_tokens  # a step's tokens, decode first (step_budget)
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = layout.max_model_len
+        self.forks: dict[int, tuple[Request, list[Request]]] = {}  # parent id -> (parent, forks held for it)
+        self.held: dict[int, Request] = {}  # id -> a fork held until its parent is prefilled
+        self._step = _Step(0, decode=False, prefill=False)
 
     # ------------------------------------------------------------------ lifecycle
     def add(self, request: Request) -> None:
@@ -319,8 +416,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ page arithmetic
     def chunk_pages(self, tokens: int) -> int:
-        """Pages a prefill chunk of ``tokens`` may take if nothing merges (:meth:`PagedKVCache.check_room`)."""
-        return self.rows * math.ceil(tokens / self.page_size)
+        """Pages a prefill chunk of ``tokens`` may take if nothing merges: the cache's own check
+        (:func:`dmc.engine.pages.chunk_pages`)."""
+        return self.cache.chunk_pages(tokens)
 
     def pages_for(self, tokens: int, capped: bool = True) -> int:
         """Estimated pages for a sequence of ``tokens`` at the estimated CR (+ the ready page)."""
@@ -353,3 +451,204 @@ class Scheduler:
     def preemption_victim(self) -> Request | None:
         """The newest running request (it has the least work to redo)."""
         return self.running[-1] if len(self.running) > 1 else None
+
+    # ------------------------------------------------------------------ forks
+    def can_fork(self, request: Request, parent: Request) -> bool:
+        """Whether ``request`` can start from ``parent``'s cache once it is prefilled: same prompt and prompt
+        log-probs, ``parent`` queued or prefilling (not itself held for another), a policy whose rows can be
+        copied (not eviction's: its per-row state is not copied)."""
+        in_queue = parent.prefilling or (parent.status is RequestStatus.WAITING and parent.id not in self.held)
+        return (self.policy.forks and not parent.finished and in_queue and not parent.output_ids
+                and parent.prompt_ids == request.prompt_ids
+                and parent.params.prompt_logprobs == request.params.prompt_logprobs)
+
+    def hold(self, request: Request, parent: Request) -> None:
+        """Hold ``request`` until ``parent`` is prefilled, to start from a copy of its row (:meth:`can_fork`)."""
+        self.forks.setdefault(parent.id, (parent, []))[1].append(request)
+        self.held[request.id] = request
+
+    def _fork(self, prefilled: list[Request]) -> list[tuple[Request, int]]:
+        """Start the requests held for these just prefilled ones from copies of their cache rows, while they fit
+        (admission as for any request); the rest go back to the head of the queue, to be prefilled themselves.
+        Returns ``(fork, index of its parent in prefilled)``."""
+        forks, back = [], []
+        for index, parent in enumerate(prefilled):
+            for child in self.forks.pop(parent.id, (parent, []))[1]:
+                if self.held.pop(child.id, None) is None:
+                    continue  # aborted while held
+                if back or not self.can_admit(child, self.cache.free_page_count(), self.cache.free_row_count()):
+                    back.append(child)
+                    continue
+                try:
+                    row = self.cache.fork_row(parent.row)
+                except OutOfPages:
+                    back.append(child)
+                    continue
+                self.admit_forked(child, row, parent.seen)
+                forks.append((child, index))
+        for child in reversed(back):
+            self.requeue(child)
+        return forks
+
+    def _release_orphans(self) -> None:
+        """Requests held for one that ended before its prefill did (aborted, refused) are prefilled themselves."""
+        for parent_id, (parent, held) in list(self.forks.items()):
+            if parent.finished:
+                del self.forks[parent_id]
+                for child in reversed(held):
+                    if self.held.pop(child.id, None) is not None:
+                        self.requeue(child)
+
+    # ------------------------------------------------------------------ one engine step
+    def step_budget(self) -> int:
+        """The prefill tokens of the next step: ``prefill_chunk``, less the decoding requests' tokens when a step's
+        tokens are bounded (``max_num_batched_tokens``: the decoding requests count first)."""
+        budget = self.prefill_chunk
+        if self.max_num_batched_tokens is not None:
+            budget = min(budget, self.max_num_batched_tokens - self.decoding_count())
+        return budget
+
+    def begin_step(self, budget: int, decode: bool = True) -> None:
+        """Start an engine step of ``budget`` prefill tokens, ending with a decode pass when ``decode``; then call
+        :meth:`schedule` until it returns None, applying each pass's result before the next."""
+        if self.forks:
+            self._release_orphans()
+        self._step = _Step(budget, decode)
+
+    def schedule(self) -> SchedulerOutput | None:
+        """The step's next pass (:class:`SchedulerOutput` says which passes a step has and why), None when the
+        step is done. Opens the rows of admitted requests and forks, and preempts, as the pass needs."""
+        step = self._step
+        if step.forward is not None:
+            forward, step.forward = step.forward, None
+            return self._schedule_sampling(*forward)
+        if step.prefill and step.budget > 0:
+            output = self._schedule_forward(step)
+            if output is not None:
+                return output
+        step.prefill = False
+        if step.decode:
+            step.decode = False
+            batch, starved = self.schedule_decode()
+            if batch or starved is not None:
+                failed = [] if starved is None else [(starved, OUT_OF_MEMORY_DECODING)]
+                return SchedulerOutput(decode=batch, failed=failed)
+        return None
+
+    def _schedule_forward(self, step: _Step) -> SchedulerOutput | None:
+        """A prefill forward of the chunks :meth:`schedule_prefill` picks, or None when there are none (and no
+        request starved). Another forward may follow only under a policy of a chunk per forward."""
+        chunks, starved = self.schedule_prefill(step.budget, self.policy.chunks_per_forward)
+        step.budget -= sum(size for _, size in chunks)
+        step.prefill = bool(chunks) and self.policy.chunks_per_forward is not None
+        if not chunks and starved is None:
+            return None
+        at, scored = scored_positions(chunks)
+        return SchedulerOutput(chunks=chunks, at=at, scored=scored,
+                               failed=[] if starved is None else [(starved, OUT_OF_MEMORY_PREFILL)])
+
+    def _schedule_sampling(self, forward: SchedulerOutput, result: ModelOutput, done: list[int]) -> SchedulerOutput:
+        """The sampling pass of a forward that completed the prompts of its chunks ``done`` (or scores prompt
+        positions): their first tokens, those of the forks started from them (rows copied now, after the forward
+        filled them, while the pages it left allow), the scored positions' log-probs."""
+        requests = [r for r, _ in forward.chunks]
+        prefilled = [requests[i] for i in done]
+        forks = [(child, done[j]) for child, j in self._fork(prefilled)] if self.forks else []  # (fork, chunk)
+        draws = [(r, i) for r, i in [(requests[i], i) for i in done] + forks if r.params.max_tokens > 0]
+        return SchedulerOutput(draws=draws, logits=result.logits, scored=forward.scored, score_row=len(requests),
+                               prefilled=prefilled + [child for child, _ in forks],
+                               forks=[(child, requests[i]) for child, i in forks], started=result.started)
+
+    def update_from_output(self, output: SchedulerOutput, result: ModelOutput) -> list[Request]:
+        """Apply a pass's result: the one place request state changes once the model ran (tokens seen and
+        generated, log-probs, text and stops, finishing, the CR estimate, ``last_prefill_seconds``). Returns the
+        requests that changed (each of them has new output or finished)."""
+        changed = []
+        for request, error in output.failed:
+            self.finish(request, "error", error)
+            changed.append(request)
+        kind = output.kind
+        if kind == "prefill":
+            self._update_prefill(output, result)
+        elif kind == "sample":
+            changed += self._update_sampling(output, result)
+        elif kind == "decode":
+            for request in output.decode:
+                request.seen += 1
+            changed += self._append_all(output.decode, result.tokens, result.logprobs)
+        return changed
+
+    def _update_prefill(self, output: SchedulerOutput, result: ModelOutput) -> None:
+        """A forward's chunks are in the cache: requests whose feed is all there decode from now on; their slots go
+        into the CR estimate; their sampling pass is due when they have a token to draw (or positions to score)."""
+        done = []
+        for i, (request, size) in enumerate(output.chunks):
+            request.seen += size
+            if request.prefill_left == 0:
+                self.prefilled(request)
+                done.append(i)
+        if not done and not output.scored:
+            self.last_prefill_seconds = time.perf_counter() - result.started  # queued, not waited for
+            return
+        finished = [output.chunks[i][0] for i in done]
+        if self.policy.observes_compression and finished:
+            self._observe(finished)
+        self._step.forward = (output, result, done)
+
+    def _update_sampling(self, output: SchedulerOutput, result: ModelOutput) -> list[Request]:
+        """The first tokens of prefilled requests (and forks), the scored positions' log-probs; a request asking
+        for ``max_tokens=0`` (scoring only) finishes."""
+        scores = iter(result.scores)
+        for request, positions in output.scored:
+            request.prompt_logprobs.extend(next(scores) for _ in positions)
+        self.last_prefill_seconds = time.perf_counter() - output.started  # the forward's time, its GPU work included
+        for child, parent in output.forks:
+            if child.prompt_logprobs is not None:
+                child.prompt_logprobs = list(parent.prompt_logprobs)
+        for request in output.prefilled:
+            if request.params.max_tokens == 0:  # scored only
+                self.finish_counted(request, "length")
+        self._append_all([r for r, _ in output.draws], result.tokens, result.logprobs)
+        return output.prefilled
+
+    def _observe(self, prefilled: list[Request]) -> None:
+        """Add the slots of these just prefilled requests to the admission's CR estimate (one wait)."""
+        # Pages hold the tokens that went through DMC; a delayed model's raw window is fixed memory.
+        rows = to_device([[r.row for r in prefilled]], torch.long, self.cache.device)[0]
+        for request, slots in zip(prefilled, self.cache.lens[:, rows].sum(dim=(0, 2)).tolist()):
+            committed = request.seen - self.cache.raw_held(request.seen)
+            self.estimate.observe(committed * self.rows, slots)
+
+    def _append_all(self, requests: list[Request], tokens: list[int],
+                    logprobs: list[TokenLogprob | None]) -> list[Request]:
+        """Append each request's new token (and its log-probs); finish those that hit a stop or their length."""
+        for request, token, logprob in zip(requests, tokens, logprobs):
+            if request.logprobs is not None:
+                request.logprobs.append(logprob)
+            self._append(request, token)
+        return list(requests)
+
+    def _append(self, request: Request, token: int) -> None:
+        request.output_ids.append(token)
+        p = request.params
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            reason = "stop"
+        elif len(request.output_ids) >= p.max_tokens or request.seen + 1 >= self.max_model_len:
+            reason = "length"
+        else:
+            reason = None
+        detokenizer = request.detokenizer
+        if detokenizer is not None:
+            detokenizer.update(request.output_ids, final=reason is not None)
+            request.text = detokenizer.text
+            if detokenizer.stopped:
+                reason = "stop"
+        if reason is not None:
+            self.finish_counted(request, reason)
+
+    def finish_counted(self, request: Request, reason: str) -> None:
+        """:meth:`finish` a request that ran, recording its realized compression (``request.compression``)."""
+        slots = self.cache.slot_counts(request.row, request.seen).double()[:, None, :]  # [L, 1, H], raw window incl.
+        stats = CompressionStats(tokens=torch.full_like(slots, request.seen), slots=slots)
+        request.compression = {"tokens": request.seen, "slots": int(slots.sum()), **stats.summary()}
+        self.finish(request, reason)

@@ -1,8 +1,9 @@
 """Where an engine's steps spend their wall time, by section, summed over steps (two clock reads a section).
 
 The sections that run the model (``prefill``, ``decode``) end with the host reading the sampled tokens, so
-they include the GPU's time; the others are host work: ``schedule`` (admission, chunks, the decode batch and its
-page check), ``postprocess`` (appending tokens, detokenization, stop checks, finishing requests). A server adds
+they include the GPU's time; the others are host work: ``schedule`` (admission, chunks, forks, the decode batch and
+its page check: ``Scheduler.schedule``), ``postprocess`` (``Scheduler.update_from_output`` after sampling: appending
+tokens, detokenization, stop checks, finishing requests). A server adds
 its own sections (commands, outputs) to the same timer."""
 
 from __future__ import annotations
