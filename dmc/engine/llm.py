@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..baselines.eviction import EvictionPolicy
 from ..hf.convert import fold_logit_scale
 from ..stats import CompressionStats
 from .cache import CacheLayout, OutOfPages, PagedKVCache
