@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     import serve_load  # the load generator's own request mix
     import torch
 
-    from dmc.cli._engine_args import add_engine_arguments, engine_kwargs
+    from dmc.cli._engine_args import add_engine_arguments, engine_config
     from dmc.engine import LLM, SamplingParams
     from dmc.engine.step_timer import StepTimer
 
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     add_engine_arguments(engine_parser)
     engine = engine_parser.parse_args([args.model, *shlex.split(args.engine_args), "--max-num-seqs",
                                        str(args.concurrency)])
-    llm = LLM(args.model, progress=False, **engine_kwargs(engine))
+    llm = LLM(args.model, config=engine_config(engine), progress=False)
     if llm.device.type == "cuda":
         llm.warmup()
     prompts = [b["prompt"] for b in bodies]

@@ -16,20 +16,20 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _EXPORTS = {
-    "LLM": "engine", "RequestOutput": "engine", "SamplingParams": "engine", "TokenLogprob": "engine",
+    "LLM": "engine", "EngineConfig": "engine", "RequestOutput": "engine", "SamplingParams": "engine", "TokenLogprob": "engine",
     "CompressionStats": "stats",
     "DMCCache": "hf", "DMCCausalLMOutput": "hf", "UnsupportedModelError": "hf", "convert": "hf",
     "supported_architectures": "hf", "zero_decision_channels": "hf",
     "DMCConfig": "config", "is_dmc": "config",
 }
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "TokenLogprob", "CompressionStats", "DMCCache", "DMCCausalLMOutput", "DMCConfig",
+__all__ = ["LLM", "EngineConfig", "RequestOutput", "SamplingParams", "TokenLogprob", "CompressionStats", "DMCCache", "DMCCausalLMOutput", "DMCConfig",
            "UnsupportedModelError", "convert", "is_dmc", "supported_architectures", "zero_decision_channels",
            "__version__"]
 
 if TYPE_CHECKING:
     from .config import DMCConfig, is_dmc
-    from .engine import LLM, RequestOutput, SamplingParams, TokenLogprob
+    from .engine import LLM, EngineConfig, RequestOutput, SamplingParams, TokenLogprob
     from .hf import (DMCCache, DMCCausalLMOutput, UnsupportedModelError, convert, supported_architectures,
                      zero_decision_channels)
     from .stats import CompressionStats

@@ -17,7 +17,7 @@ from test_engine import _assert_no_leak, _engine, _prompts
 from test_kv_fp8 import MODES, _forced_logits
 
 import dmc
-from dmc.cli._engine_args import add_engine_arguments, engine_kwargs
+from dmc.cli._engine_args import add_engine_arguments, engine_config
 from dmc.engine import KVScales
 from dmc.engine.kv_scales import DEFAULT_HEADROOM
 from dmc.kernels.reference import FP8_MAX
@@ -118,9 +118,9 @@ def test_scales_save_load_and_feed_an_engine(tmp_path):
     add_engine_arguments(parser)
     directory = str(tmp_path / "model")
     args = parser.parse_args([directory, "--kv-cache-dtype", "fp8", "--kv-scales", str(path)])
-    assert engine_kwargs(args)["kv_scales"] == str(path)
+    assert engine_config(args).kv_scales == str(path)
     with pytest.raises(ValueError, match="--kv-scales are the scales of an fp8 cache: add --kv-cache-dtype fp8"):
-        engine_kwargs(parser.parse_args([directory, "--kv-scales", str(path)]))
+        engine_config(parser.parse_args([directory, "--kv-scales", str(path)]))
 
 
 def test_bad_scales_and_bad_calibration_calls_are_refused(tmp_path):

@@ -18,6 +18,7 @@ pytest.importorskip("fastapi")
 import dmc  # noqa: E402
 from dmc.serve import EngineLoop, EngineProcess, Metrics, ServerConfig, build_app  # noqa: E402
 from dmc.serve.engine_core import EngineCore, EngineSpec, Submission  # noqa: E402
+from dmc.engine.config import EngineConfig  # noqa: E402
 from dmc.engine.step_timer import StepTimer  # noqa: E402
 from dmc.serve.engine_loop import EngineError  # noqa: E402
 
@@ -104,7 +105,7 @@ def _app(engine, model_dir):
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
 def test_engine_serves_the_same_text_as_llm_generate(model_dir, mode):
-    spec = EngineSpec(model_dir, KWARGS, seed=0, warmup="off")
+    spec = EngineSpec(model_dir, EngineConfig(**KWARGS, seed=0), warmup="off")
     if mode == "process":
         engine = EngineProcess(spec, Metrics("m"))
     else:
@@ -139,7 +140,7 @@ def test_engine_serves_the_same_text_as_llm_generate(model_dir, mode):
 
 
 def test_a_dying_engine_process_gives_503s_not_a_hang(model_dir):
-    engine = EngineProcess(EngineSpec(model_dir, KWARGS, warmup="off"), Metrics("m"))
+    engine = EngineProcess(EngineSpec(model_dir, EngineConfig(**KWARGS), warmup="off"), Metrics("m"))
     engine.start()
     app = _app(engine, model_dir)
     long = {"model": "m", "prompt": "def", "max_tokens": 250, "ignore_eos": True, "stream": True}
@@ -165,7 +166,7 @@ def test_a_dying_engine_process_gives_503s_not_a_hang(model_dir):
 
 
 def test_stop_fails_running_requests_shutdown_and_ends_the_process(model_dir):
-    engine = EngineProcess(EngineSpec(model_dir, KWARGS, warmup="off"), Metrics("m"))
+    engine = EngineProcess(EngineSpec(model_dir, EngineConfig(**KWARGS), warmup="off"), Metrics("m"))
     engine.start()
     app = _app(engine, model_dir)
 
@@ -183,7 +184,7 @@ def test_stop_fails_running_requests_shutdown_and_ends_the_process(model_dir):
 
 
 def test_a_model_that_cannot_load_is_an_engine_error(tmp_path):
-    engine = EngineProcess(EngineSpec(str(tmp_path / "missing"), KWARGS, warmup="off"), Metrics("m"))
+    engine = EngineProcess(EngineSpec(str(tmp_path / "missing"), EngineConfig(**KWARGS), warmup="off"), Metrics("m"))
     with pytest.raises(EngineError) as info:
         engine.start()
     assert info.value.kind in ("OSError", "ValueError") and str(info.value)

@@ -7,8 +7,7 @@ import json
 import sys
 
 from ._checks import check_eviction, check_weights
-from ._engine_args import (add_engine_arguments, add_forced_cr_argument, check_forced_cr, describe_load_error,
-                           engine_kwargs, load_errors)
+from ._engine_args import add_engine_arguments, add_forced_cr_argument, describe_load_error, engine_config, load_errors
 
 NAME = "bench"
 HELP = ("measure the engine's decode throughput on a local model: random prompts, greedy generation, the "
@@ -31,24 +30,23 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.bench import measure_throughput
 
     try:
-        kwargs = engine_kwargs(args)
+        config = engine_config(args, forced_period=args.forced_cr)
         check_weights(args.model)
         check_eviction(args.model, args.eviction, args.vanilla, args.forced_cr)
         if args.prompt_len < 1 or args.gen_len < 2:
             raise ValueError("--prompt-len must be >= 1 and --gen-len >= 2")
         if args.measure_steps < 1:
             raise ValueError(f"--measure-steps must be >= 1, got {args.measure_steps}")
-        check_forced_cr(args.forced_cr)
-        if kwargs["max_model_len"] is None:
-            kwargs["max_model_len"] = args.prompt_len + args.gen_len
-        elif args.prompt_len + args.gen_len > kwargs["max_model_len"]:
+        if config.max_model_len is None:
+            config = config.replace(max_model_len=args.prompt_len + args.gen_len)
+        elif args.prompt_len + args.gen_len > config.max_model_len:
             raise ValueError(f"--prompt-len + --gen-len = {args.prompt_len + args.gen_len} tokens does not fit "
-                             f"--max-model-len {kwargs['max_model_len']}: lower them or raise --max-model-len")
+                             f"--max-model-len {config.max_model_len}: lower them or raise --max-model-len")
     except ValueError as exc:
         print(f"dmc bench: {exc}", file=sys.stderr)
         return 2
     try:
-        llm = LLM(args.model, forced_period=args.forced_cr, progress=False, **kwargs)
+        llm = LLM(args.model, config=config, progress=False)
     except load_errors() as exc:
         print(f"dmc bench: {describe_load_error(args.model, exc)}", file=sys.stderr)
         return 2

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from ._checks import check_eviction, check_weights, max_positions
-from ._engine_args import add_engine_arguments, describe_load_error, engine_kwargs, load_errors
+from ._engine_args import add_engine_arguments, describe_load_error, engine_config, load_errors
+
+if TYPE_CHECKING:
+    from ..engine.config import EngineConfig
 
 NAME = "generate"
 HELP = "generate text with the DMC inference engine (paged per-head cache); prints each completion and its CR"
@@ -86,20 +90,20 @@ def run(args: argparse.Namespace) -> int:
         params = SamplingParams(max_tokens=int(args.max_tokens), temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
         params.validate()
-        kwargs = engine_kwargs(args)
-        kwargs["max_num_seqs"] = int(kwargs["max_num_seqs"])
+        config = engine_config(args)
+        config = config.replace(max_num_seqs=int(config.max_num_seqs))
         check_weights(args.model)
         check_eviction(args.model, args.eviction, args.vanilla)
         tokenizer = _tokenizer(args.model)
         if tokenizer is not None:
             lengths = [len(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
-            _check_room(lengths, args, kwargs["max_model_len"] or max_positions(args.model))
-            _size_to_prompts(lengths, args, kwargs)
+            _check_room(lengths, args, config.max_model_len or max_positions(args.model))
+            config = _size_to_prompts(lengths, args, config)
     except ValueError as exc:
         print(f"dmc generate: {exc}", file=sys.stderr)
         return 2
     try:
-        llm = LLM(args.model, progress=not args.stream and not args.json, tokenizer=tokenizer, **kwargs)
+        llm = LLM(args.model, config=config, progress=not args.stream and not args.json, tokenizer=tokenizer)
     except load_errors() as exc:
         print(f"dmc generate: {describe_load_error(args.model, exc)}", file=sys.stderr)
         return 2
@@ -146,7 +150,7 @@ def _check_room(lengths: list[int], args, context: int | None) -> None:
                          f"{'' if args.max_model_len is None else ', or raise --max-model-len'}")
 
 
-def _size_to_prompts(lengths: list[int], args, kwargs: dict) -> None:
+def _size_to_prompts(lengths: list[int], args, config: EngineConfig) -> EngineConfig:
     """On CPU, when no engine size is given (--max-num-seqs, --max-model-len, --kv-cache-memory-gib),
     the sizes are the prompts' own: as many sequences as prompts (not 256) and as many positions as
     the longest prompt and its new tokens take (not the model's whole context), so that the page pool
@@ -156,14 +160,15 @@ def _size_to_prompts(lengths: list[int], args, kwargs: dict) -> None:
     given = (not isinstance(args.max_num_seqs, _Default) or args.max_model_len is not None
              or args.kv_cache_memory_gib is not None)
     if given or resolve_device(args.device).type != "cpu":
-        return
-    kwargs["max_num_seqs"] = min(int(args.max_num_seqs), len(lengths))
+        return config
+    config = config.replace(max_num_seqs=min(int(args.max_num_seqs), len(lengths)))
     context = max_positions(args.model)
     if context is not None:
         needed = max(lengths) + args.max_tokens
         if args.eviction_budget is not None:
             needed = max(needed, args.eviction_budget + 1)  # a budget below the length, or nothing is evicted
-        kwargs["max_model_len"] = max(2, min(context, needed))
+        config = config.replace(max_model_len=max(2, min(context, needed)))
+    return config
 
 
 def _stream(llm, prompts: list[str], params, as_json: bool) -> int:

@@ -11,8 +11,7 @@ import signal
 import sys
 
 from ._checks import check_eviction, check_weights
-from ._engine_args import (add_engine_arguments, add_forced_cr_argument, check_forced_cr, describe_load_error,
-                           engine_kwargs, load_errors)
+from ._engine_args import add_engine_arguments, add_forced_cr_argument, describe_load_error, engine_config, load_errors
 
 NAME = "serve"
 HELP = ("serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, streaming, "
@@ -93,14 +92,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     try:
-        kwargs = engine_kwargs(args)
+        config = engine_config(args, seed=args.seed, forced_period=args.forced_cr)
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be in 0..65535, got {args.port}")
         if not args.shutdown_timeout >= 0:
             raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
         if not args.max_body_mib > 0:
             raise ValueError(f"--max-body-mib must be > 0, got {args.max_body_mib}")
-        check_forced_cr(args.forced_cr)
         check_weights(args.model)
         check_eviction(args.model, args.eviction, args.vanilla, args.forced_cr)
     except ValueError as exc:
@@ -109,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.served_model_name or os.path.basename(os.path.abspath(args.model))
     metrics = Metrics(name)
-    spec = EngineSpec(args.model, kwargs, seed=args.seed, forced_period=args.forced_cr, warmup=args.warmup)
+    spec = EngineSpec(args.model, config, warmup=args.warmup)
     if args.engine == "process":
         engine = EngineProcess(spec, metrics, log_level=args.log_level.upper())
     else:

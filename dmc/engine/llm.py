@@ -9,9 +9,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..baselines.eviction import EvictionPolicy
 from ..hf.convert import fold_logit_scale
 from .cache import CacheLayout, PagedKVCache
+from .config import EngineConfig
 from .detokenizer import Detokenizer
 from .step_timer import StepTimer
 from .eviction import EngineEviction
@@ -25,7 +25,7 @@ from .scheduler import CompressionEstimate, Request, Scheduler
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 _SECTIONS = {"prefill": "prefill", "sample": "prefill", "decode": "decode"}  # a pass's step_timer section
-KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn}  # beside "auto" (the model dtype)
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn}  # beside "auto"; its names are config.KV_CACHE_DTYPE_NAMES
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 1024)
 
 
@@ -37,92 +37,36 @@ class LLM:
         model: an HF model directory (safetensors) with its tokenizer, or an already loaded DMC
             causal LM (then pass ``tokenizer`` if you want text in and out). A loaded model is used
             in place: the engine sets its DMC runtime (``model.set_dmc_mode``: mode, prefill attention).
-        dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16", "float16", "float32".
-        device: "cuda" if available, else "cpu".
-        max_model_len: longest sequence (prompt + generation); default the model's context.
-        max_num_seqs: most sequences decoded together.
-        gpu_memory_utilization: share of the GPU's memory the engine may fill (weights
-            included); the KV pool gets what is left after weights and activations.
-        kv_cache_memory: bytes for the page pool, overriding the above. CPU default: what
-            ``max_num_seqs`` sequences of ``max_model_len`` tokens can use, at most
-            ``CPU_KV_CACHE_FRACTION`` of the memory available after loading the model and at most
-            ``CPU_KV_CACHE_CAP`` bytes.
-        admission_margin: admit assuming the observed CR divided by (1 + margin).
-        cuda_graphs: capture the decode step in batch-size buckets (CUDA only).
-        prefill_chunk: most prompt tokens prefilled per engine step, in one forward: the chunks of several
-            requests share it (a longer prompt is prefilled in chunks over several steps).
-        max_num_batched_tokens: the tokens one engine step may process, decode and prefill together (chunked
-            prefill, as vLLM's option of that name): the step's decoding requests count first, prefill gets what
-            is left (at most ``prefill_chunk``), so that arriving prompts cannot stall the running ones for
-            long. A prompt that fits ``prefill_chunk`` is not split (its rest would take the slower
-            continuation path): it waits for a step with room, or runs whole as a step's only new chunk.
-            None: prefill gets ``prefill_chunk`` tokens whatever decodes (the best offline throughput).
-            At least ``max_num_seqs``.
-        prefill_delay_factor: while requests run, a new prompt waits until the oldest waiting one has waited this
-            many times the last prefill forward's time (or the waiting prompts fill the step's prefill budget), so
-            that one forward prefills several prompts: a forward's cost is mostly fixed when its tokens are few
-            (small models: the host's launches), and prompts arriving one by one would each pay it alone while
-            the running requests wait. 0 (default): admit at once. vLLM's ``scheduler_delay_factor``.
-        prefill_attention: attention of a prompt's first chunk: "auto" (flex on CUDA, sdpa on CPU),
-            "flex" (FlexAttention with the DMC mask, compiled once per power-of-two length bucket),
-            "sdpa" (a boolean DMC mask, no compilation, slower) or "dense".
-        vanilla: run a DMC model with every token appending (its uncompressed baseline).
-        forced_period: benchmarks only: replace the decision channel by α_t = 1[t % period != 0]
-            so that random weights compress at exactly CR = period.
-        kv_cache_dtype: the page pools' dtype: "auto" (the model dtype) or "fp8" (e4m3, 1 byte an element:
-            the same ``kv_cache_memory`` holds twice the pages of bf16), with a k and a v scale per (layer,
-            KV head): 1.0 (e4m3 spans ±448) unless ``kv_scales`` or :meth:`calibrate_kv_scales` sets them
-            (:mod:`dmc.engine.kv_scales`). Only the stored slots are quantised:
-            the DMC window state and the delayed-merging ring stay in fp32 / the model dtype, so merges sum
-            exact values; attention inside a prefill chunk uses the chunk's exact keys.
-        eviction: an H2O, TOVA or SnapKV :class:`~dmc.baselines.EvictionPolicy`: the fixed-budget eviction
-            baselines (spec §8), at most ``budget`` slots per (layer, sequence, KV head), evicted
-            for real (:mod:`dmc.engine.eviction`). The model runs uncompressed: a plain model, or a
-            DMC one with ``vanilla=True`` (a DMC model that merges is refused). Decode steps are
-            slower than plain ones (the slots' attention probabilities are recomputed in PyTorch).
-        kv_scales: fp8 scales (a :class:`~dmc.engine.kv_scales.KVScales` or the path of one saved by
-            :meth:`KVScales.save`); only with ``kv_cache_dtype="fp8"``.
-        seed: draws the seeds of requests that do not give one.
+        config: the engine's settings, an :class:`~dmc.engine.config.EngineConfig` (see there for each one:
+            dtype, device, max_model_len, max_num_seqs, memory, prefill, eviction, ...).
+        tokenizer: for a loaded model: text in and out (a model directory's own is loaded with it).
+        progress: a progress bar in :meth:`generate`.
+        **settings: EngineConfig fields, changing ``config`` (or the defaults): ``LLM(path, max_num_seqs=8)``.
+            ``eviction`` may be an :class:`~dmc.baselines.EvictionPolicy` (H2O, TOVA, SnapKV).
 
     A model with delayed merging (``merge_delay`` > 0 in its DMC config) runs exactly (the HF path's
     semantics: the last w tokens of every head raw, counted as slots in ``compression``); its decode step
     has Triton kernels and CUDA graphs on CUDA (:mod:`dmc.kernels.triton_delayed`) like any other model.
     """
 
-    def __init__(self, model, *, tokenizer=None, dtype: str | torch.dtype = "auto", device: str | None = None,
-                 max_model_len: int | None = None, max_num_seqs: int = 256, gpu_memory_utilization: float = 0.9,
-                 kv_cache_memory: int | None = None, admission_margin: float = 0.1, cuda_graphs: bool = True,
-                 prefill_chunk: int = 4096, max_num_batched_tokens: int | None = None,
-                 prefill_delay_factor: float = 0.0, prefill_attention: str = "auto", vanilla: bool = False,
-                 forced_period: int = 0, seed: int = 0, progress: bool = True, eviction: EvictionPolicy | None = None,
-                 kv_cache_dtype: str = "auto", kv_scales: KVScales | str | None = None) -> None:
-        self.device = resolve_device(device)
-        if kv_cache_dtype != "auto" and kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be 'auto' (the model dtype) or one of {', '.join(KV_CACHE_DTYPES)} "
-                             f"(--kv-cache-dtype), got {kv_cache_dtype!r}")
-        if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 2):
-            raise ValueError(f"max_model_len must be an integer >= 2 (a prompt token and a generated one), "
-                             f"got {max_model_len!r}")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
-        if kv_cache_memory is not None and kv_cache_memory <= 0:
-            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
-        if not isinstance(forced_period, int) or forced_period < 0:
-            raise ValueError(f"forced_period must be an integer >= 0 (0: off), got {forced_period!r}")
+    def __init__(self, model, *, config: EngineConfig | None = None, tokenizer=None, progress: bool = True,
+                 **settings) -> None:
+        self.config = config = (config or EngineConfig()).replace(**settings)
+        config.validate()
+        self.device = resolve_device(config.device)
+        dtype, vanilla, forced_period = config.dtype, config.vanilla, config.forced_period
+        eviction, kv_scales = config.eviction_policy(), config.kv_scales
         if isinstance(model, torch.nn.Module) and dtype == "auto":
             dtype = next(model.parameters()).dtype  # a loaded model keeps its dtype
         self.dtype = _resolve_dtype(dtype, self.device)
-        self.kv_cache_dtype = self.dtype if kv_cache_dtype == "auto" else KV_CACHE_DTYPES[kv_cache_dtype]
-        if kv_scales is not None and self.kv_cache_dtype != torch.float8_e4m3fn:
-            raise ValueError("kv_scales are the scales of an fp8 cache: pass kv_cache_dtype='fp8' with them")
+        self.kv_cache_dtype = (self.dtype if config.kv_cache_dtype == "auto"
+                               else KV_CACHE_DTYPES[config.kv_cache_dtype])
         if isinstance(model, torch.nn.Module):
             self.model, plain = model.to(device=self.device, dtype=self.dtype).eval(), False
         else:
             self.model, plain = load_model(str(model), self.dtype, self.device)
             if tokenizer is None:
                 tokenizer = _load_tokenizer(str(model))
-        if vanilla and forced_period:
-            raise ValueError("vanilla=True and forced_period are exclusive (vanilla never merges)")
         if eviction is not None and (forced_period or not (plain or vanilla)):
             raise ValueError("eviction (H2O, TOVA, SnapKV) runs the model uncompressed, every token appending: pass "
                              "a plain model, or vanilla=True for a DMC model (and no forced_period)")
@@ -130,38 +74,31 @@ class LLM:
         fold_logit_scale(self.model)
         # forced_period drives the decisions, so even a plain model's weights run the DMC path.
         self.vanilla = (plain or vanilla) and not forced_period
+        prefill_attention = config.prefill_attention
         if prefill_attention == "auto":
             prefill_attention = "flex" if self.device.type == "cuda" else "sdpa"
         # The model's one runtime: its mode and the prefill attention (the decode step has its own kernels).
         self.model.set_dmc_mode(vanilla=self.vanilla, attn_implementation=prefill_attention)
         self.tokenizer = tokenizer
-        config = self.model.config
+        model_config = self.model.config
         self.dmc = self.model.dmc_config
-        self.max_model_len = int(max_model_len if max_model_len is not None else config.max_position_embeddings)
-        if not isinstance(prefill_delay_factor, (int, float)) or not prefill_delay_factor >= 0:
-            raise ValueError(f"prefill_delay_factor must be a number >= 0 (0: off), got {prefill_delay_factor!r} "
-                             "(--prefill-delay-factor)")
-        if max_num_seqs < 1 or prefill_chunk < 1 or not -1 < admission_margin:
-            raise ValueError("max_num_seqs and prefill_chunk must be >= 1 and admission_margin > -1")
-        self.prefill_chunk = prefill_chunk
-        if max_num_batched_tokens is not None and (not isinstance(max_num_batched_tokens, int)
-                                                   or max_num_batched_tokens < max_num_seqs):
-            raise ValueError(f"max_num_batched_tokens must be an integer >= max_num_seqs ({max_num_seqs}: every "
-                             f"decoding sequence takes one token of a step), got {max_num_batched_tokens!r} "
-                             "(--max-num-batched-tokens)")
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = int(config.max_model_len if config.max_model_len is not None
+                                 else model_config.max_position_embeddings)
+        self.prefill_chunk = prefill_chunk = config.prefill_chunk
+        self.max_num_batched_tokens = max_num_batched_tokens = config.max_num_batched_tokens
+        max_num_seqs = config.max_num_seqs
         if eviction is not None and eviction.budget >= self.max_model_len:
             raise ValueError(f"the eviction budget ({eviction.budget} slots) must be below max_model_len "
                              f"({self.max_model_len}): else nothing is ever evicted")
         self.eviction = eviction
-        self.eos_token_ids = _eos_ids(config, tokenizer)
-        self._rng = random.Random(seed)
+        self.eos_token_ids = _eos_ids(model_config, tokenizer)
+        self._rng = random.Random(config.seed)
         self._progress = progress
 
         layout = CacheLayout.plan(
-            config, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
+            model_config, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
             max_num_seqs=max_num_seqs, window=self.dmc.window, vanilla=self.vanilla,
-            utilization=gpu_memory_utilization, kv_bytes=kv_cache_memory, prefill_chunk=prefill_chunk,
+            utilization=config.gpu_memory_utilization, kv_bytes=config.kv_cache_memory, prefill_chunk=prefill_chunk,
             slot_cap=self._slot_cap,
             row_extra_bytes=(lambda shape: 0) if eviction is None else (
                 lambda shape: EngineEviction.sequence_bytes(shape, eviction)), merge_delay=self.dmc.merge_delay,
@@ -175,16 +112,16 @@ class LLM:
         self.runner = ModelRunner(self.model, self.cache, vanilla=self.vanilla, forced_period=forced_period,
                                   policy=self.policy)
         prior = 1.0 if self.vanilla else float(forced_period or self.dmc.target_cr or 1.0)
-        self.scheduler = Scheduler(self.cache, max_num_seqs, CompressionEstimate(prior, admission_margin),
+        self.scheduler = Scheduler(self.cache, max_num_seqs, CompressionEstimate(prior, config.admission_margin),
                                    policy=self.policy, prefill_chunk=prefill_chunk,
                                    whole_prompts=max_num_batched_tokens is not None,
-                                   prefill_delay_factor=float(prefill_delay_factor),
+                                   prefill_delay_factor=float(config.prefill_delay_factor),
                                    max_num_batched_tokens=max_num_batched_tokens, eos_token_ids=self.eos_token_ids)
         self._next_id = 0
         self._forks, self._held = self.scheduler.forks, self.scheduler.held  # the forks held for their parents
         self.step_timer = StepTimer()  # where the steps' time goes, by section (LLM.step_timer.summary())
         self.initial_free_pages = self.cache.free_page_count()
-        if cuda_graphs:
+        if config.cuda_graphs:
             self.runner.use_cuda_graphs([b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs])
 
     # ------------------------------------------------------------------ public API

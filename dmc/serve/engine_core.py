@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..engine.config import EngineConfig
+
 log = logging.getLogger("dmc.serve")
 IDLE_POLL = 0.05  # seconds an idle core waits for a command before it looks again
 PAGES_EVERY = 0.05  # free pages are read (a host sync on a GPU) at most this often while busy
@@ -62,19 +64,18 @@ class StepOutputs:
 
 @dataclass
 class EngineSpec:
-    """How to build the engine in a process of its own (picklable, unlike a function that closes over state)."""
+    """How to build the engine in a process of its own (picklable, unlike a function that closes over state):
+    the model directory and the engine's settings."""
 
     model: str
-    kwargs: dict
-    seed: int = 0
-    forced_period: int = 0
+    config: EngineConfig
     warmup: str = "auto"  # on, off, auto (on CUDA)
 
 
 def build_llm(spec: EngineSpec):
     """The :class:`dmc.LLM` of ``spec``, warmed up if asked (compiles and graph captures before serving)."""
     from ..engine import LLM
-    llm = LLM(spec.model, progress=False, seed=spec.seed, forced_period=spec.forced_period, **spec.kwargs)
+    llm = LLM(spec.model, config=spec.config, progress=False)
     if spec.warmup == "on" or (spec.warmup == "auto" and llm.device.type == "cuda"):
         start = time.perf_counter()
         done = llm.warmup()
