@@ -13,7 +13,8 @@
 # Phase A, the Llama-2-7B shape (random bf16 weights, decisions forced at CR 4 and 8; 16 GiB of KV):
 #   `dmc serve` vanilla vs CR 4 vs CR 8 under 128 concurrent streams, prompts 1-2K, 256-512 generated.
 # First the GPU tests of the prefill's kernels (the rows below run them). After phase A, the rest of phase B (a
-# Poisson sweep of request rates for DMC 4x, POISSON_ORIGINAL=1 the original's too; the offline engine,
+# Poisson sweep of request rates for DMC 4x, POISSON_ORIGINAL=1 the original's too; multi-turn chats with and without
+# prefix caching, both models; the offline engine,
 # LLM.generate with the tokenizer, on the same prompts at the same concurrency) and benchmarks/delay_decode.py
 # (delayed merging's decode step vs w = 0), in that order (what matters most first: a lease may end early).
 # Rows go to KEEP/results (serving.json and benchmarks.md, as benchmarks/serve_load.py writes them), logs to
@@ -182,6 +183,23 @@ phase_b_rest() {
   POISSON+=(--gen-lens "$(sed -E 's/.*--gen-lens ([^ ]+).*/\1/' <<< "$B_LOAD")")
   load smollm2-dmc4-poisson "$NEW" "$COMMIT" "$DMC4" "$ND" "$B_SERVER" "${POISSON[@]}"
   [ -n "${POISSON_ORIGINAL:-}" ] && load smollm2-original-poisson "$NEW" "$COMMIT" "$MODEL" "$NB" "$B_SERVER" "${POISSON[@]}"
+  # Multi-turn chats (each turn resends the history) with and without prefix caching, both models.
+  if PYTHONPATH=$NEW $PY -m dmc.cli.main serve --help 2> /dev/null | grep -q -- --enable-prefix-caching; then
+    MT_ARGS=(--clients 16 --turns 4 --system-tokens 1024 --turn-tokens 128 --gen-tokens 64 "${TEXT[@]}")
+    [ -n "${SMOKE:-}" ] && MT_ARGS=(--clients 2 --turns 2 --system-tokens 16 --turn-tokens 8 --gen-tokens 4 "${TEXT[@]}")
+    for m in original dmc4; do
+      dir=$MODEL name=$NB; [ $m = dmc4 ] && dir=$DMC4 name=$ND
+      for pc in off on; do
+        extra=""; [ $pc = on ] && extra=" --enable-prefix-caching"
+        stamp "multiturn: $m, prefix caching $pc"
+        (cd "$KEEP" && PYTHONPATH=$NEW timeout 600 $PY "$KEEP/repo/benchmarks/multiturn_load.py" --model "$dir" \
+          --server-args "$B_SERVER$extra" --server-log "$LOGS/server-multiturn-$m-$pc.log" --model-name "$name" \
+          --commit "$COMMIT" --results "$RESULTS/multiturn.json" --report "$RESULTS/multiturn.md" "${MT_ARGS[@]}" \
+          > "$LOGS/multiturn-$m-$pc.log" 2>&1)
+        stamp "multiturn: $m, prefix caching $pc: rc $? ($(tail -1 "$LOGS/multiturn-$m-$pc.log" | cut -c1-200))"
+      done
+    done
+  fi
   for m in ${OFFLINE:-dmc4 original}; do
     dir=$MODEL; [ $m = dmc4 ] && dir=$DMC4
     stamp "offline engine: $m"
