@@ -148,3 +148,19 @@ def _eviction_policy(args: argparse.Namespace):
         raise ValueError(f"--eviction-window is SnapKV's observation window; {METHOD_NAMES[args.eviction]} has none")
     return EvictionPolicy(args.eviction, budget=args.eviction_budget, recent=args.eviction_recent,
                           window=args.eviction_window)
+
+
+# --enable-prefix-caching, as a block of its own: the flag joins the parser and its keyword the engine's.
+_add_engine_arguments, _engine_kwargs = add_engine_arguments, engine_kwargs
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:  # noqa: F811
+    _add_engine_arguments(parser)
+    parser.add_argument("--enable-prefix-caching", action="store_true",
+                        help="keep the compressed state after each prompt's longest 64-token boundary, so that a "
+                             "prompt starting with the same tokens (a chat's history) prefills only the rest; same "
+                             "outputs; not with --eviction or --forced-cr (default: off)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:  # noqa: F811
+    return {**_engine_kwargs(args), "enable_prefix_caching": args.enable_prefix_caching}

@@ -18,6 +18,7 @@ from .eviction import EngineEviction
 from .kv_scales import DEFAULT_HEADROOM, KVScales
 from .params import RequestOutput, SamplingParams
 from .policy import NoEviction
+from .prefix_cache import make_prefix_cache
 from .runner import ModelRunner, load_model
 from .scheduler import OUT_OF_MEMORY_DECODING, OUT_OF_MEMORY_PREFILL  # noqa: F401 (their names here too)
 from .scheduler import CompressionEstimate, Request, Scheduler
@@ -83,6 +84,11 @@ class LLM:
         kv_scales: fp8 scales (a :class:`~dmc.engine.kv_scales.KVScales` or the path of one saved by
             :meth:`KVScales.save`); only with ``kv_cache_dtype="fp8"``.
         seed: draws the seeds of requests that do not give one.
+        enable_prefix_caching: keep the cache row's state after the longest 64-token boundary of each prompt (a
+            copy no request runs), so that a later prompt starting with the same tokens (a chat's system prompt
+            and history, resent every turn) prefills only the rest; the outputs are the same as without it
+            (:mod:`dmc.engine.prefix_cache`). The copies use free rows and pages and are dropped, least recently
+            used first, whenever a request needs them. Off by default; not with ``eviction`` or ``forced_period``.
 
     A model with delayed merging (``merge_delay`` > 0 in its DMC config) runs exactly (the HF path's
     semantics: the last w tokens of every head raw, counted as slots in ``compression``); its decode step
@@ -95,7 +101,8 @@ class LLM:
                  prefill_chunk: int = 4096, max_num_batched_tokens: int | None = None,
                  prefill_delay_factor: float = 0.0, prefill_attention: str = "auto", vanilla: bool = False,
                  forced_period: int = 0, seed: int = 0, progress: bool = True, eviction: EvictionPolicy | None = None,
-                 kv_cache_dtype: str = "auto", kv_scales: KVScales | str | None = None) -> None:
+                 kv_cache_dtype: str = "auto", kv_scales: KVScales | str | None = None,
+                 enable_prefix_caching: bool = False) -> None:
         self.device = resolve_device(device)
         if kv_cache_dtype != "auto" and kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be 'auto' (the model dtype) or one of {', '.join(KV_CACHE_DTYPES)} "
@@ -180,6 +187,10 @@ class LLM:
                                    whole_prompts=max_num_batched_tokens is not None,
                                    prefill_delay_factor=float(prefill_delay_factor),
                                    max_num_batched_tokens=max_num_batched_tokens, eos_token_ids=self.eos_token_ids)
+        # Snapshots of prefilled prefixes that later prompts start from (None: off).
+        self.prefix_cache = make_prefix_cache(enable_prefix_caching, self.cache, eviction=eviction,
+                                              forced_period=forced_period)
+        self.scheduler.prefix_cache = self.prefix_cache
         self._next_id = 0
         self._forks, self._held = self.scheduler.forks, self.scheduler.held  # the forks held for their parents
         self.step_timer = StepTimer()  # where the steps' time goes, by section (LLM.step_timer.summary())
@@ -251,6 +262,7 @@ class LLM:
             vars(self.scheduler.estimate).update(estimate)
             self._next_id = next_id
             self.step_timer = StepTimer()  # the warm-up's steps are not the workload's
+            self.clear_prefix_cache(reset_stats=True)  # random prompts: nothing to reuse, nothing to count
         return {"prompt_lengths": lengths, "packed_lengths": packed, "graph_buckets": graphs}
 
     def calibrate_kv_scales(self, prompts: Sequence[str | list[int]],
@@ -281,6 +293,24 @@ class LLM:
         if self.kv_cache_dtype == torch.float8_e4m3fn:
             self.cache.set_kv_scales(scales)
         return scales
+
+    def clear_prefix_cache(self, reset_stats: bool = False) -> int:
+        """Drop every prefix-cache snapshot (their rows and pages are free again), e.g. after the model's weights or
+        fp8 scales change; ``reset_stats`` also zeroes :meth:`prefix_cache_stats`' counts. Returns how many were
+        dropped (0 with caching off)."""
+        if self.prefix_cache is None:
+            return 0
+        dropped = self.prefix_cache.clear()
+        if reset_stats:
+            self.prefix_cache.stats = type(self.prefix_cache.stats)()
+        return dropped
+
+    def prefix_cache_stats(self) -> dict | None:
+        """Prefix caching's counts (None when off): ``queries`` (requests admitted), ``hits`` (of them, those
+        started from a snapshot), ``queried_tokens``, ``reused_tokens`` (not prefilled thanks to a snapshot),
+        ``hit_rate`` (reused / queried tokens), ``parked`` and ``evicted`` snapshots, the ``snapshots`` kept now
+        and the ``snapshot_pages`` they hold."""
+        return None if self.prefix_cache is None else self.prefix_cache.summary()
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     fork_of: Request | None = None) -> Request:
