@@ -143,3 +143,31 @@ def test_cli_flag(tmp_path):
     add_engine_arguments(parser)
     assert engine_kwargs(parser.parse_args([str(tmp_path)]))["enable_prefix_caching"] is False
     assert engine_kwargs(parser.parse_args([str(tmp_path), "--enable-prefix-caching"]))["enable_prefix_caching"]
+
+
+def test_server_metrics_and_health_report_the_prefix_cache():
+    pytest.importorskip("prometheus_client")
+    from dmc.serve import Metrics
+    from dmc.serve.engine_core import EngineCore, Submission
+
+    llm = _engine("dmc-w4", enable_prefix_caching=True)
+    prompt = _ids(100, 0)
+    pending = [[("add", [Submission(key=2, prompt_ids=prompt + [7, 8], params=GREEDY)])],
+               [("add", [Submission(key=1, prompt_ids=prompt, params=GREEDY)])]]
+    messages = []
+
+    def receive(block: bool) -> list:
+        if not llm.has_unfinished():
+            return pending.pop() if pending else [("stop", None)]
+        return []
+
+    EngineCore(llm, receive, messages.append).run()
+    stats = messages[-1].prefix_cache
+    assert stats == llm.prefix_cache_stats() and stats["hits"] == 1 and stats["reused_tokens"] == 64
+    metrics = Metrics("m")
+    metrics.set_prefix_cache(stats)
+    metrics.set_prefix_cache(stats)  # running totals: counted once
+    text = metrics.render().decode()
+    assert 'dmc_prefix_cache_hits_total{model="m"} 64.0' in text
+    assert 'dmc_prefix_cache_queries_total{model="m"} 202.0' in text
+    assert 'dmc_prefix_cache_snapshots{model="m"} 1.0' in text

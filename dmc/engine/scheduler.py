@@ -13,6 +13,9 @@ Admission uses the compression *observed* so far (a running mean of tokens per s
 by a safety margin), never worst-case CR 1 memory: that is where DMC's batch-size gain comes
 from. When compression turns out worse than estimated, the newest running request is preempted
 (its pages freed) and later recomputed from its prompt plus what it already generated.
+
+With prefix caching (:mod:`dmc.engine.prefix_cache`) the scheduler also keeps snapshots of prefilled prefixes in
+rows no request runs; they give their rows and pages back before any request waits or is preempted for them.
 """
 
 from __future__ import annotations
@@ -285,7 +288,9 @@ class Scheduler:
 
         Requests already prefilling continue first (oldest first, so a long prompt goes on chunk by
         chunk); the budget left admits waiting requests (admission as in :meth:`can_admit`), whose rows
-        are opened here; at most ``max_chunks`` chunks in all. Every chunk fits the free pages even if nothing
+        are opened here (with prefix caching, copied from the snapshot of their longest cached prefix, which they
+        continue from; a chunk ends at the block boundary whose state is to be kept); at most ``max_chunks`` chunks
+        in all. Prefix-cache snapshots are evicted before anything waits for pages or rows. Every chunk fits the free pages even if nothing
         merges; a chunk that does not waits for a later step (when no request is decoding, the newest
         running one is preempted so that the older ones can go on)."""
         chunks: list[tuple[Request, int]] = []
