@@ -171,3 +171,18 @@ def test_server_metrics_and_health_report_the_prefix_cache():
     assert 'dmc_prefix_cache_hits_total{model="m"} 64.0' in text
     assert 'dmc_prefix_cache_queries_total{model="m"} 202.0' in text
     assert 'dmc_prefix_cache_snapshots{model="m"} 1.0' in text
+
+
+def test_a_preempted_request_is_recomputed_and_may_hit():
+    """An optimistic admission (margin -0.6) runs out of pages while decoding: a request is preempted, its
+    recompute goes through the prefix cache like any admission, the outputs are unchanged."""
+    model = dmc_model("llama", window=4)
+    params = dmc.SamplingParams(max_tokens=80, temperature=0, ignore_eos=True)
+    kw = dict(kv_cache_memory=200 * 2048 + 40000, max_num_seqs=4, max_model_len=256, admission_margin=-0.6)
+    prompts = [_ids(130, 0) + _ids(10, seed) for seed in range(5)]
+    reference = [o.token_ids for o in _engine("dmc-w4", model, **kw).generate(prompts, params)]
+    llm = _engine("dmc-w4", model, enable_prefix_caching=True, **kw)
+    outputs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outputs] == reference
+    assert sum(o.num_preemptions for o in outputs) > 0 and llm.prefix_cache_stats()["hits"] > 0
+    _assert_all_free(llm)
