@@ -51,7 +51,8 @@ def _chat(llm, turns: int = 4) -> list[list[int]]:
     for turn in range(turns):
         outputs = llm.generate(histories, GREEDY)
         replies += [o.token_ids for o in outputs]
-        histories = [h + o.token_ids + _ids(25 + 7 * turn, 10 * turn + j) for j, (h, o) in enumerate(zip(histories, outputs))]
+        histories = [h + o.token_ids + _ids(25 + 7 * turn, 10 * turn + j)
+                     for j, (h, o) in enumerate(zip(histories, outputs))]
     return replies
 
 
@@ -130,8 +131,8 @@ def test_snapshots_give_their_pages_to_requests():
 def test_refused_with_eviction_baselines_and_forced_decisions():
     policy = EvictionPolicy("tova", budget=32)
     with pytest.raises(ValueError, match="eviction baselines"):
-        dmc.LLM(dmc.convert(stock_model("llama")), device="cpu", max_model_len=128, progress=False, eviction=policy, vanilla=True,
-                enable_prefix_caching=True)
+        dmc.LLM(dmc.convert(stock_model("llama")), device="cpu", max_model_len=128, progress=False, eviction=policy,
+                vanilla=True, enable_prefix_caching=True)
     with pytest.raises(ValueError, match="forced_period"):
         _engine("dmc-w4", forced_period=4, enable_prefix_caching=True)
     assert _engine("dmc-w4").prefix_cache_stats() is None  # off by default

@@ -290,9 +290,9 @@ class Scheduler:
         chunk); the budget left admits waiting requests (admission as in :meth:`can_admit`), whose rows
         are opened here (with prefix caching, copied from the snapshot of their longest cached prefix, which they
         continue from; a chunk ends at the block boundary whose state is to be kept); at most ``max_chunks`` chunks
-        in all. Prefix-cache snapshots are evicted before anything waits for pages or rows. Every chunk fits the free pages even if nothing
-        merges; a chunk that does not waits for a later step (when no request is decoding, the newest
-        running one is preempted so that the older ones can go on)."""
+        in all. Every chunk fits the free pages even if nothing merges; a chunk that does not waits for a later
+        step (when no request is decoding, the newest running one is preempted so that the older ones can go on),
+        prefix-cache snapshots being evicted first."""
         chunks: list[tuple[Request, int]] = []
         prefilling = [r for r in self.running if r.prefilling]
         if not prefilling and not self.waiting:  # nothing to prefill: no need to read the free count (a sync)
