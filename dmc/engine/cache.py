@@ -415,6 +415,10 @@ class PagedKVCache:
             self.delay_rope[row] = self.delay_rope[src]
         return row
 
+    def row_pages(self, row: int) -> int:
+        """Pages a row holds: every head's up to its ready page (what :meth:`fork_row` copies; one host sync)."""
+        return int((self.lens[:, row].long() // self.layout.page_size + 1).sum())
+
     def allocate(self, seq_ids: torch.Tensor) -> None:
         """Top up pages after a decode step of rows ``seq_ids`` (-1: padding): :func:`allocate_pages`."""
         allocate_pages(self.lens, self.page_table, seq_ids, self.free_pages, self.free_top, self.layout.page_size)

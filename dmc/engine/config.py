@@ -77,6 +77,11 @@ class EngineConfig:
         forced_period: benchmarks only (``--forced-cr``): replace the decision channel by
             α_t = 1[t % period != 0] so that random weights compress at exactly CR = period.
         seed: draws the seeds of requests that do not give one.
+        enable_prefix_caching: keep the cache row's state after the longest 64-token boundary of each prompt (a
+            copy no request runs), so that a later prompt starting with the same tokens (a chat's system prompt
+            and history, resent every turn) prefills only the rest; the outputs are the same as without it
+            (:mod:`dmc.engine.prefix_cache`). The copies use free rows and pages and are dropped, least recently
+            used first, whenever a request needs them. Off by default; not with ``eviction`` or ``forced_period``.
     """
 
     # Flags, in the order ``--help`` lists them (kv_cache_memory and cuda_graphs have flags of their own
@@ -119,6 +124,10 @@ class EngineConfig:
     eviction_window: int | None = field(default=None, metadata=_flag(
         "SnapKV's observation window: the last queries that score the slots, and the newest slots always kept "
         "(default: 32, at most half the budget)"))
+    enable_prefix_caching: bool = field(default=False, metadata=_flag(
+        "keep the compressed state after each prompt's longest 64-token boundary, so that a prompt starting with "
+        "the same tokens (a chat's history) prefills only the rest; same outputs; not with --eviction or "
+        "--forced-cr (default: off)"))
     # Python only (or a flag of some commands: --forced-cr, dmc serve's --seed).
     eviction_pooling: str = "max"
     eviction_kernel: int = 7

@@ -18,6 +18,7 @@ from .eviction import EngineEviction
 from .kv_scales import DEFAULT_HEADROOM, KVScales
 from .params import RequestOutput, SamplingParams
 from .policy import NoEviction
+from .prefix_cache import make_prefix_cache
 from .runner import ModelRunner, load_model
 from .scheduler import OUT_OF_MEMORY_DECODING, OUT_OF_MEMORY_PREFILL  # noqa: F401 (their names here too)
 from .scheduler import CompressionEstimate, Request, Scheduler
@@ -117,6 +118,10 @@ class LLM:
                                    whole_prompts=max_num_batched_tokens is not None,
                                    prefill_delay_factor=float(config.prefill_delay_factor),
                                    max_num_batched_tokens=max_num_batched_tokens, eos_token_ids=self.eos_token_ids)
+        # Snapshots of prefilled prefixes that later prompts start from (None: off).
+        self.prefix_cache = make_prefix_cache(config.enable_prefix_caching, self.cache, eviction=eviction,
+                                              forced_period=forced_period)
+        self.scheduler.prefix_cache = self.prefix_cache
         self._next_id = 0
         self._forks, self._held = self.scheduler.forks, self.scheduler.held  # the forks held for their parents
         self.step_timer = StepTimer()  # where the steps' time goes, by section (LLM.step_timer.summary())
@@ -188,6 +193,7 @@ class LLM:
             vars(self.scheduler.estimate).update(estimate)
             self._next_id = next_id
             self.step_timer = StepTimer()  # the warm-up's steps are not the workload's
+            self.clear_prefix_cache(reset_stats=True)  # random prompts: nothing to reuse, nothing to count
         return {"prompt_lengths": lengths, "packed_lengths": packed, "graph_buckets": graphs}
 
     def calibrate_kv_scales(self, prompts: Sequence[str | list[int]],
@@ -218,6 +224,24 @@ class LLM:
         if self.kv_cache_dtype == torch.float8_e4m3fn:
             self.cache.set_kv_scales(scales)
         return scales
+
+    def clear_prefix_cache(self, reset_stats: bool = False) -> int:
+        """Drop every prefix-cache snapshot (their rows and pages are free again), e.g. after the model's weights or
+        fp8 scales change; ``reset_stats`` also zeroes :meth:`prefix_cache_stats`' counts. Returns how many were
+        dropped (0 with caching off)."""
+        if self.prefix_cache is None:
+            return 0
+        dropped = self.prefix_cache.clear()
+        if reset_stats:
+            self.prefix_cache.stats = type(self.prefix_cache.stats)()
+        return dropped
+
+    def prefix_cache_stats(self) -> dict | None:
+        """Prefix caching's counts (None when off): ``queries`` (requests admitted), ``hits`` (of them, those
+        started from a snapshot), ``queried_tokens``, ``reused_tokens`` (not prefilled thanks to a snapshot),
+        ``hit_rate`` (reused / queried tokens), ``parked`` and ``evicted`` snapshots, the ``snapshots`` kept now
+        and the ``snapshot_pages`` they hold."""
+        return None if self.prefix_cache is None else self.prefix_cache.summary()
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     fork_of: Request | None = None) -> Request:

@@ -13,6 +13,9 @@ Admission uses the compression *observed* so far (a running mean of tokens per s
 by a safety margin), never worst-case CR 1 memory: that is where DMC's batch-size gain comes
 from. When compression turns out worse than estimated, the newest running request is preempted
 (its pages freed) and later recomputed from its prompt plus what it already generated.
+
+With prefix caching (:mod:`dmc.engine.prefix_cache`) the scheduler also keeps snapshots of prefilled prefixes in
+rows no request runs; they give their rows and pages back before any request waits or is preempted for them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .cache import OutOfPages, PagedKVCache
 from .detokenizer import Detokenizer
 from .params import SamplingParams, TokenLogprob
 from .policy import CachePolicy, NoEviction
+from .prefix_cache import PrefixCache, Snapshot
 from .sampling import to_device
 
 OUT_OF_MEMORY_PREFILL = ("this request needs more KV-cache memory than the engine has; lower max_tokens (--max-tokens) "
@@ -61,6 +65,7 @@ class Request:
     row: int | None = None  # sequence row of the cache while running
     seen: int = 0  # tokens in the cache
     prefilling: bool = False  # running, its prompt (to_feed()) not all in the cache yet
+    park_at: int = 0  # prefix caching: once this many fed tokens are in the cache, its row is copied (0: never)
     finish_reason: str | None = None
     error: str | None = None
     compression: dict | None = None
@@ -231,6 +236,9 @@ class Scheduler:
         self.max_model_len = layout.max_model_len
         self.forks: dict[int, tuple[Request, list[Request]]] = {}  # parent id -> (parent, forks held for it)
         self.held: dict[int, Request] = {}  # id -> a fork held until its parent is prefilled
+        # Snapshots of prefilled prefixes (the engine sets it with enable_prefix_caching): admissions start from
+        # them; their pages and rows are given back whenever a request needs them (evict_snapshot).
+        self.prefix_cache: PrefixCache | None = None
         self._step = _Step(0, decode=False, prefill=False)
 
     # ------------------------------------------------------------------ lifecycle
@@ -260,12 +268,11 @@ class Scheduler:
                 return True
         return False
 
-    def admit(self) -> Request | None:
-        """The next waiting request if it fits now (it becomes running and prefilling; the caller opens
-        its cache row and prefills it, and calls :meth:`requeue` or :meth:`finish` if that runs out of
-        pages), else None."""
-        if not self.waiting or not self.can_admit(self.waiting[0], self.cache.free_page_count(),
-                                                  self.cache.free_row_count()):
+    def admit(self, keep: Snapshot | None = None) -> Request | None:
+        """The next waiting request if it fits now, snapshots other than ``keep`` evicted as needed (it becomes
+        running and prefilling; the caller opens its cache row and prefills it, and calls :meth:`requeue` or
+        :meth:`finish` if that runs out of pages), else None."""
+        if not self.waiting or not self._fits(self.waiting[0], keep):
             return None
         request = self.waiting.popleft()
         request.status = RequestStatus.RUNNING
@@ -281,9 +288,11 @@ class Scheduler:
 
         Requests already prefilling continue first (oldest first, so a long prompt goes on chunk by
         chunk); the budget left admits waiting requests (admission as in :meth:`can_admit`), whose rows
-        are opened here; at most ``max_chunks`` chunks in all. Every chunk fits the free pages even if nothing
-        merges; a chunk that does not waits for a later step (when no request is decoding, the newest
-        running one is preempted so that the older ones can go on)."""
+        are opened here (with prefix caching, copied from the snapshot of their longest cached prefix, which they
+        continue from; a chunk ends at the block boundary whose state is to be kept); at most ``max_chunks`` chunks
+        in all. Every chunk fits the free pages even if nothing merges; a chunk that does not waits for a later
+        step (when no request is decoding, the newest running one is preempted so that the older ones can go on),
+        prefix-cache snapshots being evicted first."""
         chunks: list[tuple[Request, int]] = []
         prefilling = [r for r in self.running if r.prefilling]
         if not prefilling and not self.waiting:  # nothing to prefill: no need to read the free count (a sync)
@@ -293,7 +302,9 @@ class Scheduler:
             size = self._chunk_size(request.prefill_left, budget)
             if size == 0 or len(chunks) == max_chunks:
                 return chunks, None
+            size = self._cut(request, request.seen, size)
             need = self.chunk_pages(size)
+            free = self._evict_for(need, free)
             if need > free:
                 if len(self.running) == 1:
                     return chunks, request
@@ -305,21 +316,86 @@ class Scheduler:
         admitting = self.admission_due(budget)
         while admitting and budget > 0 and len(chunks) != max_chunks and self.waiting:
             request = self.waiting[0]
-            size = self._first_chunk_size(len(request.to_feed()), budget, first_of_step=not chunks)
+            feed = request.to_feed()
+            snapshot = self._snapshot_for(request)
+            start = 0 if snapshot is None else len(snapshot.tokens)
+            request.park_at = 0 if self.prefix_cache is None else self.prefix_cache.parks(feed, start)
+            if snapshot is None:
+                size = self._first_chunk_size(len(feed), budget, first_of_step=not chunks)
+            else:
+                size = self._chunk_size(len(feed) - start, budget)
+            size = self._cut(request, start, size)
             if size == 0:
                 break
-            need = self.rows + self.chunk_pages(size)  # the first page of every head, then the chunk
+            # the first page of every head (or the snapshot's pages, copied), then the chunk
+            need = (self.rows if snapshot is None else snapshot.pages) + self.chunk_pages(size)
+            free = self._evict_for(need, free, keep=snapshot)
             if need > free:
+                if not self.running and snapshot is not None:  # the copy does not fit beside its snapshot
+                    free += self.prefix_cache.pages()
+                    self.prefix_cache.clear()
+                    continue
                 if not self.running:  # alone in an empty cache: it can never run
                     self.waiting.popleft()
                     return chunks, request
                 break
-            if self.admit() is None:
+            if self.admit(keep=snapshot) is None:
                 break
-            request.row = self.cache.open_row()
+            request.row = self.cache.open_row() if snapshot is None else self.cache.fork_row(snapshot.row)
+            request.seen = start
+            if self.prefix_cache is not None:
+                self.prefix_cache.record(len(feed), start)
             chunks.append((request, size))
             budget, free = budget - size, free - need
         return chunks, None
+
+    # ------------------------------------------------------------------ prefix caching
+    def _snapshot_for(self, request: Request) -> Snapshot | None:
+        """The snapshot a waiting request starts from, or None (caching off, no hit, or prompt log-probs asked:
+        the positions a snapshot skips would not be scored)."""
+        if self.prefix_cache is None or request.params.prompt_logprobs is not None:
+            return None
+        return self.prefix_cache.lookup(request.to_feed())
+
+    @staticmethod
+    def _cut(request: Request, seen: int, size: int) -> int:
+        """A chunk of a request that holds ``seen`` tokens, ending at its ``park_at`` rather than past it: the
+        snapshot is the row's state after exactly ``park_at`` tokens."""
+        return min(size, request.park_at - seen) if request.park_at > seen else size
+
+    def evict_snapshot(self, keep: Snapshot | None = None) -> int:
+        """Give the least recently used snapshot's row and pages back (not ``keep``); returns the pages freed (0:
+        there was none)."""
+        return 0 if self.prefix_cache is None else self.prefix_cache.evict_lru(keep)
+
+    def _evict_for(self, need: int, free: int, keep: Snapshot | None = None) -> int:
+        """Evict snapshots (not ``keep``) until ``need`` pages are free or none is left. ``free``: the pages the
+        pass has not planned yet (the cache's count less the chunks already in it); returns it with what was
+        freed."""
+        while need > free and (freed := self.evict_snapshot(keep)):
+            free += freed
+        return free
+
+    def _fits(self, request: Request, keep: Snapshot | None = None) -> bool:
+        """:meth:`can_admit` now, snapshots other than ``keep`` evicted while it does not."""
+        while not self.can_admit(request, self.cache.free_page_count(), self.cache.free_row_count()):
+            if len(self.running) >= self.max_num_seqs or not self.evict_snapshot(keep):
+                return False
+        return True
+
+    def _park(self, request: Request) -> None:
+        """Copy a prefilling row that holds exactly ``park_at`` tokens into a snapshot, when a row and the pages
+        are free beyond what the running requests are still expected to take (older snapshots go first)."""
+        at, request.park_at = request.park_at, 0
+        tokens = request.to_feed()[:at]
+        if self.prefix_cache.holds(tokens):
+            return
+        pages = self.cache.row_pages(request.row)
+        while not (self.cache.free_row_count() and
+                   self.cache.free_page_count() - pages >= self.committed_growth() + self.rows):
+            if not self.evict_snapshot():
+                return
+        self.prefix_cache.park(self.cache.fork_row(request.row), tokens, pages)
 
     def _first_chunk_size(self, feed: int, budget: int, first_of_step: bool) -> int:
         """A newly admitted request's first chunk. A feed that fits ``prefill_chunk`` is never split: the rest of a
@@ -398,6 +474,8 @@ class Scheduler:
         # and another sync) is not needed.
         while batch and (free := self.cache.free_page_count()) < self.rows * len(batch) and (
                 free < self.cache.step_worst_case([r.row for r in batch], self.slot_cap)):
+            if self.evict_snapshot():
+                continue
             victim = self.preemption_victim()
             if victim is None:
                 return [], batch[0]
@@ -413,6 +491,7 @@ class Scheduler:
             request.row = None
         request.seen = 0
         request.prefilling = False
+        request.park_at = 0
 
     # ------------------------------------------------------------------ page arithmetic
     def chunk_pages(self, tokens: int) -> int:
@@ -476,7 +555,7 @@ class Scheduler:
             for child in self.forks.pop(parent.id, (parent, []))[1]:
                 if self.held.pop(child.id, None) is None:
                     continue  # aborted while held
-                if back or not self.can_admit(child, self.cache.free_page_count(), self.cache.free_row_count()):
+                if back or not self._fits(child):
                     back.append(child)
                     continue
                 try:
@@ -584,6 +663,8 @@ class Scheduler:
         done = []
         for i, (request, size) in enumerate(output.chunks):
             request.seen += size
+            if request.park_at and request.seen == request.park_at:
+                self._park(request)
             if request.prefill_left == 0:
                 self.prefilled(request)
                 done.append(i)

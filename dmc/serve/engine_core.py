@@ -60,6 +60,7 @@ class StepOutputs:
     free_pages: int | None = None
     total_pages: int | None = None
     step_seconds: float = 0.0  # the engine step's wall time (model and host work)
+    prefix_cache: dict | None = None  # LLM.prefix_cache_stats() when caching is on, read with the pages
 
 
 @dataclass
@@ -113,6 +114,7 @@ class EngineCore:
         self._stopping = False
         self._pages_at = 0.0
         self._pages: tuple[int | None, int | None] = (None, None)
+        self._prefix_cache: dict | None = None
 
     def run(self) -> None:
         """The loop: commands, one engine step, one message; at the end every unfinished request is failed
@@ -218,8 +220,10 @@ class EngineCore:
             self._pages_at = now
             free = int(self.llm.cache.free_page_count())
             self._pages = (free, int(getattr(self.llm, "initial_free_pages", None) or free))
+            stats = getattr(self.llm, "prefix_cache_stats", None)
+            self._prefix_cache = None if stats is None else stats()
         self.emit(StepOutputs(outputs, len(scheduler.running), len(scheduler.waiting), *self._pages,
-                              step_seconds=seconds))
+                              step_seconds=seconds, prefix_cache=self._prefix_cache))
 
 
 # ---------------------------------------------------------------------- the core in a process of its own

@@ -240,6 +240,9 @@ class EngineLoop:
                              total_pages=step.total_pages)
         m.set_queues(step.running, step.waiting)
         m.set_pages(step.free_pages, step.total_pages)
+        if step.prefix_cache is not None:
+            self.snapshot["prefix_cache"] = step.prefix_cache
+            m.set_prefix_cache(step.prefix_cache)
         self._messages += 1
         if step.step_seconds:
             self._busy_messages += 1

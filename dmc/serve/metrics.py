@@ -42,8 +42,19 @@ class Metrics:
         for metric in (self.running, self.waiting, self.running_peak, self.prompt_tokens, self.generation_tokens,
                        self.preemptions, self.ttft, self.itl, self.e2e):
             metric.labels(model_name)  # exported (as 0) before the first request
+        self.prefix_queries = Counter("dmc_prefix_cache_queries", "prompt tokens of requests admitted with prefix "
+                                      "caching on", label, registry=r)
+        self.prefix_hits = Counter("dmc_prefix_cache_hits", "of them, tokens that came from a prefix-cache snapshot "
+                                   "(not prefilled)", label, registry=r)
+        self.prefix_hit_rate = Gauge("dmc_prefix_cache_hit_rate", "prefix cache hits / queries (tokens) since start",
+                                     label, registry=r)
+        self.prefix_snapshots = Gauge("dmc_prefix_cache_snapshots", "prefix-cache snapshots kept (parked cache rows)",
+                                      label, registry=r)
+        self.prefix_pages = Gauge("dmc_prefix_cache_pages", "KV-cache pages the prefix-cache snapshots hold (counted "
+                                  "in dmc_kv_pages_used; given back whenever a request needs them)", label, registry=r)
         self._tokens = self._slots = 0
         self._peak = 0
+        self._prefix_counted = (0, 0)  # the engine's queried and reused tokens already added to the counters
 
     def observe_compression(self, tokens: float, slots: int) -> None:
         """A finished request's tokens (summed over its layers and KV heads) and slots kept."""
@@ -65,6 +76,20 @@ class Metrics:
         self.pages_free.labels(self.model).set(free)
         self.pages_used.labels(self.model).set(total - free)
         self.pages_total.labels(self.model).set(total)
+
+    def set_prefix_cache(self, stats: dict) -> None:
+        """The engine's prefix cache counts (``LLM.prefix_cache_stats()``: running totals; the counters get what
+        was added since the last call)."""
+        queried, reused = stats["queried_tokens"], stats["reused_tokens"]
+        last_queried, last_reused = self._prefix_counted
+        if queried < last_queried or reused < last_reused:  # the engine's counts were reset
+            last_queried = last_reused = 0
+        self.prefix_queries.labels(self.model).inc(queried - last_queried)
+        self.prefix_hits.labels(self.model).inc(reused - last_reused)
+        self._prefix_counted = (queried, reused)
+        self.prefix_hit_rate.labels(self.model).set(stats["hit_rate"])
+        self.prefix_snapshots.labels(self.model).set(stats["snapshots"])
+        self.prefix_pages.labels(self.model).set(stats["snapshot_pages"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
