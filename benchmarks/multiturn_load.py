@@ -34,7 +34,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import serve_load as sl  # noqa: E402
 
 KEY = ("gpu", "model", "prefix_caching", "clients", "turns", "system_tokens", "turn_tokens", "gen_tokens")
-PREFIX_METRICS = ("dmc_prefix_cache_hits_total", "dmc_prefix_cache_queries_total", "dmc_prefix_cache_reused_tokens_total")
+# The server's prefix-cache counters (prompt tokens): reused from a snapshot, and queried (admitted with caching on).
+PREFIX_METRICS = ("dmc_prefix_cache_hits_total", "dmc_prefix_cache_queries_total")
 
 
 def conversation_sources(args) -> tuple[list[int], Callable[[int], list[int]]]:
@@ -127,14 +128,12 @@ def table(rows: list[dict], results_name: str) -> str:
              "history every turn (a shared system prompt, then its own turns); TTFT p50 over the conversations, "
              "greedy, every answer its full length.", "",
              "| GPU | model | prefix caching | clients x turns | system / turn / answer tokens | TTFT p50 ms, turn 1 "
-             "| TTFT p50 ms, later turns | TTFT p50 ms by turn | output tok/s | prefix hits / queries (reused tokens) "
+             "| TTFT p50 ms, later turns | TTFT p50 ms by turn | output tok/s | prompt tokens from the prefix cache "
              "| failed | commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pc = r.get("prefix_cache") or {}
-        hits = pc.get("dmc_prefix_cache_hits_total")
-        queries = pc.get("dmc_prefix_cache_queries_total")
-        reused = pc.get("dmc_prefix_cache_reused_tokens_total")
-        cache = "-" if hits is None else f"{hits:g} / {queries:g} ({reused:g})" if queries is not None else f"{hits:g}"
+        hits, queries = pc.get("dmc_prefix_cache_hits_total"), pc.get("dmc_prefix_cache_queries_total")
+        cache = "-" if not queries else f"{hits:g} / {queries:g} ({hits / queries:.0%})"
         by_turn = ", ".join("-" if v is None else f"{v:.0f}" for v in r["ttft_p50_ms_by_turn"])
         lines.append(f"| {r['gpu']} | {r['model']} | {'on' if r['prefix_caching'] else 'off'} | {r['clients']} x "
                      f"{r['turns']} | {r['system_tokens']} / {r['turn_tokens']} / {r['gen_tokens']} | "

@@ -45,6 +45,13 @@ def test_conversations_resend_their_history_and_rows_are_kept(model_dir, tmp_pat
     rows = json.loads(results.read_text())["rows"]
     assert len(rows) == 1 and rows[0]["commit"] == "c0ffee1"
     assert "| test CPU |" in report.read_text() and "| off | 2 x 3 | 16 / 8 / 4 |" in report.read_text()
+    # with prefix caching: later turns start from the snapshot of the turn before (64-token blocks: longer prompts)
+    cached = ml.main(argv[:2] + ["--server-args", SERVER_ARGS + " --enable-prefix-caching"] + argv[4:12]
+                     + ["--system-tokens", "70"] + argv[12:])
+    assert cached["prefix_caching"] is True and cached["failed"] == 0
+    pc = cached["prefix_cache"]
+    assert pc["dmc_prefix_cache_hits_total"] >= 64 and pc["dmc_prefix_cache_queries_total"] > pc["dmc_prefix_cache_hits_total"]
+    assert len(json.loads(results.read_text())["rows"]) == 2 and "| on | 2 x 3 | 70 / 8 / 4 |" in report.read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
