@@ -10,6 +10,7 @@ import argparse
 import pytest
 import torch
 from conftest import VOCAB, dmc_model, stock_model
+from test_fork import _count_prefill
 
 import dmc
 from dmc.baselines.eviction import EvictionPolicy
@@ -28,19 +29,6 @@ def _engine(name: str, model=None, **kw) -> dmc.LLM:
 
 def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _count_prefill(llm) -> list[int]:
-    """Record the tokens of every prefill forward of ``llm``."""
-    tokens: list[int] = []
-    inner = llm.runner.prefill_batch
-
-    def prefill_batch(rows, chunks, seen, **kw):
-        tokens.append(sum(len(c) for c in chunks))
-        return inner(rows, chunks, seen, **kw)
-
-    llm.runner.prefill_batch = prefill_batch
-    return tokens
 
 
 def _chat(llm, turns: int = 4) -> list[list[int]]:
