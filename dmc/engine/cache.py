@@ -341,9 +341,11 @@ class PagedKVCache:
     def fused_commit(self) -> bool:
         """Whether a batched prefill's first chunks commit through the Triton kernel
         (:mod:`dmc.kernels.triton_commit`): on CUDA (or ``DMC_FORCE_TRITON=1``), for a bounded window, pools of the
-        model dtype and no calibration recording; else the tensor ops of :func:`commit_packed` do."""
+        model dtype, no calibration recording and a power-of-two head dimension; else the tensor ops of
+        :func:`commit_packed` do."""
+        d = self.layout.head_dim  # the kernel's tiles span the head: a power of two, as the other kernels' do
         return (self.triton and self.layout.ring_width > 0 and not self.layout.vanilla and self.kv_dtype == self.dtype
-                and self.kv_amax is None)
+                and self.kv_amax is None and d & (d - 1) == 0)
 
     # ------------------------------------------------------------------ accounting
     def free_page_count(self) -> int:
