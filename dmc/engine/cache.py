@@ -429,10 +429,7 @@ class PagedKVCache:
         """Give a finished (or preempted) sequence's pages back; the row becomes free."""
         held = self.lens[:, row].long() // self.layout.page_size + 1  # [L, H]
         m = torch.arange(self.layout.pages_per_head, device=self.device)
-        pages = self.page_table[:, row][m < held[..., None]]
-        top = self.free_page_count()
-        self.free_pages[top:top + pages.numel()] = pages
-        self.free_top += pages.numel()
+        self._give_back(self.page_table[:, row][m < held[..., None]])
         self.page_table[:, row] = 0
         self.lens[:, row] = 0
         self._free_rows.append(row)
@@ -460,32 +457,34 @@ class PagedKVCache:
         """Allocate the pages that let the heads of a row hold ``new_lens`` [H] slots (keeping the
         ready page), on the device: no host sync (the caller checked the room with check_room). ``row`` may
         be a tensor of rows ``[S]`` with ``new_lens`` ``[S, H]``: the pages each would take, in that order."""
+        self._take_pages((layer, row), new_lens)
+
+    def _take_pages(self, index: tuple, slots: torch.Tensor) -> None:
+        """Pop, on the device, the pages the heads ``self.lens[index]`` lack to hold ``slots`` slots each (which
+        broadcasts against them), the ready page kept, into their page-table entries, in the heads' order."""
         p = self.layout.page_size
-        have = self.lens[layer, row].long() // p + 1
-        want = new_lens.long() // p + 1
+        have = self.lens[index].long() // p + 1
+        want = slots.long() // p + 1
         m = torch.arange(self.layout.pages_per_head, device=self.device)
-        needed = (m >= have[..., None]) & (m < want[..., None])  # [(S,) H, M]
+        needed = (m >= have[..., None]) & (m < want[..., None])
         order = needed.flatten().long().cumsum(0) - 1
         take = (self.free_top - 1 - order).clamp(0, self.free_pages.shape[0] - 1)
-        table = self.page_table[layer, row]
-        self.page_table[layer, row] = torch.where(needed, self.free_pages[take].view_as(table), table)
+        table = self.page_table[index]
+        self.page_table[index] = torch.where(needed, self.free_pages[take].view_as(table), table)
         self.free_top -= needed.sum()
+
+    def _give_back(self, pages: torch.Tensor) -> None:
+        """Push ``pages`` (page ids, one host sync for the stack's size) back on the free stack."""
+        top = self.free_page_count()
+        self.free_pages[top:top + pages.numel()] = pages
+        self.free_top += pages.numel()
 
     def reserve(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Give the heads of ``rows`` ``[S]`` in every layer the pages for ``slots`` ``[S]`` slots each (beyond those
         they hold, keeping the ready page), on the device, in one pass over all the layers: a batched prefill of
         first chunks takes its worst case (every token a slot) before its layers run, instead of growing in each
         layer (about twenty host launches a layer). :meth:`trim` gives back what the layers did not fill."""
-        p = self.layout.page_size
-        have = self.lens[:, rows].long() // p + 1  # [L, S, H]
-        want = (slots.long() // p + 1)[None, :, None]
-        m = torch.arange(self.layout.pages_per_head, device=self.device)
-        needed = (m >= have[..., None]) & (m < want[..., None])  # [L, S, H, M]
-        order = needed.flatten().long().cumsum(0) - 1
-        take = (self.free_top - 1 - order).clamp(0, self.free_pages.shape[0] - 1)
-        table = self.page_table[:, rows]
-        self.page_table[:, rows] = torch.where(needed, self.free_pages[take].view_as(table), table)
-        self.free_top -= needed.sum()
+        self._take_pages((slice(None), rows), slots[None, :, None])
 
     def trim(self, rows: torch.Tensor) -> None:
         """Push back on the free stack every page of ``rows`` ``[S]`` (all layers) beyond each head's ready page
@@ -496,10 +495,7 @@ class PagedKVCache:
         keep = self.lens[:, rows].long() // p + 1
         m = torch.arange(self.layout.pages_per_head, device=self.device)
         freed = (m >= keep[..., None]) & (table != 0)
-        pages = table[freed]
-        top = self.free_page_count()
-        self.free_pages[top:top + pages.numel()] = pages
-        self.free_top += pages.numel()
+        self._give_back(table[freed])
         self.page_table[:, rows] = table.masked_fill(freed, 0)
 
     def shrink(self, layer: int, row: int, new_lens: torch.Tensor) -> None:
@@ -512,10 +508,7 @@ class PagedKVCache:
         m = torch.arange(self.layout.pages_per_head, device=self.device)
         table = self.page_table[layer, row]
         freed = (m >= keep[:, None]) & (m < have[:, None])  # [H, M]
-        pages = table[freed]
-        top = self.free_page_count()
-        self.free_pages[top:top + pages.numel()] = pages
-        self.free_top += pages.numel()
+        self._give_back(table[freed])
         table.masked_fill_(freed, 0)
         self.lens[layer, row] = new_lens.to(torch.int32)
 
