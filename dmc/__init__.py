@@ -7,10 +7,10 @@ when first used (``import dmc`` itself imports neither torch nor transformers; s
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from . import _autoregister
+from ._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -40,18 +40,7 @@ _SUBMODULES = {"baselines", "cli", "config", "core", "demo", "engine", "eval", "
                "stats", "study", "tiny", "train"}
 
 
-def __getattr__(name: str):
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dmc' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _EXPORTS, _SUBMODULES)
 
 
 _autoregister.install()

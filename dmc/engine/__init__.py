@@ -7,8 +7,9 @@ commands build their flags from) loads without torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
 
 # name -> the module of this package that defines it
 _EXPORTS = {"CacheLayout": "cache", "OutOfPages": "cache", "PagedKVCache": "cache", "EngineConfig": "config",
@@ -27,13 +28,4 @@ if TYPE_CHECKING:
     from .scheduler import Request, RequestStatus
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dmc.engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _EXPORTS)
