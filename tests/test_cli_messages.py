@@ -14,36 +14,19 @@ import sys
 import pytest
 import transformers
 
-from conftest import dmc_model
+from test_inference_cli import ENGINE, TEXTS, data_dir, dmc_dir, tokenizer  # noqa: F401 (fixtures)
+
 from dmc.cli.main import main
-from dmc.tiny import train_tokenizer, write_tiny_model_dir
+from dmc.tiny import write_tiny_model_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TEXTS = ["def f(x):\n    return x * 2 + 1\n" * 40, "class A:\n    value = 3\n    name = 'a'\n" * 40]
 FAST_EVAL = ["--max-windows", "2", "--recall-pairs", "0"]
-ENGINE = ["--device", "cpu", "--max-model-len", "64", "--max-num-seqs", "2"]
 
 
 @pytest.fixture(scope="module")
 def short_dir(tmp_path_factory):
     """A plain model trained on 64 positions."""
     return str(write_tiny_model_dir(tmp_path_factory.mktemp("short"), TEXTS, vocab_size=300, max_positions=64))
-
-
-@pytest.fixture(scope="module")
-def dmc_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dmc")
-    dmc_model("qwen3", window=4, vocab_size=300).save_pretrained(path)
-    train_tokenizer(TEXTS, vocab_size=300).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    for i, text in enumerate(TEXTS):
-        (path / f"{i}.py").write_text(text)
-    return str(path)
 
 
 @pytest.fixture
