@@ -90,3 +90,30 @@ def group_lengths(decisions: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+# lm-evaluation-harness tasks over a local JSONL file (no download): the YAML body of each kind.
+LM_EVAL_TASKS = {
+    "mc": "output_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
+          "metric_list:\n  - metric: acc\n",
+    "ppl": "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\nmetric_list:\n"
+           "  - metric: word_perplexity\n",
+    "gen": "output_type: generate_until\ndoc_to_text: \"{{q}}\"\ndoc_to_target: \"{{choices[label]}}\"\n"
+           "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 8\n  do_sample: false\nmetric_list:\n"
+           "  - metric: exact_match\n",
+}
+
+
+def write_lm_eval_tasks(root, docs: list[dict], prefix: str, kinds=("mc", "ppl", "gen")):
+    """``docs`` as ``root/data.jsonl`` and a task ``{prefix}_{kind}`` of each kind in ``root/tasks`` (returned):
+    multiple choice (log-likelihood requests), rolling perplexity, greedy generation."""
+    import json
+
+    (root / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    source = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'data.jsonl'}\n"
+              f"  cache_dir: {root / 'hf_datasets'}\ntest_split: test\n")
+    for kind in kinds:
+        (tasks / f"{kind}.yaml").write_text(f"task: {prefix}_{kind}\n" + source + LM_EVAL_TASKS[kind])
+    return tasks

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import dmc_model, stock_model
+from conftest import dmc_model, stock_model, write_lm_eval_tasks
 
 from dmc.tiny import train_tokenizer
 
@@ -38,21 +38,7 @@ def workspace(tmp_path_factory) -> pathlib.Path:
         tokenizer.save_pretrained(root / name)
     docs = [{"q": f"item {i}: the cat", "choices": ["sat on the mat", "ran in the park"], "label": i % 2,
              "text": " ".join(TEXTS[i % 4].split() * (i + 2))} for i in range(6)]
-    (root / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    tasks = root / "tasks"
-    tasks.mkdir()
-    source = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'data.jsonl'}\n"
-              f"  cache_dir: {root / 'hf_datasets'}\ntest_split: test\n")
-    (tasks / "mc.yaml").write_text(
-        "task: tiny_mc\n" + source + "output_type: multiple_choice\ndoc_to_text: \"{{q}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
-    (tasks / "ppl.yaml").write_text(
-        "task: tiny_ppl\n" + source + "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\n"
-        "doc_to_target: \"{{text}}\"\nmetric_list:\n  - metric: word_perplexity\n")
-    (tasks / "gen.yaml").write_text(
-        "task: tiny_gen\n" + source + "output_type: generate_until\ndoc_to_text: \"{{q}}\"\n"
-        "doc_to_target: \"{{choices[label]}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 8\n"
-        "  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
+    write_lm_eval_tasks(root, docs, "tiny")
     (root / "docs.json").write_text(json.dumps(docs))
     return root
 

@@ -14,6 +14,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import torch  # noqa: E402
+from conftest import write_lm_eval_tasks  # noqa: E402
 from test_serve import ServerProcess, build_model_dir  # noqa: E402
 
 NAME = "tiny"
@@ -168,19 +169,7 @@ DOCS = [{"q": f"item {i}: def f(x):", "choices": ["    return x + 1", "print(os.
 
 def _tasks(root) -> str:
     """A multiple-choice task (log-likelihood requests) and a greedy generation task over a local JSONL file."""
-    (root / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    tasks = root / "tasks"
-    tasks.mkdir()
-    source = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'data.jsonl'}\n"
-              f"  cache_dir: {root / 'hf_datasets'}\ntest_split: test\n")
-    (tasks / "mc.yaml").write_text(
-        "task: serve_mc\n" + source + "output_type: multiple_choice\ndoc_to_text: \"{{q}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
-    (tasks / "gen.yaml").write_text(
-        "task: serve_gen\n" + source + "output_type: generate_until\ndoc_to_text: \"{{q}}\"\n"
-        "doc_to_target: \"{{choices[label]}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 8\n"
-        "  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
-    return str(tasks)
+    return str(write_lm_eval_tasks(root, DOCS, "serve", kinds=("mc", "gen")))
 
 
 def test_lm_eval_local_completions_scores_as_the_in_process_plugin(server, model_dir, tmp_path, monkeypatch):
