@@ -74,19 +74,12 @@ async def run(args, url: str, model: str) -> dict:
     system, draw = conversation_sources(args)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     async with sl.httpx.AsyncClient(base_url=url, headers=headers, timeout=args.timeout) as client:
-        async def scrape() -> str | None:
-            try:
-                r = await client.get("/metrics", timeout=10)
-                return r.text if r.status_code == 200 else None
-            except sl.httpx.HTTPError:
-                return None
-
-        before = await scrape()
+        before = await sl.scrape_metrics(client)
         t0 = time.perf_counter()
         per_client = await asyncio.gather(*(conversation(client, model, system, draw, args, t0)
                                             for _ in range(args.clients)))
         duration = time.perf_counter() - t0
-        after = await scrape()
+        after = await sl.scrape_metrics(client)
     records = [r for turns in per_client for r in turns]
     ok = [r for r in records if "error" not in r]
     ttft = {t: [r["stamps"][0][0] - r["start"] for r in ok if r["turn"] == t] for t in range(args.turns)}

@@ -642,6 +642,15 @@ async def run_load(client: httpx.AsyncClient, bodies: list[dict], *, clients: in
     return records, duration
 
 
+async def scrape_metrics(client: httpx.AsyncClient) -> str | None:
+    """The server's /metrics text, or None when it does not answer."""
+    try:
+        r = await client.get("/metrics", timeout=10)
+        return r.text if r.status_code == 200 else None
+    except httpx.HTTPError:
+        return None
+
+
 async def run_all(args, url: str, model: str, runs: list[dict]) -> list[dict]:
     """Every run of ``runs`` (``clients`` or ``request_rate``) against one server, warmed up once."""
     bodies = build_bodies(args, model)
@@ -652,21 +661,14 @@ async def run_all(args, url: str, model: str, runs: list[dict]) -> list[dict]:
         for body in bodies[:args.warmup]:  # first calls compile / warm caches; not measured
             await one_request(client, {**body, "max_tokens": min(body["max_tokens"], 8)}, time.perf_counter())
 
-        async def scrape() -> str | None:
-            try:
-                r = await client.get("/metrics", timeout=10)
-                return r.text if r.status_code == 200 else None
-            except httpx.HTTPError:
-                return None
-
         for run in runs:
-            before = await scrape()
+            before = await scrape_metrics(client)
             running_seen, pages_used = [], []
             done = asyncio.Event()
 
             async def poll() -> None:
                 while not done.is_set():
-                    text = await scrape()
+                    text = await scrape_metrics(client)
                     running_seen.append(metric(text, "dmc_requests_running"))
                     pages_used.append(metric(text, "dmc_kv_pages_used"))
                     try:
@@ -683,14 +685,14 @@ async def run_all(args, url: str, model: str, runs: list[dict]) -> list[dict]:
                 progress=not args.no_progress, desc=desc)
             done.set()
             await poller
-            after = await scrape()
+            after = await scrape_metrics(client)
             # Nothing lost: once idle, every page is back on the free list (the engine reports it when idle).
             left = metric(after, "dmc_kv_pages_used")
             for _ in range(20):
                 if left is None or left == 0:
                     break
                 await asyncio.sleep(0.1)
-                after = await scrape()
+                after = await scrape_metrics(client)
                 left = metric(after, "dmc_kv_pages_used")
             if left:
                 print(f"warning: {left:g} KV pages still in use after the run", flush=True)
