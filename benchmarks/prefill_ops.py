@@ -40,23 +40,22 @@ VIEWS = {"view", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "exp
 
 class OpCounter(TorchDispatchMode):
     """Counts the aten ops dispatched, by the innermost function of this project on the stack (``file:function``),
-    kernels and views apart. ``suspended`` > 0: nothing is counted (a GPU kernel's CPU stand-in)."""
+    kernels and views apart; :meth:`one_kernel` counts a GPU kernel's CPU stand-in once."""
 
     def __init__(self) -> None:
         super().__init__()
         self.kernels: collections.Counter = collections.Counter()
         self.views: collections.Counter = collections.Counter()
-        self.suspended = 0
+        self.suspended = 0  # inside a stand-in: a stand-in it calls is not counted again
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.suspended:
-            frame = sys._getframe(1)
-            while frame is not None and "/dmc/" not in frame.f_code.co_filename:
-                frame = frame.f_back
-            site = (f"{frame.f_code.co_filename.split('/dmc/')[-1]}:{frame.f_code.co_name}" if frame is not None
-                    else "(outside dmc)")
-            name = func.__name__.split(".")[0]
-            (self.views if name in VIEWS else self.kernels)[site] += 1
+        frame = sys._getframe(1)
+        while frame is not None and "/dmc/" not in frame.f_code.co_filename:
+            frame = frame.f_back
+        site = (f"{frame.f_code.co_filename.split('/dmc/')[-1]}:{frame.f_code.co_name}" if frame is not None
+                else "(outside dmc)")
+        name = func.__name__.split(".")[0]
+        (self.views if name in VIEWS else self.kernels)[site] += 1
         return func(*args, **(kwargs or {}))
 
     def one_kernel(self, site: str, fn):
@@ -69,7 +68,8 @@ class OpCounter(TorchDispatchMode):
             self.kernels[site] += 1
             self.suspended += 1
             try:
-                with _disable_current_modes():  # (FlexAttention's operator does not go through a dispatch mode)
+                # its ops uncounted (and FlexAttention's operator does not go through a dispatch mode)
+                with _disable_current_modes():
                     return fn(*args, **kwargs)
             finally:
                 self.suspended -= 1
