@@ -9,7 +9,7 @@ shape with random weights (hidden 576, 9 heads, 3 KV heads, head dim 64, window 
 kernel is counted once: the Triton pooling of packed first chunks, FlexAttention and its block mask (the script
 takes the FlexAttention path on the CPU, as a GPU does), the residual add + RMSNorm and the gated activation
 (compiled by Inductor on a GPU) and the commit of the chunks' slots and window state
-(:mod:`dmc.kernels.triton_commit`). Views (``view``, ``slice``, ``unsqueeze``, ...) are counted
+(:mod:`dmc.kernels.triton_commit`); the host layout of the packed chunks counts its copies to the device only. Views (``view``, ``slice``, ``unsqueeze``, ...) are counted
 apart: they launch nothing on the GPU but still cost the host a dispatch.
 
 Per layer = (count with 3 layers − count with 2) ; the rest of the forward (embedding, logits, sampling, the
@@ -75,6 +75,16 @@ class OpCounter(TorchDispatchMode):
                 self.suspended -= 1
         return wrapper
 
+    def host_work(self, fn):
+        """``fn`` wrapped to count none of its ops: host work on host tensors (on a GPU it launches nothing but
+        the copies it makes, which wrappers of :meth:`one_kernel` inside it still count)."""
+        def wrapper(*args, **kwargs):
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            with _disable_current_modes():
+                return fn(*args, **kwargs)
+        return wrapper
+
 
 def smollm2_shaped(layers: int, merge_delay: int):
     """A random DMC model of SmolLM2-135M's shape (the engine runs a plain model as its DMC class in vanilla
@@ -120,9 +130,19 @@ def gpu_paths(counter: OpCounter):
     if triton_commit is not None:
         triton_commit.commit_first_chunks = counter.one_kernel("triton_commit.py:commit_first_chunks (one kernel)",
                                                                commit_twin)
+    # The layout of packed first chunks is host work; what reaches the GPU are its copies, one launch each.
+    from dmc.engine import runner
+    host = {name: getattr(runner, name) for name in ("pack_first_chunks", "to_device", "host_to_device")
+            if hasattr(runner, name)}
+    for name in ("to_device", "host_to_device"):
+        if name in host:
+            setattr(runner, name, counter.one_kernel("engine/runner.py: a host-to-device copy (one kernel)", host[name]))
+    runner.pack_first_chunks = counter.host_work(host["pack_first_chunks"])
     try:
         yield
     finally:
+        for name, fn in host.items():
+            setattr(runner, name, fn)
         for name, fn in saved.items():
             setattr(attention, name, fn)
         attention.DMCAttention._pool_first_chunks = pool
@@ -215,8 +235,9 @@ def render(runs: dict) -> list[str]:
              f"Written by `benchmarks/prefill_ops.py` (on a CPU, torch {meta['torch']}: counts, not times), one run per "
              f"`--label`. One engine prefill forward of {meta['prompts']} new prompts of {meta['prompt_len']} tokens "
              "packed together, on SmolLM2-135M's shape (random weights); FlexAttention, its block mask, the Triton "
-             "pooling, the Triton commit and the compiled add + RMSNorm and activation counted as one kernel each, as "
-             "a GPU runs them. *Kernels*: aten operations that launch work; *views*: those that only make a view "
+             "pooling, the Triton commit, the compiled add + RMSNorm and activation and each host-to-device copy "
+             "counted as one kernel each, as a GPU runs them (the host's own layout of the packed chunks is not "
+             "counted). *Kernels*: aten operations that launch work; *views*: those that only make a view "
              "(no launch on a GPU, still a dispatch on the host).", "",
              "| run (commit) | mode | kernels per layer | views per layer | kernels per forward (besides the layers) "
              "| views per forward |", "|---|---|---|---|---|---|"]
