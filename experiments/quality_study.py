@@ -1,4 +1,4 @@
-"""The from-scratch quality study (issue #5, re-run for issue #12): a small Llama pretrained on the
+"""The from-scratch quality study: a small Llama pretrained on the
 Python sources of this machine, then ``dmc study`` on it.
 
 A Llama-style model (~31M parameters) is pretrained from scratch on the standard library and
@@ -375,12 +375,12 @@ def study_settings(s: Settings, work: Work, args) -> "StudySettings":
 
 
 # ==================================================================================== report
-TOLERANCE = 0.05  # realized CR within ±5% of the target (issue #12)
+TOLERANCE = 0.05  # realized CR within ±5% of the target
 
 
 def goals(rows: list[dict]) -> list[dict]:
     """The targets, judged from the study's rows: DMC 4x within +3% perplexity of plain continued
-    training on the same tokens and at most GQA 4x (issue #12's from-scratch target); DMC below H2O
+    training on the same tokens and at most GQA 4x (the from-scratch target); DMC below H2O
     and TOVA (budgets matched to its realized CR) at 4x and 8x, and below GQA 8x. A DMC model whose
     realized CR is off its target by more than 5% fails them."""
     find = {(r["method"], r["target_cr"], r.get("budget_kind")): r for r in rows}
